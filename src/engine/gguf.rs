@@ -1,0 +1,1 @@
+//! GGUF loading helpers (stub; being written).

@@ -1,0 +1,4 @@
+//! Per-sequence LoRA deltas (stub; being written).
+
+#[derive(Debug, Default)]
+pub struct LoraWeights;

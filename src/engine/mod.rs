@@ -1,0 +1,305 @@
+//! The inference engine: model families, tokenizer, chat template, sampling, continuous
+//! batching and per-sequence LoRA. It runs on its own threads and talks through channels.
+//! It knows nothing of HTTP, logs or tasks: callers hand it prompts and adapter leases.
+
+mod error;
+pub mod chat_template;
+pub mod gguf;
+pub mod lora;
+pub mod model;
+pub mod sampling;
+mod scheduler;
+pub mod tokenizer;
+pub mod types;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+pub use chat_template::ChatTemplate;
+pub use error::{EngineError, Result};
+pub use model::{Model, ModelShape};
+pub use tokenizer::Tokenizer;
+pub use types::*;
+
+use crate::adapters::{AdapterLimits, AdapterRegistry};
+
+/// What the engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A `.gguf` file, or a folder with `config.json`, `*.safetensors` and `tokenizer.json`.
+    pub model_path: PathBuf,
+    /// The base model's public id (what `/v1/models` lists).
+    pub model_name: String,
+    /// Upper bound on prompt + completion tokens per sequence; the model's own limit wins if
+    /// smaller.
+    pub context_length: usize,
+    /// Threads for the model's matrix work.
+    pub threads: usize,
+    /// Most sequences in one step.
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; beyond that `submit` says `Overloaded`.
+    pub max_queue: usize,
+    pub adapter_limits: AdapterLimits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            model_name: "smollm2-135m-instruct".into(),
+            context_length: 8192,
+            threads: 2,
+            max_batch: 16,
+            max_queue: 256,
+            adapter_limits: AdapterLimits::default(),
+        }
+    }
+}
+
+/// What the loaded model is, for callers (tokenizing, templating, listing).
+#[derive(Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub context_length: usize,
+    pub shape: ModelShape,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub file_bytes: u64,
+}
+
+impl ModelInfo {
+    /// Renders messages with the model's chat template (generation prompt appended).
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        match &self.chat_template {
+            Some(t) => t.render(messages, true),
+            None => Err(EngineError::Template(
+                "the model has no chat template; use /v1/completions".into(),
+            )),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) info: OnceLock<Arc<ModelInfo>>,
+    pub(crate) load_error: OnceLock<EngineError>,
+    pub(crate) stats: parking_lot::Mutex<EngineStats>,
+    pub(crate) shutting_down: AtomicBool,
+}
+
+/// A handle on the running engine. Cheap to clone; the engine thread stops when the last
+/// handle is dropped or `shutdown` is called.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    submit_tx: std::sync::mpsc::SyncSender<scheduler::Command>,
+    registry: Arc<AdapterRegistry>,
+    config: Arc<EngineConfig>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Engine {
+    /// Starts the engine thread, which loads the model in the background. `is_ready` turns
+    /// true once it has; `wait_ready` blocks until then and reports a load failure.
+    pub fn spawn(config: EngineConfig) -> Engine {
+        let shared = Arc::new(Shared {
+            info: OnceLock::new(),
+            load_error: OnceLock::new(),
+            stats: parking_lot::Mutex::new(EngineStats::default()),
+            shutting_down: AtomicBool::new(false),
+        });
+        let registry = Arc::new(AdapterRegistry::new(config.adapter_limits.clone()));
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // The channel itself is unbounded in practice; admission control is `queued`.
+        let (submit_tx, submit_rx) = std::sync::mpsc::sync_channel(config.max_queue + config.max_batch + 16);
+        let config = Arc::new(config);
+        scheduler::spawn(scheduler::Context {
+            config: config.clone(),
+            shared: shared.clone(),
+            registry: registry.clone(),
+            queued: queued.clone(),
+            rx: submit_rx,
+        });
+        Engine { shared, submit_tx, registry, config, queued }
+    }
+
+    /// Loads the model and waits until the engine is ready (tests, CLI).
+    pub fn start(config: EngineConfig) -> Result<Engine> {
+        let engine = Engine::spawn(config);
+        engine.wait_ready()?;
+        Ok(engine)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.shared.info.get().is_some()
+    }
+
+    /// The load error, if loading failed.
+    pub fn load_error(&self) -> Option<EngineError> {
+        self.shared.load_error.get().cloned()
+    }
+
+    /// Blocks the calling thread until the model is loaded or failed to load.
+    pub fn wait_ready(&self) -> Result<Arc<ModelInfo>> {
+        loop {
+            if let Some(info) = self.shared.info.get() {
+                return Ok(info.clone());
+            }
+            if let Some(e) = self.shared.load_error.get() {
+                return Err(e.clone());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// The loaded model's description, or `NotReady`.
+    pub fn info(&self) -> Result<Arc<ModelInfo>> {
+        match self.shared.info.get() {
+            Some(i) => Ok(i.clone()),
+            None => Err(self.load_error().unwrap_or(EngineError::NotReady)),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn registry(&self) -> &Arc<AdapterRegistry> {
+        &self.registry
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut s = *self.shared.stats.lock();
+        s.queued = self.queued.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Tokenizes the prompt, checks limits and queues the request. Events arrive on the
+    /// returned stream; dropping the stream cancels the request and frees its cache.
+    pub fn submit(&self, req: GenerateRequest) -> Result<GenerationStream> {
+        if self.shared.shutting_down.load(Ordering::Relaxed) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let info = self.info()?;
+        let tokens = match &req.prompt {
+            Prompt::Text(t) => info.tokenizer.encode(t, true)?,
+            Prompt::Tokens(t) => t.clone(),
+        };
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = info.shape.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if tokens.len() + 1 > info.context_length {
+            return Err(EngineError::ContextLength {
+                prompt: tokens.len(),
+                needed: tokens.len() + 1,
+                limit: info.context_length,
+            });
+        }
+        let limit = self.config.max_queue;
+        let queued = self.queued.fetch_add(1, Ordering::AcqRel);
+        if queued >= limit {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Overloaded { queued, limit });
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let prompt_tokens = tokens.len();
+        let cmd = scheduler::Command::Generate(Box::new(scheduler::Pending {
+            tokens,
+            params: req.params,
+            adapter: req.adapter,
+            tx,
+            submitted: std::time::Instant::now(),
+        }));
+        if self.submit_tx.try_send(cmd).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Overloaded { queued, limit });
+        }
+        Ok(GenerationStream { rx, prompt_tokens })
+    }
+
+    /// Stops taking requests; running ones finish. The engine thread exits once idle and
+    /// every handle is gone.
+    pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.submit_tx.try_send(scheduler::Command::Wake);
+    }
+}
+
+/// The events of one request. Dropping it cancels the request.
+pub struct GenerationStream {
+    rx: tokio::sync::mpsc::UnboundedReceiver<StreamEvent>,
+    /// Tokens in the prompt as the engine runs it.
+    pub prompt_tokens: usize,
+}
+
+impl GenerationStream {
+    /// The next event, or `None` once `Done`/`Error` has been received.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        self.rx.recv().await
+    }
+
+    /// Blocking variant for threads outside an async runtime (CLI, tests).
+    pub fn next_blocking(&mut self) -> Option<StreamEvent> {
+        self.rx.blocking_recv()
+    }
+
+    /// Collects the whole completion (blocking).
+    pub fn collect_blocking(mut self) -> Result<Completion> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
+        while let Some(ev) = self.next_blocking() {
+            match ev {
+                StreamEvent::Token { text: t, token_id, logprob } => {
+                    text.push_str(&t);
+                    tokens.push(token_id);
+                    logprobs.push(logprob);
+                }
+                StreamEvent::Done { finish_reason, usage, timings } => {
+                    return Ok(Completion { text, tokens, logprobs, finish_reason, usage, timings })
+                }
+                StreamEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Internal("the engine dropped the request".into()))
+    }
+
+    /// Collects the whole completion (async).
+    pub async fn collect(mut self) -> Result<Completion> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut logprobs = Vec::new();
+        while let Some(ev) = self.next().await {
+            match ev {
+                StreamEvent::Token { text: t, token_id, logprob } => {
+                    text.push_str(&t);
+                    tokens.push(token_id);
+                    logprobs.push(logprob);
+                }
+                StreamEvent::Done { finish_reason, usage, timings } => {
+                    return Ok(Completion { text, tokens, logprobs, finish_reason, usage, timings })
+                }
+                StreamEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Internal("the engine dropped the request".into()))
+    }
+}
+
+/// A finished, non-streamed generation.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+}

@@ -1,0 +1,1 @@
+//! Sampling (stub; being written).

@@ -1,0 +1,5 @@
+//! tunegate: an OpenAI-compatible inference gateway that fine-tunes itself.
+//! This file only lists the modules; see `DESIGN.md` for what each one owns.
+
+pub mod adapters;
+pub mod engine;
