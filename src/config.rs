@@ -246,7 +246,7 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let path = e.path().to_string();
             let from_env = overridden.get(&path).map(|v| format!(" (set by {v})")).unwrap_or_default();
-            ConfigError::Key { origin: origin.into(), path, message: format!("{}{from_env}", e.inner()) }
+            ConfigError::Key { origin: origin.into(), path, message: format!("{}{from_env}", e.inner().message()) }
         })?;
         raw.validate(origin)
     }
