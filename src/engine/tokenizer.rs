@@ -41,3 +41,18 @@ impl Tokenizer {
         &self.inner
     }
 }
+
+#[doc(hidden)]
+pub struct TinyVocab {
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    pub token_types: Vec<i32>,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub chat_template: String,
+}
+
+#[doc(hidden)]
+pub fn tiny_gguf_vocab() -> TinyVocab {
+    todo!()
+}
