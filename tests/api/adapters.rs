@@ -84,8 +84,10 @@ async fn load_route_and_unload() -> anyhow::Result<()> {
     }
     #[cfg(unix)]
     {
-        std::os::unix::fs::symlink(gw.dir.path(), root.join("escape"))?;
-        let (s, b) = gw.load_adapter("evil", "escape/adapters/support/v1", false).await?;
+        // A real adapter outside the root, reached through a symlink inside it.
+        publish(gw.dir.path(), "outside/v1", &shape, 3)?;
+        std::os::unix::fs::symlink(gw.dir.path().join("outside"), root.join("escape"))?;
+        let (s, b) = gw.load_adapter("evil", "escape/v1", false).await?;
         assert_error(s, &b, 400, "path_outside_adapters_root");
     }
     let (s, b) = gw.load_adapter("ghost", "missing/v9", false).await?;
