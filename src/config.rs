@@ -227,8 +227,8 @@ impl Default for RawAdapters {
 impl Config {
     /// Reads the file at `path` and applies the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, &path.display().to_string(), std::env::vars())
     }
 
@@ -330,7 +330,8 @@ impl RawConfig {
         }
         let shutdown = duration(self.server.shutdown_timeout_seconds)
             .ok_or_else(|| invalid("server.shutdown_timeout_seconds", "must be a non-negative number".into()))?;
-        let api_keys = decode_hashes(&self.auth.api_keys).map_err(|(i, m)| invalid(&format!("auth.api_keys[{i}]"), m))?;
+        let api_keys =
+            decode_hashes(&self.auth.api_keys).map_err(|(i, m)| invalid(&format!("auth.api_keys[{i}]"), m))?;
         let admin_keys =
             decode_hashes(&self.auth.admin_keys).map_err(|(i, m)| invalid(&format!("auth.admin_keys[{i}]"), m))?;
         let auth = AuthConfig { api_keys, admin_keys };
@@ -405,9 +406,8 @@ fn decode_hashes(keys: &[String]) -> Result<Vec<KeyHash>, (usize, String)> {
         .enumerate()
         .map(|(i, k)| {
             let mut out = [0u8; 32];
-            hex::decode_to_slice(k.trim(), &mut out).map_err(|_| {
-                (i, "must be the SHA-256 of the key as 64 hex digits, not the key itself".to_string())
-            })?;
+            hex::decode_to_slice(k.trim(), &mut out)
+                .map_err(|_| (i, "must be the SHA-256 of the key as 64 hex digits, not the key itself".to_string()))?;
             Ok(out)
         })
         .collect()
@@ -437,11 +437,14 @@ mod tests {
     #[test]
     fn committed_file_parses_and_is_open_on_loopback() -> Result<(), ConfigError> {
         let c = parse(COMMITTED)?;
-        assert_eq!(c.server.bind, "127.0.0.1:8080".parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
-            origin: String::new(),
-            path: String::new(),
-            message: e.to_string()
-        })?);
+        assert_eq!(
+            c.server.bind,
+            "127.0.0.1:8080".parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                origin: String::new(),
+                path: String::new(),
+                message: e.to_string()
+            })?
+        );
         assert_eq!(c.model.path, Path::new("models").join(DEFAULT_MODEL_FILE));
         assert_eq!(c.model.name, "smollm2-135m-instruct");
         assert!(c.auth.is_open());
@@ -538,10 +541,8 @@ mod tests {
 
     #[test]
     fn long_form_wins_over_short_form() -> Result<(), ConfigError> {
-        let c = parse_env(
-            COMMITTED,
-            &[("TUNEGATE_SERVER_BIND", "127.0.0.1:9001"), ("TUNEGATE_BIND", "127.0.0.1:9002")],
-        )?;
+        let c =
+            parse_env(COMMITTED, &[("TUNEGATE_SERVER_BIND", "127.0.0.1:9001"), ("TUNEGATE_BIND", "127.0.0.1:9002")])?;
         assert_eq!(c.server.bind.port(), 9001);
         Ok(())
     }

@@ -83,7 +83,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Generate { model, adapter, prompt, max_tokens, temperature, seed, raw, threads } => {
-            generate::run(generate::GenerateArgs { model, adapter, prompt, max_tokens, temperature, seed, raw, threads })
+            generate::run(generate::GenerateArgs {
+                model,
+                adapter,
+                prompt,
+                max_tokens,
+                temperature,
+                seed,
+                raw,
+                threads,
+            })
         }
         Command::Model { command: ModelCommand::Fetch { dir } } => {
             let path = fetch::fetch_default_model(&dir)?;

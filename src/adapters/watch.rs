@@ -38,9 +38,8 @@ impl Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let scanned = Arc::new(AtomicBool::new(false));
         let (s, d) = (stop.clone(), scanned.clone());
-        let thread = std::thread::Builder::new()
-            .name("adapter-watch".into())
-            .spawn(move || run(&registry, &cfg, &s, &d))?;
+        let thread =
+            std::thread::Builder::new().name("adapter-watch".into()).spawn(move || run(&registry, &cfg, &s, &d))?;
         Ok(Watcher { stop, scanned, thread: Some(thread) })
     }
 

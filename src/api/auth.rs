@@ -100,9 +100,8 @@ fn key_id(d: &KeyHash) -> String {
 }
 
 async fn check(req: ServiceRequest, scope: Scope) -> Result<ServiceRequest, actix_web::Error> {
-    let state = req
-        .app_data::<web::Data<AppState>>()
-        .ok_or_else(|| ApiError::internal("application state is missing"))?;
+    let state =
+        req.app_data::<web::Data<AppState>>().ok_or_else(|| ApiError::internal("application state is missing"))?;
     let value = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let caller = state.auth.authenticate(value, scope)?;
     req.extensions_mut().insert(caller);

@@ -56,10 +56,21 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         use ErrorKind::*;
         match self {
-            InvalidJson | InvalidType | MissingRequiredParameter | InvalidValue | IntegerBelowMinValue
-            | IntegerAboveMaxValue | DecimalBelowMinValue | DecimalAboveMaxValue | EmptyArray
-            | UnsupportedParameter | ContextLengthExceeded | PathOutsideAdaptersRoot | InvalidAdapter
-            | AdapterAlreadyLoaded | AdapterLimitReached => StatusCode::BAD_REQUEST,
+            InvalidJson
+            | InvalidType
+            | MissingRequiredParameter
+            | InvalidValue
+            | IntegerBelowMinValue
+            | IntegerAboveMaxValue
+            | DecimalBelowMinValue
+            | DecimalAboveMaxValue
+            | EmptyArray
+            | UnsupportedParameter
+            | ContextLengthExceeded
+            | PathOutsideAdaptersRoot
+            | InvalidAdapter
+            | AdapterAlreadyLoaded
+            | AdapterLimitReached => StatusCode::BAD_REQUEST,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
             InsufficientScope => StatusCode::FORBIDDEN,
             ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl => StatusCode::NOT_FOUND,
@@ -286,7 +297,8 @@ mod tests {
         assert_eq!(ErrorKind::Internal.error_type(), "server_error");
         let e: ApiError = EngineError::ContextLength { prompt: 9, needed: 10, limit: 8 }.into();
         assert_eq!((e.kind.status(), e.kind.code()), (StatusCode::BAD_REQUEST, "context_length_exceeded"));
-        let e: ApiError = AdapterError::GenerationMismatch { alias: "a".into(), expected: Some(1), actual: Some(2) }.into();
+        let e: ApiError =
+            AdapterError::GenerationMismatch { alias: "a".into(), expected: Some(1), actual: Some(2) }.into();
         assert_eq!(e.kind.status(), StatusCode::CONFLICT);
     }
 }

@@ -28,7 +28,10 @@ impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
             let body = body.await.map_err(|e| {
                 if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
                     let limit = limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
-                    ApiError::new(ErrorKind::RequestTooLarge, format!("The request body is larger than the limit{limit}."))
+                    ApiError::new(
+                        ErrorKind::RequestTooLarge,
+                        format!("The request body is larger than the limit{limit}."),
+                    )
                 } else {
                     ApiError::new(ErrorKind::InvalidJson, format!("Could not read the request body: {e}"))
                 }

@@ -44,8 +44,14 @@ pub struct AppState {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
-        .service(resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)))
-        .service(resource("/v1/unload_lora_adapter").route(web::post().to(admin::adapters::unload)).wrap(from_fn(auth::admin)))
+        .service(
+            resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)),
+        )
+        .service(
+            resource("/v1/unload_lora_adapter")
+                .route(web::post().to(admin::adapters::unload))
+                .wrap(from_fn(auth::admin)),
+        )
         .service(resource("/v1/lora_adapters").route(web::get().to(admin::adapters::list)).wrap(from_fn(auth::admin)))
         .service(
             web::scope("/v1")

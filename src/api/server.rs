@@ -68,7 +68,8 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     } else {
         None
     };
-    let adapters_scanned = watcher.as_ref().map(Watcher::scanned_flag).unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
+    let adapters_scanned =
+        watcher.as_ref().map(Watcher::scanned_flag).unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
 
     let state = web::Data::new(AppState {
         config: config.clone(),

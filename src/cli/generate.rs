@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::adapters::LoadOptions;
-use crate::engine::{ChatMessage, Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams, StreamEvent, Timings, Usage};
+use crate::engine::{
+    ChatMessage, Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams, StreamEvent, Timings, Usage,
+};
 
 #[derive(Debug, Clone)]
 pub struct GenerateArgs {
@@ -35,7 +37,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let info = engine.info()?;
     let adapter = match &args.adapter {
         Some(path) => {
-            engine.registry().load("cli", path, LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?;
+            engine
+                .registry()
+                .load("cli", path, LoadOptions::default())
+                .with_context(|| format!("loading {}", path.display()))?;
             engine.registry().lease("cli")
         }
         None => None,

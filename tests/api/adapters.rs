@@ -71,10 +71,14 @@ async fn load_route_and_unload() -> anyhow::Result<()> {
     let (s, b) = gw.load_adapter("support", "support/v1", false).await?;
     assert_error(s, &b, 400, "adapter_already_loaded");
     let (s, b) = gw
-        .post("/v1/load_lora_adapter", json!({"lora_name": "support", "lora_path": "support/v1", "expected_generation": g1 + 100}))
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "support", "lora_path": "support/v1", "expected_generation": g1 + 100}),
+        )
         .await?;
     assert_error(s, &b, 409, "generation_mismatch");
-    let (s, b) = gw.post("/v1/unload_lora_adapter", json!({"lora_name": "support", "expected_generation": g1 + 100})).await?;
+    let (s, b) =
+        gw.post("/v1/unload_lora_adapter", json!({"lora_name": "support", "expected_generation": g1 + 100})).await?;
     assert_error(s, &b, 409, "generation_mismatch");
 
     // Paths stay inside the adapters root.
@@ -123,8 +127,11 @@ async fn replace_and_unload_during_a_stream() -> anyhow::Result<()> {
     let expected = gw.greedy("support", PROMPT, 200).await?;
 
     let res = gw
-        .post_raw("/v1/chat/completions", json!({"model": "support", "messages": [{"role": "user", "content": PROMPT}],
-            "temperature": 0, "max_tokens": 200, "stream": true}))
+        .post_raw(
+            "/v1/chat/completions",
+            json!({"model": "support", "messages": [{"role": "user", "content": PROMPT}],
+            "temperature": 0, "max_tokens": 200, "stream": true}),
+        )
         .await?;
     assert_eq!(res.status(), 200);
     let mut reader = common::SseReader::new(res);
@@ -132,8 +139,11 @@ async fn replace_and_unload_during_a_stream() -> anyhow::Result<()> {
 
     // Replace (compare-and-swap on the generation the stream holds), then unload.
     let (s, b) = gw
-        .post("/v1/load_lora_adapter", json!({"lora_name": "support", "lora_path": "support/v2", "load_inplace": true,
-            "expected_generation": g1}))
+        .post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": "support", "lora_path": "support/v2", "load_inplace": true,
+            "expected_generation": g1}),
+        )
         .await?;
     assert_eq!(s, 200, "{b}");
     let g2 = b["generation"].as_u64().unwrap_or(0);

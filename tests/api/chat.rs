@@ -13,9 +13,12 @@ fn user(content: &str) -> Value {
 async fn chat_non_stream_has_openai_shape_and_exact_usage() -> anyhow::Result<()> {
     let gw = common::start().await?;
     let (status, body) = gw
-        .post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Hello there"), "max_tokens": 12,
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": user("Hello there"), "max_tokens": 12,
             "temperature": 0, "logprobs": true, "user": "u-1", "store": false, "metadata": {"task": "greet"},
-            "some_future_field": {"ignored": true}}))
+            "some_future_field": {"ignored": true}}),
+        )
         .await?;
     assert_eq!(status, 200, "{body}");
     assert!(body["id"].as_str().is_some_and(|s| s.starts_with("chatcmpl-")));
@@ -44,7 +47,8 @@ async fn chat_non_stream_has_openai_shape_and_exact_usage() -> anyhow::Result<()
         assert_eq!(usage["completion_tokens"], 12);
     }
     // Without logprobs the field is present and null.
-    let (_, body) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Hi"), "max_tokens": 2})).await?;
+    let (_, body) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Hi"), "max_tokens": 2})).await?;
     assert!(body["choices"][0].get("logprobs").is_some_and(Value::is_null));
     Ok(())
 }
@@ -94,8 +98,11 @@ async fn stop_sequences_cut_the_text() -> anyhow::Result<()> {
     let start = chars.len() / 2;
     let stop: String = chars[start..start + 2].iter().collect();
     let (status, body) = gw
-        .post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Count with me"), "max_tokens": 40,
-            "temperature": 0, "stop": [stop.clone()]}))
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": user("Count with me"), "max_tokens": 40,
+            "temperature": 0, "stop": [stop.clone()]}),
+        )
         .await?;
     assert_eq!(status, 200, "{body}");
     let text = body["choices"][0]["message"]["content"].as_str().unwrap_or_default();
@@ -114,14 +121,22 @@ async fn n_choices_are_reproducible_with_a_seed() -> anyhow::Result<()> {
     assert_eq!(status, 200, "{a}");
     let (_, b) = gw.post("/v1/chat/completions", req.clone()).await?;
     let texts = |v: &Value| -> Vec<String> {
-        v["choices"].as_array().into_iter().flatten().map(|c| c["message"]["content"].as_str().unwrap_or("").to_string()).collect()
+        v["choices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["message"]["content"].as_str().unwrap_or("").to_string())
+            .collect()
     };
     assert_eq!(texts(&a).len(), 3);
     assert_eq!(texts(&a), texts(&b), "same seed, same choices");
     let idx: Vec<u64> = a["choices"].as_array().into_iter().flatten().filter_map(|c| c["index"].as_u64()).collect();
     assert_eq!(idx, vec![0, 1, 2]);
     // Prompt counted once, completions summed.
-    let single = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Pick a word"), "max_tokens": 1})).await?.1;
+    let single = gw
+        .post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Pick a word"), "max_tokens": 1}))
+        .await?
+        .1;
     assert_eq!(a["usage"]["prompt_tokens"], single["usage"]["prompt_tokens"]);
     let completion = a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
     assert!((3..=24).contains(&completion), "{completion}");
@@ -144,8 +159,11 @@ async fn n_choices_are_reproducible_with_a_seed() -> anyhow::Result<()> {
 async fn completions_endpoint() -> anyhow::Result<()> {
     let gw = common::start().await?;
     let (status, body) = gw
-        .post("/v1/completions", json!({"model": MODEL, "prompt": ["Once upon", "A long"], "n": 2, "max_tokens": 5,
-            "temperature": 0, "logprobs": 1}))
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ["Once upon", "A long"], "n": 2, "max_tokens": 5,
+            "temperature": 0, "logprobs": 1}),
+        )
         .await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
@@ -155,11 +173,13 @@ async fn completions_endpoint() -> anyhow::Result<()> {
     assert_eq!(choices[0]["text"], choices[1]["text"]);
     assert!(choices.iter().all(|c| c["logprobs"]["tokens"].is_array() && c["finish_reason"].is_string()));
     let info = gw.handle.engine.info()?;
-    let p: usize = ["Once upon", "A long"].iter().map(|t| info.tokenizer.encode(t, true).map(|v| v.len()).unwrap_or(0)).sum();
+    let p: usize =
+        ["Once upon", "A long"].iter().map(|t| info.tokenizer.encode(t, true).map(|v| v.len()).unwrap_or(0)).sum();
     assert_eq!(body["usage"]["prompt_tokens"], p);
 
     // echo + max_tokens 0: the prompt back, nothing generated.
-    let (_, body) = gw.post("/v1/completions", json!({"model": MODEL, "prompt": "Echo me", "max_tokens": 0, "echo": true})).await?;
+    let (_, body) =
+        gw.post("/v1/completions", json!({"model": MODEL, "prompt": "Echo me", "max_tokens": 0, "echo": true})).await?;
     assert_eq!(body["choices"][0]["text"], "Echo me");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["usage"]["completion_tokens"], 0);
@@ -167,8 +187,11 @@ async fn completions_endpoint() -> anyhow::Result<()> {
     // Token-id prompts and streaming.
     let ids = info.tokenizer.encode("Once upon", true)?;
     let events = gw
-        .sse("/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "stream": true,
-            "stream_options": {"include_usage": true}}))
+        .sse(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
         .await?;
     let text: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
     assert_eq!(text, choices[0]["text"].as_str().unwrap_or_default());
@@ -194,8 +217,7 @@ async fn models_list_and_retrieve() -> anyhow::Result<()> {
     assert_eq!(body["id"], MODEL);
     let (status, body) = gw.get("/v1/models/gpt-4o").await?;
     common::assert_error(status, &body, 404, "model_not_found");
-    let (status, body) =
-        gw.post("/v1/chat/completions", json!({"model": "gpt-4o", "messages": user("x")})).await?;
+    let (status, body) = gw.post("/v1/chat/completions", json!({"model": "gpt-4o", "messages": user("x")})).await?;
     common::assert_error(status, &body, 404, "model_not_found");
     assert_eq!(body["error"]["param"], "model");
     let (status, _) = gw.get("/health").await?;

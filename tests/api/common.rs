@@ -166,7 +166,8 @@ impl Gateway {
 pub fn parse_sse(text: &str) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     for event in text.split("\n\n").filter(|e| !e.trim().is_empty()) {
-        let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ").or(l.strip_prefix("data:"))).collect();
+        let data: Vec<&str> =
+            event.lines().filter_map(|l| l.strip_prefix("data: ").or(l.strip_prefix("data:"))).collect();
         if data.is_empty() {
             continue; // comments (keep-alive)
         }

@@ -30,11 +30,13 @@ async fn bad_input_gets_its_own_status_and_code() -> anyhow::Result<()> {
     assert_error(s, &b, 400, "invalid_type");
     assert_eq!(b["error"]["param"], "messages");
 
-    let (s, b) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": "ten"})).await?;
+    let (s, b) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": "ten"})).await?;
     assert_error(s, &b, 400, "invalid_type");
     assert_eq!(b["error"]["param"], "max_tokens");
 
-    let (s, b) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": -5})).await?;
+    let (s, b) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": -5})).await?;
     assert_error(s, &b, 400, "integer_below_min_value");
     assert_eq!(b["error"]["param"], "max_tokens");
 
@@ -51,7 +53,8 @@ async fn bad_input_gets_its_own_status_and_code() -> anyhow::Result<()> {
     assert_error(s, &b, 400, "missing_required_parameter");
     assert_eq!(b["error"]["param"], "model");
 
-    let (s, b) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "temperature": 9})).await?;
+    let (s, b) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "temperature": 9})).await?;
     assert_error(s, &b, 400, "decimal_above_max_value");
 
     let (s, b) = gw
@@ -65,7 +68,10 @@ async fn bad_input_gets_its_own_status_and_code() -> anyhow::Result<()> {
     assert_error(s, &b, 400, "context_length_exceeded");
 
     // 10 MB: over the 4 MB body limit.
-    let big = format!("{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}", "a".repeat(10 << 20));
+    let big = format!(
+        "{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "a".repeat(10 << 20)
+    );
     let (s, b) = json_of(raw(big.into_bytes()).await?).await?;
     assert_error(s, &b, 413, "request_too_large");
 
@@ -77,7 +83,9 @@ async fn bad_input_gets_its_own_status_and_code() -> anyhow::Result<()> {
     assert_error(s, &b, 405, "method_not_allowed");
 
     // Still serving.
-    let (s, b) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("still there?"), "max_tokens": 3})).await?;
+    let (s, b) = gw
+        .post("/v1/chat/completions", json!({"model": MODEL, "messages": user("still there?"), "max_tokens": 3}))
+        .await?;
     assert_eq!(s, 200, "{b}");
     Ok(())
 }
@@ -126,15 +134,18 @@ async fn per_key_concurrency_limit() -> anyhow::Result<()> {
     let mut reader = common::SseReader::new(res);
     let _first = reader.next().await?;
 
-    let res = gw.post_raw("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": 1})).await?;
+    let res =
+        gw.post_raw("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": 1})).await?;
     assert_eq!(res.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let (s, b) = (res.status(), res.json::<Value>().await?);
     assert_error(s, &b, 429, "too_many_concurrent_requests");
 
     while reader.next().await?.is_some() {}
-    let released = common::eventually(Duration::from_secs(5), || gw.handle.state.limiter.in_flight("anonymous") == 0).await;
+    let released =
+        common::eventually(Duration::from_secs(5), || gw.handle.state.limiter.in_flight("anonymous") == 0).await;
     assert!(released, "the permit is released when the stream ends");
-    let (s, b) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": 1})).await?;
+    let (s, b) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": 1})).await?;
     assert_eq!(s, 200, "{b}");
     Ok(())
 }
@@ -154,7 +165,8 @@ async fn client_disconnect_cancels_generation() -> anyhow::Result<()> {
         .await;
         assert!(idle, "stream={stream}: the engine and the limiter are idle after the client left");
     }
-    let (s, _) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": 1})).await?;
+    let (s, _) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "max_tokens": 1})).await?;
     assert_eq!(s, 200);
     Ok(())
 }

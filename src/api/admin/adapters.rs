@@ -14,7 +14,8 @@ pub async fn load(state: web::Data<AppState>, Json(req): Json<LoadLoraRequest>) 
     let registry = state.router.registry().clone();
     let info = web::block(move || -> ApiResult<_> {
         let path = paths::resolve(&root, &req.lora_path)?;
-        let opts = LoadOptions { replace: req.load_inplace.unwrap_or(false), expected_generation: req.expected_generation };
+        let opts =
+            LoadOptions { replace: req.load_inplace.unwrap_or(false), expected_generation: req.expected_generation };
         Ok(registry.load(&req.lora_name, &path, opts)?)
     })
     .await??;

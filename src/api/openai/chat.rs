@@ -34,7 +34,13 @@ pub async fn create(
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
 
     if plan.common.stream {
-        let format = ChatChunks { meta, info, n: streams.len(), logprobs: plan.logprobs, include_usage: plan.common.include_usage };
+        let format = ChatChunks {
+            meta,
+            info,
+            n: streams.len(),
+            logprobs: plan.logprobs,
+            include_usage: plan.common.include_usage,
+        };
         let held = Held { permit, record };
         return Ok(stream::respond(streams, plan.common.n, plan.common.include_usage, format, held));
     }

@@ -30,7 +30,8 @@ pub async fn create(
     let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
     let n = plan.common.n;
-    let mut format = CompletionChunks { meta, info: info.clone(), n, echoes, logprobs: plan.logprobs, offsets: Vec::new() };
+    let mut format =
+        CompletionChunks { meta, info: info.clone(), n, echoes, logprobs: plan.logprobs, offsets: Vec::new() };
 
     let completions = if plan.common.params.max_tokens == 0 {
         without_generation(&info, &plan)?

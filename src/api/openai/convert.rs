@@ -7,9 +7,7 @@ use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::config::LimitsConfig;
 use crate::engine::{ChatMessage, Prompt, SamplingParams};
 
-use super::types::{
-    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptSpec, StopSpec,
-};
+use super::types::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptSpec, StopSpec};
 
 /// What the sampling parameters of both endpoints share once validated.
 #[derive(Debug, Clone)]
@@ -59,11 +57,19 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         .with_param("messages"));
     }
     let messages = req.messages.iter().enumerate().map(|(i, m)| message(i, m)).collect::<ApiResult<Vec<_>>>()?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("tools", "the engine does not do tool calling"));
+    // Tools the model is told not to call change nothing, so only callable ones are refused.
+    let none = |choice: &Option<serde_json::Value>| choice.as_ref().is_some_and(|c| c == "none");
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) && !none(&req.tool_choice) {
+        return Err(ApiError::unsupported(
+            "tools",
+            "the engine does not do tool calling (tool_choice \"none\" is accepted)",
+        ));
     }
-    if req.functions.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(ApiError::unsupported("functions", "the engine does not do function calling"));
+    if req.functions.as_ref().is_some_and(|f| !f.is_empty()) && !none(&req.function_call) {
+        return Err(ApiError::unsupported(
+            "functions",
+            "the engine does not do function calling (function_call \"none\" is accepted)",
+        ));
     }
     if let Some(f) = &req.response_format {
         if f.kind != "text" {
@@ -91,7 +97,7 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         top_p: req.top_p,
         top_k: req.top_k,
         n: req.n,
-        seed: req.seed,
+        seed: req.seed.as_ref(),
         stop: req.stop.as_ref(),
         stream: req.stream,
         include_usage: req.stream_options.as_ref().and_then(|o| o.include_usage),
@@ -119,19 +125,26 @@ fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
         Some(MessageContent::Parts(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());
             for (j, p) in parts.iter().enumerate() {
-                let text = match p.kind.as_str() {
-                    "text" => p.text.as_ref(),
-                    "refusal" => p.refusal.as_ref(),
-                    _ => None,
+                let (field, text) = match p.kind.as_str() {
+                    "text" => ("text", p.text.as_ref()),
+                    "refusal" => ("refusal", p.refusal.as_ref()),
+                    _ => ("", None),
                 };
                 match text {
                     Some(t) => texts.push(t.as_str()),
+                    None if !field.is_empty() => {
+                        let param = format!("messages[{i}].content[{j}].{field}");
+                        return Err(ApiError::new(
+                            ErrorKind::MissingRequiredParameter,
+                            format!("Missing required parameter: '{param}'."),
+                        )
+                        .with_param(param));
+                    }
                     None => {
                         return Err(ApiError::invalid_value(
                             format!("messages[{i}].content[{j}]"),
                             format!(
-                                "Content parts of type '{}' are not supported: the models served are text only \
-                                 (a 'text' part needs a 'text' string).",
+                                "Content parts of type '{}' are not supported: the models served are text only.",
                                 p.kind
                             ),
                         ))
@@ -140,8 +153,8 @@ fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
             }
             texts.join("\n")
         }
-        // An assistant turn that only called tools has no content.
-        None if m.role == "assistant" => String::new(),
+        // An assistant turn that only called tools, or a function result, may have no content.
+        None if m.role == "assistant" || m.role == "function" => String::new(),
         None => {
             return Err(ApiError::new(
                 ErrorKind::MissingRequiredParameter,
@@ -156,7 +169,7 @@ fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
 }
 
 pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<CompletionPlan> {
-    let prompts = prompts(req.prompt.as_ref())?;
+    let prompts = prompts(req.prompt.as_ref().map(Option::as_ref))?;
     // OpenAI's default for the legacy endpoint is 16; 0 returns no tokens (useful with echo).
     let max_tokens = match req.max_tokens {
         Some(v) => int_range("max_tokens", v, 0, limits.max_tokens as i64)? as usize,
@@ -180,7 +193,7 @@ pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<C
         top_p: req.top_p,
         top_k: req.top_k,
         n: req.n,
-        seed: req.seed,
+        seed: req.seed.as_ref(),
         stop: req.stop.as_ref(),
         stream: req.stream,
         include_usage: req.stream_options.as_ref().and_then(|o| o.include_usage),
@@ -193,15 +206,19 @@ pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<C
     Ok(CompletionPlan { prompts, common, logprobs: req.logprobs.is_some(), echo: req.echo.unwrap_or(false) })
 }
 
-fn prompts(spec: Option<&PromptSpec>) -> ApiResult<Vec<Prompt>> {
+/// What OpenAI's schema makes of `"prompt": null`.
+const DEFAULT_PROMPT: &str = "<|endoftext|>";
+
+fn prompts(spec: Option<Option<&PromptSpec>>) -> ApiResult<Vec<Prompt>> {
     let empty = || {
         ApiError::new(ErrorKind::EmptyArray, "Invalid 'prompt': empty array. Expected at least one prompt.")
             .with_param("prompt")
     };
     let tokens = |param: String, ids: &[i64]| -> ApiResult<Prompt> {
         if ids.is_empty() {
-            return Err(ApiError::new(ErrorKind::EmptyArray, format!("Invalid '{param}': empty token list."))
-                .with_param(param));
+            return Err(
+                ApiError::new(ErrorKind::EmptyArray, format!("Invalid '{param}': empty token list.")).with_param(param)
+            );
         }
         ids.iter()
             .map(|&t| u32::try_from(t).map_err(|_| ApiError::invalid_value(&param, format!("Invalid token id {t}."))))
@@ -211,14 +228,17 @@ fn prompts(spec: Option<&PromptSpec>) -> ApiResult<Vec<Prompt>> {
     match spec {
         None => Err(ApiError::new(ErrorKind::MissingRequiredParameter, "Missing required parameter: 'prompt'.")
             .with_param("prompt")),
-        Some(PromptSpec::Text(t)) => Ok(vec![Prompt::Text(t.clone())]),
-        Some(PromptSpec::Texts(ts)) if ts.is_empty() => Err(empty()),
-        Some(PromptSpec::Texts(ts)) => Ok(ts.iter().map(|t| Prompt::Text(t.clone())).collect()),
-        Some(PromptSpec::Tokens(ids)) => Ok(vec![tokens("prompt".into(), ids)?]),
-        Some(PromptSpec::TokenLists(ls)) if ls.is_empty() => Err(empty()),
-        Some(PromptSpec::TokenLists(ls)) => {
-            ls.iter().enumerate().map(|(i, ids)| tokens(format!("prompt[{i}]"), ids)).collect()
-        }
+        Some(None) => Ok(vec![Prompt::Text(DEFAULT_PROMPT.to_string())]),
+        Some(Some(spec)) => match spec {
+            PromptSpec::Text(t) => Ok(vec![Prompt::Text(t.clone())]),
+            PromptSpec::Texts(ts) if ts.is_empty() => Err(empty()),
+            PromptSpec::Texts(ts) => Ok(ts.iter().map(|t| Prompt::Text(t.clone())).collect()),
+            PromptSpec::Tokens(ids) => Ok(vec![tokens("prompt".into(), ids)?]),
+            PromptSpec::TokenLists(ls) if ls.is_empty() => Err(empty()),
+            PromptSpec::TokenLists(ls) => {
+                ls.iter().enumerate().map(|(i, ids)| tokens(format!("prompt[{i}]"), ids)).collect()
+            }
+        },
     }
 }
 
@@ -228,7 +248,7 @@ struct CommonIn<'a> {
     top_p: Option<f64>,
     top_k: Option<i64>,
     n: Option<i64>,
-    seed: Option<i64>,
+    seed: Option<&'a serde_json::Number>,
     stop: Option<&'a StopSpec>,
     stream: Option<bool>,
     include_usage: Option<bool>,
@@ -254,7 +274,10 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
             if n as usize > c.limits.max_n {
                 return Err(ApiError::new(
                     ErrorKind::IntegerAboveMaxValue,
-                    format!("Invalid 'n': this gateway allows at most {} choices per request (limits.max_n).", c.limits.max_n),
+                    format!(
+                        "Invalid 'n': this gateway allows at most {} choices per request (limits.max_n).",
+                        c.limits.max_n
+                    ),
                 )
                 .with_param("n"));
             }
@@ -291,7 +314,7 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
             temperature,
             top_p: top_p as f32,
             top_k,
-            seed: c.seed.map(|s| s as u64),
+            seed: c.seed.map(seed).transpose()?,
             stop,
             stop_at_eos: true,
         },
@@ -299,6 +322,14 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
         stream: c.stream.unwrap_or(false),
         include_usage: c.include_usage.unwrap_or(false),
         task: c.task,
+    })
+}
+
+/// A seed as the sampler takes it: any 64-bit integer, negative ones reinterpreted.
+fn seed(n: &serde_json::Number) -> ApiResult<u64> {
+    n.as_u64().or_else(|| n.as_i64().map(|s| s as u64)).ok_or_else(|| {
+        ApiError::new(ErrorKind::InvalidType, format!("Invalid type for 'seed': expected a 64-bit integer, got {n}."))
+            .with_param("seed")
     })
 }
 
@@ -369,7 +400,8 @@ mod tests {
 
     #[test]
     fn seeds_differ_per_choice() -> ApiResult<()> {
-        let p = plan(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 7, "n": 3,
+        let p =
+            plan(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 7, "n": 3,
             "max_completion_tokens": 5, "max_tokens": 9, "stop": "\n"}))?;
         assert_eq!([p.common.params_for(0).seed, p.common.params_for(2).seed], [Some(7), Some(9)]);
         assert_eq!(p.common.params.max_tokens, 5);
@@ -380,7 +412,10 @@ mod tests {
     #[test]
     fn bad_values_get_their_codes() {
         let user = serde_json::json!([{"role": "user", "content": "x"}]);
-        assert_eq!(code(serde_json::json!({"model": "m", "messages": []})), (ErrorKind::EmptyArray, Some("messages".into())));
+        assert_eq!(
+            code(serde_json::json!({"model": "m", "messages": []})),
+            (ErrorKind::EmptyArray, Some("messages".into()))
+        );
         assert_eq!(
             code(serde_json::json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]})),
             (ErrorKind::InvalidValue, Some("messages[0].role".into()))
@@ -416,6 +451,25 @@ mod tests {
     }
 
     #[test]
+    fn uncallable_tools_and_wide_seeds_are_accepted() -> ApiResult<()> {
+        let p = plan(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none",
+            "seed": 18446744073709551615u64}))?;
+        assert_eq!(p.common.params.seed, Some(u64::MAX));
+        let p = plan(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": -1}))?;
+        assert_eq!(p.common.params.seed, Some(u64::MAX));
+        assert_eq!(
+            code(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 1.5})),
+            (ErrorKind::InvalidType, Some("seed".into()))
+        );
+        assert_eq!(
+            code(serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]})),
+            (ErrorKind::MissingRequiredParameter, Some("messages[0].content[0].text".into()))
+        );
+        Ok(())
+    }
+
+    #[test]
     fn completion_prompts() -> ApiResult<()> {
         let req: CompletionRequest =
             parse(br#"{"model": "m", "prompt": [[1, 2], [3]], "max_tokens": 0, "echo": true, "logprobs": 0}"#)?;
@@ -424,9 +478,15 @@ mod tests {
         assert_eq!(p.common.params.max_tokens, 0);
         assert!(p.echo && p.logprobs);
         let req: CompletionRequest = parse(br#"{"model": "m", "prompt": [-1]}"#)?;
-        assert_eq!(completion(&req, &LimitsConfig::default()).map(|_| ()).map_err(|e| e.kind), Err(ErrorKind::InvalidValue));
+        assert_eq!(
+            completion(&req, &LimitsConfig::default()).map(|_| ()).map_err(|e| e.kind),
+            Err(ErrorKind::InvalidValue)
+        );
         let req: CompletionRequest = parse(br#"{"model": "m", "prompt": []}"#)?;
-        assert_eq!(completion(&req, &LimitsConfig::default()).map(|_| ()).map_err(|e| e.kind), Err(ErrorKind::EmptyArray));
+        assert_eq!(
+            completion(&req, &LimitsConfig::default()).map(|_| ()).map_err(|e| e.kind),
+            Err(ErrorKind::EmptyArray)
+        );
         Ok(())
     }
 }

@@ -69,16 +69,8 @@ pub fn respond<F: ChunkFormat>(
 ) -> HttpResponse {
     let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, s)| per_choice(i, s)));
     let pending = format.opening().into();
-    let state = State {
-        merged: Some(merged),
-        format,
-        pending,
-        usages: Vec::new(),
-        n,
-        include_usage,
-        held,
-        ended: false,
-    };
+    let state =
+        State { merged: Some(merged), format, pending, usages: Vec::new(), n, include_usage, held, ended: false };
     let events = stream::unfold(state, |mut st| async move {
         loop {
             if let Some(d) = st.pending.pop_front() {

@@ -26,7 +26,8 @@ pub struct ChatCompletionRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub stop: Option<StopSpec>,
-    pub seed: Option<i64>,
+    /// Any 64-bit integer, signed or not (OpenAI's schema allows the whole range).
+    pub seed: Option<serde_json::Number>,
     pub user: Option<String>,
     pub metadata: Option<HashMap<String, String>>,
     pub store: Option<bool>,
@@ -36,7 +37,9 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f64>,
     pub logit_bias: Option<HashMap<String, Value>>,
     pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
     pub functions: Option<Vec<Value>>,
+    pub function_call: Option<Value>,
     pub response_format: Option<ResponseFormat>,
     pub audio: Option<Value>,
 }
@@ -51,7 +54,7 @@ pub struct ChatMessageIn {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of content parts")]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -77,7 +80,7 @@ pub struct StreamOptions {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of strings")]
 pub enum StopSpec {
     One(String),
     Many(Vec<String>),
@@ -86,7 +89,10 @@ pub enum StopSpec {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
-    pub prompt: Option<PromptSpec>,
+    /// Outer `None`: absent (an error); inner `None`: `null`, which OpenAI's schema defines
+    /// as the document separator `<|endoftext|>`.
+    #[serde(default, deserialize_with = "present")]
+    pub prompt: Option<Option<PromptSpec>>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -95,7 +101,8 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub stop: Option<StopSpec>,
-    pub seed: Option<i64>,
+    /// Any 64-bit integer, signed or not (OpenAI's schema allows the whole range).
+    pub seed: Option<serde_json::Number>,
     pub user: Option<String>,
     /// Not in OpenAI's completions schema; accepted for task tagging as on chat.
     pub metadata: Option<HashMap<String, String>>,
@@ -110,12 +117,21 @@ pub struct CompletionRequest {
 
 /// A string, a list of strings, a list of token ids, or a list of token id lists.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string, an array of strings, an array of token ids or an array of token id arrays")]
 pub enum PromptSpec {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<i64>),
     TokenLists(Vec<Vec<i64>>),
+}
+
+/// Tells a field that is present but `null` from one that is absent.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 // ---------------------------------------------------------------------------------------
