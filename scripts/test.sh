@@ -20,9 +20,9 @@ fi
 export TUNEGATE_VENV="$(cd "$venv" && pwd)"
 
 if cargo nextest --version >/dev/null 2>&1; then
-    runner=(cargo nextest run --no-fail-fast)
+    runner=(cargo nextest run)
 else
-    runner=(cargo test --no-fail-fast)
+    runner=(cargo test)
 fi
 
 # One build for everything: the test build also builds the `tunegate` binary, which then
@@ -33,4 +33,4 @@ if [ ! -s models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
     "${CARGO_TARGET_DIR:-target}/debug/tunegate" model fetch
 fi
 
-exec "${runner[@]}" "$@"
+exec "${runner[@]}" --no-fail-fast "$@"
