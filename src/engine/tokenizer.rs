@@ -104,10 +104,10 @@ impl Tokenizer {
         })
     }
 
-    /// HF folder: tokenizer.json (+ tokenizer_config.json for bos/eos tokens and chat_template,
-    /// + generation_config.json / config.json eos_token_id which may be a list). Returns the chat
-    /// template source if found (`chat_template.jinja` wins over tokenizer_config.json, as in
-    /// transformers).
+    /// A Hugging Face folder: `tokenizer.json`, with `tokenizer_config.json` for the bos/eos
+    /// tokens and chat template, and `generation_config.json` / `config.json` for extra
+    /// `eos_token_id`s (one id or a list). Returns the chat template source if found
+    /// (`chat_template.jinja` wins over tokenizer_config.json, as in transformers).
     pub fn from_hf_dir(dir: &Path) -> Result<(Self, Option<String>)> {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
