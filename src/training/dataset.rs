@@ -38,7 +38,7 @@ pub fn prompt_hash(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetReport {
     pub examples_in: usize,
     pub duplicates_removed: usize,

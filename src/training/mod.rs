@@ -3,6 +3,8 @@
 //! Hugging Face PEFT layout. Serving and HTTP live elsewhere.
 
 pub mod dataset;
+pub mod eval;
+pub mod job;
 pub mod export;
 pub mod trainer;
 #[cfg(test)]

@@ -232,3 +232,52 @@ fn resume_from_checkpoint_is_exact() -> R {
     anyhow::ensure!(d < 1e-6, "resumed run differs by {d}");
     Ok(())
 }
+
+/// A job on the synthetic task passes the gate against the prompted base; a deliberately
+/// undertrained candidate fails it against that adapter and says why.
+#[test]
+fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
+    use super::job::{self, JobError, JobSpec};
+    let dir = tempfile::tempdir()?;
+    let (path, _) = tiny_model(dir.path())?;
+    let examples = task_examples();
+    let spec = JobSpec {
+        id: "ftjob-1".into(),
+        task: "labels".into(),
+        model_path: path,
+        base_model: "tiny".into(),
+        examples: examples.clone(),
+        validation: Some(examples.clone()),
+        hyper: TrainConfig { rank: 8, alpha: 16.0, learning_rate: 1e-2, epochs: 60, batch_size: 6, micro_batch: 6, checkpoint_every: 20, ..Default::default() },
+        dataset: DatasetOptions { eval_fraction: 0.0, ..Default::default() },
+        adapters_root: dir.path().join("adapters"),
+        job_dir: dir.path().join("jobs/1"),
+        current_adapter: None,
+        min_margin: 0.0,
+    };
+    let mut events = Vec::new();
+    let good = job::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
+    assert!(good.gate.passed, "{}", good.gate.reason);
+    assert_eq!(good.gate.candidate.exact_match, 1.0);
+    assert!(good.gate.candidate.prompt_tokens < good.gate.baseline.prompt_tokens / 2.0);
+    assert_eq!(good.version, "v1");
+    assert!(good.checkpoints.contains(&20));
+    assert!(events.iter().any(|m| m.starts_with("step 1/")), "{events:?}");
+
+    let bad_spec = JobSpec {
+        id: "ftjob-2".into(),
+        hyper: TrainConfig { max_steps: Some(1), ..spec.hyper.clone() },
+        job_dir: dir.path().join("jobs/2"),
+        current_adapter: Some(good.adapter_path.clone()),
+        ..spec.clone()
+    };
+    let bad = job::run(&bad_spec, &AtomicBool::new(false), &mut |_| {})?;
+    assert!(!bad.gate.passed);
+    assert!(bad.gate.reason.contains("worse"), "{}", bad.gate.reason);
+    assert_eq!(bad.gate.baseline.exact_match, 1.0, "baseline should be the current adapter");
+    assert_eq!(bad.version, "v2");
+
+    let cancelled = job::run(&JobSpec { job_dir: dir.path().join("jobs/3"), ..spec }, &AtomicBool::new(true), &mut |_| {});
+    assert!(matches!(cancelled, Err(JobError::Cancelled)));
+    Ok(())
+}
