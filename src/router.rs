@@ -8,6 +8,8 @@
 use std::sync::Arc;
 
 use crate::adapters::{AdapterLease, AdapterRegistry};
+use crate::engine::ChatMessage;
+use crate::training::dataset::prompt_hash;
 
 /// The outcome of routing one request.
 #[derive(Debug, Clone)]
@@ -87,6 +89,27 @@ impl Router {
             .or_else(|| metadata_task.map(str::trim).filter(|t| !t.is_empty()).map(str::to_string))
             .unwrap_or_else(|| model.to_string());
         Ok(Routed { model: model.to_string(), adapter, task })
+    }
+
+    /// The prompt rewrite of context distillation: when the request's adapter was trained
+    /// with the task's system prompt absorbed (`distilled_prompt` in its `tunegate.json`)
+    /// and the request carries exactly that prompt, the prompt is dropped. Returns the
+    /// prompt tokens this saves (0 when nothing was dropped). Any other system prompt is
+    /// kept as is.
+    pub fn distill(&self, routed: &Routed, messages: &mut Vec<ChatMessage>) -> usize {
+        let Some(adapter) = &routed.adapter else { return 0 };
+        let Some(d) = adapter.meta.as_ref().and_then(|m| m.get("distilled_prompt")) else { return 0 };
+        let (Some(hash), Some(tokens)) = (d.get("sha256").and_then(|h| h.as_str()), d.get("tokens").and_then(|t| t.as_u64()))
+        else {
+            return 0;
+        };
+        match messages.first() {
+            Some(m) if m.role == "system" && prompt_hash(&m.content) == hash => {
+                messages.remove(0);
+                tokens as usize
+            }
+            _ => 0,
+        }
     }
 }
 

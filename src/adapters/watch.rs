@@ -118,7 +118,7 @@ fn load_newest_loadable(registry: &AdapterRegistry, name: &str, versions: &[Vers
     for v in versions {
         seen.handled.insert(v.path.clone(), v.stamp.clone());
     }
-    for v in versions.iter().rev() {
+    for v in versions.iter().rev().filter(|v| !gate_failed(&v.path)) {
         match registry.load(name, &v.path, LoadOptions { replace: true, expected_generation: None }) {
             Ok(info) => {
                 tracing::info!(alias = name, generation = info.generation, path = %v.path.display(), "adapter loaded from folder");
@@ -146,7 +146,8 @@ fn on_change(registry: &AdapterRegistry, cfg: &WatchConfig, name: &str, versions
         return;
     }
     let served = registry.lease(name).is_some();
-    let alias = if !served || cfg.promote_new_versions || newest.label.is_empty() {
+    let promote = !gate_failed(&newest.path) && (!served || cfg.promote_new_versions);
+    let alias = if promote || newest.label.is_empty() {
         name.to_string()
     } else {
         format!("{name}.{}", newest.label)
@@ -163,6 +164,16 @@ fn on_change(registry: &AdapterRegistry, cfg: &WatchConfig, name: &str, versions
             seen.failed.insert(newest.path.clone(), newest.stamp.clone());
         }
     }
+}
+
+/// A version whose `tunegate.json` records a failed quality gate is never served under
+/// the task's own alias automatically (training publishes it for inspection only).
+fn gate_failed(dir: &Path) -> bool {
+    std::fs::read(dir.join(crate::adapters::peft::META_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m.get("eval")?.get("passed")?.as_bool())
+        == Some(false)
 }
 
 /// Every adapter name under `root` with its versions, oldest first.

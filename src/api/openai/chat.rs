@@ -24,8 +24,9 @@ pub async fn create(
     caller: Caller,
     Json(req): Json<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
-    let plan = convert::chat(&req, &state.config.limits)?;
+    let mut plan = convert::chat(&req, &state.config.limits)?;
     let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    let saved = state.router.distill(&routed, &mut plan.messages);
     let permit = state.limiter.acquire(&caller.key_id)?;
     let info = state.engine.info()?;
     let prompt = Prompt::Text(info.render_chat(&plan.messages)?);
@@ -40,14 +41,17 @@ pub async fn create(
             n: streams.len(),
             logprobs: plan.logprobs,
             include_usage: plan.common.include_usage,
+            saved,
         };
         let held = Held { permit, record };
-        return Ok(stream::respond(streams, plan.common.n, plan.common.include_usage, format, held));
+        let mut resp = stream::respond(streams, plan.common.n, plan.common.include_usage, format, held);
+        saved_header(&mut resp, saved);
+        return Ok(resp);
     }
 
     let completions = collect_all(streams).await?;
     drop(permit);
-    let usage = total_usage(plan.common.n, completions.iter().map(|c| &c.usage).enumerate());
+    let usage = total_usage(plan.common.n, completions.iter().map(|c| &c.usage).enumerate()).with_saved(saved);
     record.complete(usage);
     let choices = completions
         .into_iter()
@@ -62,7 +66,7 @@ pub async fn create(
             finish_reason: finish_reason(c.finish_reason),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(ChatCompletion {
+    let mut resp = HttpResponse::Ok().json(ChatCompletion {
         id: meta.id,
         object: "chat.completion",
         created: meta.created,
@@ -70,7 +74,19 @@ pub async fn create(
         system_fingerprint: meta.fingerprint.to_string(),
         choices,
         usage,
-    }))
+    });
+    saved_header(&mut resp, saved);
+    Ok(resp)
+}
+
+/// `x-tunegate-prompt-tokens-saved`: prompt tokens a distilled adapter made unnecessary.
+fn saved_header(resp: &mut HttpResponse, saved: usize) {
+    if saved > 0 {
+        resp.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("x-tunegate-prompt-tokens-saved"),
+            actix_web::http::header::HeaderValue::from(saved),
+        );
+    }
 }
 
 struct ChatChunks {
@@ -79,6 +95,7 @@ struct ChatChunks {
     n: usize,
     logprobs: bool,
     include_usage: bool,
+    saved: usize,
 }
 
 impl ChatChunks {
@@ -124,6 +141,6 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn usage(&mut self, usage: UsageOut) -> sse::Data {
-        self.chunk(Vec::new(), Some(usage))
+        self.chunk(Vec::new(), Some(usage.with_saved(self.saved)))
     }
 }

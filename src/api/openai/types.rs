@@ -139,14 +139,33 @@ where
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct UsageOut {
+    /// Tokens the model actually ran (after any distilled system prompt was dropped).
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `prompt_tokens_details`, with tunegate's `distilled_tokens`: prompt tokens a
+/// distilled adapter made unnecessary (dropped before the model ran).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
+    pub distilled_tokens: usize,
 }
 
 impl UsageOut {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens, prompt_tokens_details: None }
+    }
+
+    /// Records `saved` distilled prompt tokens (per prompt, times `n_prompts`).
+    pub fn with_saved(mut self, saved: usize) -> Self {
+        if saved > 0 {
+            self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens: 0, distilled_tokens: saved });
+        }
+        self
     }
 }
 
