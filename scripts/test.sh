@@ -10,20 +10,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv="${TUNEGATE_VENV:-.venv}"
-if ! "$venv/bin/python" -c 'import openai, schemathesis' >/dev/null 2>&1; then
-    echo "== creating $venv (openai, schemathesis)"
+requirements=tests/python/requirements.txt
+if ! cmp -s "$requirements" "$venv/.tunegate-requirements"; then
+    echo "== preparing $venv ($(tr '\n' ' ' < "$requirements"))"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check openai schemathesis
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/.tunegate-requirements"
 fi
 export TUNEGATE_VENV="$(cd "$venv" && pwd)"
 
-if [ ! -s models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-    echo "== fetching the default model"
-    cargo run --quiet -- model fetch
+if cargo nextest --version >/dev/null 2>&1; then
+    runner=(cargo nextest run)
+else
+    runner=(cargo test)
 fi
 
-if cargo nextest --version >/dev/null 2>&1; then
-    exec cargo nextest run --no-fail-fast "$@"
-else
-    exec cargo test --no-fail-fast "$@"
+# One build for everything: the test build also builds the `tunegate` binary, which then
+# fetches the model (a separate `cargo run` would build the crate a second time).
+"${runner[@]}" --no-run
+if [ ! -s models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    echo "== fetching the default model"
+    "${CARGO_TARGET_DIR:-target}/debug/tunegate" model fetch
 fi
+
+exec "${runner[@]}" --no-fail-fast "$@"

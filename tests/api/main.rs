@@ -6,3 +6,4 @@ mod chat;
 mod common;
 mod errors;
 mod python;
+mod real_model;

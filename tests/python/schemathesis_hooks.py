@@ -28,12 +28,13 @@ def map_case(context, case):
             body["model"] = MODEL
         for key in REFUSED:
             body.pop(key, None)
-        # The trimmed spec documents only application/json for the legacy completions
-        # endpoint, though OpenAI (and tunegate) stream it as text/event-stream; chat's
-        # streaming is documented and stays in.
-        if case.operation.path == "/completions":
-            body.pop("stream", None)
-            body.pop("stream_options", None)
+        # Streams are checked by stream_conformance.py instead. For chat, the spec's
+        # text/event-stream schema describes each event's JSON `data`, while schemathesis 4
+        # validates the SSE event object itself ({"data": "...", "event": ...}) against it, so
+        # no OpenAI-shaped stream, OpenAI's own included, can pass; for the legacy completions
+        # endpoint the trimmed spec documents no text/event-stream at all.
+        body.pop("stream", None)
+        body.pop("stream_options", None)
     params = case.path_parameters
     if isinstance(params, dict) and "model" in params:
         params["model"] = MODEL

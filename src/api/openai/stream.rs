@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::HttpResponse;
@@ -99,7 +98,9 @@ fn sse_response(events: impl Stream<Item = Result<sse::Event, Infallible>> + 'st
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"))
         .content_type("text/event-stream")
-        .body(Sse::from_stream(events).with_keep_alive(Duration::from_secs(15)))
+        // No keep-alive comments: OpenAI sends none, and some SSE consumers (schemathesis's
+        // validator among them) take a comment for an event.
+        .body(Sse::from_stream(events))
 }
 
 impl<F: ChunkFormat> State<F> {
