@@ -6,9 +6,7 @@ use std::io::{BufRead, Write};
 
 use serde_json::{json, Value};
 
-use super::{
-    now_ms, LogError, LogRecord, LogStore, RequestLog, Review, ReviewState, STATUS_OK,
-};
+use super::{now_ms, LogError, LogRecord, LogStore, RequestLog, Review, ReviewState, STATUS_OK};
 
 /// Records per store write during an import.
 const IMPORT_BATCH: usize = 500;
@@ -32,7 +30,11 @@ pub fn export_line(r: &LogRecord) -> Result<String, LogError> {
 }
 
 /// Writes every approved example of `task` (oldest first) and returns how many.
-pub async fn export_jsonl<W: Write>(store: &LogStore, task: &str, out: &mut W) -> Result<usize, LogError> {
+pub async fn export_jsonl<W: Write>(
+    store: &LogStore,
+    task: &str,
+    out: &mut W,
+) -> Result<usize, LogError> {
     let records = store.approved_examples(task).await?;
     let io = |e: std::io::Error| LogError::Storage(format!("cannot write the export: {e}"));
     for r in &records {
@@ -58,11 +60,13 @@ pub async fn import_jsonl<R: BufRead>(
     let mut records = Vec::new();
     for (i, line) in input.lines().enumerate() {
         let n = i + 1;
-        let line = line.map_err(|e| LogError::InvalidInput(format!("line {n}: cannot read: {e}")))?;
+        let line =
+            line.map_err(|e| LogError::InvalidInput(format!("line {n}: cannot read: {e}")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let (messages, answer) = parse_line(&line).map_err(|m| LogError::InvalidInput(format!("line {n}: {m}")))?;
+        let (messages, answer) =
+            parse_line(&line).map_err(|m| LogError::InvalidInput(format!("line {n}: {m}")))?;
         records.push(LogRecord {
             id: format!("chatcmpl-import-{batch_id}-{n:09}"),
             created_ms: now,

@@ -157,7 +157,12 @@ pub struct ReviewAction {
 
 impl ReviewAction {
     pub fn approve() -> Self {
-        Self { state: ReviewState::Approved, corrected_response: None, reviewer: None, expected_state: None }
+        Self {
+            state: ReviewState::Approved,
+            corrected_response: None,
+            reviewer: None,
+            expected_state: None,
+        }
     }
 
     pub fn reject() -> Self {
@@ -191,14 +196,20 @@ impl ReviewAction {
         if record.status != STATUS_OK {
             return Err(LogError::IllegalTransition {
                 id: record.id.clone(),
-                reason: format!("the request failed with status '{}' and cannot be reviewed", record.status),
+                reason: format!(
+                    "the request failed with status '{}' and cannot be reviewed",
+                    record.status
+                ),
             });
         }
         if let Some(expected) = self.expected_state {
             if record.review.state != expected {
                 return Err(LogError::IllegalTransition {
                     id: record.id.clone(),
-                    reason: format!("expected state {expected} but the record is {}", record.review.state),
+                    reason: format!(
+                        "expected state {expected} but the record is {}",
+                        record.review.state
+                    ),
                 });
             }
         }
@@ -337,9 +348,7 @@ fn message_texts(messages: &Value) -> Vec<&str> {
 
 /// Current time in unix milliseconds.
 pub fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -374,7 +383,9 @@ impl Cursor {
             _ => return Err(bad()),
         };
         if cursor_order != order {
-            return Err(LogError::InvalidInput("the cursor belongs to a listing in the other order".into()));
+            return Err(LogError::InvalidInput(
+                "the cursor belongs to a listing in the other order".into(),
+            ));
         }
         Ok(Self { order, created_ms, id })
     }

@@ -21,7 +21,10 @@ impl Redactor {
             .iter()
             .map(|p| {
                 Regex::new(p.as_ref()).map_err(|e| {
-                    LogError::InvalidInput(format!("invalid redaction pattern '{}': {e}", p.as_ref()))
+                    LogError::InvalidInput(format!(
+                        "invalid redaction pattern '{}': {e}",
+                        p.as_ref()
+                    ))
                 })
             })
             .collect::<Result<_, _>>()?;

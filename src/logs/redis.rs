@@ -26,8 +26,8 @@ use redis::{RedisError, Script};
 
 use super::record::{clamp_limit, Cursor};
 use super::{
-    now_ms, BulkReviewOutcome, BulkTarget, Feedback, LogError, LogFilter, LogRecord, Order,
-    Page, Review, ReviewAction, ReviewState, TaskStats,
+    now_ms, BulkReviewOutcome, BulkTarget, Feedback, LogError, LogFilter, LogRecord, Order, Page,
+    Review, ReviewAction, ReviewState, TaskStats,
 };
 
 #[derive(Debug, Clone)]
@@ -348,9 +348,7 @@ impl RedisStore {
                 _ => continue,
             }
         }
-        Err(LogError::Unavailable(format!(
-            "review of '{id}' kept racing other reviews; try again"
-        )))
+        Err(LogError::Unavailable(format!("review of '{id}' kept racing other reviews; try again")))
     }
 
     /// Atomic per record, not as a whole: a failure midway leaves earlier records reviewed.

@@ -12,8 +12,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::record::{clamp_limit, search_text, Cursor};
 use super::{
-    now_ms, BulkReviewOutcome, BulkTarget, Feedback, LogError, LogFilter, LogRecord, Order,
-    Page, ReviewAction, ReviewState, TaskStats,
+    now_ms, BulkReviewOutcome, BulkTarget, Feedback, LogError, LogFilter, LogRecord, Order, Page,
+    ReviewAction, ReviewState, TaskStats,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the number applied.
@@ -70,14 +70,15 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, opts: &SqliteOptions) -> Result<Self, LogError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                LogError::Storage(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| LogError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
         let mut write = connect(&path, opts)?;
         migrate(&mut write)?;
         let read = connect(&path, opts)?;
-        Ok(Self { inner: Arc::new(Inner { path, write: Mutex::new(write), read: Mutex::new(read) }) })
+        Ok(Self {
+            inner: Arc::new(Inner { path, write: Mutex::new(write), read: Mutex::new(read) }),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -153,7 +154,8 @@ impl SqliteStore {
             let next_cursor = if records.len() > limit {
                 records.truncate(limit);
                 records.last().map(|r| {
-                    Cursor { order: filter.order, created_ms: r.created_ms, id: r.id.clone() }.encode()
+                    Cursor { order: filter.order, created_ms: r.created_ms, id: r.id.clone() }
+                        .encode()
                 })
             } else {
                 None
@@ -167,7 +169,8 @@ impl SqliteStore {
         let id = id.to_string();
         let action = action.clone();
         self.with_write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
+            let tx =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
             let mut record = get_in(&tx, &id)?.ok_or_else(|| LogError::NotFound(id.clone()))?;
             action.apply(&mut record, now_ms())?;
             put_reviewed(&tx, &record)?;
@@ -186,7 +189,8 @@ impl SqliteStore {
         let target = target.clone();
         let action = action.clone();
         self.with_write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
+            let tx =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
             let now = now_ms();
             // Ok(true): reviewed; Ok(false): the action may not apply to this record.
             let apply = |mut record: LogRecord| -> Result<bool, LogError> {
@@ -238,7 +242,8 @@ impl SqliteStore {
     {
         let id = id.to_string();
         self.with_write(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
+            let tx =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(storage)?;
             let mut record = get_in(&tx, &id)?.ok_or_else(|| LogError::NotFound(id.clone()))?;
             f(&mut record);
             let row = Row::from_record(&record)?;
@@ -309,10 +314,7 @@ impl SqliteStore {
     }
 
     pub async fn ping(&self) -> Result<(), LogError> {
-        self.with_read(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(())).map_err(storage)
-        })
-        .await
+        self.with_read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(storage)).await
     }
 }
 
@@ -343,7 +345,8 @@ fn migrate(conn: &mut Connection) -> Result<(), LogError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive).map_err(storage)?;
         tx.execute_batch(sql).map_err(storage)?;
-        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX)).map_err(storage)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap_or(i64::MAX))
+            .map_err(storage)?;
         tx.commit().map_err(storage)?;
     }
     Ok(())
@@ -365,7 +368,8 @@ struct Row {
 
 impl Row {
     fn from_record(r: &LogRecord) -> Result<Self, LogError> {
-        let enc = |e: serde_json::Error| LogError::Storage(format!("cannot encode log record: {e}"));
+        let enc =
+            |e: serde_json::Error| LogError::Storage(format!("cannot encode log record: {e}"));
         Ok(Self {
             id: r.id.clone(),
             created_ms: r.created_ms,
@@ -451,7 +455,10 @@ fn select(
             Order::NewestFirst => "<",
             Order::OldestFirst => ">",
         };
-        cond(&format!("(created_ms, id) {op} (?, ?)"), vec![c.created_ms.into(), c.id.clone().into()]);
+        cond(
+            &format!("(created_ms, id) {op} (?, ?)"),
+            vec![c.created_ms.into(), c.id.clone().into()],
+        );
     }
     sql.push_str(match filter.order {
         Order::NewestFirst => " ORDER BY created_ms DESC, id DESC",

@@ -249,7 +249,10 @@ impl Worker {
         }
         if !self.batch.is_empty() {
             // Neither the store nor the spool took them: say so loudly; nothing else can.
-            tracing::error!(records = self.batch.len(), "log records lost at shutdown: store and spool both failed");
+            tracing::error!(
+                records = self.batch.len(),
+                "log records lost at shutdown: store and spool both failed"
+            );
             res = Err(LogError::Unavailable(format!(
                 "{} log records could be written neither to the store nor to the spool",
                 self.batch.len()
@@ -328,7 +331,8 @@ impl Worker {
         let path = self.cfg.spool_path.clone();
         let batch_size = self.batch_size;
         let stats = self.stats.clone();
-        let reader = tokio::task::spawn_blocking(move || read_spool(&path, batch_size, &stats, &tx));
+        let reader =
+            tokio::task::spawn_blocking(move || read_spool(&path, batch_size, &stats, &tx));
         let mut replayed = 0;
         while let Some(chunk) = rx.recv().await {
             if let Err(e) = self.store.insert_batch(&chunk).await {
@@ -339,9 +343,8 @@ impl Worker {
             add(&self.stats.written, chunk.len());
             add(&self.stats.replayed, chunk.len());
         }
-        let read = reader
-            .await
-            .map_err(|e| LogError::Storage(format!("spool reader failed: {e}")))?;
+        let read =
+            reader.await.map_err(|e| LogError::Storage(format!("spool reader failed: {e}")))?;
         if let Err(e) = read {
             return Err(LogError::Storage(format!("cannot read the log spool: {e}")));
         }

@@ -1,10 +1,13 @@
+mod crash;
 mod redis_server;
 mod suite;
 mod writer;
 
 use serde_json::json;
 
-use super::{LogRecord, LogStore, RedisConfig, RedisStore, RequestLog, Review, SqliteOptions, SqliteStore};
+use super::{
+    LogRecord, LogStore, RedisConfig, RedisStore, RequestLog, Review, SqliteOptions, SqliteStore,
+};
 pub use redis_server::RedisServer;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -104,6 +107,7 @@ store_suite!(
     approved_examples_for_training,
     export_import_round_trip,
     import_rejects_bad_files_whole,
+    racing_reviews_admit_exactly_one,
 );
 
 #[test]
@@ -119,10 +123,7 @@ fn sqlite_schema_is_versioned_and_reopens() -> TestResult {
     conn.pragma_update(None, "user_version", 99)?;
     drop(conn);
     let err = SqliteStore::open(&path, &SqliteOptions { synchronous_full: true }).err();
-    assert!(
-        err.as_ref().is_some_and(|e| e.to_string().contains("schema version 99")),
-        "{err:?}"
-    );
+    assert!(err.as_ref().is_some_and(|e| e.to_string().contains("schema version 99")), "{err:?}");
     Ok(())
 }
 

@@ -7,11 +7,15 @@ use serde_json::json;
 
 use super::{rec, TestResult};
 use crate::logs::{
-    export_jsonl, import_jsonl, BulkTarget, Feedback, ImportOptions, LogError, LogFilter,
-    LogStore, Order, ReviewAction, ReviewState,
+    export_jsonl, import_jsonl, BulkTarget, Feedback, ImportOptions, LogError, LogFilter, LogStore,
+    Order, ReviewAction, ReviewState,
 };
 
-async fn all_ids(store: &LogStore, filter: &LogFilter, limit: usize) -> Result<Vec<String>, LogError> {
+async fn all_ids(
+    store: &LogStore,
+    filter: &LogFilter,
+    limit: usize,
+) -> Result<Vec<String>, LogError> {
     let mut ids = Vec::new();
     let mut cursor = None;
     loop {
@@ -88,7 +92,8 @@ pub async fn pages_follow_cursors_without_gaps(store: &LogStore) -> TestResult {
 pub async fn filters_narrow_the_listing(store: &LogStore) -> TestResult {
     let mut rs = Vec::new();
     for i in 0..12 {
-        let mut r = rec(&format!("r{i:02}"), if i % 2 == 0 { "support" } else { "sql" }, 1_000 + i * 100);
+        let mut r =
+            rec(&format!("r{i:02}"), if i % 2 == 0 { "support" } else { "sql" }, 1_000 + i * 100);
         r.model = if i % 3 == 0 { "support".into() } else { "smollm2".into() };
         r.store = i % 4 == 0;
         if i % 5 == 0 {
@@ -115,8 +120,10 @@ pub async fn filters_narrow_the_listing(store: &LogStore) -> TestResult {
         vec!["r00", "r06", "r08", "r10"],
     )
     .await?;
-    check(LogFilter { state: Some(ReviewState::Approved), ..LogFilter::default() }, vec!["r02"]).await?;
-    check(LogFilter { state: Some(ReviewState::Rejected), ..LogFilter::default() }, vec!["r04"]).await?;
+    check(LogFilter { state: Some(ReviewState::Approved), ..LogFilter::default() }, vec!["r02"])
+        .await?;
+    check(LogFilter { state: Some(ReviewState::Rejected), ..LogFilter::default() }, vec!["r04"])
+        .await?;
     check(
         LogFilter { since_ms: Some(1_300), until_ms: Some(1_600), ..LogFilter::default() },
         vec!["r03", "r04", "r05"],
@@ -127,16 +134,19 @@ pub async fn filters_narrow_the_listing(store: &LogStore) -> TestResult {
         vec!["r00", "r03", "r06", "r09"],
     )
     .await?;
-    check(LogFilter { stored_only: true, ..LogFilter::default() }, vec!["r00", "r04", "r08"]).await?;
+    check(LogFilter { stored_only: true, ..LogFilter::default() }, vec!["r00", "r04", "r08"])
+        .await?;
+    check(LogFilter { stored_only: true, ..LogFilter::task("support") }, vec!["r00", "r04", "r08"])
+        .await?;
+    let team = BTreeMap::from([("team".to_string(), "blue".to_string())]);
+    check(LogFilter { metadata: team.clone(), ..LogFilter::default() }, vec!["r00", "r05", "r10"])
+        .await?;
+    check(LogFilter { metadata: team, ..LogFilter::task("sql") }, vec!["r05"]).await?;
     check(
-        LogFilter { stored_only: true, ..LogFilter::task("support") },
-        vec!["r00", "r04", "r08"],
+        LogFilter { status: Some("engine_overloaded".into()), ..LogFilter::default() },
+        vec!["r07"],
     )
     .await?;
-    let team = BTreeMap::from([("team".to_string(), "blue".to_string())]);
-    check(LogFilter { metadata: team.clone(), ..LogFilter::default() }, vec!["r00", "r05", "r10"]).await?;
-    check(LogFilter { metadata: team, ..LogFilter::task("sql") }, vec!["r05"]).await?;
-    check(LogFilter { status: Some("engine_overloaded".into()), ..LogFilter::default() }, vec!["r07"]).await?;
     check(LogFilter::task("nope"), vec![]).await?;
     Ok(())
 }
@@ -167,10 +177,17 @@ pub async fn search_is_case_insensitive_over_prompt_and_response(store: &LogStor
     assert_eq!(all_ids(store, &q("zzz"), 10).await?, Vec::<String>::new());
     assert_eq!(all_ids(store, &q(""), 10).await?.len(), 3, "an empty query does not filter");
     // The correction is searchable once a reviewer writes it.
-    let fix = ReviewAction { corrected_response: Some("Use the Billing portal".into()), ..ReviewAction::approve() };
+    let fix = ReviewAction {
+        corrected_response: Some("Use the Billing portal".into()),
+        ..ReviewAction::approve()
+    };
     store.review("c", &fix).await?;
     assert_eq!(all_ids(store, &q("billing PORTAL"), 10).await?, ["c"]);
-    let both = LogFilter { q: Some("t".into()), state: Some(ReviewState::Approved), ..LogFilter::default() };
+    let both = LogFilter {
+        q: Some("t".into()),
+        state: Some(ReviewState::Approved),
+        ..LogFilter::default()
+    };
     assert_eq!(all_ids(store, &both, 10).await?, ["c"]);
     Ok(())
 }
@@ -210,14 +227,18 @@ pub async fn review_transitions(store: &LogStore) -> TestResult {
     assert!(matches!(err, Err(LogError::IllegalTransition { .. })), "{err:?}");
     let err = store.review("failed", &ReviewAction::reject()).await;
     assert!(matches!(err, Err(LogError::IllegalTransition { .. })), "{err:?}");
-    let stale = ReviewAction { expected_state: Some(ReviewState::Pending), ..ReviewAction::reject() };
+    let stale =
+        ReviewAction { expected_state: Some(ReviewState::Pending), ..ReviewAction::reject() };
     let err = store.review("r", &stale).await;
     assert!(matches!(err, Err(LogError::IllegalTransition { .. })), "{err:?}");
     let bad = ReviewAction { corrected_response: Some("x".into()), ..ReviewAction::reject() };
     assert!(matches!(store.review("r", &bad).await, Err(LogError::InvalidInput(_))));
     let empty = ReviewAction { corrected_response: Some("  ".into()), ..ReviewAction::approve() };
     assert!(matches!(store.review("r", &empty).await, Err(LogError::InvalidInput(_))));
-    assert!(matches!(store.review("nope", &ReviewAction::approve()).await, Err(LogError::NotFound(_))));
+    assert!(matches!(
+        store.review("nope", &ReviewAction::approve()).await,
+        Err(LogError::NotFound(_))
+    ));
     // Refusals change nothing.
     let r = store.get("r").await?.ok_or("r missing")?;
     assert_eq!(r.review.state, ReviewState::Approved);
@@ -237,7 +258,8 @@ pub async fn bulk_review(store: &LogStore) -> TestResult {
     assert_eq!((out.reviewed, out.skipped), (2, 2));
 
     let pending = LogFilter { state: Some(ReviewState::Pending), ..LogFilter::task("support") };
-    let out = store.review_bulk(&BulkTarget::Filter(pending.clone()), &ReviewAction::approve()).await?;
+    let out =
+        store.review_bulk(&BulkTarget::Filter(pending.clone()), &ReviewAction::approve()).await?;
     assert_eq!((out.reviewed, out.skipped), (7, 1), "s3 failed and cannot be approved");
     assert_eq!(all_ids(store, &pending, 5).await?, ["s3"]);
 
@@ -304,9 +326,15 @@ pub async fn task_stats_count_states(store: &LogStore) -> TestResult {
     let tasks: Vec<_> = stats.iter().map(|s| s.task.as_str()).collect();
     assert_eq!(tasks, ["alpha", "beta"]);
     let a = &stats[0];
-    assert_eq!((a.pending, a.approved, a.rejected, a.total, a.newest_ms), (1, 1, 1, 3, Some(5_000)));
+    assert_eq!(
+        (a.pending, a.approved, a.rejected, a.total, a.newest_ms),
+        (1, 1, 1, 3, Some(5_000))
+    );
     let b = &stats[1];
-    assert_eq!((b.pending, b.approved, b.rejected, b.total, b.newest_ms), (1, 0, 0, 1, Some(2_000)));
+    assert_eq!(
+        (b.pending, b.approved, b.rejected, b.total, b.newest_ms),
+        (1, 0, 0, 1, Some(2_000))
+    );
     Ok(())
 }
 
@@ -318,8 +346,7 @@ pub async fn approved_examples_for_training(store: &LogStore) -> TestResult {
         store.review(id, &ReviewAction::approve()).await?;
     }
     store.review("e2", &ReviewAction::reject()).await?;
-    let ids: Vec<_> =
-        store.approved_examples("support").await?.into_iter().map(|r| r.id).collect();
+    let ids: Vec<_> = store.approved_examples("support").await?.into_iter().map(|r| r.id).collect();
     assert_eq!(ids, ["e1", "e4"], "approved only, oldest first");
     Ok(())
 }
@@ -340,7 +367,10 @@ pub async fn export_import_round_trip(store: &LogStore) -> TestResult {
     let c = rec("c", "support", 3_000);
     let d = rec("d", "support", 4_000);
     store.insert_batch(&[a, b, c, d]).await?;
-    let fix = ReviewAction { corrected_response: Some("Corrected answer".into()), ..ReviewAction::approve() };
+    let fix = ReviewAction {
+        corrected_response: Some("Corrected answer".into()),
+        ..ReviewAction::approve()
+    };
     store.review("a", &fix).await?;
     store.review("b", &ReviewAction::approve()).await?;
     store.review("c", &ReviewAction::reject()).await?;
@@ -370,12 +400,15 @@ pub async fn export_import_round_trip(store: &LogStore) -> TestResult {
     export_jsonl(store, "copy2", &mut third).await?;
     assert_eq!(third, first);
     let imported = store.approved_examples("copy").await?;
-    assert!(imported.iter().all(|r| r.review.state == ReviewState::Approved && r.id.starts_with("chatcmpl-")));
+    assert!(imported
+        .iter()
+        .all(|r| r.review.state == ReviewState::Approved && r.id.starts_with("chatcmpl-")));
     Ok(())
 }
 
 pub async fn import_rejects_bad_files_whole(store: &LogStore) -> TestResult {
-    let opts = ImportOptions { task: "imp".into(), model: "m".into(), reviewer: Some("ops".into()) };
+    let opts =
+        ImportOptions { task: "imp".into(), model: "m".into(), reviewer: Some("ops".into()) };
     let bad = [
         "not json",
         r#"{"prompt": "x"}"#,
@@ -399,5 +432,36 @@ pub async fn import_rejects_bad_files_whole(store: &LogStore) -> TestResult {
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].review.reviewer.as_deref(), Some("ops"));
     assert_eq!(r[0].response, "a");
+    Ok(())
+}
+
+/// Reviews racing on one record: with `expected_state: pending`, exactly one wins.
+pub async fn racing_reviews_admit_exactly_one(store: &LogStore) -> TestResult {
+    store.insert_batch(&[rec("race", "support", 1_000)]).await?;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        let base = if i % 2 == 0 { ReviewAction::approve() } else { ReviewAction::reject() };
+        let action = ReviewAction {
+            expected_state: Some(ReviewState::Pending),
+            reviewer: Some(format!("r{i}")),
+            ..base
+        };
+        tasks.push(tokio::spawn(async move { store.review("race", &action).await }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await? {
+            Ok(r) => winners.push(r),
+            Err(LogError::IllegalTransition { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    let stored = store.get("race").await?.ok_or("race missing")?;
+    assert_eq!(stored.review, winners[0].review);
+    let stats = store.task_stats().await?;
+    assert_eq!(stats[0].approved + stats[0].rejected, 1);
+    assert_eq!(stats[0].pending, 0);
     Ok(())
 }

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::{rec, redis_store, sqlite_store, RedisServer, TestResult};
 use crate::logs::{
-    LogError, LogFilter, LogStore, LogWriter, RedisConfig, RedisStore, Redactor, WriterConfig,
+    LogError, LogFilter, LogStore, LogWriter, Redactor, RedisConfig, RedisStore, WriterConfig,
 };
 
 fn config(dir: &std::path::Path) -> WriterConfig {
@@ -124,7 +124,8 @@ async fn nothing_is_lost_when_redis_is_killed_and_restarted() -> TestResult {
 async fn replays_a_spool_left_by_an_earlier_run() -> TestResult {
     let dir = tempfile::tempdir()?;
     let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let dead: LogStore = RedisStore::connect(&RedisConfig::new(format!("redis://127.0.0.1:{dead_port}/")))?.into();
+    let dead: LogStore =
+        RedisStore::connect(&RedisConfig::new(format!("redis://127.0.0.1:{dead_port}/")))?.into();
     assert!(matches!(dead.ping().await, Err(LogError::Unavailable(_))));
     let (writer, handle) = LogWriter::spawn(dead, config(dir.path()));
     for i in 0..5 {
