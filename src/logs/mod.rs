@@ -8,10 +8,13 @@
 //!
 //! Durability rule: a record is in the store at most `flush_interval` (plus the store's
 //! write time) after [`LogWriter::send`] returns while the store is healthy, and once there
-//! it survives a kill of the process (SQLite WAL commit; Redis per its own AOF policy). If
-//! the store fails, the batch is appended to the spool file and fsync'd before the writer
-//! moves on, and replayed until the store takes it. What sits in the channel or the
-//! current batch lives in memory only: a graceful shutdown drains it, a SIGKILL loses it.
+//! it survives a kill of the gateway process (SQLite: a WAL commit; Redis: acknowledged by
+//! the server, then as durable as its own persistence, e.g. `appendonly yes` with
+//! `appendfsync everysec` may lose a second if the Redis host crashes). [`LogWriter::flush`]
+//! returns once everything sent before it is in the store. If the store fails, the batch
+//! is appended to the spool file and fsync'd before the writer moves on, and replayed
+//! until the store takes it. What sits in the channel or the current batch lives in memory
+//! only: a graceful shutdown drains it, a SIGKILL loses it.
 //! With SQLite `synchronous=NORMAL` (the default) the last commits may roll back on power
 //! loss or an OS crash, never on a process crash; [`SqliteOptions::synchronous_full`]
 //! closes that gap at the cost of an fsync per batch.
@@ -150,7 +153,7 @@ impl LogStore {
         target: &BulkTarget,
         action: &ReviewAction,
     ) -> Result<BulkReviewOutcome, LogError> {
-        action.validate()?;
+        action.validate().map_err(|e| e.with_id("*"))?;
         let mut action = action.clone();
         if let BulkTarget::Filter(f) = target {
             action.expected_state = action.expected_state.or(f.state);

@@ -161,8 +161,12 @@ fn member_id(member: &str) -> &str {
 
 impl RedisStore {
     /// Creates the store without waiting for Redis: a gateway may start while Redis is down
-    /// (the writer spools). Use [`RedisStore::ping`] to check it.
+    /// (the writer spools). Use [`RedisStore::ping`] to check it. Must run inside a Tokio
+    /// runtime (the connection manager spawns a task).
     pub fn connect(cfg: &RedisConfig) -> Result<Self, LogError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(LogError::Storage("RedisStore::connect needs a Tokio runtime".into()));
+        }
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| LogError::InvalidInput(format!("invalid redis url '{}': {e}", cfg.url)))?;
         // Few reconnect retries: a command waits for them, and the writer has its own retry
