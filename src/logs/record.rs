@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::LogError;
+use crate::engine::ChatMessage;
 
 /// The `status` of a completion that succeeded. Anything else is an error code.
 pub const STATUS_OK: &str = "ok";
@@ -315,6 +316,29 @@ pub struct TaskStats {
     pub newest_ms: Option<i64>,
 }
 
+impl LogRecord {
+    /// The conversation to train on: the request's messages as the engine saw them (text
+    /// and refusal parts joined by newlines, `developer` as `system`) and then the approved
+    /// answer, the reviewer's correction where there is one.
+    pub fn training_messages(&self) -> Vec<ChatMessage> {
+        let mut out: Vec<ChatMessage> = self
+            .request
+            .messages
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                let role = if role == "developer" { "system" } else { role };
+                ChatMessage::new(role, content_texts(m).join("\n"))
+            })
+            .collect();
+        let answer = self.review.corrected_response.as_deref().unwrap_or(&self.response);
+        out.push(ChatMessage::new("assistant", answer));
+        out
+    }
+}
+
 /// The lowercased text `q` searches: every message's text content, the response and the
 /// correction, newline-separated.
 pub(crate) fn search_text(r: &LogRecord) -> String {
@@ -331,19 +355,21 @@ pub(crate) fn search_text(r: &LogRecord) -> String {
     out.to_lowercase()
 }
 
-/// Text of each message: a string `content`, or the `text` of each content part.
+/// Text of every message: a string `content`, or the text of each content part.
 fn message_texts(messages: &Value) -> Vec<&str> {
-    let mut out = Vec::new();
-    for m in messages.as_array().into_iter().flatten() {
-        match m.get("content") {
-            Some(Value::String(s)) => out.push(s.as_str()),
-            Some(Value::Array(parts)) => {
-                out.extend(parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)))
-            }
-            _ => {}
-        }
+    messages.as_array().into_iter().flatten().flat_map(content_texts).collect()
+}
+
+/// A message's text: its string `content`, or its `text` / `refusal` parts in order.
+fn content_texts(m: &Value) -> Vec<&str> {
+    match m.get("content") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").or_else(|| p.get("refusal")).and_then(Value::as_str))
+            .collect(),
+        _ => Vec::new(),
     }
-    out
 }
 
 /// Current time in unix milliseconds.

@@ -168,3 +168,23 @@ fn record_serde_round_trips() -> TestResult {
     assert_eq!(serde_json::from_value::<LogRecord>(json)?, r);
     Ok(())
 }
+
+#[test]
+fn training_messages_follow_the_engine_view() -> TestResult {
+    let mut r = rec("a", "t", 1);
+    r.request.messages = json!([
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+        {"role": "assistant", "content": null, "tool_calls": []},
+    ]);
+    r.response = "three".into();
+    let ex = crate::training::dataset::Example { messages: r.training_messages() };
+    let pairs: Vec<_> = ex.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+    assert_eq!(
+        pairs,
+        [("system", "Be brief."), ("user", "one\ntwo"), ("assistant", ""), ("assistant", "three")]
+    );
+    r.review.corrected_response = Some("fixed".into());
+    assert_eq!(r.training_messages().last().map(|m| m.content.as_str()), Some("fixed"));
+    Ok(())
+}
