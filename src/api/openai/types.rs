@@ -22,6 +22,8 @@ pub struct ChatCompletionRequest {
     pub top_p: Option<f64>,
     /// Not OpenAI's; vLLM and llama.cpp accept it too.
     pub top_k: Option<i64>,
+    /// Not OpenAI's; vLLM's: keep generating past end-of-sequence (benchmarks, tests).
+    pub ignore_eos: Option<bool>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
@@ -97,6 +99,7 @@ pub struct CompletionRequest {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
+    pub ignore_eos: Option<bool>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
