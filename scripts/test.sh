@@ -4,10 +4,18 @@
 # Installs what the suite needs when it is absent, then runs every test in one build profile:
 #   - .venv with the `openai` SDK and `schemathesis` (the Python end-to-end checks),
 #   - the default model in models/ (one slow test serves the real SmolLM2 file),
+#   - redis-server (apt) for the Redis log-store tests,
 # then `cargo nextest run` (or `cargo test` where nextest is not installed).
 # Extra arguments go to the test runner, e.g. `scripts/test.sh api::chat`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The Redis log-store tests start their own redis-server on a loopback port.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "== installing redis-server"
+    if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+    $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq redis-server >/dev/null
+fi
 
 venv="${TUNEGATE_VENV:-.venv}"
 requirements=tests/python/requirements.txt

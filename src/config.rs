@@ -19,7 +19,7 @@ use serde::Deserialize;
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Top-level sections that `TUNEGATE_<SECTION>_<KEY>` variables may address.
-const SECTIONS: &[&str] = &["server", "auth", "model", "engine", "adapters", "limits"];
+const SECTIONS: &[&str] = &["server", "auth", "model", "engine", "adapters", "limits", "training"];
 
 /// Short environment forms and the key each one sets.
 const SHORT_FORMS: &[(&str, &str, &str)] = &[
@@ -54,6 +54,65 @@ pub struct Config {
     pub engine: EngineSection,
     pub adapters: AdaptersConfig,
     pub limits: LimitsConfig,
+    pub training: TrainingSection,
+}
+
+/// `[training]`: defaults for fine-tuning jobs (a job's own hyper-parameters win).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Jobs run at all (the `/v1/fine_tuning` routes answer 503 otherwise).
+    pub enabled: bool,
+    pub rank: usize,
+    pub alpha: f64,
+    pub learning_rate: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub micro_batch: usize,
+    pub target_modules: Vec<String>,
+    /// Held-out share of the examples for the quality gate.
+    pub eval_fraction: f64,
+    /// The candidate must beat what serves today by this much (exact match and F1).
+    pub min_margin: f64,
+    /// Drop a system prompt shared by every example (context distillation).
+    pub distill_system_prompt: bool,
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        let t = crate::training::trainer::TrainConfig::default();
+        Self {
+            enabled: true,
+            rank: t.rank,
+            alpha: t.alpha,
+            learning_rate: t.learning_rate,
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            micro_batch: t.micro_batch,
+            target_modules: t.target_modules,
+            eval_fraction: 0.1,
+            min_margin: 0.0,
+            distill_system_prompt: true,
+            checkpoint_every: t.checkpoint_every,
+        }
+    }
+}
+
+impl TrainingSection {
+    pub fn train_config(&self) -> crate::training::trainer::TrainConfig {
+        crate::training::trainer::TrainConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            learning_rate: self.learning_rate,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch.min(self.batch_size),
+            target_modules: self.target_modules.clone(),
+            checkpoint_every: self.checkpoint_every,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +204,7 @@ struct RawConfig {
     engine: EngineSection,
     adapters: RawAdapters,
     limits: LimitsConfig,
+    training: TrainingSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +426,19 @@ impl RawConfig {
         let watch_interval = duration(self.adapters.watch_interval_seconds)
             .filter(|d| !d.is_zero())
             .ok_or_else(|| invalid("adapters.watch_interval_seconds", "must be a positive number".into()))?;
+        let t = &self.training;
+        if let Err(e) = t.train_config().targets() {
+            return Err(invalid("training.target_modules", e.to_string()));
+        }
+        if t.rank == 0 || t.rank > self.adapters.max_rank {
+            return Err(invalid("training.rank", format!("must be 1..={} (adapters.max_rank)", self.adapters.max_rank)));
+        }
+        if !(0.0..=0.5).contains(&t.eval_fraction) {
+            return Err(invalid("training.eval_fraction", "must be between 0 and 0.5".into()));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) || t.epochs == 0 || t.batch_size == 0 {
+            return Err(invalid("training", "learning_rate must be in (0, 1), epochs and batch_size at least 1".into()));
+        }
         Ok(Config {
             server: ServerConfig {
                 bind,
@@ -393,6 +466,7 @@ impl RawConfig {
                 max_bytes: self.adapters.max_bytes,
             },
             limits: self.limits,
+            training: self.training,
         })
     }
 }

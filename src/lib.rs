@@ -6,5 +6,6 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod logs;
 pub mod router;
 pub mod training;

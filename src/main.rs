@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tunegate::api::{server, StartOptions};
-use tunegate::cli::{fetch, generate};
+use tunegate::cli::{fetch, generate, train};
 use tunegate::config::{Config, DEFAULT_MODEL_FILE};
 
 #[derive(Parser)]
@@ -45,6 +45,25 @@ enum Command {
         raw: bool,
         #[arg(long, default_value_t = 2)]
         threads: usize,
+    },
+    /// Train one adapter now from a chat JSONL file (OpenAI fine-tuning format), with a
+    /// progress bar; publishes adapters/<task>/<version>/.
+    Train {
+        #[arg(long, default_value = "config/tunegate.toml")]
+        config: PathBuf,
+        /// The task (adapter alias) to train.
+        #[arg(long)]
+        task: String,
+        /// Training examples: {"messages": [...]} per line, ending with the assistant's answer.
+        #[arg(long)]
+        file: PathBuf,
+        /// Held-out examples for the quality gate (default: split from --file).
+        #[arg(long)]
+        validation: Option<PathBuf>,
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        learning_rate: Option<f64>,
     },
     /// Manage base models.
     Model {
@@ -93,6 +112,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 raw,
                 threads,
             })
+        }
+        Command::Train { config, task, file, validation, epochs, learning_rate } => {
+            train::run(train::TrainArgs { config, task, file, validation, epochs, learning_rate })
         }
         Command::Model { command: ModelCommand::Fetch { dir } } => {
             let path = fetch::fetch_default_model(&dir)?;

@@ -49,6 +49,11 @@ pub enum ErrorKind {
     ModelNotReady,
     EngineOverloaded,
     ShuttingDown,
+    FileNotFound,
+    InvalidFile,
+    JobNotFound,
+    JobFinished,
+    TrainingDisabled,
     Internal,
 }
 
@@ -70,15 +75,18 @@ impl ErrorKind {
             | PathOutsideAdaptersRoot
             | InvalidAdapter
             | AdapterAlreadyLoaded
-            | AdapterLimitReached => StatusCode::BAD_REQUEST,
+            | AdapterLimitReached
+            | InvalidFile => StatusCode::BAD_REQUEST,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
             InsufficientScope => StatusCode::FORBIDDEN,
-            ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl => StatusCode::NOT_FOUND,
+            ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl | FileNotFound | JobNotFound => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GenerationMismatch => StatusCode::CONFLICT,
+            GenerationMismatch | JobFinished => StatusCode::CONFLICT,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             TooManyConcurrentRequests | AdapterBusy => StatusCode::TOO_MANY_REQUESTS,
-            ModelNotReady | EngineOverloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ModelNotReady | EngineOverloaded | ShuttingDown | TrainingDisabled => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +125,11 @@ impl ErrorKind {
             ModelNotReady => "model_not_ready",
             EngineOverloaded => "engine_overloaded",
             ShuttingDown => "shutting_down",
+            FileNotFound => "file_not_found",
+            InvalidFile => "invalid_file",
+            JobNotFound => "fine_tuning_job_not_found",
+            JobFinished => "fine_tuning_job_finished",
+            TrainingDisabled => "training_disabled",
             Internal => "internal_error",
         }
     }
@@ -230,6 +243,31 @@ impl From<EngineError> for ApiError {
             _ => None,
         };
         ApiError { kind, message: e.to_string(), param }
+    }
+}
+
+impl From<crate::training::files::FileError> for ApiError {
+    fn from(e: crate::training::files::FileError) -> Self {
+        use crate::training::files::FileError as F;
+        let kind = match &e {
+            F::Invalid(_) => ErrorKind::InvalidFile,
+            F::NotFound(_) => ErrorKind::FileNotFound,
+            F::Io(_) => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<crate::training::jobs::JobsError> for ApiError {
+    fn from(e: crate::training::jobs::JobsError) -> Self {
+        use crate::training::jobs::JobsError as J;
+        let kind = match &e {
+            J::Invalid(_) => ErrorKind::InvalidValue,
+            J::NotFound(_) => ErrorKind::JobNotFound,
+            J::Conflict(_) => ErrorKind::JobFinished,
+            J::Io(_) => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
     }
 }
 

@@ -38,6 +38,8 @@ pub struct AppState {
     pub fingerprint: Arc<str>,
     /// True once the adapters folder's start-up scan is done (or there is none).
     pub adapters_scanned: Arc<AtomicBool>,
+    /// Fine-tuning jobs and uploaded files; `None` when `[training] enabled = false`.
+    pub jobs: Option<crate::training::jobs::JobManager>,
 }
 
 /// The route table.
@@ -61,6 +63,28 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/models").route(web::get().to(openai::models::list)))
                 // Model ids may contain '/' (`org/name`), so the id is the rest of the path.
                 .service(resource("/models/{id:.+}").route(web::get().to(openai::models::retrieve)))
+                .service(
+                    resource("/files")
+                        .route(web::post().to(openai::files::create))
+                        .route(web::get().to(openai::files::list)),
+                )
+                .service(
+                    resource("/files/{id}")
+                        .route(web::get().to(openai::files::retrieve))
+                        .route(web::delete().to(openai::files::delete)),
+                )
+                .service(resource("/files/{id}/content").route(web::get().to(openai::files::content)))
+                .service(
+                    resource("/fine_tuning/jobs")
+                        .route(web::post().to(openai::fine_tuning::create))
+                        .route(web::get().to(openai::fine_tuning::list)),
+                )
+                .service(resource("/fine_tuning/jobs/{id}").route(web::get().to(openai::fine_tuning::retrieve)))
+                .service(resource("/fine_tuning/jobs/{id}/cancel").route(web::post().to(openai::fine_tuning::cancel)))
+                .service(resource("/fine_tuning/jobs/{id}/events").route(web::get().to(openai::fine_tuning::events)))
+                .service(
+                    resource("/fine_tuning/jobs/{id}/checkpoints").route(web::get().to(openai::fine_tuning::checkpoints)),
+                )
                 .default_service(web::to(not_found)),
         );
 }

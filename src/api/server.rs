@@ -71,6 +71,27 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let adapters_scanned =
         watcher.as_ref().map(Watcher::scanned_flag).unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
 
+    let jobs = if config.training.enabled {
+        let files = Arc::new(
+            crate::training::files::FileStore::open(&config.server.data_dir).context("opening the files store")?,
+        );
+        let jobs_cfg = crate::training::jobs::JobsConfig {
+            data_dir: config.server.data_dir.clone(),
+            model_path: config.model.path.clone(),
+            base_model: config.model.name.clone(),
+            adapters_root: config.adapters.root.clone(),
+            defaults: config.training.train_config(),
+            eval_fraction: config.training.eval_fraction,
+            min_margin: config.training.min_margin,
+            distill_system_prompt: config.training.distill_system_prompt,
+        };
+        Some(
+            crate::training::jobs::JobManager::start(jobs_cfg, files, engine.registry().clone(), None)
+                .context("starting the fine-tuning worker")?,
+        )
+    } else {
+        None
+    };
     let state = web::Data::new(AppState {
         config: config.clone(),
         engine: engine.clone(),
@@ -80,6 +101,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         started_at: crate::api::openai::generation::unix_now(),
         fingerprint: fingerprint(&config).into(),
         adapters_scanned,
+        jobs,
     });
 
     let max_body = config.server.max_body_bytes;
@@ -147,6 +169,10 @@ impl ServerHandle {
         let served = self.task.await;
         tracing::info!("HTTP server stopped; shutting the engine down");
         self.engine.shutdown();
+        // A running job stops within one step and resumes from its checkpoint next start.
+        if let Some(j) = &self.state.jobs {
+            j.shutdown();
+        }
         if let Some(w) = self.watcher {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;
         }

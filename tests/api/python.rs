@@ -49,6 +49,29 @@ async fn openai_python_sdk() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_fine_tuning() -> anyhow::Result<()> {
+    let python = venv_bin("python")?;
+    let gw = common::start_with(|c, _| {
+        common::with_keys(c);
+        c.training.rank = 8;
+        c.training.alpha = 16.0;
+        c.training.micro_batch = 6;
+        c.training.eval_fraction = 0.0;
+        c.training.checkpoint_every = 20;
+    })
+    .await?;
+    let out = tokio::process::Command::new(python)
+        .arg(repo().join("tests/python/test_fine_tuning_sdk.py"))
+        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        .output()
+        .await
+        .context("running python")?;
+    report("the openai SDK fine-tuning checks", &out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_schema_conformance() -> anyhow::Result<()> {
     let schemathesis = venv_bin("schemathesis")?;
     // Short completions keep the run quick; longer asks get a (schema-irrelevant) 400.

@@ -5,6 +5,8 @@
 pub mod chat;
 pub mod completions;
 pub mod convert;
+pub mod files;
+pub mod fine_tuning;
 pub mod generation;
 pub mod models;
 pub mod stream;
