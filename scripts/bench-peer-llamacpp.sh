@@ -56,13 +56,36 @@ if [[ -z "$src" || ! -f "$src/CMakeLists.txt" ]]; then
     tar xzf "$archive" -C "$peers/src" --strip-components=1
     src="$peers/src/vendor/llama.cpp"
 fi
-echo "$(basename "$archive")" > "$peers/source.txt"
+label="$(basename "$archive" .tar.gz)"
+echo "$label.tar.gz" > "$peers/source.txt"
+
+# Instruction sets: this CPU's, read from /proc/cpuinfo, but never AMX. `-march=native`
+# would turn AMX on wherever the CPU advertises it, and in VMs whose kernel does not grant
+# the AMX tile state (Firecracker here) llama.cpp then dies with SIGILL. tunegate's engine
+# does not use AMX either, so the comparison stays like for like.
+isa=(-DGGML_NATIVE=ON)
+if [[ "$(uname -m)" == x86_64 && -r /proc/cpuinfo ]]; then
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    has() { [[ "$flags" == *" $1 "* ]] && echo ON || echo OFF; }
+    isa=(-DGGML_NATIVE=OFF
+        -DGGML_SSE42="$(has sse4_2)" -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)"
+        -DGGML_BMI2="$(has bmi2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)"
+        -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AVX512="$(has avx512f)"
+        -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)"
+        -DGGML_AVX512_BF16="$(has avx512_bf16)"
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+echo "bench-peer-llamacpp: ${isa[*]}" >&2
 
 # Release build tuned for this CPU, static, no network, no server; only the two tools.
+# The build label is set by hand: the sources sit inside this repository, so llama.cpp's
+# own git lookup would otherwise stamp tunegate's commit on the binaries.
 nice -n 19 cmake -S "$src" -B "$peers/build" \
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_NATIVE=ON \
+    "${isa[@]}" \
+    -DLLAMA_BUILD_NUMBER=0 \
+    -DLLAMA_BUILD_COMMIT="$label" \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_SERVER=OFF \
