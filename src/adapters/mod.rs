@@ -5,7 +5,7 @@
 pub mod peft;
 mod registry;
 
-pub use registry::{AdapterInfo, AdapterRegistry, RetiredInfo};
+pub use registry::{AdapterInfo, AdapterRegistry, LoadOptions, RetiredInfo};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -5,12 +5,17 @@
 mod error;
 pub mod chat_template;
 pub mod gguf;
+pub mod hf;
+mod loader;
 pub mod lora;
 pub mod model;
 pub mod sampling;
 mod scheduler;
 pub mod tokenizer;
+pub mod testing;
 pub mod types;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -252,20 +257,10 @@ impl GenerationStream {
 
     /// Collects the whole completion (blocking).
     pub fn collect_blocking(mut self) -> Result<Completion> {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        let mut logprobs = Vec::new();
+        let mut c = Collector::default();
         while let Some(ev) = self.next_blocking() {
-            match ev {
-                StreamEvent::Token { text: t, token_id, logprob } => {
-                    text.push_str(&t);
-                    tokens.push(token_id);
-                    logprobs.push(logprob);
-                }
-                StreamEvent::Done { finish_reason, usage, timings } => {
-                    return Ok(Completion { text, tokens, logprobs, finish_reason, usage, timings })
-                }
-                StreamEvent::Error(e) => return Err(e),
+            if let Some(done) = c.push(ev) {
+                return done;
             }
         }
         Err(EngineError::Internal("the engine dropped the request".into()))
@@ -273,23 +268,43 @@ impl GenerationStream {
 
     /// Collects the whole completion (async).
     pub async fn collect(mut self) -> Result<Completion> {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        let mut logprobs = Vec::new();
+        let mut c = Collector::default();
         while let Some(ev) = self.next().await {
-            match ev {
-                StreamEvent::Token { text: t, token_id, logprob } => {
-                    text.push_str(&t);
-                    tokens.push(token_id);
-                    logprobs.push(logprob);
-                }
-                StreamEvent::Done { finish_reason, usage, timings } => {
-                    return Ok(Completion { text, tokens, logprobs, finish_reason, usage, timings })
-                }
-                StreamEvent::Error(e) => return Err(e),
+            if let Some(done) = c.push(ev) {
+                return done;
             }
         }
         Err(EngineError::Internal("the engine dropped the request".into()))
+    }
+}
+
+#[derive(Default)]
+struct Collector {
+    text: String,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+impl Collector {
+    /// Adds one event; returns the result once the stream is over.
+    fn push(&mut self, ev: StreamEvent) -> Option<Result<Completion>> {
+        match ev {
+            StreamEvent::Token { text, token_id, logprob } => {
+                self.text.push_str(&text);
+                self.tokens.push(token_id);
+                self.logprobs.push(logprob);
+                None
+            }
+            StreamEvent::Done { finish_reason, usage, timings } => Some(Ok(Completion {
+                text: std::mem::take(&mut self.text),
+                tokens: std::mem::take(&mut self.tokens),
+                logprobs: std::mem::take(&mut self.logprobs),
+                finish_reason,
+                usage,
+                timings,
+            })),
+            StreamEvent::Error(e) => Some(Err(e)),
+        }
     }
 }
 

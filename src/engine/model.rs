@@ -1,4 +1,81 @@
-//! Model code (stub; being written).
+//! Decoder-only transformer of the Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral
+//! without sliding window) and Qwen2 (bias on q/k/v), one code path for both.
+//!
+//! Weights are shared by every sequence; each sequence brings its own [`KvCache`] and,
+//! optionally, its own LoRA adapter. One [`Model::forward`] call runs a *ragged batch*:
+//! the new tokens of all sequences are stacked into one `[tokens, hidden]` matrix, so
+//! every projection runs once for the whole batch (prefill and decode rows alike), while
+//! attention runs per sequence over that sequence's cache. LoRA deltas are added per
+//! adapter group (see `lora.rs`).
+//!
+//! Base projections stay quantized (`QMatMul` over GGUF blocks); activations are f32.
+//! Tensor names follow the Hugging Face state dict; GGUF names are mapped in `gguf.rs`.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
+
+use super::lora::{BatchLora, Proj};
+use super::{EngineError, Result};
+
+/// Hyper-parameters, with Hugging Face `config.json` field names.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Qwen2 has biases on q/k/v; some Llama variants set `attention_bias`.
+    #[serde(default)]
+    pub attention_bias: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl Config {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+    fn validate(&self) -> Result<()> {
+        let ok = self.num_attention_heads > 0
+            && self.num_kv_heads() > 0
+            && self.num_attention_heads % self.num_kv_heads() == 0
+            && self.head_dim() % 2 == 0
+            && self.num_hidden_layers > 0
+            && self.vocab_size > 0;
+        if ok {
+            Ok(())
+        } else {
+            Err(EngineError::Load(format!("inconsistent model config: {self:?}")))
+        }
+    }
+}
 
 /// The base model's dimensions, which adapters are checked against.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -17,4 +94,465 @@ pub struct ModelShape {
     pub qk_interleaved: bool,
 }
 
-pub struct Model;
+impl ModelShape {
+    /// (out_features, in_features) of a projection.
+    pub fn proj_dims(&self, p: Proj) -> (usize, usize) {
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        match p {
+            Proj::Q => (q, self.hidden_size),
+            Proj::K | Proj::V => (kv, self.hidden_size),
+            Proj::O => (self.hidden_size, q),
+            Proj::Gate | Proj::Up => (self.intermediate_size, self.hidden_size),
+            Proj::Down => (self.hidden_size, self.intermediate_size),
+        }
+    }
+}
+
+/// Where a loader gets tensors from (GGUF file or safetensors), by Hugging Face name.
+pub(crate) trait WeightSource {
+    /// A 2-D projection weight `[out, in]`, quantized if the file is.
+    fn matmul(&mut self, name: &str) -> Result<QMatMul>;
+    /// A small f32 tensor (norms, biases).
+    fn tensor(&mut self, name: &str) -> Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+    /// The token embedding table, and the same weight as an output projection.
+    fn embedding(&mut self, name: &str) -> Result<(Embedding, QMatMul)>;
+}
+
+/// Token embedding table, quantized (GGUF) or dense.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Dense(t) => t.embedding(ids)?,
+        })
+    }
+
+    /// The table as f32 `[vocab, hidden]` (training, reference checks).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Quantized(q) => q.dequantize(&Device::Cpu)?,
+            Embedding::Dense(t) => t.clone(),
+        })
+    }
+}
+
+/// A projection `y = x Wᵀ (+ b)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: QMatMul,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// The weight as f32 `[out, in]`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+            QMatMul::Tensor(t) => t.clone(),
+            QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &Config, src: &mut dyn WeightSource, i: usize) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let eps = cfg.rms_norm_eps as f32;
+        let lin = |src: &mut dyn WeightSource, name: &str, bias: bool| -> Result<Linear> {
+            let bias_name = format!("{p}.{name}.bias");
+            let bias = if bias || src.contains(&bias_name) { Some(src.tensor(&bias_name)?) } else { None };
+            Ok(Linear { weight: src.matmul(&format!("{p}.{name}.weight"))?, bias })
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm { weight: src.tensor(&format!("{p}.input_layernorm.weight"))?, eps },
+            self_attn: Attention {
+                q_proj: lin(src, "self_attn.q_proj", cfg.attention_bias)?,
+                k_proj: lin(src, "self_attn.k_proj", cfg.attention_bias)?,
+                v_proj: lin(src, "self_attn.v_proj", cfg.attention_bias)?,
+                o_proj: lin(src, "self_attn.o_proj", false)?,
+            },
+            post_attention_layernorm: RmsNorm {
+                weight: src.tensor(&format!("{p}.post_attention_layernorm.weight"))?,
+                eps,
+            },
+            mlp: Mlp {
+                gate_proj: lin(src, "mlp.gate_proj", false)?,
+                up_proj: lin(src, "mlp.up_proj", false)?,
+                down_proj: lin(src, "mlp.down_proj", false)?,
+            },
+        })
+    }
+
+    pub fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.self_attn.q_proj,
+            Proj::K => &self.self_attn.k_proj,
+            Proj::V => &self.self_attn.v_proj,
+            Proj::O => &self.self_attn.o_proj,
+            Proj::Gate => &self.mlp.gate_proj,
+            Proj::Up => &self.mlp.up_proj,
+            Proj::Down => &self.mlp.down_proj,
+        }
+    }
+}
+
+/// Per-sequence key/value cache: for each layer `[kv_heads, capacity, head_dim]` buffers
+/// grown in chunks, of which the first `len` positions are filled.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    capacity: usize,
+}
+
+const KV_CHUNK: usize = 128;
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: 0 }
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held (allocated capacity, all layers, k and v).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, _)| 2 * k.elem_count() * k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) for layer `i` at position `self.len`
+    /// and returns views over everything cached so far. `commit` advances `len` once all
+    /// layers have been appended.
+    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(1)?;
+        let need = self.len + t;
+        let slot = &mut self.layers[i];
+        let cap_ok = slot.as_ref().map(|(ck, _)| ck.dim(1).map(|c| c >= need)).transpose()?.unwrap_or(false);
+        if !cap_ok {
+            let (h, d) = (k.dim(0)?, k.dim(2)?);
+            let cap = need.div_ceil(KV_CHUNK) * KV_CHUNK;
+            let nk = Tensor::zeros((h, cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((h, cap, d), v.dtype(), v.device())?;
+            if let Some((ok, ov)) = slot.as_ref() {
+                if self.len > 0 {
+                    nk.slice_set(&ok.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&ov.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            *slot = Some((nk, nv));
+            self.capacity = self.capacity.max(cap);
+        }
+        let Some((ck, cv)) = slot.as_ref() else {
+            return Err(EngineError::Internal("kv cache slot missing".into()));
+        };
+        ck.slice_set(&k.contiguous()?, 1, self.len)?;
+        cv.slice_set(&v.contiguous()?, 1, self.len)?;
+        Ok((ck.narrow(1, 0, need)?, cv.narrow(1, 0, need)?))
+    }
+
+    fn commit(&mut self, t: usize) {
+        self.len += t;
+    }
+}
+
+/// One sequence's slice of a ragged batch.
+pub struct SeqBatch<'a> {
+    /// New tokens to run (the whole prompt chunk for prefill, one token for decode).
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub shape: ModelShape,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    /// Interleaved (GGUF Llama) or half-split (Hugging Face) RoPE.
+    rope_interleaved: bool,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("shape", &self.shape).finish()
+    }
+}
+
+impl Model {
+    pub(crate) fn new(
+        cfg: Config,
+        src: &mut dyn WeightSource,
+        architecture: &str,
+        base_name: &str,
+        rope_interleaved: bool,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let (embed_tokens, tied_head) = src.embedding("model.embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&cfg, src, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm { weight: src.tensor("model.norm.weight")?, eps: cfg.rms_norm_eps as f32 };
+        let lm_head = if !cfg.tie_word_embeddings && src.contains("lm_head.weight") {
+            Linear { weight: src.matmul("lm_head.weight")?, bias: None }
+        } else {
+            Linear { weight: tied_head, bias: None }
+        };
+        let (cos, sin) = rope_tables(&cfg)?;
+        let shape = ModelShape {
+            architecture: architecture.to_string(),
+            base_name: base_name.to_string(),
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            num_layers: cfg.num_hidden_layers,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+            qk_interleaved: rope_interleaved,
+        };
+        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, cos, sin, rope_interleaved })
+    }
+
+    pub fn rope_interleaved(&self) -> bool {
+        self.rope_interleaved
+    }
+
+    /// Bytes of the weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &Linear| match &l.weight {
+            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        };
+        let mut n = self.layers.iter().map(|l| Proj::ALL.iter().map(|&p| lin(l.proj(p))).sum::<usize>()).sum();
+        n += lin(&self.lm_head);
+        n
+    }
+
+    /// Runs one ragged batch and returns the logits `[sequences, vocab]` of each
+    /// sequence's last new token. Each cache advances by its sequence's token count.
+    pub fn forward(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Tensor> {
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            return Err(EngineError::Internal("empty sequence in batch".into()));
+        }
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let attn = self.attention(li, layer, &h, seqs, lora)?;
+            x = (x + attn)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            let mlp = self.mlp(li, layer, &h, lora)?;
+            x = (x + mlp)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.tokens.len());
+        }
+        let mut last = Vec::with_capacity(seqs.len());
+        let mut off = 0u32;
+        for s in seqs.iter() {
+            off += s.tokens.len() as u32;
+            last.push(off - 1);
+        }
+        let last = Tensor::from_vec(last, seqs.len(), &Device::Cpu)?;
+        let x = x.index_select(&last, 0)?;
+        let x = self.norm.forward(&x)?;
+        self.lm_head.forward(&x)
+    }
+
+    fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora) -> Result<Tensor> {
+        let y = layer.proj(p).forward(x)?;
+        lora.apply(li, p, x, y)
+    }
+
+    fn attention(
+        &self,
+        li: usize,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        seqs: &mut [SeqBatch<'_>],
+        lora: &BatchLora,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
+        let q = self.proj(li, layer, Proj::Q, h, lora)?;
+        let k = self.proj(li, layer, Proj::K, h, lora)?;
+        let v = self.proj(li, layer, Proj::V, h, lora)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for s in seqs.iter_mut() {
+            let t = s.tokens.len();
+            let pos = s.cache.len();
+            let to_heads = |x: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(x.narrow(0, off, t)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?)
+            };
+            let qs = self.rope(&to_heads(&q, nh)?, pos)?;
+            let ks = self.rope(&to_heads(&k, nkv)?, pos)?;
+            let vs = to_heads(&v, nkv)?;
+            let (kc, vc) = s.cache.append(li, &ks, &vs)?;
+            outs.push(attend(&qs, &kc, &vc, pos)?);
+            off += t;
+        }
+        let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
+        self.proj(li, layer, Proj::O, &attn, lora)
+    }
+
+    fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora) -> Result<Tensor> {
+        let gate = self.proj(li, layer, Proj::Gate, h, lora)?;
+        let up = self.proj(li, layer, Proj::Up, h, lora)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        self.proj(li, layer, Proj::Down, &act, lora)
+    }
+
+    /// RoPE on `[heads, t, head_dim]` starting at absolute position `pos`.
+    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if pos + t > self.cos.dim(0)? {
+            return Err(EngineError::Internal(format!(
+                "position {} beyond the RoPE table ({})",
+                pos + t,
+                self.cos.dim(0)?
+            )));
+        }
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let x = x.unsqueeze(0)?;
+        let y = if self.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        };
+        Ok(y.squeeze(0)?)
+    }
+
+    /// Positions the RoPE tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}
+
+/// Causal attention of `q` `[heads, t, d]` (absolute positions `pos..pos+t`) over the
+/// cache `k`, `v` `[kv_heads, pos+t, d]`. Query heads are grouped onto their kv head by a
+/// reshape, so the cache is never repeated in memory.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> Result<Tensor> {
+    let (nh, t, hd) = q.dims3()?;
+    let (nkv, total, _) = k.dims3()?;
+    let group = nh / nkv;
+    let q = q.reshape((nkv, group * t, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if t > 1 {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, t, total), &Device::Cpu)?;
+        scores = scores.reshape((nkv, group, t, total))?.broadcast_add(&mask)?.reshape((nkv, group * t, total))?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?; // [nkv, group*t, hd]
+    Ok(out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
+}
+
+fn rope_tables(cfg: &Config) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let n = cfg.max_position_embeddings;
+    let inv: Vec<f32> =
+        (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+    let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
+    let t = Tensor::arange(0u32, n as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let freqs = t.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Permutes the rows of a q/k output-side matrix from Hugging Face order to the GGUF
+/// (interleaved RoPE) order: within each head, row `2i` is HF row `i` and row `2i+1` is
+/// HF row `i + d/2`. `inverse` maps back.
+pub fn permute_qk_rows(w: &Tensor, n_heads: usize, inverse: bool) -> Result<Tensor> {
+    let rows = w.dim(0)?;
+    let d = rows / n_heads;
+    let mut idx = vec![0u32; rows];
+    for h in 0..n_heads {
+        for i in 0..d / 2 {
+            for s in 0..2 {
+                let gguf = h * d + 2 * i + s;
+                let hf = h * d + s * (d / 2) + i;
+                if inverse {
+                    idx[hf] = gguf as u32;
+                } else {
+                    idx[gguf] = hf as u32;
+                }
+            }
+        }
+    }
+    let idx = Tensor::from_vec(idx, rows, w.device())?;
+    Ok(w.index_select(&idx, 0)?)
+}
+
+/// Sequence logits helper: the last dimension as a `Vec<f32>` per row.
+pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

@@ -1,10 +1,29 @@
-//! The engine thread (stub; being written).
+//! The engine thread: loads the model, then runs the continuous-batching loop. Requests
+//! join the running batch between steps; each step feeds prompt chunks of new sequences
+//! and one token of every decoding sequence through one ragged forward pass. A sequence
+//! whose caller went away is dropped (and its cache freed) before the next step.
 
-use std::sync::atomic::AtomicUsize;
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::{EngineConfig, EngineError, SamplingParams, Shared, StreamEvent};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::lora::BatchLora;
+use super::model::{KvCache, SeqBatch};
+use super::sampling::Sampler;
+use super::{
+    loader, EngineConfig, EngineError, FinishReason, Model, ModelInfo, Result, SamplingParams, Shared, StreamEvent,
+    Timings, Tokenizer, Usage,
+};
 use crate::adapters::{AdapterLease, AdapterRegistry};
+
+/// Most prompt tokens fed in one step across all prefilling sequences, so a long prompt
+/// arriving does not stall running streams for its whole prefill.
+const PREFILL_TOKENS_PER_STEP: usize = 512;
 
 pub(crate) enum Command {
     Generate(Box<Pending>),
@@ -15,8 +34,8 @@ pub(crate) struct Pending {
     pub tokens: Vec<u32>,
     pub params: SamplingParams,
     pub adapter: Option<AdapterLease>,
-    pub tx: tokio::sync::mpsc::UnboundedSender<StreamEvent>,
-    pub submitted: std::time::Instant,
+    pub tx: UnboundedSender<StreamEvent>,
+    pub submitted: Instant,
 }
 
 pub(crate) struct Context {
@@ -24,9 +43,346 @@ pub(crate) struct Context {
     pub shared: Arc<Shared>,
     pub registry: Arc<AdapterRegistry>,
     pub queued: Arc<AtomicUsize>,
-    pub rx: std::sync::mpsc::Receiver<Command>,
+    pub rx: Receiver<Command>,
 }
 
 pub(crate) fn spawn(ctx: Context) {
-    let _ = ctx.shared.load_error.set(EngineError::Load("engine not written yet".into()));
+    let spawned = std::thread::Builder::new().name("tunegate-engine".into()).spawn(move || {
+        let threads = ctx.config.threads.max(1);
+        match rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("tunegate-math-{i}")).build() {
+            Ok(pool) => pool.install(|| run(ctx)),
+            Err(e) => fail_load(&ctx, EngineError::Load(format!("thread pool: {e}"))),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("could not start the engine thread: {e}");
+    }
+}
+
+fn fail_load(ctx: &Context, e: EngineError) {
+    tracing::error!("{e}");
+    let _ = ctx.shared.load_error.set(e.clone());
+    // Answer anything already queued, then keep answering until every handle is gone.
+    while let Ok(cmd) = ctx.rx.recv() {
+        if let Command::Generate(p) = cmd {
+            ctx.queued.fetch_sub(1, Ordering::AcqRel);
+            let _ = p.tx.send(StreamEvent::Error(e.clone()));
+        }
+    }
+}
+
+fn run(ctx: Context) {
+    let started = Instant::now();
+    let loaded = match loader::load(&ctx.config.model_path, &ctx.config.model_name) {
+        Ok(l) => l,
+        Err(e) => return fail_load(&ctx, e),
+    };
+    let model = loaded.model;
+    let context_length = ctx.config.context_length.min(model.max_positions()).max(2);
+    ctx.registry.set_model(model.shape.clone());
+    let info = Arc::new(ModelInfo {
+        name: ctx.config.model_name.clone(),
+        architecture: model.shape.architecture.clone(),
+        context_length,
+        shape: model.shape.clone(),
+        tokenizer: loaded.tokenizer,
+        chat_template: loaded.chat_template,
+        file_bytes: loaded.file_bytes,
+    });
+    tracing::info!(
+        model = %ctx.config.model_path.display(),
+        arch = %info.architecture,
+        layers = model.shape.num_layers,
+        context_length,
+        weight_mib = model.weight_bytes() / (1 << 20),
+        "model loaded in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = ctx.shared.info.set(info.clone());
+    Loop { ctx: &ctx, model: &model, info: &info, waiting: VecDeque::new(), running: Vec::new() }.run();
+}
+
+struct Loop<'a> {
+    ctx: &'a Context,
+    model: &'a Model,
+    info: &'a ModelInfo,
+    waiting: VecDeque<Box<Pending>>,
+    running: Vec<Sequence>,
+}
+
+impl Loop<'_> {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.ctx.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(cmd) => self.take(cmd),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while let Ok(cmd) = self.ctx.rx.try_recv() {
+                self.take(cmd);
+            }
+            self.admit();
+            self.running.retain(|s| !s.tx.is_closed());
+            if !self.running.is_empty() {
+                self.step();
+                self.running.retain(|s| !s.finished);
+            }
+            let mut st = self.ctx.shared.stats.lock();
+            st.running = self.running.len();
+            st.kv_cache_bytes = self.running.iter().map(|s| s.cache.bytes()).sum();
+        }
+    }
+
+    fn take(&mut self, cmd: Command) {
+        if let Command::Generate(p) = cmd {
+            self.waiting.push_back(p);
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.ctx.config.max_batch.max(1) {
+            let Some(p) = self.waiting.pop_front() else { break };
+            self.ctx.queued.fetch_sub(1, Ordering::AcqRel);
+            if p.tx.is_closed() {
+                continue;
+            }
+            let mut seq = Sequence::new(*p, self.model.shape.num_layers);
+            if seq.params.max_tokens == 0 {
+                seq.finish(FinishReason::Length);
+                continue;
+            }
+            self.running.push(seq);
+        }
+    }
+
+    fn step(&mut self) {
+        let mut budget = PREFILL_TOKENS_PER_STEP;
+        // (index into running, tokens to feed this step)
+        let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
+        for (i, s) in self.running.iter().enumerate() {
+            let pending = s.tokens.len() - s.cache.len();
+            if pending == 1 {
+                plan.push((i, 1));
+            } else if budget > 0 {
+                let n = pending.min(budget);
+                budget -= n;
+                plan.push((i, n));
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        self.ctx.shared.stats.lock().last_batch_size = plan.len();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.forward(&plan)));
+        let logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return self.fail(&plan, e),
+            Err(_) => return self.fail(&plan, EngineError::Internal("the forward pass panicked".into())),
+        };
+        for (row, &(i, _)) in plan.iter().enumerate() {
+            let s = &mut self.running[i];
+            if s.cache.len() < s.tokens.len() {
+                continue; // prompt not fully fed yet
+            }
+            let (id, logprob) = s.sampler.sample(&logits[row]);
+            s.push_token(id, logprob, &self.info.tokenizer, self.info.context_length);
+        }
+    }
+
+    fn forward(&mut self, plan: &[(usize, usize)]) -> Result<Vec<Vec<f32>>> {
+        let mut chosen: Vec<Option<usize>> = vec![None; self.running.len()];
+        for &(i, n) in plan {
+            chosen[i] = Some(n);
+        }
+        let mut batch = Vec::with_capacity(plan.len());
+        let mut adapters = Vec::with_capacity(plan.len());
+        for (s, n) in self.running.iter_mut().zip(&chosen) {
+            let Some(n) = *n else { continue };
+            let start = s.cache.len();
+            adapters.push((n, s.adapter.as_deref().map(|a| &a.weights)));
+            batch.push(SeqBatch { tokens: &s.tokens[start..start + n], cache: &mut s.cache });
+        }
+        let lora = BatchLora::new(&adapters)?;
+        let logits = self.model.forward(&mut batch, &lora)?;
+        super::model::logits_rows(&logits)
+    }
+
+    fn fail(&mut self, plan: &[(usize, usize)], e: EngineError) {
+        tracing::error!("engine step failed: {e}");
+        for &(i, _) in plan {
+            let s = &mut self.running[i];
+            let _ = s.tx.send(StreamEvent::Error(e.clone()));
+            s.finished = true;
+        }
+    }
+}
+
+/// One request in the running batch.
+struct Sequence {
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    params: SamplingParams,
+    adapter: Option<AdapterLease>,
+    tx: UnboundedSender<StreamEvent>,
+    submitted: Instant,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    text: TextState,
+    finished: bool,
+}
+
+impl Sequence {
+    fn new(p: Pending, num_layers: usize) -> Self {
+        let prompt_len = p.tokens.len();
+        Self {
+            sampler: Sampler::new(&p.params),
+            text: TextState::new(&p.params.stop),
+            tokens: p.tokens,
+            prompt_len,
+            cache: KvCache::new(num_layers),
+            params: p.params,
+            adapter: p.adapter,
+            tx: p.tx,
+            submitted: p.submitted,
+            admitted: Instant::now(),
+            first_token: None,
+            finished: false,
+        }
+    }
+
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    fn push_token(&mut self, id: u32, logprob: f32, tok: &Tokenizer, context_length: usize) {
+        self.first_token.get_or_insert_with(Instant::now);
+        if self.params.stop_at_eos && tok.eos_token_ids().contains(&id) {
+            // Text held back for a stop sequence that never completed is final now.
+            match self.text.flush(tok, &self.tokens[self.prompt_len..]) {
+                Ok(rest) if !rest.is_empty() => {
+                    let _ = self.tx.send(StreamEvent::Token { text: rest, token_id: id, logprob });
+                }
+                _ => {}
+            }
+            return self.finish(FinishReason::Stop);
+        }
+        self.tokens.push(id);
+        let generated = &self.tokens[self.prompt_len..];
+        let length = generated.len() >= self.params.max_tokens || self.tokens.len() >= context_length;
+        let text = &mut self.text;
+        let step = text.advance(tok, generated).and_then(|(mut delta, stopped)| {
+            let length = length && !stopped;
+            if length {
+                delta.push_str(&text.flush(tok, generated)?);
+            }
+            Ok((delta, stopped, length))
+        });
+        let (delta, stopped, length) = match step {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.tx.send(StreamEvent::Error(e));
+                self.finished = true;
+                return;
+            }
+        };
+        if self.tx.send(StreamEvent::Token { text: delta, token_id: id, logprob }).is_err() {
+            self.finished = true;
+            return;
+        }
+        if stopped {
+            self.finish(FinishReason::Stop);
+        } else if length {
+            self.finish(FinishReason::Length);
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        self.finished = true;
+        let now = Instant::now();
+        let timings = Timings {
+            queued: self.admitted - self.submitted,
+            time_to_first_token: self.first_token.unwrap_or(now) - self.submitted,
+            total: now - self.submitted,
+        };
+        let usage = Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated().len() };
+        let _ = self.tx.send(StreamEvent::Done { finish_reason: reason, usage, timings });
+    }
+}
+
+/// Incremental detokenisation with stop sequences: text is emitted only once it can no
+/// longer turn out to be the start of a stop sequence or an incomplete UTF-8 character.
+struct TextState {
+    stop: Vec<String>,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl TextState {
+    fn new(stop: &[String]) -> Self {
+        Self { stop: stop.iter().filter(|s| !s.is_empty()).cloned().collect(), emitted: 0, stopped: false }
+    }
+
+    /// Returns the newly final text and whether a stop sequence was hit.
+    fn advance(&mut self, tok: &Tokenizer, generated: &[u32]) -> Result<(String, bool)> {
+        let text = tok.decode(generated, true)?;
+        if let Some(at) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.stopped = true;
+            return Ok((self.take(&text, at), true));
+        }
+        let mut end = text.len();
+        while text[..end].ends_with('\u{FFFD}') {
+            end -= '\u{FFFD}'.len_utf8();
+        }
+        let hold = self
+            .stop
+            .iter()
+            .map(|s| longest_suffix_prefix(&text[..end], s))
+            .max()
+            .unwrap_or(0);
+        Ok((self.take(&text, end - hold), false))
+    }
+
+    /// Everything not yet emitted (generation ended without a stop sequence).
+    fn flush(&mut self, tok: &Tokenizer, generated: &[u32]) -> Result<String> {
+        if self.stopped {
+            return Ok(String::new());
+        }
+        let text = tok.decode(generated, true)?;
+        Ok(self.take(&text, text.len()))
+    }
+
+    fn take(&mut self, text: &str, end: usize) -> String {
+        if end <= self.emitted || !text.is_char_boundary(self.emitted) || !text.is_char_boundary(end) {
+            return String::new();
+        }
+        let s = text[self.emitted..end].to_string();
+        self.emitted = end;
+        s
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_suffix_prefix;
+
+    #[test]
+    fn suffix_prefix() {
+        assert_eq!(longest_suffix_prefix("hello wo", "world"), 2);
+        assert_eq!(longest_suffix_prefix("hello", "world"), 0);
+        assert_eq!(longest_suffix_prefix("ab", "abc"), 2);
+        assert_eq!(longest_suffix_prefix("", "abc"), 0);
+    }
 }

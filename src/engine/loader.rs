@@ -1,0 +1,51 @@
+//! Picks the reader for a model path (GGUF file or Hugging Face folder) and builds the
+//! model, tokenizer and chat template together.
+
+use std::path::Path;
+
+use super::gguf::GgufFile;
+use super::hf::SafetensorsDir;
+use super::{ChatTemplate, EngineError, Model, Result, Tokenizer};
+
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub file_bytes: u64,
+}
+
+pub fn load(path: &Path, name: &str) -> Result<Loaded> {
+    if !path.exists() {
+        return Err(EngineError::Load(format!(
+            "{} does not exist (run `tunegate model fetch` for the default model)",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        let mut src = SafetensorsDir::open(path)?;
+        let (tokenizer, template_src) = Tokenizer::from_hf_dir(path)?;
+        let chat_template = template_src
+            .map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token()))
+            .transpose()?;
+        let cfg = src.config.clone();
+        let arch = src.architecture.clone();
+        let model = Model::new(cfg, &mut src, &arch, name, false)?;
+        let file_bytes = dir_bytes(path);
+        return Ok(Loaded { model, tokenizer, chat_template, file_bytes });
+    }
+    let mut f = GgufFile::open(path)?;
+    let tokenizer = Tokenizer::from_gguf(f.metadata())?;
+    let chat_template = ChatTemplate::from_gguf(f.metadata(), tokenizer.bos_token(), tokenizer.eos_token())?;
+    let cfg = f.config()?;
+    let arch = f.architecture.clone();
+    let interleaved = f.rope_interleaved();
+    let model = Model::new(cfg, &mut f, &arch, name, interleaved)?;
+    let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    Ok(Loaded { model, tokenizer, chat_template, file_bytes })
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
