@@ -5,7 +5,8 @@
 //!
 //! Environment: `TUNEGATE_BENCH_MODEL` (default the SmolLM2-135M Q4_1 file),
 //! `TUNEGATE_BENCH_RUNS` (rounds, default 3), `TUNEGATE_BENCH_THREADS` (default 2),
-//! `TUNEGATE_BENCH_BUDGET_S` (stop starting rounds past this, default 300),
+//! `TUNEGATE_BENCH_BUDGET_S` (no round starts that would end past this, default 300; at
+//! twice this, measurements not yet started are skipped and peer processes are killed),
 //! `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder).
 
 #[path = "engine/peer.rs"]
@@ -41,17 +42,17 @@ pub struct Settings {
     pub out_dir: PathBuf,
 }
 
-/// One round of tunegate's figures.
+/// One round of tunegate's figures; `None` where the time budget ran out first.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EngineRound {
-    pub prefill_128_tps: f64,
-    pub prefill_1000_seconds: f64,
-    pub decode_128_tps: f64,
-    pub batch8_base_decode_tps: f64,
-    pub batch8_lora_decode_tps: f64,
+    pub prefill_128_tps: Option<f64>,
+    pub prefill_1000_seconds: Option<f64>,
+    pub decode_128_tps: Option<f64>,
+    pub batch8_base_decode_tps: Option<f64>,
+    pub batch8_lora_decode_tps: Option<f64>,
     /// Latest first token among the 8 streams, seconds from submission.
-    pub batch8_base_last_first_token_seconds: f64,
-    pub batch8_lora_last_first_token_seconds: f64,
+    pub batch8_base_last_first_token_seconds: Option<f64>,
+    pub batch8_lora_last_first_token_seconds: Option<f64>,
 }
 
 fn env_usize(name: &str, default: usize) -> Result<usize> {
@@ -159,24 +160,38 @@ fn concurrent(engine: &Engine, rng: &mut StdRng, vocab: usize, adapters: &[Optio
     Ok((tps, t0.as_secs_f64()))
 }
 
-fn engine_round(engine: &Engine, rng: &mut StdRng, vocab: usize, leases: &[Option<AdapterLease>]) -> Result<EngineRound> {
-    let (ttft, _) = single(engine, random_tokens(rng, PREFILL_TOKENS, vocab), 1)?;
-    let prefill_128_tps = PREFILL_TOKENS as f64 / ttft;
-    let (prefill_1000_seconds, _) = single(engine, random_tokens(rng, LONG_PROMPT_TOKENS, vocab), 1)?;
-    // One prompt token, as llama-bench's tg128 decodes from an empty context.
-    let (_, decode_128_tps) = single(engine, random_tokens(rng, 1, vocab), DECODE_TOKENS)?;
-    let base = vec![None; STREAMS];
-    let (batch8_base_decode_tps, batch8_base_last_first_token_seconds) = concurrent(engine, rng, vocab, &base)?;
-    let (batch8_lora_decode_tps, batch8_lora_last_first_token_seconds) = concurrent(engine, rng, vocab, leases)?;
-    Ok(EngineRound {
-        prefill_128_tps,
-        prefill_1000_seconds,
-        decode_128_tps,
-        batch8_base_decode_tps,
-        batch8_lora_decode_tps,
-        batch8_base_last_first_token_seconds,
-        batch8_lora_last_first_token_seconds,
-    })
+/// One round of tunegate's measurements; those that would start past `deadline` are skipped.
+fn engine_round(
+    engine: &Engine,
+    rng: &mut StdRng,
+    vocab: usize,
+    leases: &[Option<AdapterLease>],
+    deadline: Instant,
+) -> Result<EngineRound> {
+    let open = || Instant::now() < deadline;
+    let mut r = EngineRound::default();
+    if open() {
+        let (ttft, _) = single(engine, random_tokens(rng, PREFILL_TOKENS, vocab), 1)?;
+        r.prefill_128_tps = Some(PREFILL_TOKENS as f64 / ttft);
+    }
+    if open() {
+        r.prefill_1000_seconds = Some(single(engine, random_tokens(rng, LONG_PROMPT_TOKENS, vocab), 1)?.0);
+    }
+    if open() {
+        // One prompt token, as llama-bench's tg128 decodes from an empty context.
+        r.decode_128_tps = Some(single(engine, random_tokens(rng, 1, vocab), DECODE_TOKENS)?.1);
+    }
+    if open() {
+        let (tps, first) = concurrent(engine, rng, vocab, &vec![None; STREAMS])?;
+        r.batch8_base_decode_tps = Some(tps);
+        r.batch8_base_last_first_token_seconds = Some(first);
+    }
+    if open() {
+        let (tps, first) = concurrent(engine, rng, vocab, leases)?;
+        r.batch8_lora_decode_tps = Some(tps);
+        r.batch8_lora_last_first_token_seconds = Some(first);
+    }
+    Ok(r)
 }
 
 /// Loads of one rank-16 adapter under fresh aliases, each unloaded again: wall seconds.
@@ -241,16 +256,17 @@ fn main() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     single(&engine, random_tokens(&mut rng, 32, vocab), 8)?;
 
+    let hard_deadline = began + 2 * s.budget;
     let mut engine_rounds = Vec::new();
     let mut peer_rounds = Vec::new();
     let mut stopped_early = false;
     for r in 0..s.runs {
         let round_start = Instant::now();
-        let e = engine_round(&engine, &mut rng, vocab, &leases)?;
+        let e = engine_round(&engine, &mut rng, vocab, &leases, hard_deadline)?;
         eprintln!("bench: round {} tunegate {:?}", r + 1, e);
         engine_rounds.push(e);
         if let Some(p) = &peer {
-            let pr = p.round(&s.model, s.threads);
+            let pr = p.round(&s.model, s.threads, hard_deadline);
             eprintln!("bench: round {} llama.cpp {:?}", r + 1, pr);
             peer_rounds.push(pr);
         }

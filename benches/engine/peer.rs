@@ -72,13 +72,13 @@ pub fn locate(root: &Path) -> Result<Peer> {
 
 impl Peer {
     /// One round: `llama-bench -p 128,1000 -n 128 -r 1` and
-    /// `llama-batched-bench -npp 128 -ntg 128 -npl 8`.
-    pub fn round(&self, model: &Path, threads: usize) -> PeerRound {
+    /// `llama-batched-bench -npp 128 -ntg 128 -npl 8`. Each is killed at `deadline`.
+    pub fn round(&self, model: &Path, threads: usize, deadline: Instant) -> PeerRound {
         let mut round = PeerRound::default();
         let t = threads.to_string();
         let m = model.to_string_lossy().to_string();
         let args = ["-m", &m, "-t", &t, "-p", "128,1000", "-n", "128", "-r", "1", "-o", "json"];
-        match run_polled(&self.bench, &args) {
+        match run_polled(&self.bench, &args, deadline) {
             Ok(run) => {
                 round.peak_rss_bytes = run.peak_rss_bytes;
                 if let Err(e) = parse_llama_bench(&run.stdout, &mut round) {
@@ -92,7 +92,7 @@ impl Peer {
             "-m", &m, "-t", &t, "-tb", &t, "-c", "2048", "-b", "2048", "-ub", "512",
             "-npp", "128", "-ntg", "128", "-npl", "8", "--output-format", "jsonl",
         ];
-        match run_polled(&self.batched, &args) {
+        match run_polled(&self.batched, &args, deadline) {
             Ok(run) => {
                 round.peak_rss_bytes = round.peak_rss_bytes.max(run.peak_rss_bytes);
                 let all = format!("{}\n{}", run.stdout, run.stderr);
@@ -150,9 +150,9 @@ pub struct PolledRun {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Runs a command to its end while sampling its VmHWM (a high-water mark, so sampling
-/// misses at most growth in the last few milliseconds of its life).
-pub fn run_polled(bin: &Path, args: &[&str]) -> Result<PolledRun> {
+/// Runs a command to its end (or kills it at `deadline`) while sampling its VmHWM (a
+/// high-water mark, so sampling misses at most growth in the last few milliseconds).
+pub fn run_polled(bin: &Path, args: &[&str], deadline: Instant) -> Result<PolledRun> {
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
@@ -174,7 +174,6 @@ pub fn run_polled(bin: &Path, args: &[&str]) -> Result<PolledRun> {
     });
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak: Option<u64> = None;
-    let started = Instant::now();
     let status = loop {
         if let Some(kb) = read_status_kb(Path::new(&status_path), "VmHWM:") {
             peak = Some(peak.unwrap_or(0).max(kb * 1024));
@@ -182,9 +181,10 @@ pub fn run_polled(bin: &Path, args: &[&str]) -> Result<PolledRun> {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if started.elapsed() > Duration::from_secs(600) {
+        if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("{} ran for more than 10 minutes", bin.display());
+            let _ = child.wait();
+            bail!("{} killed: it ran past the bench's time budget", bin.display());
         }
         std::thread::sleep(Duration::from_millis(20));
     };

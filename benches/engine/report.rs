@@ -52,8 +52,8 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
-fn med_e(rounds: &[EngineRound], f: impl Fn(&EngineRound) -> f64) -> Option<f64> {
-    median(rounds.iter().map(f).collect())
+fn med_e(rounds: &[EngineRound], f: impl Fn(&EngineRound) -> Option<f64>) -> Option<f64> {
+    median(rounds.iter().filter_map(f).collect())
 }
 
 fn med_p(rounds: &[PeerRound], f: impl Fn(&PeerRound) -> Option<f64>) -> Option<f64> {
@@ -271,6 +271,21 @@ impl Results<'_> {
             }
         );
         let _ = writeln!(md, "\nNot measured here: hot-swap delay under load, and memory with 8 streams of 2,048 tokens.");
+        let errors: Vec<&String> = self.peer_rounds.iter().flat_map(|r| &r.errors).collect();
+        let skipped = self.engine_rounds.iter().any(|r| {
+            [r.prefill_128_tps, r.prefill_1000_seconds, r.decode_128_tps, r.batch8_base_decode_tps, r.batch8_lora_decode_tps]
+                .iter()
+                .any(Option::is_none)
+        });
+        if !errors.is_empty() || skipped {
+            let _ = writeln!(md, "\n## Gaps in this run\n");
+            if skipped {
+                let _ = writeln!(md, "- some tunegate measurements were skipped: the time budget ran out (see `engine.json`)");
+            }
+            for e in errors {
+                let _ = writeln!(md, "- llama.cpp: {e}");
+            }
+        }
 
         let _ = writeln!(md, "\n## How each figure is taken\n");
         let _ = writeln!(md, "- Prompts are random in-vocabulary token ids (as llama-bench uses); greedy; EOS ignored.");
