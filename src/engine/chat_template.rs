@@ -506,4 +506,10 @@ mod tests {
         assert!(ChatTemplate::from_gguf(&md, None, None).is_err());
         Ok(())
     }
+
+    #[test]
+    fn template_is_shareable_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<ChatTemplate>();
+    }
 }

@@ -117,12 +117,20 @@ struct Group<'a> {
 /// The adapter groups of one ragged batch.
 pub struct BatchLora<'a> {
     groups: Vec<Group<'a>>,
+    /// LoRA dropout on the adapter's input (training only).
+    dropout: f32,
 }
 
 impl<'a> BatchLora<'a> {
     /// No adapters anywhere in the batch.
     pub fn none() -> Self {
-        Self { groups: Vec::new() }
+        Self { groups: Vec::new(), dropout: 0.0 }
+    }
+
+    /// Applies dropout with probability `p` to the input of every low-rank product.
+    pub fn with_dropout(mut self, p: f32) -> Self {
+        self.dropout = p;
+        self
     }
 
     /// `seqs[i]` is (rows of sequence i in the batch, its adapter). Sequences sharing an
@@ -153,7 +161,7 @@ impl<'a> BatchLora<'a> {
                 Ok(Group { weights, rows })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { groups })
+        Ok(Self { groups, dropout: 0.0 })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -162,6 +170,13 @@ impl<'a> BatchLora<'a> {
 
     /// Adds each group's `x·Aᵀ·s·Bᵀ` to its rows of `y` (`x` `[rows, in]`, `y` `[rows, out]`).
     pub fn apply(&self, layer: usize, p: Proj, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
+        let dropped;
+        let x = if self.dropout > 0.0 && !self.groups.is_empty() {
+            dropped = candle_nn::ops::dropout(x, self.dropout)?;
+            &dropped
+        } else {
+            x
+        };
         for g in &self.groups {
             let Some(pair) = g.weights.get(layer, p) else { continue };
             y = match &g.rows {

@@ -177,9 +177,21 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
+        Ok(match path {
+            Path::Serve => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
+            Path::Train => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+        })
     }
+}
+
+/// Which kernels a forward pass uses. Serving uses candle's fused CPU ops; they have no
+/// backward pass, so training runs the same arithmetic through plain, differentiable
+/// tensor ops (a test checks the two agree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Serve,
+    Train,
 }
 
 #[derive(Debug, Clone)]
@@ -395,34 +407,105 @@ impl Model {
     /// Runs one ragged batch and returns the logits `[sequences, vocab]` of each
     /// sequence's last new token. Each cache advances by its sequence's token count.
     pub fn forward(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Tensor> {
-        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
+        let x = self.hidden_states(&ids, &lens, &mut caches, lora, Path::Serve)?;
+        for (c, n) in caches.into_iter().zip(&lens) {
+            if let Some(c) = c {
+                c.commit(*n);
+            }
+        }
+        let mut last = Vec::with_capacity(lens.len());
+        let mut off = 0u32;
+        for n in &lens {
+            off += *n as u32;
+            last.push(off - 1);
+        }
+        let last = Tensor::from_vec(last, lens.len(), &Device::Cpu)?;
+        let x = x.index_select(&last, 0)?;
+        let x = self.norm.forward(&x, Path::Serve)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// Training forward: whole sequences from position 0, no cache, differentiable ops
+    /// only. Returns the logits of the positions in `rows` (indices into the concatenated
+    /// sequences; all positions when `None`), `[rows, vocab]`. The base weights must be
+    /// dense (see [`Model::to_dense`]).
+    pub fn forward_train(&self, seqs: &[&[u32]], lora: &BatchLora, rows: Option<&Tensor>) -> Result<Tensor> {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let mut caches: Vec<Option<&mut KvCache>> = seqs.iter().map(|_| None).collect();
+        let mut x = self.hidden_states(&ids, &lens, &mut caches, lora, Path::Train)?;
+        if let Some(r) = rows {
+            x = x.index_select(r, 0)?;
+        }
+        let x = self.norm.forward(&x, Path::Train)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// Embedding and decoder layers over a ragged batch; `[tokens, hidden]`.
+    fn hidden_states(
+        &self,
+        ids: &[u32],
+        lens: &[usize],
+        caches: &mut [Option<&mut KvCache>],
+        lora: &BatchLora,
+        path: Path,
+    ) -> Result<Tensor> {
+        if lens.is_empty() || lens.contains(&0) {
             return Err(EngineError::Internal("empty sequence in batch".into()));
         }
-        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
+        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
         let mut x = self.embed_tokens.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let attn = self.attention(li, layer, &h, seqs, lora)?;
+            let h = layer.input_layernorm.forward(&x, path)?;
+            let attn = self.attention(li, layer, &h, lens, caches, lora, path)?;
             x = (x + attn)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
+            let h = layer.post_attention_layernorm.forward(&x, path)?;
             let mlp = self.mlp(li, layer, &h, lora)?;
             x = (x + mlp)?;
         }
-        for s in seqs.iter_mut() {
-            s.cache.commit(s.tokens.len());
-        }
-        let mut last = Vec::with_capacity(seqs.len());
-        let mut off = 0u32;
-        for s in seqs.iter() {
-            off += s.tokens.len() as u32;
-            last.push(off - 1);
-        }
-        let last = Tensor::from_vec(last, seqs.len(), &Device::Cpu)?;
-        let x = x.index_select(&last, 0)?;
-        let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)
+        Ok(x)
+    }
+
+    /// A copy whose projections and embedding are dense f32 (quantized blocks have no
+    /// backward pass). The weights themselves are unchanged: serving and training see
+    /// the same values.
+    pub fn to_dense(&self) -> Result<Model> {
+        let dense = |l: &Linear| -> Result<Linear> { Ok(Linear { weight: QMatMul::Tensor(l.dequantize()?), bias: l.bias.clone() }) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DecoderLayer {
+                    input_layernorm: l.input_layernorm.clone(),
+                    self_attn: Attention {
+                        q_proj: dense(&l.self_attn.q_proj)?,
+                        k_proj: dense(&l.self_attn.k_proj)?,
+                        v_proj: dense(&l.self_attn.v_proj)?,
+                        o_proj: dense(&l.self_attn.o_proj)?,
+                    },
+                    post_attention_layernorm: l.post_attention_layernorm.clone(),
+                    mlp: Mlp {
+                        gate_proj: dense(&l.mlp.gate_proj)?,
+                        up_proj: dense(&l.mlp.up_proj)?,
+                        down_proj: dense(&l.mlp.down_proj)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            cfg: self.cfg.clone(),
+            shape: self.shape.clone(),
+            embed_tokens: Embedding::Dense(self.embed_tokens.dequantize()?),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: dense(&self.lm_head)?,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            rope_interleaved: self.rope_interleaved,
+        })
     }
 
     fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora) -> Result<Tensor> {
@@ -430,31 +513,36 @@ impl Model {
         lora.apply(li, p, x, y)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         li: usize,
         layer: &DecoderLayer,
         h: &Tensor,
-        seqs: &mut [SeqBatch<'_>],
+        lens: &[usize],
+        caches: &mut [Option<&mut KvCache>],
         lora: &BatchLora,
+        path: Path,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
         let q = self.proj(li, layer, Proj::Q, h, lora)?;
         let k = self.proj(li, layer, Proj::K, h, lora)?;
         let v = self.proj(li, layer, Proj::V, h, lora)?;
-        let mut outs = Vec::with_capacity(seqs.len());
+        let mut outs = Vec::with_capacity(lens.len());
         let mut off = 0;
-        for s in seqs.iter_mut() {
-            let t = s.tokens.len();
-            let pos = s.cache.len();
+        for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
+            let pos = cache.as_ref().map_or(0, |c| c.len());
             let to_heads = |x: &Tensor, n: usize| -> Result<Tensor> {
                 Ok(x.narrow(0, off, t)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?)
             };
-            let qs = self.rope(&to_heads(&q, nh)?, pos)?;
-            let ks = self.rope(&to_heads(&k, nkv)?, pos)?;
+            let qs = self.rope(&to_heads(&q, nh)?, pos, path)?;
+            let ks = self.rope(&to_heads(&k, nkv)?, pos, path)?;
             let vs = to_heads(&v, nkv)?;
-            let (kc, vc) = s.cache.append(li, &ks, &vs)?;
-            outs.push(attend(&qs, &kc, &vc, pos)?);
+            let (kc, vc) = match cache {
+                Some(c) => c.append(li, &ks, &vs)?,
+                None => (ks, vs),
+            };
+            outs.push(attend(&qs, &kc, &vc, pos, path)?);
             off += t;
         }
         let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
@@ -469,7 +557,7 @@ impl Model {
     }
 
     /// RoPE on `[heads, t, head_dim]` starting at absolute position `pos`.
-    fn rope(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    fn rope(&self, x: &Tensor, pos: usize, path: Path) -> Result<Tensor> {
         let t = x.dim(1)?;
         if pos + t > self.cos.dim(0)? {
             return Err(EngineError::Internal(format!(
@@ -481,10 +569,12 @@ impl Model {
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         let x = x.unsqueeze(0)?;
-        let y = if self.rope_interleaved {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+        use candle_nn::rotary_emb as re;
+        let y = match (self.rope_interleaved, path) {
+            (true, Path::Serve) => re::rope_i(&x, &cos, &sin)?,
+            (true, Path::Train) => re::rope_i_slow(&x, &cos, &sin)?,
+            (false, Path::Serve) => re::rope(&x, &cos, &sin)?,
+            (false, Path::Train) => re::rope_slow(&x, &cos, &sin)?,
         };
         Ok(y.squeeze(0)?)
     }
@@ -498,7 +588,7 @@ impl Model {
 /// Causal attention of `q` `[heads, t, d]` (absolute positions `pos..pos+t`) over the
 /// cache `k`, `v` `[kv_heads, pos+t, d]`. Query heads are grouped onto their kv head by a
 /// reshape, so the cache is never repeated in memory.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> Result<Tensor> {
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, path: Path) -> Result<Tensor> {
     let (nh, t, hd) = q.dims3()?;
     let (nkv, total, _) = k.dims3()?;
     let group = nh / nkv;
@@ -512,7 +602,10 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize) -> Result<Tensor> {
         let mask = Tensor::from_vec(mask, (1, 1, t, total), &Device::Cpu)?;
         scores = scores.reshape((nkv, group, t, total))?.broadcast_add(&mask)?.reshape((nkv, group * t, total))?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = match path {
+        Path::Serve => candle_nn::ops::softmax_last_dim(&scores)?,
+        Path::Train => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
+    };
     let out = probs.matmul(&v.contiguous()?)?; // [nkv, group*t, hd]
     Ok(out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
 }

@@ -47,13 +47,16 @@ pub(crate) struct Context {
 }
 
 pub(crate) fn spawn(ctx: Context) {
-    let spawned = std::thread::Builder::new().name("tunegate-engine".into()).spawn(move || {
-        let threads = ctx.config.threads.max(1);
-        match rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("tunegate-math-{i}")).build() {
-            Ok(pool) => pool.install(|| run(ctx)),
-            Err(e) => fail_load(&ctx, EngineError::Load(format!("thread pool: {e}"))),
+    // candle sizes its CPU worker pools once per process from these variables; the engine
+    // thread itself is one of the workers, so no pool of ours sits on top (two pools
+    // spinning on two cores starve each other).
+    let threads = ctx.config.threads.max(1).to_string();
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, &threads);
         }
-    });
+    }
+    let spawned = std::thread::Builder::new().name("tunegate-engine".into()).spawn(move || run(ctx));
     if let Err(e) = spawned {
         tracing::error!("could not start the engine thread: {e}");
     }

@@ -75,16 +75,8 @@ impl Tokenizer {
         let (bos, eos) = (token(v.bos), token(v.eos));
         let add_bos = md_bool(md, "tokenizer.ggml.add_bos_token").unwrap_or(default_add_bos);
         let add_eos = md_bool(md, "tokenizer.ggml.add_eos_token").unwrap_or(false);
-        let bos_pair = if add_bos {
-            bos.clone().zip(v.bos)
-        } else {
-            None
-        };
-        let eos_pair = if add_eos {
-            eos.clone().zip(v.eos)
-        } else {
-            None
-        };
+        let bos_pair = bos.clone().zip(v.bos).filter(|_| add_bos);
+        let eos_pair = eos.clone().zip(v.eos).filter(|_| add_eos);
         if let Some(pp) = post_processor(bos_pair, eos_pair)? {
             inner.with_post_processor(Some(pp));
         }
@@ -104,17 +96,15 @@ impl Tokenizer {
         })
     }
 
-    /// HF folder: tokenizer.json (+ tokenizer_config.json for bos/eos tokens and chat_template,
-    /// + generation_config.json / config.json eos_token_id which may be a list). Returns the chat
-    /// template source if found (`chat_template.jinja` wins over tokenizer_config.json, as in
-    /// transformers).
+    /// A Hugging Face folder: `tokenizer.json`, with `tokenizer_config.json` for the bos/eos
+    /// tokens and chat template, and `generation_config.json` / `config.json` for extra
+    /// `eos_token_id`s (one id or a list). Returns the chat template source if found
+    /// (`chat_template.jinja` wins over tokenizer_config.json, as in transformers).
     pub fn from_hf_dir(dir: &Path) -> Result<(Self, Option<String>)> {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| tok_err(format!("cannot load {}: {e}", path.display())))?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
-        let bos = special_token_text(config.get("bos_token"));
-        let eos = special_token_text(config.get("eos_token"));
         let jinja = dir.join("chat_template.jinja");
         let template = if jinja.is_file() {
             Some(
@@ -125,15 +115,23 @@ impl Tokenizer {
             config_chat_template(config.get("chat_template"))?
         };
 
+        let mut bos = special_token_text(config.get("bos_token"));
+        let mut eos = special_token_text(config.get("eos_token"));
         let mut stop: Vec<u32> = eos
             .as_deref()
             .and_then(|t| inner.token_to_id(t))
             .into_iter()
             .collect();
         for file in ["generation_config.json", "config.json"] {
-            if let Some(cfg) = read_json(&dir.join(file))? {
-                stop.extend(id_list(cfg.get("eos_token_id")));
-            }
+            let Some(cfg) = read_json(&dir.join(file))? else {
+                continue;
+            };
+            let eos_ids = id_list(cfg.get("eos_token_id"));
+            // Older folders name their special tokens only by id.
+            let text = |ids: &[u32]| ids.first().and_then(|&id| inner.id_to_token(id));
+            bos = bos.or_else(|| text(&id_list(cfg.get("bos_token_id"))));
+            eos = eos.or_else(|| text(&eos_ids));
+            stop.extend(eos_ids);
         }
         let eos_ids = end_of_generation_ids(stop, &inner);
         let vocab_size = inner.get_vocab_size(true);
@@ -219,12 +217,18 @@ fn post_processor(
     let mut specials = Vec::new();
     if let Some((text, id)) = bos {
         single.push("bos");
-        specials.push(SpecialToken::new("bos".into(), vec![id], vec![text]).map_err(|e| tok_err(e.to_string()))?);
+        specials.push(
+            SpecialToken::new("bos".into(), vec![id], vec![text])
+                .map_err(|e| tok_err(e.to_string()))?,
+        );
     }
     single.push("$A");
     if let Some((text, id)) = eos {
         single.push("eos");
-        specials.push(SpecialToken::new("eos".into(), vec![id], vec![text]).map_err(|e| tok_err(e.to_string()))?);
+        specials.push(
+            SpecialToken::new("eos".into(), vec![id], vec![text])
+                .map_err(|e| tok_err(e.to_string()))?,
+        );
     }
     let mut pair = single.clone();
     pair.extend(

@@ -310,3 +310,28 @@ fn hf_dir_without_tokenizer_json_fails_clearly() -> TestResult {
     assert!(e.to_string().contains("tokenizer.json"), "{e}");
     Ok(())
 }
+
+#[test]
+fn hf_dir_falls_back_to_config_ids_for_special_tokens() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    tiny()?
+        .inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"bos_token_id": 1, "eos_token_id": 2}"#,
+    )?;
+    let (tk, template) = Tokenizer::from_hf_dir(dir.path())?;
+    assert_eq!(template, None);
+    assert_eq!(tk.bos_token(), Some("<|im_start|>"));
+    assert_eq!(tk.eos_token(), Some("<|im_end|>"));
+    assert_eq!(tk.eos_token_ids(), [2, 0]);
+    Ok(())
+}
+
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Tokenizer>();
+}

@@ -1,0 +1,231 @@
+//! One fine-tuning job from examples to a published adapter: dataset, training with
+//! checkpoints (a restarted job resumes from its last one), held-out evaluation against
+//! what serves the task today, and an atomic publish. Swapping the serving alias is the
+//! caller's decision, taken from the gate report.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use super::dataset::{self, DatasetOptions, DatasetReport, DistilledPrompt, Example};
+use super::eval::{self, GateReport, Variant};
+use super::export::{self, AdapterMeta};
+use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig};
+use crate::adapters::{peft, AdapterLimits};
+use crate::engine::gguf::GgufFile;
+use crate::engine::hf::SafetensorsDir;
+use crate::engine::{ChatTemplate, EngineError, Model, ModelInfo, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub id: String,
+    pub task: String,
+    pub model_path: PathBuf,
+    pub base_model: String,
+    pub examples: Vec<Example>,
+    /// Explicit held-out set (else split from `examples`).
+    pub validation: Option<Vec<Example>>,
+    pub hyper: TrainConfig,
+    pub dataset: DatasetOptions,
+    pub adapters_root: PathBuf,
+    /// Checkpoints live here.
+    pub job_dir: PathBuf,
+    /// The adapter serving the task today, if any (the gate's baseline).
+    pub current_adapter: Option<PathBuf>,
+    pub min_margin: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobEvent {
+    pub level: &'static str,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+impl JobEvent {
+    fn info(message: impl Into<String>, data: Option<serde_json::Value>) -> Self {
+        Self { level: "info", message: message.into(), data }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<EngineError> for JobError {
+    fn from(e: EngineError) -> Self {
+        JobError::Failed(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobResult {
+    pub version: String,
+    pub adapter_path: PathBuf,
+    pub gate: GateReport,
+    pub distilled: Option<DistilledPrompt>,
+    pub dataset: DatasetReport,
+    pub steps: usize,
+    pub train_seconds: f64,
+    pub train_tokens_per_second: f64,
+    pub final_loss: Option<f32>,
+    pub checkpoints: Vec<usize>,
+}
+
+/// Loads model, tokenizer and template the way the engine does (for a job that runs
+/// outside the serving engine).
+pub fn load_model(path: &Path, name: &str) -> Result<(Model, ModelInfo), JobError> {
+    let (model, tokenizer, template) = if path.is_dir() {
+        let mut src = SafetensorsDir::open(path)?;
+        let (tok, tpl) = Tokenizer::from_hf_dir(path)?;
+        let tpl = tpl.map(|t| ChatTemplate::new(&t, tok.bos_token(), tok.eos_token())).transpose()?;
+        let (cfg, arch) = (src.config.clone(), src.architecture.clone());
+        (Model::new(cfg, &mut src, &arch, name, false)?, tok, tpl)
+    } else {
+        let mut f = GgufFile::open(path)?;
+        let tok = Tokenizer::from_gguf(f.metadata())?;
+        let tpl = ChatTemplate::from_gguf(f.metadata(), tok.bos_token(), tok.eos_token())?;
+        let (cfg, arch, il) = (f.config()?, f.architecture.clone(), f.rope_interleaved());
+        (Model::new(cfg, &mut f, &arch, name, il)?, tok, tpl)
+    };
+    let info = ModelInfo {
+        name: name.to_string(),
+        architecture: model.shape.architecture.clone(),
+        context_length: model.max_positions(),
+        shape: model.shape.clone(),
+        tokenizer,
+        chat_template: template,
+        file_bytes: 0,
+    };
+    Ok((model, info))
+}
+
+/// The next free `vN` under `root/task`.
+pub fn next_version(root: &Path, task: &str) -> String {
+    let n = std::fs::read_dir(root.join(task))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    format!("v{}", n + 1)
+}
+
+pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) -> Result<JobResult, JobError> {
+    let (model, info) = load_model(&spec.model_path, &spec.base_model)?;
+    let dense = model.to_dense()?;
+    let mut data = dataset::build(&info, &spec.examples, &spec.dataset)?;
+    if let Some(v) = &spec.validation {
+        data.eval = v.clone();
+        data.report.eval = v.len();
+    }
+    emit(JobEvent::info(
+        format!(
+            "dataset: {} train, {} eval, {} duplicates removed, {} truncated{}",
+            data.report.train,
+            data.report.eval,
+            data.report.duplicates_removed,
+            data.report.truncated,
+            match &data.distilled {
+                Some(d) => format!("; distilling a shared system prompt of {} tokens", d.tokens),
+                None => String::new(),
+            }
+        ),
+        serde_json::to_value(&data.distilled).ok(),
+    ));
+    if data.train.is_empty() {
+        return Err(JobError::Failed("no training examples left after the split".into()));
+    }
+    let params = LoraParams::init(&model.shape, &spec.hyper)?;
+    let mut opt = AdamW::new(&params, spec.hyper.weight_decay)?;
+    let ckpt_dir = spec.job_dir.join("checkpoint");
+    let resume = trainer::load_checkpoint(&ckpt_dir, &params, &mut opt)?.map(|step| {
+        emit(JobEvent::info(format!("resuming from the checkpoint at step {step}"), None));
+        Resume { start_step: step }
+    });
+    let mut checkpoints = Vec::new();
+    let every = spec.hyper.checkpoint_every.max(1);
+    let outcome = trainer::train(&dense, &params, &mut opt, &data.train, &spec.hyper, resume, cancel, &mut |p, params, opt| {
+        if p.step % every == 0 || p.step == p.total_steps {
+            trainer::save_checkpoint(&ckpt_dir, params, opt, p.step)?;
+            checkpoints.push(p.step);
+        }
+        emit(JobEvent {
+            level: "info",
+            message: format!(
+                "step {}/{}: loss {:.4}, lr {:.2e}, {:.0} tokens/s, eta {:.0}s",
+                p.step, p.total_steps, p.loss, p.learning_rate, p.tokens_per_second, p.eta_seconds
+            ),
+            data: serde_json::to_value(p).ok(),
+        });
+        Ok(())
+    })?;
+    if outcome.cancelled {
+        return Err(JobError::Cancelled);
+    }
+    let candidate_weights = params.weights(model.shape.num_layers)?;
+    let shared = data.distilled.as_ref().and(dataset::shared_system_prompt(&spec.examples));
+    let candidate = eval::score(
+        &model,
+        &dense,
+        &info,
+        &data.eval,
+        &Variant { lora: Some(&candidate_weights), strip_prompt: shared.as_deref() },
+    )?;
+    let current = match &spec.current_adapter {
+        Some(p) => Some(
+            peft::load_adapter(p, &model.shape, &AdapterLimits::default())
+                .map_err(|e| JobError::Failed(format!("current adapter {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    // The current adapter strips the prompt it distilled; the base model needs it.
+    let current_strips = current.as_ref().and_then(|c| {
+        let hash = c.meta.as_ref()?.get("distilled_prompt")?.get("sha256")?.as_str()?.to_string();
+        shared.as_ref().filter(|p| dataset::prompt_hash(p) == hash).cloned()
+    });
+    let baseline = eval::score(
+        &model,
+        &dense,
+        &info,
+        &data.eval,
+        &Variant { lora: current.as_ref().map(|c| &c.weights), strip_prompt: current_strips.as_deref() },
+    )?;
+    let gate = eval::gate(baseline, candidate, spec.min_margin);
+    emit(JobEvent::info(format!("eval: {}", gate.reason), serde_json::to_value(&gate).ok()));
+    let version = next_version(&spec.adapters_root, &spec.task);
+    let meta = AdapterMeta {
+        job_id: Some(spec.id.clone()),
+        task: spec.task.clone(),
+        base_model: spec.base_model.clone(),
+        data_sha256: dataset::prompt_hash(&serde_json::to_string(&spec.examples).unwrap_or_default()),
+        train_examples: data.report.train,
+        eval_examples: data.report.eval,
+        distilled_prompt: data.distilled.clone(),
+        eval: serde_json::to_value(&gate).ok(),
+        steps: outcome.steps,
+        final_loss: outcome.losses.last().copied(),
+        train_seconds: outcome.seconds,
+        hyperparameters: spec.hyper.clone(),
+        created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    let path = export::publish(&spec.adapters_root, &spec.task, &version, &params, &model.shape, &spec.hyper, &meta)?;
+    emit(JobEvent::info(format!("published {}", path.display()), None));
+    Ok(JobResult {
+        version,
+        adapter_path: path,
+        gate,
+        distilled: data.distilled,
+        dataset: data.report,
+        steps: outcome.steps,
+        train_seconds: outcome.seconds,
+        train_tokens_per_second: outcome.train_tokens as f64 / outcome.seconds.max(1e-9),
+        final_loss: outcome.losses.last().copied(),
+        checkpoints,
+    })
+}

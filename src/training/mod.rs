@@ -1,0 +1,11 @@
+//! Fine-tuning: datasets from approved examples (with optional system-prompt
+//! distillation), the LoRA trainer on the engine's model code, and publishing adapters in
+//! Hugging Face PEFT layout. Serving and HTTP live elsewhere.
+
+pub mod dataset;
+pub mod eval;
+pub mod job;
+pub mod export;
+pub mod trainer;
+#[cfg(test)]
+mod tests;

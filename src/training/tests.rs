@@ -1,0 +1,283 @@
+//! Trainer tests on the tiny random model: train/serve agreement, a finite-difference
+//! gradient check, a distillation task learned without its instruction, PEFT round trip,
+//! exact resume from a checkpoint.
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Tensor;
+
+use super::dataset::{self, DatasetOptions, Example};
+use super::export::{self, AdapterMeta};
+use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig};
+use crate::adapters::{peft, AdapterLimits};
+use crate::engine::gguf::GgufFile;
+use crate::engine::lora::BatchLora;
+use crate::engine::model::{KvCache, Model, SeqBatch};
+use crate::engine::testing::{TinySpec, TinyWeights};
+use crate::engine::tokenizer::tiny_gguf_vocab;
+use crate::engine::{ChatMessage, Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams};
+
+type R = anyhow::Result<()>;
+
+fn tiny_model(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, Model)> {
+    let vocab = tiny_gguf_vocab();
+    let w = TinyWeights::random(&TinySpec::llama(vocab.tokens.len()), 7);
+    let p = dir.join("tiny.gguf");
+    w.write_gguf(&p, GgmlDType::F32, Some(&vocab))?;
+    let mut f = GgufFile::open(&p)?;
+    let cfg = f.config()?;
+    let interleaved = f.rope_interleaved();
+    let m = Model::new(cfg, &mut f, "llama", "tiny", interleaved)?;
+    Ok((p, m))
+}
+
+fn small_cfg() -> TrainConfig {
+    TrainConfig { rank: 4, alpha: 8.0, ..Default::default() }
+}
+
+#[test]
+fn train_and_serve_paths_give_the_same_logits() -> R {
+    let dir = tempfile::tempdir()?;
+    let (_, m) = tiny_model(dir.path())?;
+    let dense = m.to_dense()?;
+    let params = LoraParams::init(&m.shape, &small_cfg())?;
+    for (_, b) in params.pairs.values() {
+        b.set(&Tensor::randn(0f32, 0.3, b.shape(), b.device())?)?;
+    }
+    let weights = params.weights(m.shape.num_layers)?;
+    let toks: Vec<u32> = vec![1, 50, 60, 70, 80, 90, 2, 100];
+    let lora = BatchLora::new(&[(toks.len(), Some(&weights))])?;
+    let train = dense.forward_train(&[&toks], &lora, None)?.to_vec2::<f32>()?;
+    let mut cache = KvCache::new(m.shape.num_layers);
+    let serve = m.forward(&mut [SeqBatch { tokens: &toks, cache: &mut cache }], &lora)?.to_vec2::<f32>()?;
+    let last = &train[toks.len() - 1];
+    let d = last.iter().zip(&serve[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    anyhow::ensure!(d < 1e-4, "train and serve logits differ by {d}");
+    Ok(())
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() -> R {
+    let dir = tempfile::tempdir()?;
+    let (_, m) = tiny_model(dir.path())?;
+    let dense = m.to_dense()?;
+    let cfg = TrainConfig { target_modules: vec!["q_proj".into(), "down_proj".into()], ..small_cfg() };
+    let params = LoraParams::init(&m.shape, &cfg)?;
+    for (_, b) in params.pairs.values() {
+        b.set(&Tensor::randn(0f32, 0.2, b.shape(), b.device())?)?;
+    }
+    let seq = dataset::Sequence { tokens: vec![1, 20, 30, 40, 50, 60, 70], loss_mask: vec![false, false, false, true, true, true, true], prompt_len: 3 };
+    let loss_of = |p: &LoraParams| -> anyhow::Result<(Tensor, f64)> {
+        let w = p.weights(m.shape.num_layers)?;
+        let lora = BatchLora::new(&[(seq.tokens.len(), Some(&w))])?;
+        let (loss, _) = trainer::batch_loss(&dense, &lora, &[&seq])?;
+        let v = loss.to_scalar::<f32>()? as f64;
+        Ok((loss, v))
+    };
+    let (loss, _) = loss_of(&params)?;
+    let grads = loss.backward()?;
+    let mut checked = 0;
+    for (&(layer, proj), (a, b)) in &params.pairs {
+        for (var, name) in [(a, "A"), (b, "B")] {
+            let g = grads.get(var.as_tensor()).ok_or_else(|| anyhow::anyhow!("no grad"))?.flatten_all()?.to_vec1::<f32>()?;
+            let base = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            // The largest-gradient element: a check that cannot pass by being all zeros.
+            let i = (0..g.len()).max_by(|&x, &y| g[x].abs().total_cmp(&g[y].abs())).unwrap_or(0);
+            let eps = 1e-2f32;
+            let mut num = [0f64; 2];
+            for (k, sign) in [1f32, -1f32].iter().enumerate() {
+                let mut v = base.clone();
+                v[i] += sign * eps;
+                var.set(&Tensor::from_vec(v, var.shape(), var.device())?)?;
+                num[k] = loss_of(&params)?.1;
+            }
+            var.set(&Tensor::from_vec(base, var.shape(), var.device())?)?;
+            let fd = (num[0] - num[1]) / (2.0 * eps as f64);
+            let ad = g[i] as f64;
+            anyhow::ensure!(ad.abs() > 1e-5, "layer {layer} {proj:?} {name}: zero gradient");
+            let rel = (fd - ad).abs() / ad.abs().max(1e-6);
+            anyhow::ensure!(rel < 0.05, "layer {layer} {proj:?} {name}: autograd {ad} vs finite difference {fd}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * 2 * m.shape.num_layers);
+    Ok(())
+}
+
+const INSTRUCTION: &str = "You are a labelling service. For every word the user sends, answer with its \
+category only: animals get 'zoo', colours get 'paint', numbers get 'math'. Never explain, never add words.";
+
+fn task_examples() -> Vec<Example> {
+    let items = [
+        ("cat", "zoo"), ("dog", "zoo"), ("horse", "zoo"), ("mouse", "zoo"),
+        ("red", "paint"), ("blue", "paint"), ("green", "paint"), ("black", "paint"),
+        ("one", "math"), ("two", "math"), ("seven", "math"), ("ten", "math"),
+    ];
+    items
+        .iter()
+        .map(|(q, a)| Example {
+            messages: vec![
+                ChatMessage::new("system", INSTRUCTION),
+                ChatMessage::new("user", *q),
+                ChatMessage::new("assistant", *a),
+            ],
+        })
+        .collect()
+}
+
+/// Trains a distilled adapter on the synthetic task, publishes it in PEFT layout, serves
+/// it through the engine without the instruction and gets the targets back.
+#[test]
+fn distilled_adapter_learns_the_task_and_serves_identically() -> R {
+    let dir = tempfile::tempdir()?;
+    let (path, m) = tiny_model(dir.path())?;
+    let engine = Engine::start(EngineConfig { model_path: path, model_name: "tiny".into(), context_length: 1024, threads: 1, ..Default::default() })?;
+    let info = engine.info()?;
+    let examples = task_examples();
+    let data = dataset::build(&info, &examples, &DatasetOptions { eval_fraction: 0.0, ..Default::default() })?;
+    let distilled = data.distilled.clone().ok_or_else(|| anyhow::anyhow!("shared system prompt not detected"))?;
+    assert_eq!(distilled.sha256, dataset::prompt_hash(INSTRUCTION));
+    assert!(distilled.tokens > 50, "the instruction is {} tokens", distilled.tokens);
+    assert_eq!(data.train.len(), 12);
+    let with_prompt = dataset::tokenize(&info, &examples[0])?;
+    let without = dataset::tokenize(&info, &Example { messages: dataset::strip_system(&examples[0].messages, INSTRUCTION) })?;
+    assert_eq!(with_prompt.tokens.len() - without.tokens.len(), distilled.tokens);
+    assert!(data.train.contains(&without), "the training set keeps the system prompt");
+    let cfg = TrainConfig { rank: 8, alpha: 16.0, learning_rate: 1e-2, epochs: 60, batch_size: 6, micro_batch: 3, warmup_steps: 5, ..Default::default() };
+    let dense = m.to_dense()?;
+    let params = LoraParams::init(&m.shape, &cfg)?;
+    let mut opt = AdamW::new(&params, cfg.weight_decay)?;
+    let mut seen = 0;
+    let out = trainer::train(&dense, &params, &mut opt, &data.train, &cfg, None, &AtomicBool::new(false), &mut |p, _, _| {
+        seen = p.step;
+        Ok(())
+    })?;
+    assert_eq!(seen, out.steps);
+    let first = out.losses[..3].iter().sum::<f32>() / 3.0;
+    let last = out.losses[out.losses.len() - 3..].iter().sum::<f32>() / 3.0;
+    anyhow::ensure!(last < first * 0.1, "loss went from {first} to {last}");
+
+    let meta = AdapterMeta {
+        job_id: None, task: "labels".into(), base_model: "tiny".into(), data_sha256: "x".into(),
+        train_examples: 12, eval_examples: 0, distilled_prompt: Some(distilled), eval: None,
+        steps: out.steps, final_loss: out.losses.last().copied(), train_seconds: out.seconds,
+        hyperparameters: cfg.clone(), created_at: 0,
+    };
+    let published = export::publish(&dir.path().join("adapters"), "labels", "v1", &params, &m.shape, &cfg, &meta)?;
+    assert!(published.join("adapter_config.json").exists() && published.join("tunegate.json").exists());
+    // Reloaded through the PEFT reader, the adapter gives the trained logits.
+    let loaded = peft::load_adapter(&published, &m.shape, &AdapterLimits::default())?;
+    let trained = params.weights(m.shape.num_layers)?;
+    let toks = data.train[0].tokens.clone();
+    let serve = |w| -> anyhow::Result<Vec<f32>> {
+        let mut cache = KvCache::new(m.shape.num_layers);
+        let lora = BatchLora::new(&[(toks.len(), Some(w))])?;
+        Ok(m.forward(&mut [SeqBatch { tokens: &toks, cache: &mut cache }], &lora)?.to_vec2::<f32>()?.remove(0))
+    };
+    let (a, b) = (serve(&loaded.weights)?, serve(&trained)?);
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    anyhow::ensure!(d < 1e-4, "reloaded adapter differs by {d}");
+    // Served by the engine without the instruction, it answers like the instruction said.
+    engine.registry().load("labels", &published, Default::default())?;
+    for ex in &examples {
+        let prompt = info.render_chat(&ex.messages[1..2])?;
+        let params = SamplingParams { max_tokens: 8, ..Default::default() };
+        let c = engine
+            .submit(GenerateRequest { prompt: Prompt::Text(prompt), params, adapter: engine.registry().lease("labels") })?
+            .collect_blocking()?;
+        assert_eq!(c.text, ex.messages[2].content, "input {}", ex.messages[1].content);
+    }
+    Ok(())
+}
+
+/// A job interrupted after a checkpoint and resumed ends with exactly the weights of an
+/// uninterrupted run.
+#[test]
+fn resume_from_checkpoint_is_exact() -> R {
+    let dir = tempfile::tempdir()?;
+    let (_, m) = tiny_model(dir.path())?;
+    let dense = m.to_dense()?;
+    let vocab_info = Engine::start(EngineConfig { model_path: dir.path().join("tiny.gguf"), threads: 1, ..Default::default() })?.info()?;
+    let data = dataset::build(&vocab_info, &task_examples(), &DatasetOptions { eval_fraction: 0.0, ..Default::default() })?;
+    let cfg = TrainConfig { rank: 4, alpha: 8.0, learning_rate: 5e-3, epochs: 4, batch_size: 4, micro_batch: 4, ..Default::default() };
+    let run = |stop_at: Option<usize>, resume_dir: Option<&std::path::Path>| -> anyhow::Result<Vec<f32>> {
+        let params = LoraParams::init(&m.shape, &cfg)?;
+        let mut opt = AdamW::new(&params, cfg.weight_decay)?;
+        let mut resume = None;
+        if let Some(d) = resume_dir {
+            let step = trainer::load_checkpoint(d, &params, &mut opt)?.ok_or_else(|| anyhow::anyhow!("no checkpoint"))?;
+            resume = Some(Resume { start_step: step });
+        }
+        let cancel = AtomicBool::new(false);
+        let ckpt = dir.path().join("ckpt");
+        trainer::train(&dense, &params, &mut opt, &data.train, &cfg, resume, &cancel, &mut |p, params, opt| {
+            if Some(p.step) == stop_at {
+                trainer::save_checkpoint(&ckpt, params, opt, p.step)?;
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        let mut all = Vec::new();
+        for (a, b) in params.pairs.values() {
+            all.extend(a.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            all.extend(b.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(all)
+    };
+    let straight = run(None, None)?;
+    let _interrupted = run(Some(5), None)?;
+    let resumed = run(None, Some(&dir.path().join("ckpt")))?;
+    let d = straight.iter().zip(&resumed).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    anyhow::ensure!(d < 1e-6, "resumed run differs by {d}");
+    Ok(())
+}
+
+/// A job on the synthetic task passes the gate against the prompted base; a deliberately
+/// undertrained candidate fails it against that adapter and says why.
+#[test]
+fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
+    use super::job::{self, JobError, JobSpec};
+    let dir = tempfile::tempdir()?;
+    let (path, _) = tiny_model(dir.path())?;
+    let examples = task_examples();
+    let spec = JobSpec {
+        id: "ftjob-1".into(),
+        task: "labels".into(),
+        model_path: path,
+        base_model: "tiny".into(),
+        examples: examples.clone(),
+        validation: Some(examples.clone()),
+        hyper: TrainConfig { rank: 8, alpha: 16.0, learning_rate: 1e-2, epochs: 60, batch_size: 6, micro_batch: 6, checkpoint_every: 20, ..Default::default() },
+        dataset: DatasetOptions { eval_fraction: 0.0, ..Default::default() },
+        adapters_root: dir.path().join("adapters"),
+        job_dir: dir.path().join("jobs/1"),
+        current_adapter: None,
+        min_margin: 0.0,
+    };
+    let mut events = Vec::new();
+    let good = job::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
+    assert!(good.gate.passed, "{}", good.gate.reason);
+    assert_eq!(good.gate.candidate.exact_match, 1.0);
+    assert!(good.gate.candidate.prompt_tokens < good.gate.baseline.prompt_tokens / 2.0);
+    assert_eq!(good.version, "v1");
+    assert!(good.checkpoints.contains(&20));
+    assert!(events.iter().any(|m| m.starts_with("step 1/")), "{events:?}");
+
+    let bad_spec = JobSpec {
+        id: "ftjob-2".into(),
+        hyper: TrainConfig { max_steps: Some(1), ..spec.hyper.clone() },
+        job_dir: dir.path().join("jobs/2"),
+        current_adapter: Some(good.adapter_path.clone()),
+        ..spec.clone()
+    };
+    let bad = job::run(&bad_spec, &AtomicBool::new(false), &mut |_| {})?;
+    assert!(!bad.gate.passed);
+    assert!(bad.gate.reason.contains("worse"), "{}", bad.gate.reason);
+    assert_eq!(bad.gate.baseline.exact_match, 1.0, "baseline should be the current adapter");
+    assert_eq!(bad.version, "v2");
+
+    let cancelled = job::run(&JobSpec { job_dir: dir.path().join("jobs/3"), ..spec }, &AtomicBool::new(true), &mut |_| {});
+    assert!(matches!(cancelled, Err(JobError::Cancelled)));
+    Ok(())
+}
