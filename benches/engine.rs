@@ -45,6 +45,10 @@ pub struct Settings {
 /// One round of tunegate's figures; `None` where the time budget ran out first.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EngineRound {
+    /// `/proc/loadavg` when the round started: other work on the machine skews both sides.
+    pub load_average: String,
+    /// Share of the cores other work kept busy over one second before the round.
+    pub other_cpu_busy: Option<f64>,
     pub prefill_128_tps: Option<f64>,
     pub prefill_1000_seconds: Option<f64>,
     pub decode_128_tps: Option<f64>,
@@ -169,7 +173,11 @@ fn engine_round(
     deadline: Instant,
 ) -> Result<EngineRound> {
     let open = || Instant::now() < deadline;
-    let mut r = EngineRound::default();
+    let mut r = EngineRound {
+        load_average: report::loadavg(),
+        other_cpu_busy: report::cpu_busy_fraction(),
+        ..Default::default()
+    };
     if open() {
         let (ttft, _) = single(engine, random_tokens(rng, PREFILL_TOKENS, vocab), 1)?;
         r.prefill_128_tps = Some(PREFILL_TOKENS as f64 / ttft);

@@ -92,6 +92,23 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Share of all cores busy over one second, read from `/proc/stat`. Called while the bench
+/// itself is idle, so it is the load other work puts on the machine.
+pub fn cpu_busy_fraction() -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((v.iter().take(8).sum(), idle))
+    }
+    let (t0, i0) = sample()?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0)?;
+    (total > 0).then(|| 1.0 - (i1.saturating_sub(i0)) as f64 / total as f64)
+}
+
 fn cpu_model() -> String {
     let lscpu = shell("lscpu", &[]);
     lscpu
@@ -219,7 +236,23 @@ impl Results<'_> {
                 let _ = writeln!(md, "- peer: not run (see the bench's stderr)");
             }
         }
+        let busy: Vec<String> = self
+            .engine_rounds
+            .iter()
+            .filter_map(|r| r.other_cpu_busy)
+            .map(|b| format!("{:.0}%", b * 100.0))
+            .collect();
+        let _ = writeln!(md, "- CPU busy with other work just before each round: {}", if busy.is_empty() { "n/a".into() } else { busy.join(", ") });
         let _ = writeln!(md, "- whole run: {:.0} s; engine load {:.2} s\n", self.wall_seconds, self.engine_load_seconds);
+        let worst = self.engine_rounds.iter().filter_map(|r| r.other_cpu_busy).fold(0.0, f64::max);
+        if worst > 0.25 {
+            let _ = writeln!(
+                md,
+                "**Other work kept the cores busy during this run, so absolute figures are well below a quiet \
+                 machine's, decode most of all (both engines synchronise their 2 threads many times per token). \
+                 Both sides ran under the same conditions, alternating; read the ratios, not the absolutes.**\n"
+            );
+        }
 
         let _ = writeln!(md, "| metric | tunegate | llama.cpp | ratio (tunegate / llama.cpp) |");
         let _ = writeln!(md, "|---|---:|---:|---:|");
