@@ -1,13 +1,14 @@
 //! Engine benchmark: tunegate's engine beside llama.cpp on the same GGUF file and thread
-//! count, in the same run. Rounds alternate between the two so that background load hits
-//! both alike; every figure is the median over rounds. Writes `benches/results/engine.md`
+//! count, in the same run. Each half of a round runs tunegate then llama.cpp back to back
+//! so that background load hits both alike; every figure is the median over rounds. Writes `benches/results/engine.md`
 //! and `benches/results/engine.json`. See `benches/README.md`.
 //!
 //! Environment: `TUNEGATE_BENCH_MODEL` (default the SmolLM2-135M Q4_1 file),
 //! `TUNEGATE_BENCH_RUNS` (rounds, default 3), `TUNEGATE_BENCH_THREADS` (default 2),
 //! `TUNEGATE_BENCH_BUDGET_S` (no round starts that would end past this, default 300; at
 //! twice this, measurements not yet started are skipped and peer processes are killed),
-//! `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder).
+//! `TUNEGATE_BENCH_QUIET_WAIT_S` (before each half-round, wait up to this for the machine to
+//! be quiet, default 60), `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder).
 
 #[path = "engine/peer.rs"]
 mod peer;
@@ -22,6 +23,7 @@ use anyhow::{bail, Context as _, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tunegate::adapters::{AdapterLease, AdapterLimits, LoadOptions};
+use peer::PeerRound;
 use tunegate::engine::{Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams, StreamEvent};
 
 const PREFILL_TOKENS: usize = 128;
@@ -38,6 +40,7 @@ pub struct Settings {
     pub runs: usize,
     pub threads: usize,
     pub budget: Duration,
+    pub quiet_wait: Duration,
     pub peer: bool,
     pub out_dir: PathBuf,
 }
@@ -47,8 +50,10 @@ pub struct Settings {
 pub struct EngineRound {
     /// `/proc/loadavg` when the round started: other work on the machine skews both sides.
     pub load_average: String,
-    /// Share of the cores other work kept busy over one second before the round.
+    /// Share of the cores other work kept busy over one second before the single-stream
+    /// half of the round, and before the 8-stream half.
     pub other_cpu_busy: Option<f64>,
+    pub other_cpu_busy_batched: Option<f64>,
     pub prefill_128_tps: Option<f64>,
     pub prefill_1000_seconds: Option<f64>,
     pub decode_128_tps: Option<f64>,
@@ -88,6 +93,7 @@ fn settings() -> Result<Settings> {
         runs: env_usize("TUNEGATE_BENCH_RUNS", 3)?.max(1),
         threads: env_usize("TUNEGATE_BENCH_THREADS", 2)?.max(1),
         budget: Duration::from_secs(env_usize("TUNEGATE_BENCH_BUDGET_S", 300)? as u64),
+        quiet_wait: Duration::from_secs(env_usize("TUNEGATE_BENCH_QUIET_WAIT_S", 60)? as u64),
         peer,
         model,
         root,
@@ -164,20 +170,9 @@ fn concurrent(engine: &Engine, rng: &mut StdRng, vocab: usize, adapters: &[Optio
     Ok((tps, t0.as_secs_f64()))
 }
 
-/// One round of tunegate's measurements; those that would start past `deadline` are skipped.
-fn engine_round(
-    engine: &Engine,
-    rng: &mut StdRng,
-    vocab: usize,
-    leases: &[Option<AdapterLease>],
-    deadline: Instant,
-) -> Result<EngineRound> {
+/// tunegate's single-stream measurements; those that would start past `deadline` are skipped.
+fn engine_single(engine: &Engine, rng: &mut StdRng, vocab: usize, deadline: Instant, r: &mut EngineRound) -> Result<()> {
     let open = || Instant::now() < deadline;
-    let mut r = EngineRound {
-        load_average: report::loadavg(),
-        other_cpu_busy: report::cpu_busy_fraction(),
-        ..Default::default()
-    };
     if open() {
         let (ttft, _) = single(engine, random_tokens(rng, PREFILL_TOKENS, vocab), 1)?;
         r.prefill_128_tps = Some(PREFILL_TOKENS as f64 / ttft);
@@ -189,6 +184,19 @@ fn engine_round(
         // One prompt token, as llama-bench's tg128 decodes from an empty context.
         r.decode_128_tps = Some(single(engine, random_tokens(rng, 1, vocab), DECODE_TOKENS)?.1);
     }
+    Ok(())
+}
+
+/// tunegate's 8-stream measurements, base then adapters.
+fn engine_batched(
+    engine: &Engine,
+    rng: &mut StdRng,
+    vocab: usize,
+    leases: &[Option<AdapterLease>],
+    deadline: Instant,
+    r: &mut EngineRound,
+) -> Result<()> {
+    let open = || Instant::now() < deadline;
     if open() {
         let (tps, first) = concurrent(engine, rng, vocab, &vec![None; STREAMS])?;
         r.batch8_base_decode_tps = Some(tps);
@@ -199,7 +207,19 @@ fn engine_round(
         r.batch8_lora_decode_tps = Some(tps);
         r.batch8_lora_last_first_token_seconds = Some(first);
     }
-    Ok(r)
+    Ok(())
+}
+
+/// Waits (at most `max_wait`) for a second in which other work keeps under 30% of the
+/// cores busy; returns the last reading.
+fn wait_quiet(max_wait: Duration) -> Option<f64> {
+    let start = Instant::now();
+    loop {
+        let busy = report::cpu_busy_fraction();
+        if busy.is_none_or(|b| b < 0.3) || start.elapsed() >= max_wait {
+            return busy;
+        }
+    }
 }
 
 /// Loads of one rank-16 adapter under fresh aliases, each unloaded again: wall seconds.
@@ -270,13 +290,24 @@ fn main() -> Result<()> {
     let mut stopped_early = false;
     for r in 0..s.runs {
         let round_start = Instant::now();
-        let e = engine_round(&engine, &mut rng, vocab, &leases, hard_deadline)?;
+        // Each half runs tunegate then llama.cpp back to back, so both meet the same load.
+        let mut e = EngineRound { load_average: report::loadavg(), ..Default::default() };
+        let mut p = PeerRound::default();
+        e.other_cpu_busy = wait_quiet(s.quiet_wait);
+        engine_single(&engine, &mut rng, vocab, hard_deadline, &mut e)?;
+        if let Some(peer) = &peer {
+            peer.single_stream(&s.model, s.threads, hard_deadline, &mut p);
+        }
+        e.other_cpu_busy_batched = wait_quiet(s.quiet_wait);
+        engine_batched(&engine, &mut rng, vocab, &leases, hard_deadline, &mut e)?;
+        if let Some(peer) = &peer {
+            peer.batched(&s.model, s.threads, hard_deadline, &mut p);
+        }
         eprintln!("bench: round {} tunegate {:?}", r + 1, e);
         engine_rounds.push(e);
-        if let Some(p) = &peer {
-            let pr = p.round(&s.model, s.threads, hard_deadline);
-            eprintln!("bench: round {} llama.cpp {:?}", r + 1, pr);
-            peer_rounds.push(pr);
+        if peer.is_some() {
+            eprintln!("bench: round {} llama.cpp {:?}", r + 1, p);
+            peer_rounds.push(p);
         }
         let round_time = round_start.elapsed();
         if r + 1 < s.runs && began.elapsed() + round_time > s.budget {

@@ -71,22 +71,27 @@ pub fn locate(root: &Path) -> Result<Peer> {
 }
 
 impl Peer {
-    /// One round: `llama-bench -p 128,1000 -n 128 -r 1` and
-    /// `llama-batched-bench -npp 128 -ntg 128 -npl 8`. Each is killed at `deadline`.
-    pub fn round(&self, model: &Path, threads: usize, deadline: Instant) -> PeerRound {
-        let mut round = PeerRound::default();
+    /// `llama-bench -p 128,1000 -n 128 -r 1`: prefill of 128 and 1,000 tokens, decode of 128.
+    /// Killed at `deadline`.
+    pub fn single_stream(&self, model: &Path, threads: usize, deadline: Instant, round: &mut PeerRound) {
         let t = threads.to_string();
         let m = model.to_string_lossy().to_string();
         let args = ["-m", &m, "-t", &t, "-p", "128,1000", "-n", "128", "-r", "1", "-o", "json"];
         match run_polled(&self.bench, &args, deadline) {
             Ok(run) => {
-                round.peak_rss_bytes = run.peak_rss_bytes;
-                if let Err(e) = parse_llama_bench(&run.stdout, &mut round) {
+                round.peak_rss_bytes = round.peak_rss_bytes.max(run.peak_rss_bytes);
+                if let Err(e) = parse_llama_bench(&run.stdout, round) {
                     round.errors.push(format!("llama-bench: {e:#}; stderr tail: {}", tail(&run.stderr)));
                 }
             }
             Err(e) => round.errors.push(format!("llama-bench: {e:#}")),
         }
+    }
+
+    /// `llama-batched-bench -npp 128 -ntg 128 -npl 8`. Killed at `deadline`.
+    pub fn batched(&self, model: &Path, threads: usize, deadline: Instant, round: &mut PeerRound) {
+        let t = threads.to_string();
+        let m = model.to_string_lossy().to_string();
         // 8 sequences × (128 + 128) tokens need a 2,048-token KV cache.
         let args = [
             "-m", &m, "-t", &t, "-tb", &t, "-c", "2048", "-b", "2048", "-ub", "512",
@@ -103,7 +108,6 @@ impl Peer {
             }
             Err(e) => round.errors.push(format!("llama-batched-bench: {e:#}")),
         }
-        round
     }
 }
 

@@ -224,7 +224,7 @@ impl Results<'_> {
         let _ = writeln!(md, "- model: `{model}` ({:.1} MiB), {} threads for both engines", self.model_bytes as f64 / 1048576.0, s.threads);
         let _ = writeln!(
             md,
-            "- rounds: {} (each figure is the median over rounds; tunegate and llama.cpp alternate within each round){}",
+            "- rounds: {} (each figure is the median over rounds; in each half of a round tunegate and llama.cpp run back to back){}",
             self.engine_rounds.len(),
             if self.stopped_early { "; stopped early by the time budget" } else { "" }
         );
@@ -239,12 +239,19 @@ impl Results<'_> {
         let busy: Vec<String> = self
             .engine_rounds
             .iter()
-            .filter_map(|r| r.other_cpu_busy)
-            .map(|b| format!("{:.0}%", b * 100.0))
+            .map(|r| {
+                let f = |b: Option<f64>| b.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_else(|| "n/a".into());
+                format!("{} / {}", f(r.other_cpu_busy), f(r.other_cpu_busy_batched))
+            })
             .collect();
-        let _ = writeln!(md, "- CPU busy with other work just before each round: {}", if busy.is_empty() { "n/a".into() } else { busy.join(", ") });
+        let _ = writeln!(md, "- CPU busy with other work just before each round's single-stream / 8-stream half: {}", if busy.is_empty() { "n/a".into() } else { busy.join(", ") });
         let _ = writeln!(md, "- whole run: {:.0} s; engine load {:.2} s\n", self.wall_seconds, self.engine_load_seconds);
-        let worst = self.engine_rounds.iter().filter_map(|r| r.other_cpu_busy).fold(0.0, f64::max);
+        let worst = self
+            .engine_rounds
+            .iter()
+            .flat_map(|r| [r.other_cpu_busy, r.other_cpu_busy_batched])
+            .flatten()
+            .fold(0.0, f64::max);
         if worst > 0.25 {
             let _ = writeln!(
                 md,
