@@ -1,0 +1,379 @@
+//! Turns the rounds into medians and writes `engine.md` (a table beside the peer, with
+//! ratios, and the issue 7 targets) and `engine.json` (every sample, for tools).
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, Result};
+
+use super::peer::{Peer, PeerRound};
+use super::{EngineRound, Settings, ADAPTER_RANK, STREAMS};
+
+pub struct Results<'a> {
+    pub settings: &'a Settings,
+    pub peer: Option<&'a Peer>,
+    pub engine_rounds: Vec<EngineRound>,
+    pub peer_rounds: Vec<PeerRound>,
+    pub adapter_load_seconds: Vec<f64>,
+    pub adapter_bytes: usize,
+    pub engine_load_seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub model_bytes: u64,
+    pub stopped_early: bool,
+    pub load_start: String,
+    pub load_end: String,
+    pub wall_seconds: f64,
+}
+
+/// Whether a bigger figure is better, for reading the ratio.
+#[derive(Clone, Copy)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+struct Row {
+    key: &'static str,
+    metric: String,
+    unit: &'static str,
+    better: Better,
+    tunegate: Option<f64>,
+    peer: Option<f64>,
+}
+
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+fn med_e(rounds: &[EngineRound], f: impl Fn(&EngineRound) -> Option<f64>) -> Option<f64> {
+    median(rounds.iter().filter_map(f).collect())
+}
+
+fn med_p(rounds: &[PeerRound], f: impl Fn(&PeerRound) -> Option<f64>) -> Option<f64> {
+    median(rounds.iter().filter_map(f).collect())
+}
+
+fn fmt(v: Option<f64>, unit: &str) -> String {
+    match v {
+        None => "n/a".into(),
+        Some(x) if unit == "ms" => format!("{:.1}", x * 1e3),
+        Some(x) if unit == "MiB" => format!("{:.1}", x / (1024.0 * 1024.0)),
+        Some(x) => format!("{x:.1}"),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn shell(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Share of all cores busy over one second, read from `/proc/stat`. Called while the bench
+/// itself is idle, so it is the load other work puts on the machine.
+pub fn cpu_busy_fraction() -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((v.iter().take(8).sum(), idle))
+    }
+    let (t0, i0) = sample()?;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0)?;
+    (total > 0).then(|| 1.0 - (i1.saturating_sub(i0)) as f64 / total as f64)
+}
+
+fn cpu_model() -> String {
+    let lscpu = shell("lscpu", &[]);
+    lscpu
+        .lines()
+        .find(|l| l.starts_with("Model name:"))
+        .map(|l| l.trim_start_matches("Model name:").trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn date_utc() -> String {
+    shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+}
+
+impl Results<'_> {
+    fn rows(&self) -> Vec<Row> {
+        let e = &self.engine_rounds;
+        let p = &self.peer_rounds;
+        let peer_rss = p.iter().filter_map(|r| r.peak_rss_bytes).max().map(|b| b as f64);
+        vec![
+            Row {
+                key: "prefill_128_tps",
+                metric: "prefill, 128-token prompt".into(),
+                unit: "tokens/s",
+                better: Better::Higher,
+                tunegate: med_e(e, |r| r.prefill_128_tps),
+                peer: med_p(p, |r| r.prefill_128_tps),
+            },
+            Row {
+                key: "ttft_1000_seconds",
+                metric: "time to first token, 1,000-token prompt".into(),
+                unit: "ms",
+                better: Better::Lower,
+                tunegate: med_e(e, |r| r.prefill_1000_seconds),
+                peer: med_p(p, |r| r.prefill_1000_seconds),
+            },
+            Row {
+                key: "decode_128_tps",
+                metric: "decode, 1 stream, 128 tokens".into(),
+                unit: "tokens/s",
+                better: Better::Higher,
+                tunegate: med_e(e, |r| r.decode_128_tps),
+                peer: med_p(p, |r| r.decode_128_tps),
+            },
+            Row {
+                key: "batch8_base_decode_tps",
+                metric: format!("decode, {STREAMS} streams on the base model (aggregate)"),
+                unit: "tokens/s",
+                better: Better::Higher,
+                tunegate: med_e(e, |r| r.batch8_base_decode_tps),
+                peer: med_p(p, |r| r.batch8_decode_tps),
+            },
+            Row {
+                key: "batch8_lora_decode_tps",
+                metric: format!("decode, {STREAMS} streams on {STREAMS} rank-{ADAPTER_RANK} adapters (aggregate)"),
+                unit: "tokens/s",
+                better: Better::Higher,
+                tunegate: med_e(e, |r| r.batch8_lora_decode_tps),
+                peer: None,
+            },
+            Row {
+                key: "adapter_load_seconds",
+                metric: format!("adapter load, rank {ADAPTER_RANK}, 7 projections"),
+                unit: "ms",
+                better: Better::Lower,
+                tunegate: median(self.adapter_load_seconds.clone()),
+                peer: None,
+            },
+            Row {
+                key: "peak_rss_bytes",
+                metric: "peak resident memory (VmHWM)".into(),
+                unit: "MiB",
+                better: Better::Lower,
+                tunegate: self.peak_rss_bytes.map(|b| b as f64),
+                peer: peer_rss,
+            },
+            Row {
+                key: "model_file_bytes",
+                metric: "model file".into(),
+                unit: "MiB",
+                better: Better::Lower,
+                tunegate: Some(self.model_bytes as f64),
+                peer: Some(self.model_bytes as f64),
+            },
+        ]
+    }
+
+    /// Writes both files and returns the Markdown.
+    pub fn write(&self, dir: &Path) -> Result<String> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let rows = self.rows();
+        let commit = shell("git", &["-C", &self.settings.root.to_string_lossy(), "rev-parse", "--short", "HEAD"]);
+        let dirty = !shell("git", &["-C", &self.settings.root.to_string_lossy(), "status", "--porcelain", "--untracked-files=no"]).is_empty();
+        let commit = if dirty { format!("{commit} (with uncommitted changes)") } else { commit };
+        let cpu = cpu_model();
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+        let date = date_utc();
+        let md = self.markdown(&rows, &commit, &cpu, cores, &date);
+        std::fs::write(dir.join("engine.md"), &md)?;
+        let json = self.json(&rows, &commit, &cpu, cores, &date);
+        std::fs::write(dir.join("engine.json"), serde_json::to_string_pretty(&json)? + "\n")?;
+        Ok(md)
+    }
+
+    fn markdown(&self, rows: &[Row], commit: &str, cpu: &str, cores: usize, date: &str) -> String {
+        let s = self.settings;
+        let mut md = String::new();
+        let _ = writeln!(md, "# Engine benchmark\n");
+        let _ = writeln!(md, "Written by `cargo bench --bench engine` (see `benches/README.md`); do not edit by hand.\n");
+        let _ = writeln!(md, "- commit: `{commit}`");
+        let _ = writeln!(md, "- date: {date}");
+        let _ = writeln!(md, "- machine: {cpu}, {cores} cores; load average {} at start, {} at end", self.load_start, self.load_end);
+        let model = s.model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let _ = writeln!(md, "- model: `{model}` ({:.1} MiB), {} threads for both engines", self.model_bytes as f64 / 1048576.0, s.threads);
+        let _ = writeln!(
+            md,
+            "- rounds: {} (each figure is the median over rounds; in each half of a round tunegate and llama.cpp run back to back){}",
+            self.engine_rounds.len(),
+            if self.stopped_early { "; stopped early by the time budget" } else { "" }
+        );
+        match self.peer {
+            Some(p) => {
+                let _ = writeln!(md, "- peer: llama.cpp `llama-bench` / `llama-batched-bench` built from `{}` ({})", p.source, p.version);
+            }
+            None => {
+                let _ = writeln!(md, "- peer: not run (see the bench's stderr)");
+            }
+        }
+        let busy: Vec<String> = self
+            .engine_rounds
+            .iter()
+            .map(|r| {
+                let f = |b: Option<f64>| b.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_else(|| "n/a".into());
+                format!("{} / {}", f(r.other_cpu_busy), f(r.other_cpu_busy_batched))
+            })
+            .collect();
+        let _ = writeln!(md, "- CPU busy with other work just before each round's single-stream / 8-stream half: {}", if busy.is_empty() { "n/a".into() } else { busy.join(", ") });
+        let _ = writeln!(md, "- whole run: {:.0} s; engine load {:.2} s\n", self.wall_seconds, self.engine_load_seconds);
+        let worst = self
+            .engine_rounds
+            .iter()
+            .flat_map(|r| [r.other_cpu_busy, r.other_cpu_busy_batched])
+            .flatten()
+            .fold(0.0, f64::max);
+        if worst > 0.25 {
+            let _ = writeln!(
+                md,
+                "**Other work kept the cores busy during this run, so absolute figures are well below a quiet \
+                 machine's, decode most of all (both engines synchronise their 2 threads many times per token). \
+                 Both sides ran under the same conditions, alternating; read the ratios, not the absolutes.**\n"
+            );
+        }
+
+        let _ = writeln!(md, "| metric | tunegate | llama.cpp | ratio (tunegate / llama.cpp) |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        for r in rows {
+            let better = match r.better {
+                Better::Higher => "higher is better",
+                Better::Lower => "lower is better",
+            };
+            let ratio = ratio(r.tunegate, r.peer).map(|x| format!("{x:.2}×")).unwrap_or_else(|| "n/a".into());
+            let _ = writeln!(
+                md,
+                "| {} ({}, {}) | {} | {} | {} |",
+                r.metric,
+                r.unit,
+                better,
+                fmt(r.tunegate, r.unit),
+                fmt(r.peer, r.unit),
+                ratio
+            );
+        }
+
+        let get = |key: &str| rows.iter().find(|r| r.key == key);
+        let _ = writeln!(md, "\n## Targets (issue 7)\n");
+        let _ = writeln!(md, "| target | measured | met |");
+        let _ = writeln!(md, "|---|---:|:---:|");
+        let mut target = |name: &str, value: Option<f64>, ok: fn(f64) -> bool| {
+            let (v, met) = match value {
+                Some(x) => (format!("{x:.2}×"), if ok(x) { "yes" } else { "no" }),
+                None => ("n/a".into(), "n/a"),
+            };
+            let _ = writeln!(md, "| {name} | {v} | {met} |");
+        };
+        let pair = |key: &str| get(key).and_then(|r| ratio(r.tunegate, r.peer));
+        target("single-stream decode ≥ 0.8× llama.cpp", pair("decode_128_tps"), |x| x >= 0.8);
+        target("prefill, 128-token prompt ≥ 0.8× llama.cpp", pair("prefill_128_tps"), |x| x >= 0.8);
+        target("first token, 1,000-token prompt ≤ 1.25× llama.cpp's prefill time", pair("ttft_1000_seconds"), |x| x <= 1.25);
+        let own = |a: &str, b: &str| ratio(get(a).and_then(|r| r.tunegate), get(b).and_then(|r| r.tunegate));
+        target("8 streams, aggregate decode ≥ 2× single-stream decode", own("batch8_base_decode_tps", "decode_128_tps"), |x| x >= 2.0);
+        target("8 streams on 8 adapters ≥ 0.8× 8 base streams", own("batch8_lora_decode_tps", "batch8_base_decode_tps"), |x| x >= 0.8);
+        let load = get("adapter_load_seconds").and_then(|r| r.tunegate);
+        let _ = writeln!(
+            md,
+            "| adapter load < 100 ms | {} ms | {} |",
+            fmt(load, "ms"),
+            match load {
+                Some(x) if x < 0.1 => "yes",
+                Some(_) => "no",
+                None => "n/a",
+            }
+        );
+        let _ = writeln!(md, "\nNot measured here: hot-swap delay under load, and memory with 8 streams of 2,048 tokens.");
+        let errors: Vec<&String> = self.peer_rounds.iter().flat_map(|r| &r.errors).collect();
+        let skipped = self.engine_rounds.iter().any(|r| {
+            [r.prefill_128_tps, r.prefill_1000_seconds, r.decode_128_tps, r.batch8_base_decode_tps, r.batch8_lora_decode_tps]
+                .iter()
+                .any(Option::is_none)
+        });
+        if !errors.is_empty() || skipped {
+            let _ = writeln!(md, "\n## Gaps in this run\n");
+            if skipped {
+                let _ = writeln!(md, "- some tunegate measurements were skipped: the time budget ran out (see `engine.json`)");
+            }
+            for e in errors {
+                let _ = writeln!(md, "- llama.cpp: {e}");
+            }
+        }
+
+        let _ = writeln!(md, "\n## How each figure is taken\n");
+        let _ = writeln!(md, "- Prompts are random in-vocabulary token ids (as llama-bench uses); greedy; EOS ignored.");
+        let _ = writeln!(md, "- Prefill: 128-token prompt, `max_tokens` 1; 128 / time to first token (measured by the engine from submission, so it includes queueing and sampling one token). Peer: llama-bench `pp128`.");
+        let _ = writeln!(md, "- First token of a 1,000-token prompt: the same with 1,000 tokens. Peer: llama-bench `pp1000` time.");
+        let _ = writeln!(md, "- Single-stream decode: 1-token prompt, 128 generated; (128 − 1) / (total − time to first token). Peer: llama-bench `tg128`.");
+        let _ = writeln!(md, "- {STREAMS} streams: {STREAMS} requests of 128 prompt + 128 generated tokens submitted at once; tokens arriving after the latest stream's first token, divided by the time from then to the last token. Peer: `llama-batched-bench -npp 128 -ntg 128 -npl 8` `speed_tg` (prompts all prefilled first). llama-bench has no per-sequence adapters, so the adapter row has no peer.");
+        let _ = writeln!(md, "- Adapter load: {} loads of a random rank-{ADAPTER_RANK} PEFT adapter on all 7 projections ({:.1} MiB), wall time of `registry.load`, median.", self.adapter_load_seconds.len(), self.adapter_bytes as f64 / 1048576.0);
+        let _ = writeln!(md, "- Memory: VmHWM of the bench process after all rounds (model, {STREAMS} adapters, KV caches); peer: highest VmHWM sampled every 20 ms on its processes.");
+        md
+    }
+
+    fn json(&self, rows: &[Row], commit: &str, cpu: &str, cores: usize, date: &str) -> serde_json::Value {
+        let s = self.settings;
+        let metrics: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.key.to_string(),
+                    serde_json::json!({
+                        "metric": r.metric,
+                        "unit": match r.unit { "ms" => "seconds", "MiB" => "bytes", u => u },
+                        "higher_is_better": matches!(r.better, Better::Higher),
+                        "tunegate": r.tunegate,
+                        "llama_cpp": r.peer,
+                        "ratio": ratio(r.tunegate, r.peer),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "commit": commit,
+            "date": date,
+            "machine": { "cpu": cpu, "cores": cores, "load_start": self.load_start, "load_end": self.load_end },
+            "model": { "path": s.model, "bytes": self.model_bytes },
+            "threads": s.threads,
+            "rounds": self.engine_rounds.len(),
+            "stopped_early": self.stopped_early,
+            "wall_seconds": self.wall_seconds,
+            "engine_load_seconds": self.engine_load_seconds,
+            "peer": self.peer.map(|p| serde_json::json!({ "source": p.source, "version": p.version })),
+            "metrics": metrics,
+            "samples": {
+                "tunegate": self.engine_rounds,
+                "llama_cpp": self.peer_rounds,
+                "adapter_load_seconds": self.adapter_load_seconds,
+                "adapter_bytes": self.adapter_bytes,
+            },
+        })
+    }
+}
