@@ -549,8 +549,16 @@ mod tests {
         assert_eq!(
             err("[srever]\nbind = \"127.0.0.1:1\"\n"),
             "test.toml: srever: unknown field `srever`, expected one of `server`, `auth`, `model`, `engine`, \
-             `adapters`, `limits`"
+             `adapters`, `limits`, `training`"
         );
+    }
+
+    #[test]
+    fn training_section_is_validated() {
+        let text = format!("{COMMITTED}").replace("rank = 16", "rank = 0");
+        assert_eq!(err(&text), "test.toml: training.rank: must be 1..=64 (adapters.max_rank)");
+        let text = COMMITTED.replace("\"down_proj\"]", "\"lm_head\"]");
+        assert!(err(&text).starts_with("test.toml: training.target_modules: unknown target module 'lm_head'"));
     }
 
     #[test]
