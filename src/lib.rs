@@ -2,5 +2,10 @@
 //! This file only lists the modules; see `DESIGN.md` for what each one owns.
 
 pub mod adapters;
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod logs;
+pub mod router;
 pub mod training;

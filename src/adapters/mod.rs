@@ -2,8 +2,10 @@
 //! alias → immutable generation that requests lease. Training lives in `training`; the
 //! per-sequence math lives in `engine::lora`.
 
+pub mod paths;
 pub mod peft;
 mod registry;
+pub mod watch;
 
 pub use registry::{AdapterInfo, AdapterRegistry, LoadOptions, RetiredInfo};
 

@@ -110,7 +110,7 @@ impl ModelShape {
 }
 
 /// Where a loader gets tensors from (GGUF file or safetensors), by Hugging Face name.
-pub(crate) trait WeightSource {
+pub trait WeightSource {
     /// A 2-D projection weight `[out, in]`, quantized if the file is.
     fn matmul(&mut self, name: &str) -> Result<QMatMul>;
     /// A small f32 tensor (norms, biases).
@@ -355,7 +355,7 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
-    pub(crate) fn new(
+    pub fn new(
         cfg: Config,
         src: &mut dyn WeightSource,
         architecture: &str,

@@ -5,7 +5,9 @@
 pub mod dataset;
 pub mod eval;
 pub mod job;
+pub mod jobs;
 pub mod export;
+pub mod files;
 pub mod trainer;
 #[cfg(test)]
 mod tests;

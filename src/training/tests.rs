@@ -281,3 +281,73 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
     assert!(matches!(cancelled, Err(JobError::Cancelled)));
     Ok(())
 }
+
+/// Files + jobs as the API drives them: upload, create, run to success, the fine-tuned
+/// name serves at once and the task alias is promoted; a job interrupted by a shutdown is
+/// picked up by the next manager.
+#[test]
+fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
+    use super::files::FileStore;
+    use super::jobs::{CreateJob, JobManager, JobsConfig};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir()?;
+    let (path, _) = tiny_model(dir.path())?;
+    let engine = Engine::start(EngineConfig { model_path: path.clone(), model_name: "tiny".into(), threads: 1, ..Default::default() })?;
+    let mut jsonl = String::new();
+    for e in task_examples() {
+        jsonl.push_str(&serde_json::to_string(&serde_json::json!({ "messages": e.messages }))?);
+        jsonl.push('\n');
+    }
+    let cfg = || JobsConfig {
+        data_dir: dir.path().join("data"),
+        model_path: path.clone(),
+        base_model: "tiny".into(),
+        adapters_root: dir.path().join("adapters"),
+        defaults: TrainConfig { rank: 8, alpha: 16.0, learning_rate: 1e-2, epochs: 40, batch_size: 6, micro_batch: 6, checkpoint_every: 10, ..Default::default() },
+        eval_fraction: 0.0,
+        min_margin: 0.0,
+        distill_system_prompt: true,
+    };
+    let files = Arc::new(FileStore::open(&dir.path().join("data"))?);
+    let file = files.create("labels.jsonl", "fine-tune", jsonl.as_bytes())?;
+    let a = JobManager::start(cfg(), files.clone(), engine.registry().clone(), None)?;
+    let bad = a.create(CreateJob { model: "other".into(), training_file: Some(file.id.clone()), ..Default::default() });
+    assert!(bad.is_err());
+    let job = a.create(CreateJob {
+        model: "tiny".into(),
+        training_file: Some(file.id.clone()),
+        validation_file: Some(file.id.clone()),
+        suffix: Some("labels".into()),
+        ..Default::default()
+    })?;
+    // Stop the first manager after its first checkpoint; the job stays unfinished.
+    let t = std::time::Instant::now();
+    while a.checkpoints(&job.id)?.is_empty() {
+        anyhow::ensure!(t.elapsed().as_secs() < 60, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    a.shutdown();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(matches!(a.get(&job.id)?.status.as_str(), "running" | "queued"));
+    let b = JobManager::start(cfg(), files, engine.registry().clone(), None)?;
+    let t = std::time::Instant::now();
+    let done = loop {
+        let j = b.get(&job.id)?;
+        if matches!(j.status.as_str(), "succeeded" | "failed" | "cancelled") {
+            break j;
+        }
+        anyhow::ensure!(t.elapsed().as_secs() < 120, "job did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(done.status, "succeeded", "{:?}", done.error);
+    assert_eq!(done.fine_tuned_model.as_deref(), Some("labels-v1"));
+    assert_eq!(done.promoted, Some(true));
+    assert!(engine.registry().lease("labels-v1").is_some());
+    assert!(engine.registry().lease("labels").is_some());
+    let (events, _) = b.events(&job.id, None, 1000)?;
+    assert!(events.iter().any(|e| e.message.starts_with("resuming from the checkpoint")), "no resume event");
+    assert!(!b.checkpoints(&job.id)?.is_empty());
+    assert!(b.cancel(&job.id).is_err(), "a finished job cannot be cancelled");
+    b.shutdown();
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The JSON body extractor used by every route. Unlike `web::Json` it reports errors in
+//! OpenAI's shape with the offending field as `param` (via `serde_path_to_error`):
+//! malformed JSON is `invalid_json`, a wrong type `invalid_type`, a missing field
+//! `missing_required_parameter`, a body over `server.max_body_bytes` `413 request_too_large`.
+//! Unknown fields are ignored, as OpenAI does.
+
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use serde::de::DeserializeOwned;
+
+use super::error::{ApiError, ErrorKind};
+
+/// The body limit, stored as app data beside actix's own `PayloadConfig`.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let limit = req.app_data::<BodyLimit>().map(|l| l.0);
+        let body = web::Bytes::from_request(req, payload);
+        Box::pin(async move {
+            let body = body.await.map_err(|e| {
+                if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    let limit = limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
+                    ApiError::new(
+                        ErrorKind::RequestTooLarge,
+                        format!("The request body is larger than the limit{limit}."),
+                    )
+                } else {
+                    ApiError::new(ErrorKind::InvalidJson, format!("Could not read the request body: {e}"))
+                }
+            })?;
+            parse(&body).map(Json)
+        })
+    }
+}
+
+/// Parses a JSON body, mapping serde's errors to OpenAI's codes.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        classify(&path, &inner)
+    })?;
+    de.end().map_err(|e| classify(".", &e))?;
+    Ok(value)
+}
+
+fn classify(path: &str, e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let at = (path != ".").then(|| path.to_string());
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+            ErrorKind::InvalidJson,
+            format!(
+                "We could not parse the JSON body of your request ({e}). The body must be a JSON object; \
+                 check for a trailing comma or an unquoted string."
+            ),
+        ),
+        Category::Data => {
+            let text = e.to_string();
+            if let Some(field) = text.strip_prefix("missing field `").and_then(|r| r.split('`').next()) {
+                let param = match &at {
+                    Some(p) => format!("{p}.{field}"),
+                    None => field.to_string(),
+                };
+                ApiError::new(ErrorKind::MissingRequiredParameter, format!("Missing required parameter: '{param}'."))
+                    .with_param(param)
+            } else {
+                let mut err = ApiError::new(
+                    ErrorKind::InvalidType,
+                    match &at {
+                        Some(p) => format!("Invalid type for '{p}': {text}"),
+                        None => format!("Invalid request body: {text}"),
+                    },
+                );
+                err.param = at;
+                err
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Msg {
+        role: String,
+        content: String,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Req {
+        model: String,
+        messages: Vec<Msg>,
+        max_tokens: Option<i64>,
+    }
+
+    fn err(body: &str) -> ApiError {
+        match parse::<Req>(body.as_bytes()) {
+            Ok(r) => ApiError::internal(format!("parsed: {r:?}")),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn codes_and_params() {
+        let e = err("{\"model\": \"m\", ");
+        assert_eq!((e.kind, e.param), (ErrorKind::InvalidJson, None));
+        let e = err("{\"model\": \"m\", \"messages\": [{\"role\": 1, \"content\": \"x\"}]}");
+        assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::InvalidType, Some("messages[0].role")));
+        let e = err("{\"model\": \"m\", \"messages\": [{\"role\": \"user\"}]}");
+        assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::MissingRequiredParameter, Some("messages[0].content")));
+        let e = err("{\"model\": \"m\"}");
+        assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::MissingRequiredParameter, Some("messages")));
+        let e = err("{\"model\": \"m\", \"messages\": [], \"max_tokens\": \"5\"}");
+        assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::InvalidType, Some("max_tokens")));
+        let e = err("{\"model\": \"m\", \"messages\": []} x");
+        assert_eq!(e.kind, ErrorKind::InvalidJson);
+        let e = err("[]");
+        assert_eq!((e.kind, e.param), (ErrorKind::InvalidType, None));
+        assert!(parse::<Req>(b"{\"model\": \"m\", \"messages\": [], \"unknown\": {\"a\": 1}}").is_ok());
+    }
+}

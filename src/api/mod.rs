@@ -1,0 +1,104 @@
+//! The HTTP API (actix-web): OpenAI-compatible routes under `/v1`, the vLLM-compatible
+//! adapter admin routes, health and readiness. Owns auth, limits, OpenAI-shaped errors and
+//! SSE; runs no model code and never blocks a worker (the engine has its own threads,
+//! adapter loads go to the blocking pool).
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod json;
+pub mod limits;
+pub mod openai;
+pub mod server;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use actix_web::middleware::from_fn;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+
+pub use server::{start_server, ServerHandle, StartOptions};
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::router::Router;
+use error::{ApiError, ErrorKind};
+
+/// What every handler can reach.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub engine: Engine,
+    pub router: Router,
+    pub auth: auth::Auth,
+    pub limiter: Arc<limits::ConcurrencyLimiter>,
+    /// Unix seconds; the base model's `created` in `/v1/models`.
+    pub started_at: u64,
+    /// `system_fingerprint`: changes when the model or the gateway's version does.
+    pub fingerprint: Arc<str>,
+    /// True once the adapters folder's start-up scan is done (or there is none).
+    pub adapters_scanned: Arc<AtomicBool>,
+    /// Fine-tuning jobs and uploaded files; `None` when `[training] enabled = false`.
+    pub jobs: Option<crate::training::jobs::JobManager>,
+}
+
+/// The route table.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/health").route(web::get().to(health::health)))
+        .service(resource("/ready").route(web::get().to(health::ready)))
+        .service(
+            resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)),
+        )
+        .service(
+            resource("/v1/unload_lora_adapter")
+                .route(web::post().to(admin::adapters::unload))
+                .wrap(from_fn(auth::admin)),
+        )
+        .service(resource("/v1/lora_adapters").route(web::get().to(admin::adapters::list)).wrap(from_fn(auth::admin)))
+        .service(
+            web::scope("/v1")
+                .wrap(from_fn(auth::client))
+                .service(resource("/chat/completions").route(web::post().to(openai::chat::create)))
+                .service(resource("/completions").route(web::post().to(openai::completions::create)))
+                .service(resource("/models").route(web::get().to(openai::models::list)))
+                // Model ids may contain '/' (`org/name`), so the id is the rest of the path.
+                .service(resource("/models/{id:.+}").route(web::get().to(openai::models::retrieve)))
+                .service(
+                    resource("/files")
+                        .route(web::post().to(openai::files::create))
+                        .route(web::get().to(openai::files::list)),
+                )
+                .service(
+                    resource("/files/{id}")
+                        .route(web::get().to(openai::files::retrieve))
+                        .route(web::delete().to(openai::files::delete)),
+                )
+                .service(resource("/files/{id}/content").route(web::get().to(openai::files::content)))
+                .service(
+                    resource("/fine_tuning/jobs")
+                        .route(web::post().to(openai::fine_tuning::create))
+                        .route(web::get().to(openai::fine_tuning::list)),
+                )
+                .service(resource("/fine_tuning/jobs/{id}").route(web::get().to(openai::fine_tuning::retrieve)))
+                .service(resource("/fine_tuning/jobs/{id}/cancel").route(web::post().to(openai::fine_tuning::cancel)))
+                .service(resource("/fine_tuning/jobs/{id}/events").route(web::get().to(openai::fine_tuning::events)))
+                .service(
+                    resource("/fine_tuning/jobs/{id}/checkpoints").route(web::get().to(openai::fine_tuning::checkpoints)),
+                )
+                .default_service(web::to(not_found)),
+        );
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+/// Any path no route matches.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::new(ErrorKind::UnknownUrl, format!("Invalid URL ({} {}).", req.method(), req.path())).error_response()
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    ApiError::new(ErrorKind::MethodNotAllowed, format!("{} is not allowed on {}.", req.method(), req.path()))
+        .error_response()
+}

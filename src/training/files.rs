@@ -1,0 +1,188 @@
+//! Uploaded files (OpenAI `/v1/files`, purpose `fine-tune`): validated line by line as
+//! chat fine-tuning JSONL, stored under `data_dir/files/` with a JSON sidecar. Writes go
+//! to a temporary file and are renamed into place, so a crash never leaves half a file.
+
+use std::path::{Path, PathBuf};
+
+use super::dataset::Example;
+use crate::engine::ChatMessage;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileObject {
+    pub id: String,
+    pub object: String,
+    pub bytes: u64,
+    pub created_at: u64,
+    pub filename: String,
+    pub purpose: String,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("No such File object: {0}")]
+    NotFound(String),
+    #[error("file storage error: {0}")]
+    Io(String),
+}
+
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Parses chat fine-tuning JSONL; errors name the line. Each line: `{"messages": [...]}`
+/// ending with an assistant message.
+pub fn parse_jsonl(bytes: &[u8]) -> Result<Vec<Example>, FileError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| FileError::Invalid(format!("the file is not UTF-8: {e}")))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| FileError::Invalid(format!("line {n}: invalid JSON: {e}")))?;
+        let msgs = v
+            .get("messages")
+            .and_then(|m| m.as_array())
+            .ok_or_else(|| FileError::Invalid(format!("line {n}: expected an object with a \"messages\" array")))?;
+        let mut messages = Vec::with_capacity(msgs.len());
+        for (j, m) in msgs.iter().enumerate() {
+            let role = m.get("role").and_then(|r| r.as_str()).unwrap_or_default();
+            if !matches!(role, "system" | "user" | "assistant" | "developer") {
+                return Err(FileError::Invalid(format!("line {n}: messages[{j}] has an invalid role '{role}'")));
+            }
+            let content = match m.get("content") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Array(parts)) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(""),
+                _ => return Err(FileError::Invalid(format!("line {n}: messages[{j}].content must be a string"))),
+            };
+            let role = if role == "developer" { "system" } else { role };
+            messages.push(ChatMessage::new(role, content));
+        }
+        if messages.last().map(|m| m.role.as_str()) != Some("assistant") {
+            return Err(FileError::Invalid(format!("line {n}: the last message must be from the assistant")));
+        }
+        out.push(Example { messages });
+    }
+    if out.is_empty() {
+        return Err(FileError::Invalid("the file holds no examples".into()));
+    }
+    Ok(out)
+}
+
+impl FileStore {
+    pub fn open(data_dir: &Path) -> Result<Self, FileError> {
+        let dir = data_dir.join("files");
+        std::fs::create_dir_all(&dir).map_err(|e| FileError::Io(format!("{}: {e}", dir.display())))?;
+        Ok(Self { dir })
+    }
+
+    fn meta_path(&self, id: &str) -> Result<PathBuf, FileError> {
+        if !id.starts_with("file-") || !id[5..].chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(FileError::NotFound(id.to_string()));
+        }
+        Ok(self.dir.join(format!("{id}.json")))
+    }
+
+    /// Validates and stores an upload.
+    pub fn create(&self, filename: &str, purpose: &str, bytes: &[u8]) -> Result<FileObject, FileError> {
+        if purpose != "fine-tune" {
+            return Err(FileError::Invalid(format!("purpose '{purpose}' is not supported; use 'fine-tune'")));
+        }
+        parse_jsonl(bytes)?;
+        let id = format!("file-{}", uuid::Uuid::new_v4().simple());
+        let obj = FileObject {
+            id: id.clone(),
+            object: "file".into(),
+            bytes: bytes.len() as u64,
+            created_at: now(),
+            filename: filename.to_string(),
+            purpose: purpose.to_string(),
+            status: "processed".into(),
+        };
+        let io = |e: std::io::Error| FileError::Io(e.to_string());
+        let data = self.dir.join(format!("{id}.jsonl"));
+        let tmp = self.dir.join(format!("{id}.jsonl.tmp"));
+        std::fs::write(&tmp, bytes).map_err(io)?;
+        std::fs::rename(&tmp, &data).map_err(io)?;
+        let meta = serde_json::to_vec(&obj).map_err(|e| FileError::Io(e.to_string()))?;
+        let tmp = self.dir.join(format!("{id}.json.tmp"));
+        std::fs::write(&tmp, meta).map_err(io)?;
+        std::fs::rename(&tmp, self.meta_path(&id)?).map_err(io)?;
+        Ok(obj)
+    }
+
+    pub fn get(&self, id: &str) -> Result<FileObject, FileError> {
+        let raw = std::fs::read(self.meta_path(id)?).map_err(|_| FileError::NotFound(id.to_string()))?;
+        serde_json::from_slice(&raw).map_err(|e| FileError::Io(e.to_string()))
+    }
+
+    pub fn content(&self, id: &str) -> Result<Vec<u8>, FileError> {
+        self.get(id)?;
+        std::fs::read(self.dir.join(format!("{id}.jsonl"))).map_err(|e| FileError::Io(e.to_string()))
+    }
+
+    pub fn examples(&self, id: &str) -> Result<Vec<Example>, FileError> {
+        parse_jsonl(&self.content(id)?)
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Result<Vec<FileObject>, FileError> {
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| FileError::Io(e.to_string()))?;
+        let mut v: Vec<FileObject> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect();
+        v.sort_by(|a: &FileObject, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        Ok(v)
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), FileError> {
+        let meta = self.meta_path(id)?;
+        if !meta.exists() {
+            return Err(FileError::NotFound(id.to_string()));
+        }
+        std::fs::remove_file(&meta).map_err(|e| FileError::Io(e.to_string()))?;
+        let _ = std::fs::remove_file(self.dir.join(format!("{id}.jsonl")));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_line_by_line_and_round_trips() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let fs = FileStore::open(dir.path())?;
+        let good = b"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"yo\"}]}\n";
+        let f = fs.create("a.jsonl", "fine-tune", good)?;
+        assert_eq!(fs.get(&f.id)?, f);
+        assert_eq!(fs.content(&f.id)?, good.to_vec());
+        assert_eq!(fs.examples(&f.id)?.len(), 1);
+        assert_eq!(fs.list()?.len(), 1);
+        let bad = b"{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},{\"role\":\"assistant\",\"content\":\"yo\"}]}\n{\"messages\": 3}\n";
+        let err = fs.create("b.jsonl", "fine-tune", bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.starts_with("line 2:"), "{err}");
+        let err = parse_jsonl(b"{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}").err().map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("line 1: the last message"));
+        assert!(matches!(fs.get("file-nope"), Err(FileError::NotFound(_))));
+        assert!(matches!(fs.get("../etc/passwd"), Err(FileError::NotFound(_))));
+        fs.delete(&f.id)?;
+        assert!(fs.list()?.is_empty());
+        Ok(())
+    }
+}

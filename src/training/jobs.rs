@@ -1,0 +1,555 @@
+//! Fine-tuning jobs in OpenAI's shape (`fine_tuning.job`, its events and checkpoints),
+//! persisted under `data_dir/jobs/<id>/` and run one at a time on a dedicated thread, in
+//! the order they were created. A job left `queued` or `running` by a crash is picked up
+//! again at start-up and resumes from its last checkpoint. A succeeded job's adapter is
+//! loaded under its `fine_tuned_model` name at once; if it passed the quality gate it
+//! also replaces the task's alias (compare-and-swap on the generation it was compared to).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::dataset::{DatasetOptions, Example};
+use super::files::FileStore;
+use super::job::{self, JobError, JobEvent, JobSpec};
+use super::trainer::TrainConfig;
+use crate::adapters::{AdapterRegistry, LoadOptions};
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobErrorObject {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Hyperparameters {
+    pub n_epochs: serde_json::Value,
+    pub batch_size: serde_json::Value,
+    pub learning_rate_multiplier: serde_json::Value,
+}
+
+/// OpenAI's `fine_tuning.job`, plus tunegate's `task`, `promoted` and `eval` fields.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FineTuningJob {
+    pub id: String,
+    pub object: String,
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    pub model: String,
+    pub fine_tuned_model: Option<String>,
+    pub organization_id: String,
+    pub status: String,
+    pub hyperparameters: Hyperparameters,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub result_files: Vec<String>,
+    pub trained_tokens: Option<u64>,
+    pub error: Option<JobErrorObject>,
+    pub seed: u64,
+    pub estimated_finish: Option<u64>,
+    pub metadata: Option<HashMap<String, String>>,
+    pub suffix: Option<String>,
+    pub task: String,
+    pub promoted: Option<bool>,
+    pub eval: Option<serde_json::Value>,
+    /// The full tunegate hyper-parameters used.
+    pub tunegate_hyperparameters: TrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobEventObject {
+    pub id: String,
+    pub object: String,
+    pub created_at: u64,
+    pub level: String,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointObject {
+    pub id: String,
+    pub object: String,
+    pub created_at: u64,
+    pub fine_tuned_model_checkpoint: String,
+    pub fine_tuning_job_id: String,
+    pub metrics: serde_json::Value,
+    pub step_number: usize,
+}
+
+/// What a client asks for (already validated for shape by the API layer).
+#[derive(Debug, Clone, Default)]
+pub struct CreateJob {
+    pub model: String,
+    /// A file id, or `None` with `task` set to train from the task's approved logs.
+    pub training_file: Option<String>,
+    pub validation_file: Option<String>,
+    pub task: Option<String>,
+    pub suffix: Option<String>,
+    pub seed: Option<u64>,
+    pub n_epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub learning_rate_multiplier: Option<f64>,
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobsError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("No such fine-tuning job: {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("job storage error: {0}")]
+    Io(String),
+}
+
+/// Approved examples of a task (from the log store), for jobs that train from logs.
+pub type TaskExamples = Arc<dyn Fn(&str) -> Result<Vec<Example>, String> + Send + Sync>;
+
+pub struct JobsConfig {
+    pub data_dir: PathBuf,
+    pub model_path: PathBuf,
+    pub base_model: String,
+    pub adapters_root: PathBuf,
+    pub defaults: TrainConfig,
+    pub eval_fraction: f64,
+    pub min_margin: f64,
+    pub distill_system_prompt: bool,
+}
+
+struct Inner {
+    cfg: JobsConfig,
+    dir: PathBuf,
+    files: Arc<FileStore>,
+    registry: Arc<AdapterRegistry>,
+    task_examples: Option<TaskExamples>,
+    queue: Mutex<VecDeque<String>>,
+    wake: Condvar,
+    cancel: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Serialises read-modify-write of job files.
+    write: Mutex<()>,
+    stop: AtomicBool,
+}
+
+#[derive(Clone)]
+pub struct JobManager {
+    inner: Arc<Inner>,
+}
+
+impl JobManager {
+    /// Opens the job folder, re-queues unfinished jobs and starts the worker thread.
+    pub fn start(
+        cfg: JobsConfig,
+        files: Arc<FileStore>,
+        registry: Arc<AdapterRegistry>,
+        task_examples: Option<TaskExamples>,
+    ) -> Result<Self, JobsError> {
+        let dir = cfg.data_dir.join("jobs");
+        std::fs::create_dir_all(&dir).map_err(|e| JobsError::Io(e.to_string()))?;
+        let inner = Arc::new(Inner {
+            cfg,
+            dir,
+            files,
+            registry,
+            task_examples,
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            cancel: Mutex::new(HashMap::new()),
+            write: Mutex::new(()),
+            stop: AtomicBool::new(false),
+        });
+        let mgr = JobManager { inner };
+        let mut unfinished: Vec<FineTuningJob> =
+            mgr.all()?.into_iter().filter(|j| matches!(j.status.as_str(), "queued" | "running" | "validating_files")).collect();
+        unfinished.sort_by_key(|j| j.created_at);
+        for j in unfinished {
+            tracing::info!(job = %j.id, "re-queueing an unfinished fine-tuning job");
+            mgr.inner.queue.lock().push_back(j.id);
+        }
+        let worker = mgr.inner.clone();
+        std::thread::Builder::new()
+            .name("tunegate-trainer".into())
+            .spawn(move || worker_loop(worker))
+            .map_err(|e| JobsError::Io(e.to_string()))?;
+        Ok(mgr)
+    }
+
+    pub fn files(&self) -> &Arc<FileStore> {
+        &self.inner.files
+    }
+
+    /// Stops the worker after the current step (jobs stay `running` on disk and resume at
+    /// the next start).
+    pub fn shutdown(&self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        for c in self.inner.cancel.lock().values() {
+            c.store(true, Ordering::Relaxed);
+        }
+        self.inner.wake.notify_all();
+    }
+
+    pub fn create(&self, req: CreateJob) -> Result<FineTuningJob, JobsError> {
+        let i = &self.inner;
+        if req.model != i.cfg.base_model {
+            return Err(JobsError::Invalid(format!(
+                "model '{}' cannot be fine-tuned here; the base model is '{}'",
+                req.model, i.cfg.base_model
+            )));
+        }
+        let check_file = |f: &Option<String>| -> Result<(), JobsError> {
+            if let Some(id) = f {
+                i.files.examples(id).map_err(|e| JobsError::Invalid(format!("{id}: {e}")))?;
+            }
+            Ok(())
+        };
+        check_file(&req.training_file)?;
+        check_file(&req.validation_file)?;
+        let training_file = match (&req.training_file, &req.task) {
+            (Some(f), _) => f.clone(),
+            (None, Some(t)) if i.task_examples.is_some() => format!("task:{t}"),
+            (None, Some(_)) => return Err(JobsError::Invalid("training from logs needs the log store".into())),
+            (None, None) => return Err(JobsError::Invalid("training_file is required".into())),
+        };
+        let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
+        let task = req
+            .task
+            .clone()
+            .or_else(|| req.suffix.clone())
+            .unwrap_or_else(|| format!("ft-{}", &id[6..14]));
+        if !task.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || task.is_empty() || task.len() > 64 {
+            return Err(JobsError::Invalid("task/suffix must be 1-64 letters, digits, '-', '_' or '.'".into()));
+        }
+        let mut hyper = i.cfg.defaults.clone();
+        if let Some(n) = req.n_epochs {
+            hyper.epochs = n.clamp(1, 100);
+        }
+        if let Some(b) = req.batch_size {
+            hyper.batch_size = b.clamp(1, 256);
+            hyper.micro_batch = hyper.micro_batch.min(hyper.batch_size);
+        }
+        if let Some(m) = req.learning_rate_multiplier {
+            if !(m > 0.0 && m <= 100.0) {
+                return Err(JobsError::Invalid("learning_rate_multiplier must be in (0, 100]".into()));
+            }
+            hyper.learning_rate *= m;
+        }
+        hyper.seed = req.seed.unwrap_or(hyper.seed);
+        let job = FineTuningJob {
+            id: id.clone(),
+            object: "fine_tuning.job".into(),
+            created_at: now(),
+            finished_at: None,
+            model: req.model,
+            fine_tuned_model: None,
+            organization_id: "tunegate".into(),
+            status: "queued".into(),
+            hyperparameters: Hyperparameters {
+                n_epochs: hyper.epochs.into(),
+                batch_size: hyper.batch_size.into(),
+                learning_rate_multiplier: req.learning_rate_multiplier.unwrap_or(1.0).into(),
+            },
+            training_file,
+            validation_file: req.validation_file,
+            result_files: vec![],
+            trained_tokens: None,
+            error: None,
+            seed: hyper.seed,
+            estimated_finish: None,
+            metadata: req.metadata,
+            suffix: req.suffix,
+            task,
+            promoted: None,
+            eval: None,
+            tunegate_hyperparameters: hyper,
+        };
+        std::fs::create_dir_all(i.dir.join(&id)).map_err(|e| JobsError::Io(e.to_string()))?;
+        self.save(&job)?;
+        self.event(&id, "info", format!("Created fine-tuning job: {id}"), None);
+        i.queue.lock().push_back(id);
+        i.wake.notify_all();
+        Ok(job)
+    }
+
+    fn job_path(&self, id: &str) -> Result<PathBuf, JobsError> {
+        if !id.starts_with("ftjob-") || !id[6..].chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(JobsError::NotFound(id.to_string()));
+        }
+        Ok(self.inner.dir.join(id))
+    }
+
+    pub fn get(&self, id: &str) -> Result<FineTuningJob, JobsError> {
+        let raw = std::fs::read(self.job_path(id)?.join("job.json")).map_err(|_| JobsError::NotFound(id.to_string()))?;
+        serde_json::from_slice(&raw).map_err(|e| JobsError::Io(e.to_string()))
+    }
+
+    fn all(&self) -> Result<Vec<FineTuningJob>, JobsError> {
+        let rd = std::fs::read_dir(&self.inner.dir).map_err(|e| JobsError::Io(e.to_string()))?;
+        Ok(rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path().join("job.json")).ok()?).ok())
+            .collect())
+    }
+
+    /// Newest first, OpenAI cursor paging (`after` = a job id).
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<(Vec<FineTuningJob>, bool), JobsError> {
+        let mut all = self.all()?;
+        all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        let start = match after {
+            Some(a) => all.iter().position(|j| j.id == a).map_or(all.len(), |p| p + 1),
+            None => 0,
+        };
+        let rest = &all[start.min(all.len())..];
+        let page: Vec<FineTuningJob> = rest.iter().take(limit).cloned().collect();
+        Ok((page, rest.len() > limit))
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<FineTuningJob, JobsError> {
+        let mut job = self.get(id)?;
+        if matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled") {
+            return Err(JobsError::Conflict(format!("job {id} has already {}", job.status)));
+        }
+        if let Some(c) = self.inner.cancel.lock().get(id) {
+            c.store(true, Ordering::Relaxed);
+        }
+        self.inner.queue.lock().retain(|q| q != id);
+        job.status = "cancelled".into();
+        job.finished_at = Some(now());
+        self.save(&job)?;
+        self.event(id, "info", "Job cancelled".into(), None);
+        Ok(job)
+    }
+
+    /// Newest first.
+    pub fn events(&self, id: &str, after: Option<&str>, limit: usize) -> Result<(Vec<JobEventObject>, bool), JobsError> {
+        let raw = std::fs::read_to_string(self.job_path(id)?.join("events.jsonl")).map_err(|_| JobsError::NotFound(id.to_string()))?;
+        let mut evs: Vec<JobEventObject> = raw.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        evs.reverse();
+        let start = match after {
+            Some(a) => evs.iter().position(|e| e.id == a).map_or(evs.len(), |p| p + 1),
+            None => 0,
+        };
+        let rest = &evs[start.min(evs.len())..];
+        Ok((rest.iter().take(limit).cloned().collect(), rest.len() > limit))
+    }
+
+    pub fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointObject>, JobsError> {
+        let raw = std::fs::read_to_string(self.job_path(id)?.join("checkpoints.jsonl")).unwrap_or_default();
+        let mut v: Vec<CheckpointObject> = raw.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        v.reverse();
+        Ok(v)
+    }
+
+    fn save(&self, job: &FineTuningJob) -> Result<(), JobsError> {
+        let _w = self.inner.write.lock();
+        let dir = self.job_path(&job.id)?;
+        let tmp = dir.join("job.json.tmp");
+        let io = |e: std::io::Error| JobsError::Io(e.to_string());
+        let bytes = serde_json::to_vec_pretty(job).map_err(|e| JobsError::Io(e.to_string()))?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, dir.join("job.json")).map_err(io)
+    }
+
+    fn append(&self, id: &str, file: &str, line: &impl serde::Serialize) {
+        let Ok(dir) = self.job_path(id) else { return };
+        let Ok(s) = serde_json::to_string(line) else { return };
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(file))
+            .and_then(|mut f| writeln!(f, "{s}"));
+        if let Err(e) = r {
+            tracing::warn!(job = id, "could not record a job event: {e}");
+        }
+    }
+
+    fn event(&self, id: &str, level: &str, message: String, data: Option<serde_json::Value>) {
+        let kind = if data.as_ref().is_some_and(|d| d.get("step").is_some()) { "metrics" } else { "message" };
+        let ev = JobEventObject {
+            id: format!("ftevent-{}", uuid::Uuid::new_v4().simple()),
+            object: "fine_tuning.job.event".into(),
+            created_at: now(),
+            level: level.into(),
+            message,
+            data,
+            kind: kind.into(),
+        };
+        self.append(id, "events.jsonl", &ev);
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut FineTuningJob)) -> Result<FineTuningJob, JobsError> {
+        let mut job = self.get(id)?;
+        f(&mut job);
+        self.save(&job)?;
+        Ok(job)
+    }
+
+    fn run_one(&self, id: &str) {
+        let i = &self.inner;
+        let Ok(job) = self.get(id) else { return };
+        if job.status == "cancelled" {
+            return;
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        i.cancel.lock().insert(id.to_string(), cancel.clone());
+        let _ = self.update(id, |j| j.status = "running".into());
+        let result = self.execute(&job, &cancel);
+        i.cancel.lock().remove(id);
+        if i.stop.load(Ordering::Relaxed) && matches!(result, Err(JobError::Cancelled)) {
+            return; // shutting down: stays `running`, resumes at the next start
+        }
+        match result {
+            Ok(()) => {}
+            Err(JobError::Cancelled) => {
+                let _ = self.update(id, |j| {
+                    j.status = "cancelled".into();
+                    j.finished_at.get_or_insert(now());
+                });
+            }
+            Err(JobError::Failed(msg)) => {
+                tracing::warn!(job = id, "fine-tuning job failed: {msg}");
+                self.event(id, "error", format!("Job failed: {msg}"), None);
+                let _ = self.update(id, |j| {
+                    j.status = "failed".into();
+                    j.finished_at = Some(now());
+                    j.error = Some(JobErrorObject { code: "training_failed".into(), message: msg, param: None });
+                });
+            }
+        }
+    }
+
+    fn execute(&self, job: &FineTuningJob, cancel: &AtomicBool) -> Result<(), JobError> {
+        let i = &self.inner;
+        let fail = |e: String| JobError::Failed(e);
+        let examples = match job.training_file.strip_prefix("task:") {
+            Some(task) => match &i.task_examples {
+                Some(f) => f(task).map_err(fail)?,
+                None => return Err(fail("no log store".into())),
+            },
+            None => i.files.examples(&job.training_file).map_err(|e| fail(e.to_string()))?,
+        };
+        let validation = match &job.validation_file {
+            Some(f) => Some(i.files.examples(f).map_err(|e| fail(e.to_string()))?),
+            None => None,
+        };
+        let current = i.registry.list().into_iter().find(|a| a.alias == job.task);
+        let spec = JobSpec {
+            id: job.id.clone(),
+            task: job.task.clone(),
+            model_path: i.cfg.model_path.clone(),
+            base_model: i.cfg.base_model.clone(),
+            examples,
+            validation,
+            hyper: job.tunegate_hyperparameters.clone(),
+            dataset: DatasetOptions {
+                distill_system_prompt: i.cfg.distill_system_prompt,
+                eval_fraction: i.cfg.eval_fraction,
+                seed: job.seed,
+                ..Default::default()
+            },
+            adapters_root: i.cfg.adapters_root.clone(),
+            job_dir: i.dir.join(&job.id),
+            current_adapter: current.as_ref().map(|c| c.path.clone()),
+            min_margin: i.cfg.min_margin,
+        };
+        let id = job.id.clone();
+        let mut emit = |e: JobEvent| {
+            if let Some(step) = e.data.as_ref().and_then(|d| d.get("step")).and_then(|s| s.as_u64()) {
+                let every = job.tunegate_hyperparameters.checkpoint_every.max(1) as u64;
+                let total = e.data.as_ref().and_then(|d| d.get("total_steps")).and_then(|s| s.as_u64()).unwrap_or(0);
+                if step % every == 0 || step == total {
+                    let ck = CheckpointObject {
+                        id: format!("ftckpt-{}", uuid::Uuid::new_v4().simple()),
+                        object: "fine_tuning.job.checkpoint".into(),
+                        created_at: now(),
+                        fine_tuned_model_checkpoint: format!("{}:ckpt-step-{step}", id),
+                        fine_tuning_job_id: id.clone(),
+                        metrics: serde_json::json!({"step": step, "train_loss": e.data.as_ref().and_then(|d| d.get("loss")).cloned()}),
+                        step_number: step as usize,
+                    };
+                    self.append(&id, "checkpoints.jsonl", &ck);
+                }
+                if let Some(eta) = e.data.as_ref().and_then(|d| d.get("eta_seconds")).and_then(|s| s.as_f64()) {
+                    let _ = self.update(&id, |j| j.estimated_finish = Some(now() + eta as u64));
+                }
+            }
+            self.event(&id, e.level, e.message, e.data);
+        };
+        let res = job::run(&spec, cancel, &mut emit)?;
+        let name = format!("{}-{}", job.task, res.version);
+        i.registry
+            .load(&name, &res.adapter_path, LoadOptions { replace: true, expected_generation: None })
+            .map_err(|e| fail(format!("the trained adapter did not load: {e}")))?;
+        let mut promoted = false;
+        if res.gate.passed {
+            let expected = Some(current.as_ref().map_or(0, |c| c.generation));
+            match i.registry.load(&job.task, &res.adapter_path, LoadOptions { replace: true, expected_generation: expected }) {
+                Ok(g) => {
+                    promoted = true;
+                    self.event(&id, "info", format!("Promoted: '{}' now serves {} (generation {})", job.task, res.version, g.generation), None);
+                }
+                Err(e) => self.event(&id, "warn", format!("Not promoted: {e}"), None),
+            }
+        } else {
+            self.event(&id, "warn", format!("Not promoted: {}", res.gate.reason), None);
+        }
+        self.event(&id, "info", format!("The job has successfully completed; fine-tuned model: {name}"), None);
+        let tokens = (res.train_tokens_per_second * res.train_seconds) as u64;
+        self.update(&id, |j| {
+            j.status = "succeeded".into();
+            j.finished_at = Some(now());
+            j.fine_tuned_model = Some(name.clone());
+            j.trained_tokens = Some(tokens);
+            j.promoted = Some(promoted);
+            j.eval = serde_json::to_value(&res.gate).ok();
+            j.result_files = vec![];
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn worker_loop(inner: Arc<Inner>) {
+    let mgr = JobManager { inner };
+    loop {
+        let next = {
+            let mut q = mgr.inner.queue.lock();
+            while q.is_empty() && !mgr.inner.stop.load(Ordering::Relaxed) {
+                mgr.inner.wake.wait_for(&mut q, std::time::Duration::from_millis(500));
+            }
+            if mgr.inner.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            q.pop_front()
+        };
+        if let Some(id) = next {
+            // A panic in one job must not stop the worker or serving.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mgr.run_one(&id)));
+            if r.is_err() {
+                let _ = mgr.update(&id, |j| {
+                    j.status = "failed".into();
+                    j.error = Some(JobErrorObject { code: "internal".into(), message: "the trainer panicked".into(), param: None });
+                });
+            }
+        }
+    }
+}
+
+/// Where a job's files live (for tests and the CLI).
+pub fn job_dir(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("jobs").join(id)
+}

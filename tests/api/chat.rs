@@ -1,0 +1,228 @@
+//! Chat completions, completions and models over HTTP: shapes, usage, streaming, stop, n.
+
+use serde_json::{json, Value};
+use tunegate::engine::ChatMessage;
+
+use crate::common::{self, MODEL};
+
+fn user(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_non_stream_has_openai_shape_and_exact_usage() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let (status, body) = gw
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": user("Hello there"), "max_tokens": 12,
+            "temperature": 0, "logprobs": true, "user": "u-1", "store": false, "metadata": {"task": "greet"},
+            "some_future_field": {"ignored": true}}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["id"].as_str().is_some_and(|s| s.starts_with("chatcmpl-")));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], MODEL);
+    assert!(body["created"].is_u64());
+    assert!(body["system_fingerprint"].as_str().is_some_and(|s| s.starts_with("fp_")));
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(choice["message"]["content"].is_string());
+    assert!(choice["message"].get("refusal").is_some_and(Value::is_null));
+    assert!(matches!(choice["finish_reason"].as_str(), Some("stop" | "length")));
+
+    // Usage equals the tokenizer's count of the rendered prompt.
+    let info = gw.handle.engine.info()?;
+    let rendered = info.render_chat(&[ChatMessage::new("user", "Hello there")])?;
+    let prompt_tokens = info.tokenizer.encode(&rendered, true)?.len();
+    let usage = &body["usage"];
+    assert_eq!(usage["prompt_tokens"], prompt_tokens);
+    let lp = choice["logprobs"]["content"].as_array().cloned().unwrap_or_default();
+    assert_eq!(usage["completion_tokens"], lp.len());
+    assert_eq!(usage["total_tokens"], prompt_tokens + lp.len());
+    assert!(lp.iter().all(|t| t["logprob"].as_f64().is_some_and(|l| l <= 0.0) && t["top_logprobs"].is_array()));
+    if choice["finish_reason"] == "length" {
+        assert_eq!(usage["completion_tokens"], 12);
+    }
+    // Without logprobs the field is present and null.
+    let (_, body) =
+        gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Hi"), "max_tokens": 2})).await?;
+    assert!(body["choices"][0].get("logprobs").is_some_and(Value::is_null));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_stream_matches_non_stream_and_reports_usage() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let body = json!({"model": MODEL, "messages": user("Tell me a story"), "max_tokens": 24, "temperature": 0});
+    let (_, whole) = gw.post("/v1/chat/completions", body.clone()).await?;
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = gw.sse("/v1/chat/completions", streamed).await?;
+
+    assert_eq!(events.last(), Some(&Value::String("[DONE]".into())));
+    let chunks = &events[..events.len() - 1];
+    let id = chunks[0]["id"].clone();
+    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk" && c["model"] == MODEL));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // Every chunk but the last carries `usage: null`; the last has no choices and the usage.
+    let (usage_chunk, rest) = chunks.split_last().ok_or_else(|| anyhow::anyhow!("no chunks"))?;
+    assert!(rest.iter().all(|c| c.get("usage").is_some_and(Value::is_null)));
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], whole["usage"]);
+    let text: String = rest.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap_or_default());
+    let last = &rest[rest.len() - 1]["choices"][0];
+    assert_eq!(last["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(last["delta"], json!({}));
+    assert!(rest[..rest.len() - 1].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
+
+    // Without include_usage there is no usage field at all.
+    let mut plain = body;
+    plain["stream"] = json!(true);
+    let events = gw.sse("/v1/chat/completions", plain).await?;
+    assert!(events.iter().filter(|e| e.is_object()).all(|c| c.get("usage").is_none()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_cut_the_text() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let full = gw.greedy(MODEL, "Count with me", 40).await?;
+    let chars: Vec<char> = full.chars().collect();
+    anyhow::ensure!(chars.len() >= 6, "greedy output too short to test stop: {full:?}");
+    // A stop string taken from the middle of the greedy output.
+    let start = chars.len() / 2;
+    let stop: String = chars[start..start + 2].iter().collect();
+    let (status, body) = gw
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": user("Count with me"), "max_tokens": 40,
+            "temperature": 0, "stop": [stop.clone()]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    let expected = &full[..full.find(&stop).unwrap_or(full.len())];
+    assert_eq!(text, expected, "full {full:?}, stop {stop:?}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_reproducible_with_a_seed() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let req = json!({"model": MODEL, "messages": user("Pick a word"), "max_tokens": 8, "temperature": 1.0,
+        "seed": 1234, "n": 3});
+    let (status, a) = gw.post("/v1/chat/completions", req.clone()).await?;
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = gw.post("/v1/chat/completions", req.clone()).await?;
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["message"]["content"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(texts(&a).len(), 3);
+    assert_eq!(texts(&a), texts(&b), "same seed, same choices");
+    let idx: Vec<u64> = a["choices"].as_array().into_iter().flatten().filter_map(|c| c["index"].as_u64()).collect();
+    assert_eq!(idx, vec![0, 1, 2]);
+    // Prompt counted once, completions summed.
+    let single = gw
+        .post("/v1/chat/completions", json!({"model": MODEL, "messages": user("Pick a word"), "max_tokens": 1}))
+        .await?
+        .1;
+    assert_eq!(a["usage"]["prompt_tokens"], single["usage"]["prompt_tokens"]);
+    let completion = a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!((3..=24).contains(&completion), "{completion}");
+
+    // Streaming n: every index gets a role chunk and a finish chunk.
+    let mut s = req;
+    s["stream"] = json!(true);
+    let events = gw.sse("/v1/chat/completions", s).await?;
+    for i in 0..3 {
+        let of_i: Vec<&Value> = events.iter().filter(|e| e["choices"][0]["index"] == i).collect();
+        assert_eq!(of_i.first().map(|c| c["choices"][0]["delta"]["role"].clone()), Some(json!("assistant")));
+        assert!(of_i.last().is_some_and(|c| c["choices"][0]["finish_reason"].is_string()));
+        let text: String = of_i.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, texts(&a)[i]);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_endpoint() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let (status, body) = gw
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ["Once upon", "A long"], "n": 2, "max_tokens": 5,
+            "temperature": 0, "logprobs": 1}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    let choices = body["choices"].as_array().cloned().unwrap_or_default();
+    assert_eq!(choices.len(), 4);
+    // Greedy: both samples of one prompt agree.
+    assert_eq!(choices[0]["text"], choices[1]["text"]);
+    assert!(choices.iter().all(|c| c["logprobs"]["tokens"].is_array() && c["finish_reason"].is_string()));
+    let info = gw.handle.engine.info()?;
+    let p: usize =
+        ["Once upon", "A long"].iter().map(|t| info.tokenizer.encode(t, true).map(|v| v.len()).unwrap_or(0)).sum();
+    assert_eq!(body["usage"]["prompt_tokens"], p);
+
+    // echo + max_tokens 0: the prompt back, nothing generated.
+    let (_, body) =
+        gw.post("/v1/completions", json!({"model": MODEL, "prompt": "Echo me", "max_tokens": 0, "echo": true})).await?;
+    assert_eq!(body["choices"][0]["text"], "Echo me");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 0);
+
+    // Token-id prompts and streaming.
+    let ids = info.tokenizer.encode("Once upon", true)?;
+    let events = gw
+        .sse(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .await?;
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, choices[0]["text"].as_str().unwrap_or_default());
+    assert_eq!(events[events.len() - 2]["usage"]["completion_tokens"], body_tokens(&choices[0]));
+    Ok(())
+}
+
+fn body_tokens(choice: &Value) -> usize {
+    choice["logprobs"]["tokens"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_list_and_retrieve() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let (status, body) = gw.get("/v1/models").await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][0]["id"], MODEL);
+    assert_eq!(body["data"][0]["object"], "model");
+    assert_eq!(body["data"][0]["owned_by"], "tunegate");
+    let (status, body) = gw.get(&format!("/v1/models/{MODEL}")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(body["id"], MODEL);
+    let (status, body) = gw.get("/v1/models/gpt-4o").await?;
+    common::assert_error(status, &body, 404, "model_not_found");
+    let (status, body) = gw.post("/v1/chat/completions", json!({"model": "gpt-4o", "messages": user("x")})).await?;
+    common::assert_error(status, &body, 404, "model_not_found");
+    assert_eq!(body["error"]["param"], "model");
+    let (status, _) = gw.get("/health").await?;
+    assert_eq!(status, 200);
+    let (status, body) = gw.get("/ready").await?;
+    assert_eq!((status.as_u16(), body["status"].as_str()), (200, Some("ready")));
+    Ok(())
+}

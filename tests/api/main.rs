@@ -1,0 +1,9 @@
+//! HTTP integration tests: each starts the real gateway on port 0 with a tiny random model
+//! and drives it over HTTP. One test binary (modules below) to link once.
+
+mod adapters;
+mod chat;
+mod common;
+mod errors;
+mod python;
+mod real_model;

@@ -1,0 +1,118 @@
+//! The Python end-to-end checks, run against a live gateway so that they report through the
+//! same `cargo test` summary: the official `openai` SDK (`tests/python/test_openai_sdk.py`)
+//! and a bounded schemathesis run against OpenAI's own schema. Both need the venv that
+//! `scripts/test.sh` creates (`.venv`, or `TUNEGATE_VENV`).
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use anyhow::Context;
+
+use crate::common::{self, CLIENT_KEY, MODEL};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn venv_bin(tool: &str) -> anyhow::Result<PathBuf> {
+    let venv = std::env::var_os("TUNEGATE_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"));
+    let bin = venv.join("bin").join(tool);
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `scripts/test.sh` once (it creates the venv with openai and schemathesis), \
+         or set TUNEGATE_VENV to a venv that has them",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn report(what: &str, out: &Output) -> anyhow::Result<()> {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    anyhow::ensure!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk() -> anyhow::Result<()> {
+    let python = venv_bin("python")?;
+    let gw = common::start_with(|c, _| common::with_keys(c)).await?;
+    let out = tokio::process::Command::new(python)
+        .arg(repo().join("tests/python/test_openai_sdk.py"))
+        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        .output()
+        .await
+        .context("running python")?;
+    report("the openai SDK checks", &out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_fine_tuning() -> anyhow::Result<()> {
+    let python = venv_bin("python")?;
+    let gw = common::start_with(|c, _| {
+        common::with_keys(c);
+        c.training.rank = 8;
+        c.training.alpha = 16.0;
+        c.training.micro_batch = 6;
+        c.training.eval_fraction = 0.0;
+        c.training.checkpoint_every = 20;
+    })
+    .await?;
+    let out = tokio::process::Command::new(python)
+        .arg(repo().join("tests/python/test_fine_tuning_sdk.py"))
+        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        .output()
+        .await
+        .context("running python")?;
+    report("the openai SDK fine-tuning checks", &out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_schema_conformance() -> anyhow::Result<()> {
+    let schemathesis = venv_bin("schemathesis")?;
+    // Short completions keep the run quick; longer asks get a (schema-irrelevant) 400.
+    let gw = common::start_with(|c, _| {
+        common::with_keys(c);
+        c.limits.max_tokens = 24;
+    })
+    .await?;
+    let examples = std::env::var("TUNEGATE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "30".into());
+    let py = repo().join("tests/python");
+    let out = tokio::process::Command::new(schemathesis)
+        .arg("run")
+        .arg(py.join("openapi.json"))
+        .args(["--url", &gw.url("/v1")])
+        .args(["-H", &format!("Authorization: Bearer {CLIENT_KEY}")])
+        .args(["--include-operation-id", "createChatCompletion"])
+        .args(["--include-operation-id", "createCompletion"])
+        .args(["--include-operation-id", "listModels"])
+        .args(["--include-operation-id", "retrieveModel"])
+        .args(["--checks", "not_a_server_error,response_schema_conformance,content_type_conformance"])
+        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--max-examples", &examples])
+        .args(["--suppress-health-check", "all"])
+        .args(["--request-timeout", "60"])
+        .args(["--workers", "2"])
+        .env("SCHEMATHESIS_HOOKS", py.join("schemathesis_hooks.py"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .context("running schemathesis")?;
+    report("schemathesis", &out)?;
+
+    // Streams, which schemathesis cannot judge (see schemathesis_hooks.py).
+    let out = tokio::process::Command::new(venv_bin("python")?)
+        .arg(py.join("stream_conformance.py"))
+        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        .output()
+        .await
+        .context("running python")?;
+    report("the stream conformance checks", &out)
+}

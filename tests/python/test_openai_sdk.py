@@ -1,0 +1,118 @@
+"""The gateway as an unmodified `openai` client sees it.
+
+Environment: TUNEGATE_BASE_URL (ending in /v1), TUNEGATE_MODEL, TUNEGATE_API_KEY (optional).
+Prints one line per check and a closing `N passed, N failed`; exits non-zero on a failure.
+"""
+
+import os
+import sys
+import traceback
+
+import openai
+from openai import OpenAI
+
+BASE_URL = os.environ["TUNEGATE_BASE_URL"]
+MODEL = os.environ["TUNEGATE_MODEL"]
+KEY = os.environ.get("TUNEGATE_API_KEY") or "not-needed"
+client = OpenAI(base_url=BASE_URL, api_key=KEY, max_retries=0, timeout=120)
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+
+
+def check_chat():
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion", r
+    assert r.model == MODEL
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert 0 < r.usage.completion_tokens <= 12
+
+
+def check_chat_stream():
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content, (text, whole.choices[0].message.content)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason], finishes
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage, chunks[-1]
+
+
+def check_n_and_seed():
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=7, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+
+def check_completions():
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.object == "text_completion"
+    assert isinstance(r.choices[0].text, str)
+    assert r.usage.completion_tokens <= 5
+
+
+def check_models():
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids, ids
+    m = client.models.retrieve(MODEL)
+    assert m.id == MODEL and m.owned_by == "tunegate"
+
+
+def check_unknown_model_raises_not_found():
+    try:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+        assert e.code == "model_not_found", e.body
+        return
+    raise AssertionError("no NotFoundError")
+
+
+def check_bad_request_raises():
+    try:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=-1)
+    except openai.BadRequestError as e:
+        assert e.code == "integer_below_min_value", e.body
+        assert e.param == "max_tokens", e.body
+        return
+    raise AssertionError("no BadRequestError")
+
+
+def check_wrong_key_raises_authentication_error():
+    if KEY == "not-needed":
+        return  # an open gateway accepts any key
+    bad = OpenAI(base_url=BASE_URL, api_key="sk-wrong", max_retries=0)
+    try:
+        bad.models.list()
+    except openai.AuthenticationError as e:
+        assert e.code == "invalid_api_key", e.body
+        return
+    raise AssertionError("no AuthenticationError")
+
+
+def main():
+    checks = [v for k, v in globals().items() if k.startswith("check_")]
+    failed = 0
+    for check in checks:
+        try:
+            check()
+            print(f"ok   {check.__name__}")
+        except Exception:  # report every failure, not only the first
+            failed += 1
+            print(f"FAIL {check.__name__}")
+            traceback.print_exc()
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
