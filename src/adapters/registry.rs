@@ -158,7 +158,10 @@ impl AdapterRegistry {
         if let Some(old) = old {
             self.retire(old);
         }
-        Ok(info(&gen))
+        let mut out = info(&gen);
+        // `gen` itself is one more reference than the map's.
+        out.active_leases = out.active_leases.saturating_sub(1);
+        Ok(out)
     }
 
     /// Removes the alias. Running requests keep their generation to the end.

@@ -320,6 +320,7 @@ fn registry_swap_during_generation() -> R {
     testing::write_random_adapter(&dir.path().join("v2"), &shape, 4, 2)?;
     let reg = engine.registry().clone();
     let g1 = reg.load("x", &dir.path().join("v1"), LoadOptions::default())?;
+    assert_eq!(g1.active_leases, 0, "a fresh generation has no requests yet");
     let run = |lease, n| {
         engine.submit(GenerateRequest { prompt: Prompt::Tokens(vec![3, 4, 5]), params: greedy(n), adapter: lease })
     };
