@@ -67,6 +67,26 @@ pub enum TargetModules {
 }
 
 impl PeftConfig {
+    /// A plain LoRA config as tunegate writes it (no DoRA, no biases, no per-module patterns).
+    pub fn lora(base: &str, r: usize, alpha: f64, dropout: f64, use_rslora: bool, modules: Vec<String>) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            base_model_name_or_path: Some(base.to_string()),
+            r,
+            lora_alpha: alpha,
+            lora_dropout: dropout,
+            target_modules: TargetModules::List(modules),
+            use_rslora,
+            fan_in_fan_out: false,
+            bias: "none".into(),
+            task_type: "CAUSAL_LM".into(),
+            inference_mode: true,
+            rank_pattern: HashMap::new(),
+            alpha_pattern: HashMap::new(),
+            use_dora: false,
+        }
+    }
+
     /// LoRA scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {

@@ -242,22 +242,8 @@ impl TinyLora {
         let mut targets: Vec<Proj> = self.pairs.keys().map(|(_, p)| *p).collect();
         targets.sort();
         targets.dedup();
-        let cfg = peft::PeftConfig {
-            peft_type: "LORA".into(),
-            base_model_name_or_path: Some(shape.base_name.clone()),
-            r: self.rank,
-            lora_alpha: self.alpha as f64,
-            lora_dropout: 0.0,
-            target_modules: peft::TargetModules::List(targets.iter().map(|p| p.name().to_string()).collect()),
-            use_rslora: false,
-            fan_in_fan_out: false,
-            bias: "none".into(),
-            task_type: "CAUSAL_LM".into(),
-            inference_mode: true,
-            rank_pattern: HashMap::new(),
-            alpha_pattern: HashMap::new(),
-            use_dora: false,
-        };
+        let modules = targets.iter().map(|p| p.name().to_string()).collect();
+        let cfg = peft::PeftConfig::lora(&shape.base_name, self.rank, self.alpha as f64, 0.0, false, modules);
         std::fs::write(dir.join(peft::CONFIG_FILE), serde_json::to_vec_pretty(&cfg)?)?;
         let mut map = HashMap::new();
         for (&(l, p), (a, b)) in &self.pairs {

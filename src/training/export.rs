@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::dataset::DistilledPrompt;
 use super::trainer::{LoraParams, TrainConfig};
-use crate::adapters::peft::{self, PeftConfig, TargetModules};
+use crate::adapters::peft::{self, PeftConfig};
 use crate::engine::{EngineError, ModelShape, Result};
 
 /// `tunegate.json`.
@@ -53,22 +53,8 @@ pub fn write_peft(dir: &Path, params: &LoraParams, shape: &ModelShape, cfg: &Tra
     let weights = dir.join(peft::WEIGHTS_FILE);
     candle_core::safetensors::save(&tensors, &weights)?;
     std::fs::File::open(&weights).and_then(|f| f.sync_all()).map_err(|e| io(e, &weights))?;
-    let config = PeftConfig {
-        peft_type: "LORA".into(),
-        base_model_name_or_path: Some(shape.base_name.clone()),
-        r: params.rank,
-        lora_alpha: cfg.alpha,
-        lora_dropout: cfg.dropout as f64,
-        target_modules: TargetModules::List(modules.into_iter().collect()),
-        use_rslora: cfg.use_rslora,
-        fan_in_fan_out: false,
-        bias: "none".into(),
-        task_type: "CAUSAL_LM".into(),
-        inference_mode: true,
-        rank_pattern: HashMap::new(),
-        alpha_pattern: HashMap::new(),
-        use_dora: false,
-    };
+    let modules = modules.into_iter().collect();
+    let config = PeftConfig::lora(&shape.base_name, params.rank, cfg.alpha, cfg.dropout as f64, cfg.use_rslora, modules);
     write_synced(&dir.join(peft::CONFIG_FILE), pretty(&config)?.as_bytes())?;
     write_synced(&dir.join(peft::META_FILE), pretty(meta)?.as_bytes())?;
     Ok(())
