@@ -5,5 +5,6 @@ mod adapters;
 mod chat;
 mod common;
 mod errors;
+mod logs;
 mod python;
 mod real_model;
