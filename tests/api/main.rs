@@ -4,6 +4,7 @@
 mod adapters;
 mod chat;
 mod common;
+mod crash;
 mod errors;
 mod logs;
 mod python;
