@@ -12,6 +12,7 @@ const S = {
   key: null,
   reviewer: '',
   open: false, // the server accepted a request without a key
+  locked: false, // the last call was refused for want of a (valid) key
   filters: { task: '', state: 'pending', q: '', order: 'newest_first' },
   records: [],
   cursor: null,
@@ -148,6 +149,7 @@ async function api(path, { method = 'GET', body } = {}) {
     const e = (json && json.error) || {};
     const err = new ApiError(res.status, e.code || `http_${res.status}`, e.message || text || res.statusText);
     if (res.status === 401 || res.status === 403) {
+      S.locked = true;
       setConn('locked', 'key needed');
       askKey(S.key ? err.message : '');
     }
@@ -155,6 +157,7 @@ async function api(path, { method = 'GET', body } = {}) {
   }
   if (json === null) throw new ApiError(res.status, 'invalid_response', 'The gateway sent no JSON.');
   if (!S.key) S.open = true;
+  S.locked = false;
   setConn('ok', S.key ? 'connected' : 'connected · open server');
   return json;
 }
@@ -233,8 +236,8 @@ function toast(kind, text, title) {
 
 function apiErrorToast(e, what) {
   if (e.status === 401 || e.status === 403) return; // the key dialog says it
-  if (e.status === 409) toast('conflict', e.message, `Conflict — ${what}`);
-  else toast('error', e.message, `${what} failed${e.status ? ` (${e.status})` : ''}`);
+  if (e.status === 409) toast('conflict', e.message, `Conflict: ${what} was refused`);
+  else toast('error', e.message, `${what[0].toUpperCase()}${what.slice(1)} failed${e.status ? ` (${e.status})` : ''}`);
 }
 
 // ---- tasks -------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ async function loadTasks() {
     const body = await api('/admin/tasks');
     S.tasks = body.data || [];
   } catch (e) {
-    apiErrorToast(e, 'Loading tasks');
+    apiErrorToast(e, 'loading tasks');
   }
   renderTasks();
 }
@@ -300,20 +303,26 @@ function taskCard(t, label, value) {
   );
 }
 
-function renderTasks() {
+function taskTotals() {
   const all = { pending: 0, approved: 0, rejected: 0, total: 0, newest_ms: 0 };
   for (const t of S.tasks) {
     for (const k of ['pending', 'approved', 'rejected', 'total']) all[k] += t[k] || 0;
     all.newest_ms = Math.max(all.newest_ms, t.newest_ms || 0);
   }
-  const strip = $('tasks');
-  strip.replaceChildren(taskCard(all, 'All tasks', ''), ...S.tasks.map((t) => taskCard(t, t.task, t.task)));
+  return all;
+}
 
+function renderStrip() {
+  $('tasks').replaceChildren(taskCard(taskTotals(), 'All tasks', ''), ...S.tasks.map((t) => taskCard(t, t.task, t.task)));
+}
+
+function renderTasks() {
+  renderStrip();
   const sel = $('f-task');
   const names = S.tasks.map((t) => t.task);
   if (S.filters.task && !names.includes(S.filters.task)) names.push(S.filters.task);
   sel.replaceChildren(
-    h('option', { value: '', text: `All tasks (${all.pending} pending)` }),
+    h('option', { value: '', text: `All tasks (${taskTotals().pending} pending)` }),
     ...names.map((n) => {
       const t = S.tasks.find((x) => x.task === n);
       return h('option', { value: n, text: t ? `${n} (${t.pending} pending)` : n });
@@ -353,7 +362,7 @@ async function loadRecords(reset) {
     }
     return true;
   } catch (e) {
-    if (seq === S.listSeq) apiErrorToast(e, 'Loading records');
+    if (seq === S.listSeq) apiErrorToast(e, 'loading records');
     return false;
   } finally {
     if (seq === S.listSeq) {
@@ -410,13 +419,10 @@ function renderList() {
   const list = $('list');
   if (!S.records.length) {
     const what = S.filters.state ? `${S.filters.state} ` : '';
-    list.replaceChildren(
-      h(
-        'li',
-        { class: 'list-empty' },
-        S.loading ? 'Loading…' : `No ${what}records${S.filters.task ? ` for ${S.filters.task}` : ''}${S.filters.q ? ' matching the search' : ''}.`,
-      ),
-    );
+    let text = `No ${what}records${S.filters.task ? ` for ${S.filters.task}` : ''}${S.filters.q ? ' matching the search' : ''}.`;
+    if (S.loading) text = 'Loading…';
+    else if (S.locked) text = 'The admin key is needed to list records.';
+    list.replaceChildren(h('li', { class: 'list-empty' }, text));
     list.removeAttribute('aria-activedescendant');
   } else {
     list.replaceChildren(...S.records.map(listItem));
@@ -466,20 +472,19 @@ function renderDetail() {
   const box = $('detail');
   const rec = S.records[S.sel];
   if (!rec) {
+    let title = 'Queue is empty';
+    let text = 'Nothing here for these filters. Change the task or state, or wait for traffic.';
+    if (S.loading) [title, text] = ['Loading…', ''];
+    else if (S.locked) [title, text] = ['Admin key needed', 'Enter a key from auth.admin_keys with “Change key”.'];
     box.replaceChildren(
-      h(
-        'div',
-        { class: 'empty' },
-        h('p', { class: 'empty-title', text: S.loading ? 'Loading…' : 'Queue is empty' }),
-        S.loading ? null : h('p', { class: 'muted', text: 'Nothing here for these filters. Change the task or state, or wait for traffic.' }),
-      ),
+      h('div', { class: 'empty' }, h('p', { class: 'empty-title', text: title }), text ? h('p', { class: 'muted', text }) : null),
     );
     return;
   }
   const { system, turns } = messages(rec);
   const st = rec.review.state;
   const failed = rec.status !== 'ok';
-  const tokens = `${rec.prompt_tokens} → ${rec.completion_tokens}${rec.prompt_tokens_saved ? ` (−${rec.prompt_tokens_saved} saved)` : ''}`;
+  const tokens = `${rec.prompt_tokens} → ${rec.completion_tokens}${rec.prompt_tokens_saved ? ` · ${rec.prompt_tokens_saved} saved` : ''}`;
 
   const metaList = h(
     'dl',
@@ -603,7 +608,11 @@ function renderDetail() {
 
 function startEdit() {
   const rec = S.records[S.sel];
-  if (!rec || rec.status !== 'ok') return;
+  if (!rec) return;
+  if (rec.status !== 'ok') {
+    toast('error', `The request failed (${rec.status}) and cannot be reviewed.`, 'Not reviewable');
+    return;
+  }
   S.editing = true;
   renderDetail();
 }
@@ -673,7 +682,8 @@ async function review(i, state, corrected) {
     }
     renderList();
     renderDetail();
-    apiErrorToast(e, `${verb.toLowerCase()} ${shortId(rec.id)}`);
+    const doing = state === 'approved' ? 'approving' : 'rejecting';
+    apiErrorToast(e, `${doing} ${shortId(rec.id)}`);
     if (e.status === 409) refetch(rec.id);
   }
   reloadTasksSoon();
@@ -696,7 +706,7 @@ async function refetch(id) {
   try {
     replaceRecord(await api(`/admin/logs/${encodeURIComponent(id)}`));
   } catch (e) {
-    apiErrorToast(e, 'Reloading the record');
+    apiErrorToast(e, 'reloading the record');
   }
 }
 
@@ -802,7 +812,7 @@ function bind() {
     searchTimer = setTimeout(() => setFilter({ q: e.target.value.trim() }, true), 250);
   });
   setInterval(() => {
-    if (!document.hidden) renderTasks(); // keeps the "newest … ago" labels fresh
+    if (!document.hidden) renderStrip(); // keeps the "newest … ago" labels fresh
   }, 30000);
 }
 
