@@ -7,3 +7,4 @@ mod common;
 mod errors;
 mod python;
 mod real_model;
+mod ui;

@@ -31,8 +31,18 @@ const executablePath = env('TUNEGATE_CHROMIUM', '/usr/bin/chromium');
 const browser = await chromium.launch({
   executablePath,
   headless: true,
-  // Root in a container has no user namespace for the sandbox.
-  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+  // Root in a container has no user namespace for the sandbox; the network is closed, so
+  // Chromium's own background connections are turned off rather than left to fail.
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-dev-shm-usage',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+  ],
 });
 const problems = [];
 try {
