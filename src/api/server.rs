@@ -92,6 +92,13 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     } else {
         None
     };
+    let logs = if config.logs.enabled {
+        let logs = crate::logs::Logs::start(&config.logs, &config.server.data_dir)
+            .with_context(|| format!("opening the {:?} log store", config.logs.store))?;
+        Some(logs)
+    } else {
+        None
+    };
     let state = web::Data::new(AppState {
         config: config.clone(),
         engine: engine.clone(),
@@ -102,6 +109,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         fingerprint: fingerprint(&config).into(),
         adapters_scanned,
         jobs,
+        logs,
     });
 
     let max_body = config.server.max_body_bytes;
@@ -172,6 +180,10 @@ impl ServerHandle {
         // A running job stops within one step and resumes from its checkpoint next start.
         if let Some(j) = &self.state.jobs {
             j.shutdown();
+        }
+        // After the HTTP drain: every finished request's record is in the writer by now.
+        if let Some(logs) = &self.state.logs {
+            logs.shutdown().await;
         }
         if let Some(w) = self.watcher {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;

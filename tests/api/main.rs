@@ -5,6 +5,7 @@ mod adapters;
 mod chat;
 mod common;
 mod errors;
+mod logs;
 mod python;
 mod real_model;
 mod ui;
