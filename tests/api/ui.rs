@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::common::{self, ADMIN_KEY, CLIENT_KEY, MODEL};
 
 const TASK: &str = "ui-review";
-const CORRECTION: &str = "Open Settings, then Security, and choose Reset password.";
+const CORRECTION: &str = "We see no outage in the EU region right now. The status page has live updates.";
 const SYSTEM: &str = "You are the support assistant for Acme Cloud. Answer in at most three sentences, \
     be friendly and precise, never promise refunds, and point to the status page when an outage is suspected.";
 
