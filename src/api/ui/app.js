@@ -22,7 +22,7 @@ const S = {
   tasks: [],
   listSeq: 0,
   loading: false,
-  showSystem: null, // null: by length; true/false: the reviewer's choice
+  showSystem: null, // null: open when short; true/false: the reviewer's choice, kept across records
 };
 
 const $ = (id) => document.getElementById(id);
@@ -358,7 +358,6 @@ async function loadRecords(reset) {
     if (reset) {
       S.sel = S.records.length ? 0 : -1;
       S.editing = false;
-      S.showSystem = null;
     }
     return true;
   } catch (e) {
@@ -438,7 +437,6 @@ function select(i, fromClick) {
   if (!S.records.length) return;
   S.sel = Math.max(0, Math.min(S.records.length - 1, i));
   S.editing = false;
-  S.showSystem = null;
   renderList();
   renderDetail();
   if (fromClick) $('list').focus();
@@ -506,10 +504,10 @@ function renderDetail() {
     const open = S.showSystem ?? !long;
     systemBlock = h(
       'details',
-      { class: 'system', open, ontoggle: (e) => (S.showSystem = e.target.open) },
+      { class: 'system', open },
       h(
         'summary',
-        {},
+        { onclick: (e) => (S.showSystem = !e.currentTarget.parentElement.open) },
         h('span', { class: 'turn-role', text: 'system prompt' }),
         h('span', { class: 'muted', text: ` ${system.length.toLocaleString()} chars` }),
         long && !open ? h('span', { class: 'system-preview', text: system.slice(0, 120) }) : null,
@@ -779,7 +777,13 @@ function onKey(e) {
     '?': () => $('dlg-help').showModal(),
   };
   const act = actions[e.key];
-  if (act) {
+  if (act && S.editing) {
+    // An unsaved edit is open: send the keys back to it rather than act on the record.
+    e.preventDefault();
+    $('edit-box').focus();
+  } else if (e.key === 'Escape' && S.editing) {
+    cancelEdit();
+  } else if (act) {
     e.preventDefault();
     act();
   }
@@ -787,7 +791,9 @@ function onKey(e) {
 
 function toggleSystem() {
   const d = document.querySelector('#detail details.system');
-  if (d) d.open = !d.open;
+  if (!d) return;
+  d.open = !d.open;
+  S.showSystem = d.open;
 }
 
 // ---- start -------------------------------------------------------------------------------
