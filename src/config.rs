@@ -149,6 +149,8 @@ pub struct TrainingSection {
     /// Drop a system prompt shared by every example (context distillation).
     pub distill_system_prompt: bool,
     pub checkpoint_every: usize,
+    /// A job that trains from a task's approved logs uses at most this many, the newest.
+    pub max_examples: usize,
 }
 
 impl Default for TrainingSection {
@@ -167,6 +169,7 @@ impl Default for TrainingSection {
             min_margin: 0.0,
             distill_system_prompt: true,
             checkpoint_every: t.checkpoint_every,
+            max_examples: 5000,
         }
     }
 }
