@@ -85,7 +85,7 @@ mod tests {
             .route("/ui/{file}", web::get().to(asset))
     }
 
-    fn header<'a>(res: &'a actix_web::dev::ServiceResponse, name: header::HeaderName) -> &'a str {
+    fn header(res: &actix_web::dev::ServiceResponse, name: header::HeaderName) -> &str {
         res.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 
