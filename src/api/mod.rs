@@ -1,7 +1,7 @@
 //! The HTTP API (actix-web): OpenAI-compatible routes under `/v1`, the vLLM-compatible
-//! adapter admin routes, health and readiness. Owns auth, limits, OpenAI-shaped errors and
-//! SSE; runs no model code and never blocks a worker (the engine has its own threads,
-//! adapter loads go to the blocking pool).
+//! adapter admin routes, health and readiness, and the review page's static files. Owns auth,
+//! limits, OpenAI-shaped errors and SSE; runs no model code and never blocks a worker (the
+//! engine has its own threads, adapter loads go to the blocking pool).
 
 pub mod admin;
 pub mod auth;
@@ -11,6 +11,7 @@ pub mod json;
 pub mod limits;
 pub mod openai;
 pub mod server;
+pub mod ui;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -48,6 +49,10 @@ pub struct AppState {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
+        // The review page; its files are public, the admin API it calls is not.
+        .service(resource("/ui").route(web::get().to(ui::index)))
+        .service(resource("/ui/").route(web::get().to(ui::index)))
+        .service(resource("/ui/{file}").route(web::get().to(ui::asset)))
         .service(
             resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)),
         )

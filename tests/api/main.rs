@@ -9,3 +9,4 @@ mod errors;
 mod logs;
 mod python;
 mod real_model;
+mod ui;
