@@ -1,5 +1,5 @@
 //! The HTTP API (actix-web): OpenAI-compatible routes under `/v1`, the vLLM-compatible
-//! adapter admin routes, health and readiness. Owns auth, limits, OpenAI-shaped errors and
+//! adapter admin routes, health, readiness and `/metrics`. Owns auth, limits, OpenAI-shaped errors and
 //! SSE; runs no model code and never blocks a worker (the engine has its own threads,
 //! adapter loads go to the blocking pool).
 
@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod limits;
+pub mod metrics;
 pub mod openai;
 pub mod server;
 
@@ -40,12 +41,15 @@ pub struct AppState {
     pub adapters_scanned: Arc<AtomicBool>,
     /// Fine-tuning jobs and uploaded files; `None` when `[training] enabled = false`.
     pub jobs: Option<crate::training::jobs::JobManager>,
+    /// This server's Prometheus registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The route table.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
+        .service(resource("/metrics").route(web::get().to(metrics::scrape)))
         .service(
             resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)),
         )

@@ -47,6 +47,18 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let config = Arc::new(config);
     let engine = Engine::spawn(config.engine_config());
     let router = Router::new(config.model.name.clone(), engine.registry().clone());
+    let metrics = crate::metrics::Metrics::new(
+        &config.model.name,
+        Some(engine.registry().clone()),
+        Some(engine.counters().clone()),
+    )
+    .context("creating the metrics registry")?;
+    let observer = Arc::downgrade(&metrics);
+    engine.registry().set_observer(Box::new(move |e| {
+        if let Some(m) = observer.upgrade() {
+            m.observe_adapter(e);
+        }
+    }));
     let auth = auth::Auth::new(&config.auth);
     if auth.is_open() {
         tracing::warn!(
@@ -84,6 +96,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             eval_fraction: config.training.eval_fraction,
             min_margin: config.training.min_margin,
             distill_system_prompt: config.training.distill_system_prompt,
+            metrics: Some(metrics.clone()),
         };
         Some(
             crate::training::jobs::JobManager::start(jobs_cfg, files, engine.registry().clone(), None)
@@ -102,6 +115,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         fingerprint: fingerprint(&config).into(),
         adapters_scanned,
         jobs,
+        metrics,
     });
 
     let max_body = config.server.max_body_bytes;
@@ -111,6 +125,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             .app_data(app_state.clone())
             .app_data(web::PayloadConfig::new(max_body))
             .app_data(BodyLimit(max_body))
+            .wrap(actix_web::middleware::from_fn(super::metrics::track))
             .configure(routes)
             .default_service(web::to(super::not_found))
     })

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
@@ -22,16 +22,18 @@ use crate::engine::{FinishReason, ModelInfo, Prompt};
 pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
+    http: HttpRequest,
     Json(req): Json<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::chat(&req, &state.config.limits)?;
     let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    crate::api::metrics::served(&http, &routed);
     let saved = state.router.distill(&routed, &mut plan.messages);
     let permit = state.limiter.acquire(&caller.key_id)?;
     let info = state.engine.info()?;
     let prompt = Prompt::Text(info.render_chat(&plan.messages)?);
     let streams = submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?;
-    let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
+    let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id).measured(&state.metrics, saved);
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
 
     if plan.common.stream {
@@ -51,6 +53,9 @@ pub async fn create(
 
     let completions = collect_all(streams).await?;
     drop(permit);
+    for c in &completions {
+        record.choice_done(&c.timings, c.usage.completion_tokens);
+    }
     let usage = total_usage(plan.common.n, completions.iter().map(|c| &c.usage).enumerate()).with_saved(saved);
     record.complete(usage);
     let choices = completions

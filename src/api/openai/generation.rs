@@ -3,7 +3,7 @@
 //! per-request record (task, key, tokens, outcome) written when the request ends.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
 
@@ -11,7 +11,8 @@ use super::convert::Common;
 use super::types::{TokenLogprob, UsageOut};
 use crate::adapters::AdapterLease;
 use crate::api::error::ApiResult;
-use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Usage};
+use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
+use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
 /// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one
 /// submission fails, the ones already queued are dropped, which cancels them.
@@ -95,6 +96,14 @@ pub struct RequestRecord {
     pub started: Instant,
     pub usage: Option<UsageOut>,
     pub completed: bool,
+    /// The alias that served it (`None`: the base model).
+    pub adapter: Option<String>,
+    /// Prompt tokens a distilled adapter made unnecessary (per prompt).
+    pub prompt_tokens_saved: usize,
+    /// The longest engine time of the finished choices.
+    pub engine_time: Option<Duration>,
+    pub choices: Vec<ChoiceTiming>,
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl RequestRecord {
@@ -108,7 +117,31 @@ impl RequestRecord {
             started: Instant::now(),
             usage: None,
             completed: false,
+            adapter: routed.adapter.as_ref().map(|a| a.alias.clone()),
+            prompt_tokens_saved: 0,
+            engine_time: None,
+            choices: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts the request in `metrics` when it ends, with `saved` distilled prompt tokens.
+    pub fn measured(mut self, metrics: &Arc<Metrics>, saved: usize) -> Self {
+        self.metrics = Some(metrics.clone());
+        self.prompt_tokens_saved = saved;
+        self
+    }
+
+    /// One choice finished on the engine: its timings, relative to now.
+    pub fn choice_done(&mut self, t: &Timings, completion_tokens: usize) {
+        let elapsed = self.started.elapsed();
+        let decode = t.total.saturating_sub(t.time_to_first_token);
+        self.engine_time = Some(self.engine_time.map_or(t.total, |e| e.max(t.total)));
+        self.choices.push(ChoiceTiming {
+            time_to_first_token: elapsed.saturating_sub(decode),
+            decode,
+            completion_tokens,
+        });
     }
 
     pub fn complete(&mut self, usage: UsageOut) {
@@ -132,6 +165,18 @@ impl Drop for RequestRecord {
             outcome = if self.completed { "ok" } else { "cancelled" },
             "request finished"
         );
+        if let Some(m) = &self.metrics {
+            m.observe_request(&RequestObservation {
+                task: &self.task,
+                adapter: self.adapter.as_deref(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                prompt_tokens_saved: if self.completed { self.prompt_tokens_saved } else { 0 },
+                duration: self.started.elapsed(),
+                engine_time: self.engine_time,
+                choices: &self.choices,
+            });
+        }
     }
 }
 

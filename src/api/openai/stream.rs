@@ -109,7 +109,8 @@ impl<F: ChunkFormat> State<F> {
             Some((i, StreamEvent::Token { text, token_id, logprob })) => {
                 self.pending.extend(self.format.token(i, text, token_id, logprob));
             }
-            Some((i, StreamEvent::Done { finish_reason, usage, .. })) => {
+            Some((i, StreamEvent::Done { finish_reason, usage, timings })) => {
+                self.held.record.choice_done(&timings, usage.completion_tokens);
                 self.usages.push((i, usage));
                 self.pending.push_back(self.format.finished(i, finish_reason));
             }
