@@ -5,6 +5,7 @@
 #   - .venv with the `openai` SDK and `schemathesis` (the Python end-to-end checks),
 #   - the default model in models/ (one slow test serves the real SmolLM2 file),
 #   - redis-server (apt) for the Redis log-store tests,
+#   - prometheus (apt: `prometheus` and `promtool`) for the metrics tests, which then require it,
 # then `cargo nextest run` (or `cargo test` where nextest is not installed).
 # Extra arguments go to the test runner, e.g. `scripts/test.sh api::chat`.
 set -euo pipefail
@@ -16,6 +17,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
     $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq redis-server >/dev/null
 fi
+
+# The metrics tests check a scrape with promtool and query a real Prometheus server. They
+# fail, not skip, without them when TUNEGATE_REQUIRE_PROMETHEUS (or CI) is set.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    echo "== installing prometheus"
+    if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+    $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+export TUNEGATE_REQUIRE_PROMETHEUS=1
 
 venv="${TUNEGATE_VENV:-.venv}"
 requirements=tests/python/requirements.txt

@@ -45,18 +45,20 @@ pub async fn track(
     let Some(metrics) = req.app_data::<web::Data<AppState>>().map(|s| s.metrics.clone()) else {
         return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
     };
-    let http = req.request().clone();
-    let guard = Exchange { metrics: metrics.clone(), started: Instant::now(), _in_flight: metrics.in_flight() };
+    // From the app's resource map, so it is known before routing; the request itself must
+    // not be cloned before routing (actix needs it unshared to record the match).
+    let route = req.match_pattern().unwrap_or_else(|| UNMATCHED_ROUTE.to_string());
+    let exchange = Exchange { metrics: metrics.clone(), started: Instant::now(), _in_flight: metrics.in_flight() };
     match next.call(req).await {
         Ok(res) => {
-            let status = res.status();
+            let served = res.request().extensions().get::<Served>().cloned();
             let rejected = res.response().error().and_then(|e| e.as_error::<ApiError>()).map(|e| e.kind);
-            let done = Done { guard, http: res.request().clone(), status, rejected };
+            let done = Done { exchange, route, served, status: res.status(), rejected };
             Ok(res.map_body(|_, body| BoxBody::new(Tracked { body: body.boxed(), done: Some(done) })))
         }
         Err(e) => {
             let rejected = e.as_error::<ApiError>().map(|e| e.kind);
-            Done { guard, http, status: e.as_response_error().status_code(), rejected }.record();
+            Done { exchange, route, served: None, status: e.as_response_error().status_code(), rejected }.record();
             Err(e)
         }
     }
@@ -71,16 +73,15 @@ struct Exchange {
 
 /// An exchange whose head is known, recorded when its body ends.
 struct Done {
-    guard: Exchange,
-    http: HttpRequest,
+    exchange: Exchange,
+    route: String,
+    served: Option<Served>,
     status: StatusCode,
     rejected: Option<ErrorKind>,
 }
 
 impl Done {
     fn record(self) {
-        let served = self.http.extensions().get::<Served>().cloned();
-        let route = self.http.match_pattern();
         let rejected = self
             .rejected
             .filter(|_| {
@@ -90,13 +91,13 @@ impl Done {
                 )
             })
             .map(ErrorKind::code);
-        self.guard.metrics.observe_http(&HttpObservation {
-            route: route.as_deref().unwrap_or(UNMATCHED_ROUTE),
-            task: served.as_ref().map(|s| s.task.as_str()),
-            model: served.as_ref().map(|s| s.model.as_str()),
+        self.exchange.metrics.observe_http(&HttpObservation {
+            route: &self.route,
+            task: self.served.as_ref().map(|s| s.task.as_str()),
+            model: self.served.as_ref().map(|s| s.model.as_str()),
             status: self.status.as_u16(),
             rejected,
-            duration: self.guard.started.elapsed(),
+            duration: self.exchange.started.elapsed(),
         });
     }
 }

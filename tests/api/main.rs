@@ -5,5 +5,6 @@ mod adapters;
 mod chat;
 mod common;
 mod errors;
+mod metrics;
 mod python;
 mod real_model;
