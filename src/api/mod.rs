@@ -43,6 +43,8 @@ pub struct AppState {
     pub jobs: Option<crate::training::jobs::JobManager>,
     /// This server's Prometheus registry.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Request logs and review; `None` when `[logs] enabled = false`.
+    pub logs: Option<Arc<crate::logs::Logs>>,
 }
 
 /// The route table.
@@ -60,9 +62,32 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(resource("/v1/lora_adapters").route(web::get().to(admin::adapters::list)).wrap(from_fn(auth::admin)))
         .service(
+            web::scope("/admin")
+                .wrap(from_fn(auth::admin))
+                .service(resource("/logs").route(web::get().to(admin::logs::list)))
+                // Before `/logs/{id}`: `review` is not an id here.
+                .service(resource("/logs/review").route(web::post().to(admin::logs::review_bulk)))
+                .service(resource("/logs/{id}").route(web::get().to(admin::logs::get)))
+                .service(resource("/logs/{id}/review").route(web::post().to(admin::logs::review)))
+                .service(resource("/tasks").route(web::get().to(admin::logs::tasks)))
+                .default_service(web::to(not_found)),
+        )
+        .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::client))
-                .service(resource("/chat/completions").route(web::post().to(openai::chat::create)))
+                .service(
+                    resource("/chat/completions")
+                        .route(web::post().to(openai::chat::create))
+                        .route(web::get().to(openai::stored::list)),
+                )
+                .service(
+                    resource("/chat/completions/{id}")
+                        .route(web::get().to(openai::stored::retrieve))
+                        .route(web::post().to(openai::stored::update))
+                        .route(web::delete().to(openai::stored::delete)),
+                )
+                .service(resource("/chat/completions/{id}/messages").route(web::get().to(openai::stored::messages)))
+                .service(resource("/feedback").route(web::post().to(openai::feedback::create)))
                 .service(resource("/completions").route(web::post().to(openai::completions::create)))
                 .service(resource("/models").route(web::get().to(openai::models::list)))
                 // Model ids may contain '/' (`org/name`), so the id is the rest of the path.

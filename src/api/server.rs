@@ -83,6 +83,13 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let adapters_scanned =
         watcher.as_ref().map(Watcher::scanned_flag).unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
 
+    let logs = if config.logs.enabled {
+        let logs = crate::logs::Logs::start(&config.logs, &config.server.data_dir)
+            .with_context(|| format!("opening the {:?} log store", config.logs.store))?;
+        Some(logs)
+    } else {
+        None
+    };
     let jobs = if config.training.enabled {
         let files = Arc::new(
             crate::training::files::FileStore::open(&config.server.data_dir).context("opening the files store")?,
@@ -99,7 +106,12 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             metrics: Some(metrics.clone()),
         };
         Some(
-            crate::training::jobs::JobManager::start(jobs_cfg, files, engine.registry().clone(), None)
+            crate::training::jobs::JobManager::start(
+                jobs_cfg,
+                files,
+                engine.registry().clone(),
+                logs.as_ref().map(|l| task_examples(l, config.training.max_examples)),
+            )
                 .context("starting the fine-tuning worker")?,
         )
     } else {
@@ -116,6 +128,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         adapters_scanned,
         jobs,
         metrics,
+        logs,
     });
 
     let max_body = config.server.max_body_bytes;
@@ -188,11 +201,34 @@ impl ServerHandle {
         if let Some(j) = &self.state.jobs {
             j.shutdown();
         }
+        // After the HTTP drain: every finished request's record is in the writer by now.
+        if let Some(logs) = &self.state.logs {
+            logs.shutdown().await;
+        }
         if let Some(w) = self.watcher {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;
         }
         served.context("the server task failed")?.context("the HTTP server failed")
     }
+}
+
+/// Training data for jobs that name a task instead of a file: the task's approved log
+/// records (the reviewer's correction where there is one), the newest `max` of them.
+fn task_examples(logs: &Arc<crate::logs::Logs>, max: usize) -> crate::training::jobs::TaskExamples {
+    let store = logs.store.clone();
+    let rt = tokio::runtime::Handle::current();
+    Arc::new(move |task: &str| {
+        // Called on the job worker's own thread, never on a runtime thread.
+        let records = rt.block_on(store.approved_examples(task)).map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            return Err(format!("task '{task}' has no approved examples"));
+        }
+        let skip = records.len().saturating_sub(max.max(1));
+        Ok(records[skip..]
+            .iter()
+            .map(|r| crate::training::dataset::Example { messages: r.training_messages() })
+            .collect())
+    })
 }
 
 fn fingerprint(config: &Config) -> String {

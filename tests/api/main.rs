@@ -6,5 +6,6 @@ mod chat;
 mod common;
 mod errors;
 mod metrics;
+mod logs;
 mod python;
 mod real_model;

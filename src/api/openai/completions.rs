@@ -29,7 +29,8 @@ pub async fn create(
     let permit = state.limiter.acquire(&caller.key_id)?;
     let info = state.engine.info()?;
     let echoes = if plan.echo { prompt_texts(&info, &plan.prompts)? } else { vec![String::new(); plan.prompts.len()] };
-    let mut record = RequestRecord::new("completions", &routed, &caller.key_id).measured(&state.metrics, 0);
+    let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
+    record.measure(&state.metrics);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
     let n = plan.common.n;
     let mut format =
