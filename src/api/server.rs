@@ -86,6 +86,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let logs = if config.logs.enabled {
         let logs = crate::logs::Logs::start(&config.logs, &config.server.data_dir)
             .with_context(|| format!("opening the {:?} log store", config.logs.store))?;
+        metrics.watch_log_writer(logs.store.backend(), logs.writer.stats().clone());
         Some(logs)
     } else {
         None

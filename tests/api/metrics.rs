@@ -194,6 +194,7 @@ async fn counters_move_by_exactly_what_was_served() -> anyhow::Result<()> {
     assert_eq!(after.sum("tunegate_adapter_load_seconds_count", &[]), 2.0);
     assert_eq!(after.sum("tunegate_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0);
     assert!(after.sum("process_resident_memory_bytes", &[]) > 0.0);
+    assert_eq!(delta("tunegate_logs_written_total", &[("store", "sqlite")]), 3.0, "durable logs: one per answer");
 
     // Route templates, never raw paths or ids.
     gw.get("/v1/models/some-unknown-model-id").await?;
