@@ -7,6 +7,7 @@
 #   - redis-server (apt) for the Redis log-store tests,
 #   - Debian's chromium and Node.js (apt) and playwright-core (npm, pinned by
 #     tests/ui/package-lock.json, into tests/ui/node_modules) for the review page's browser test,
+#   - prometheus (apt: `prometheus` and `promtool`) for the metrics tests, which then require it,
 # then `cargo nextest run` (or `cargo test` where nextest is not installed).
 # Extra arguments go to the test runner, e.g. `scripts/test.sh api::chat`.
 set -euo pipefail
@@ -32,6 +33,15 @@ if ! cmp -s "$ui_lock" tests/ui/node_modules/.tunegate-lock; then
     npm ci --prefix tests/ui --no-audit --no-fund --silent
     cp "$ui_lock" tests/ui/node_modules/.tunegate-lock
 fi
+
+# The metrics tests check a scrape with promtool and query a real Prometheus server. They
+# fail, not skip, without them when TUNEGATE_REQUIRE_PROMETHEUS (or CI) is set.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    echo "== installing prometheus"
+    if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+    $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+export TUNEGATE_REQUIRE_PROMETHEUS=1
 
 venv="${TUNEGATE_VENV:-.venv}"
 requirements=tests/python/requirements.txt

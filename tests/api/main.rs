@@ -6,6 +6,7 @@ mod chat;
 mod common;
 mod crash;
 mod errors;
+mod metrics;
 mod logs;
 mod python;
 mod real_model;
