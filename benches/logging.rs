@@ -85,6 +85,7 @@ async fn run(real: bool) -> anyhow::Result<()> {
                      {"role": "user", "content": "I was charged twice this month."}],
         "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "metadata": {"task": "bench"},
     });
+    let load_before = loadavg();
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
     for round in 0..ROUNDS {
         for (i, s) in SETUPS.iter().enumerate() {
@@ -111,6 +112,12 @@ async fn run(real: bool) -> anyhow::Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         option_env!("TUNEGATE_COMMIT").unwrap_or("see git log"),
     ));
+    md.push_str(&format!(
+        "Build profile: {}. Load average before / after: {load_before} / {} (above ~0.5 the machine was \
+         shared and the spread across rounds shows it).\n\n",
+        if cfg!(debug_assertions) { "dev (dependencies at opt-level 3, tunegate at 1)" } else { "release" },
+        loadavg()
+    ));
     md.push_str("| logging | requests/s (median) | rounds | ratio to off | target ≥ 0.95 |\n|---|---|---|---|---|\n");
     for (s, r) in SETUPS.iter().zip(&results) {
         let m = median(r);
@@ -126,6 +133,12 @@ async fn run(real: bool) -> anyhow::Result<()> {
     std::fs::write(&file, md).with_context(|| format!("writing {}", file.display()))?;
     eprintln!("wrote {}", file.display());
     Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().next().unwrap_or("?").to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 async fn measure(
