@@ -65,8 +65,8 @@ impl Config {
     fn validate(&self) -> Result<()> {
         let ok = self.num_attention_heads > 0
             && self.num_kv_heads() > 0
-            && self.num_attention_heads % self.num_kv_heads() == 0
-            && self.head_dim() % 2 == 0
+            && self.num_attention_heads.is_multiple_of(self.num_kv_heads())
+            && self.head_dim().is_multiple_of(2)
             && self.num_hidden_layers > 0
             && self.vocab_size > 0;
         if ok {
