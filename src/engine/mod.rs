@@ -5,6 +5,7 @@
 mod error;
 pub mod chat_template;
 pub mod gguf;
+pub mod grad_ops;
 pub mod hf;
 mod loader;
 pub mod lora;
