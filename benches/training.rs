@@ -54,7 +54,7 @@ fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<f64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
     // SC_CLK_TCK is 100 on Linux.
     f.get(11).zip(f.get(12)).map_or(0.0, |(u, s)| (u + s) / 100.0)
 }
@@ -157,12 +157,39 @@ fn matmul_probe() -> Result<()> {
         let run = || -> Result<Tensor> { Ok(x.matmul(&w)?) };
         run()?;
         let t = Instant::now();
+        let c = cpu_seconds();
         let reps = 5;
         for _ in 0..reps {
             run()?;
         }
         let s = t.elapsed().as_secs_f64() / reps as f64;
-        println!("matmul {m}x{k}{} @ {k}x{n}{}: {:.1} ms, {:.1} GFLOP/s", if lt { "(T)" } else { "" }, if rt { "(T)" } else { "" }, s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
+        let cs = (cpu_seconds() - c) / reps as f64;
+        let flop = 2.0 * (m * k * n) as f64;
+        println!(
+            "matmul {m}x{k}{} @ {k}x{n}{}: {:.1} ms, {:.1} GFLOP/s, {:.1} GFLOP per CPU-second",
+            if lt { "(T)" } else { "" },
+            if rt { "(T)" } else { "" },
+            s * 1e3,
+            flop / s / 1e9,
+            flop / cs.max(1e-9) / 1e9
+        );
+    }
+    for (m, k, n) in [(1024usize, 576usize, 1536usize), (512, 576, 49152)] {
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; n * k];
+        let mut c = vec![0f32; m * n];
+        let t = Instant::now();
+        let cpu = cpu_seconds();
+        for _ in 0..5 {
+            // c = a · bᵀ with b stored [n, k].
+            unsafe {
+                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+            }
+        }
+        let s = t.elapsed().as_secs_f64() / 5.0;
+        let cs = (cpu_seconds() - cpu) / 5.0;
+        let flop = 2.0 * (m * k * n) as f64;
+        println!("matrixmultiply {m}x{k} @ {k}x{n}(T): {:.1} ms, {:.1} GFLOP/s, {:.1} per CPU-second", s * 1e3, flop / s / 1e9, flop / cs.max(1e-9) / 1e9);
     }
     let x = Tensor::randn(0f32, 1.0, (1024, 1536), &Device::Cpu)?;
     let t = Instant::now();

@@ -7,7 +7,6 @@
 //! Each backward pass is itself a kernel here applied without autograd. Inputs must be
 //! contiguous f32 (callers make them so); anything else is an error, never a panic.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -26,6 +25,80 @@ fn rows_of(dims: &[usize]) -> (usize, usize) {
     (dims.iter().product::<usize>() / len.max(1), len)
 }
 
+/// A row-major matrix view: `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize, row_stride: usize, col_stride: usize) -> CResult<Self> {
+        let last = match (rows, cols) {
+            (0, _) | (_, 0) => 0,
+            _ => (rows - 1) * row_stride + (cols - 1) * col_stride + 1,
+        };
+        if last > data.len() {
+            return Err(candle_core::Error::Msg(format!("matmul: a {rows}x{cols} view needs {last} elements, has {}", data.len())));
+        }
+        Ok(Self { data, rows, cols, row_stride, col_stride })
+    }
+}
+
+/// `a · b` into a new row-major `[a.rows, b.cols]` buffer. The rows of the product are
+/// split over the current rayon pool. `matrixmultiply` rather than candle's matmul (the
+/// `gemm` crate): on the machines measured (`benches/results/training.md`) it ran these
+/// shapes about twice as fast per core, and these products are most of a training step.
+fn matmul_rows(a: Mat<'_>, b: Mat<'_>) -> CResult<Vec<f32>> {
+    if a.cols != b.rows {
+        return Err(candle_core::Error::Msg(format!("matmul: {}x{} by {}x{}", a.rows, a.cols, b.rows, b.cols)));
+    }
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    let block = m.div_ceil(rayon::current_num_threads().max(1)).max(16);
+    out.par_chunks_mut(block * n).enumerate().for_each(|(i, c)| {
+        let r0 = i * block;
+        let rows = c.len() / n;
+        // SAFETY: `Mat::new` checked that every (row, col) of `a` and `b` addressed by the
+        // strides lies inside its slice; this block reads rows r0..r0+rows of `a` (within
+        // a.rows) and writes exactly its own `rows × n` chunk of `out`.
+        unsafe {
+            matrixmultiply::sgemm(
+                rows,
+                k,
+                n,
+                1.0,
+                a.data.as_ptr().add(r0 * a.row_stride),
+                a.row_stride as isize,
+                a.col_stride as isize,
+                b.data.as_ptr(),
+                b.row_stride as isize,
+                b.col_stride as isize,
+                0.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    });
+    Ok(out)
+}
+
+/// The weight's contiguous f32 data and its `[out, in]` dims.
+fn weight_data<'a>(s: &'a Storage, l: &Layout, op: &str) -> CResult<(&'a [f32], usize, usize)> {
+    let Storage::Cpu(s) = s else {
+        return Err(candle_core::Error::Msg(format!("{op}: the weight is not on the CPU")));
+    };
+    let (n, k) = l.shape().dims2()?;
+    Ok((contiguous_f32(s, l, op)?, n, k))
+}
+
 /// `x · Wᵀ` for a frozen `W` `[out, in]` and `x` `[rows, in]`. Backward: `∂x = ∂y · W`
 /// only, where candle's matmul would also form `∂W = ∂yᵀ · x`, as costly as the forward
 /// product and thrown away.
@@ -40,26 +113,41 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        let (n, kw) = self.w.dims2()?;
-        if k != kw {
-            return Err(candle_core::Error::Msg(format!("frozen-matmul: input width {k}, weight width {kw}")));
-        }
+        let x = contiguous_f32(s, l, self.name())?;
         let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(ws) = &*ws else {
-            return Err(candle_core::Error::Msg("frozen-matmul: the weight is not on the CPU".into()));
-        };
-        let out = s.matmul(ws, (1, m, n, k), l, &wl.transpose(0, 1)?)?;
-        Ok((out, Shape::from((m, n))))
+        let (w, n, kw) = weight_data(&ws, wl, self.name())?;
+        let out = matmul_rows(Mat::new(x, m, k, k, 1)?, Mat::new(w, kw, n, 1, kw)?)?;
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&FrozenMatmulGrad { w: self.w.clone() })?))
+    }
+}
+
+/// `∂y · W`, `∂y` `[rows, out]`.
+struct FrozenMatmulGrad {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (m, n) = l.shape().dims2()?;
+        let g = contiguous_f32(s, l, self.name())?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let (w, nw, k) = weight_data(&ws, wl, self.name())?;
+        let out = matmul_rows(Mat::new(g, m, n, n, 1)?, Mat::new(w, nw, k, k, 1)?)?;
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }
 
 /// `x · Wᵀ` with `W` `[out, in]` frozen (no gradient is formed for it).
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+    x.contiguous()?.apply_op1(FrozenMatmul { w: w.contiguous()? })
 }
 
 /// RMS norm over the last dimension with a frozen weight: `y = x · r · w`,
