@@ -19,7 +19,8 @@ use serde::Deserialize;
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Top-level sections that `TUNEGATE_<SECTION>_<KEY>` variables may address.
-const SECTIONS: &[&str] = &["server", "auth", "model", "engine", "adapters", "limits", "training"];
+const SECTIONS: &[&str] =
+    &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs", "metrics"];
 
 /// Short environment forms and the key each one sets.
 const SHORT_FORMS: &[(&str, &str, &str)] = &[
@@ -55,6 +56,96 @@ pub struct Config {
     pub adapters: AdaptersConfig,
     pub limits: LimitsConfig,
     pub training: TrainingSection,
+    pub logs: LogsSection,
+    pub metrics: MetricsSection,
+}
+
+/// Where request logs are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// Embedded SQLite in WAL mode (`logs.sqlite_path`, default `<data_dir>/logs.sqlite3`).
+    Sqlite,
+    /// A Redis server shared by a fleet of replicas (`logs.redis_url`).
+    Redis,
+}
+
+/// `[logs]`: request logging, privacy switches and review policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsSection {
+    /// Log chat completions at all (the review routes answer 503 `logs_disabled` otherwise).
+    pub enabled: bool,
+    pub store: LogBackend,
+    /// Empty: `<data_dir>/logs.sqlite3`.
+    pub sqlite_path: Option<PathBuf>,
+    /// `synchronous=FULL` (survives power loss at one fsync per batch); the default survives
+    /// process crashes.
+    pub sqlite_synchronous_full: bool,
+    pub redis_url: String,
+    /// Prepended to every Redis key.
+    pub redis_prefix: String,
+    /// Regular expressions whose matches are replaced by `[REDACTED]` before storage.
+    pub redact: Vec<String>,
+    /// Tasks never logged (privacy).
+    pub disabled_tasks: Vec<String>,
+    /// API key ids (as `/admin/logs` shows them: 12 hex digits of the key's SHA-256) never logged.
+    pub disabled_keys: Vec<String>,
+    /// Tasks whose records are approved when the client sends positive feedback; `"*"` = all.
+    pub auto_approve_on_feedback: Vec<String>,
+    /// A response's last bytes are sent only once its record is committed (store or local
+    /// spool), so a crash never loses a record the client received. Off: records may sit up
+    /// to `flush_interval_ms` in memory.
+    pub durable: bool,
+    pub batch_size: usize,
+    pub flush_interval_ms: u64,
+    /// Records waiting for the writer before requests feel backpressure.
+    pub queue_capacity: usize,
+}
+
+impl Default for LogsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            store: LogBackend::Sqlite,
+            sqlite_path: None,
+            sqlite_synchronous_full: false,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_prefix: "tunegate:logs:".into(),
+            redact: Vec::new(),
+            disabled_tasks: Vec::new(),
+            disabled_keys: Vec::new(),
+            auto_approve_on_feedback: Vec::new(),
+            durable: true,
+            batch_size: 256,
+            flush_interval_ms: 200,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+impl LogsSection {
+    /// The SQLite file: `sqlite_path`, else `<data_dir>/logs.sqlite3`.
+    pub fn sqlite_file(&self, data_dir: &Path) -> PathBuf {
+        self.sqlite_path.clone().unwrap_or_else(|| data_dir.join("logs.sqlite3"))
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serve `GET /metrics` (404 otherwise). Recording goes on either way; it is cheap.
+    pub enabled: bool,
+    /// Ask for an admin key on `/metrics` (when keys are configured; an open server
+    /// accepts anyone).
+    pub require_admin_key: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self { enabled: true, require_admin_key: false }
+    }
 }
 
 /// `[training]`: defaults for fine-tuning jobs (a job's own hyper-parameters win).
@@ -77,6 +168,8 @@ pub struct TrainingSection {
     /// Drop a system prompt shared by every example (context distillation).
     pub distill_system_prompt: bool,
     pub checkpoint_every: usize,
+    /// A job that trains from a task's approved logs uses at most this many, the newest.
+    pub max_examples: usize,
 }
 
 impl Default for TrainingSection {
@@ -95,6 +188,7 @@ impl Default for TrainingSection {
             min_margin: 0.0,
             distill_system_prompt: true,
             checkpoint_every: t.checkpoint_every,
+            max_examples: 5000,
         }
     }
 }
@@ -205,6 +299,8 @@ struct RawConfig {
     adapters: RawAdapters,
     limits: LimitsConfig,
     training: TrainingSection,
+    logs: LogsSection,
+    metrics: MetricsSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +535,16 @@ impl RawConfig {
         if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) || t.epochs == 0 || t.batch_size == 0 {
             return Err(invalid("training", "learning_rate must be in (0, 1), epochs and batch_size at least 1".into()));
         }
+        let l = &self.logs;
+        if let Err(e) = crate::logs::Redactor::new(&l.redact) {
+            return Err(invalid("logs.redact", e.to_string()));
+        }
+        if l.batch_size == 0 || l.queue_capacity == 0 || l.flush_interval_ms == 0 {
+            return Err(invalid("logs", "batch_size, queue_capacity and flush_interval_ms must be at least 1".into()));
+        }
+        if l.store == LogBackend::Redis && !l.redis_url.starts_with("redis://") && !l.redis_url.starts_with("rediss://") {
+            return Err(invalid("logs.redis_url", format!("'{}' is not a redis:// URL", l.redis_url)));
+        }
         Ok(Config {
             server: ServerConfig {
                 bind,
@@ -467,6 +573,8 @@ impl RawConfig {
             },
             limits: self.limits,
             training: self.training,
+            logs: self.logs,
+            metrics: self.metrics,
         })
     }
 }
@@ -523,6 +631,18 @@ mod tests {
         assert_eq!(c.model.name, "smollm2-135m-instruct");
         assert!(c.auth.is_open());
         assert_eq!(c.adapters.root, Path::new("adapters"));
+        assert!(c.metrics.enabled && !c.metrics.require_admin_key);
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_section_keys_and_env() -> Result<(), ConfigError> {
+        let c = parse_env(COMMITTED, &[("TUNEGATE_METRICS_REQUIRE_ADMIN_KEY", "true")])?;
+        assert!(c.metrics.require_admin_key);
+        assert_eq!(
+            err("[metrics]\npublic = true\n"),
+            "test.toml: metrics.public: unknown field `public`, expected `enabled` or `require_admin_key`"
+        );
         Ok(())
     }
 
@@ -549,7 +669,7 @@ mod tests {
         assert_eq!(
             err("[srever]\nbind = \"127.0.0.1:1\"\n"),
             "test.toml: srever: unknown field `srever`, expected one of `server`, `auth`, `model`, `engine`, \
-             `adapters`, `limits`, `training`"
+             `adapters`, `limits`, `training`, `logs`, `metrics`"
         );
     }
 

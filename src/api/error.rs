@@ -54,6 +54,10 @@ pub enum ErrorKind {
     JobNotFound,
     JobFinished,
     TrainingDisabled,
+    LogNotFound,
+    IllegalReviewTransition,
+    LogsDisabled,
+    LogStoreUnavailable,
     Internal,
 }
 
@@ -79,14 +83,17 @@ impl ErrorKind {
             | InvalidFile => StatusCode::BAD_REQUEST,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
             InsufficientScope => StatusCode::FORBIDDEN,
-            ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl | FileNotFound | JobNotFound => {
+            ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl | FileNotFound | JobNotFound
+            | LogNotFound => {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GenerationMismatch | JobFinished => StatusCode::CONFLICT,
+            GenerationMismatch | JobFinished | IllegalReviewTransition => StatusCode::CONFLICT,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             TooManyConcurrentRequests | AdapterBusy => StatusCode::TOO_MANY_REQUESTS,
-            ModelNotReady | EngineOverloaded | ShuttingDown | TrainingDisabled => StatusCode::SERVICE_UNAVAILABLE,
+            ModelNotReady | EngineOverloaded | ShuttingDown | TrainingDisabled | LogsDisabled | LogStoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -130,6 +137,10 @@ impl ErrorKind {
             JobNotFound => "fine_tuning_job_not_found",
             JobFinished => "fine_tuning_job_finished",
             TrainingDisabled => "training_disabled",
+            LogNotFound => "log_not_found",
+            IllegalReviewTransition => "illegal_review_transition",
+            LogsDisabled => "logs_disabled",
+            LogStoreUnavailable => "log_store_unavailable",
             Internal => "internal_error",
         }
     }
@@ -149,7 +160,7 @@ impl ErrorKind {
     fn retry_after(self) -> Option<u32> {
         match self {
             ErrorKind::TooManyConcurrentRequests | ErrorKind::AdapterBusy | ErrorKind::EngineOverloaded => Some(1),
-            ErrorKind::ModelNotReady => Some(5),
+            ErrorKind::ModelNotReady | ErrorKind::LogStoreUnavailable => Some(5),
             _ => None,
         }
     }
@@ -243,6 +254,20 @@ impl From<EngineError> for ApiError {
             _ => None,
         };
         ApiError { kind, message: e.to_string(), param }
+    }
+}
+
+impl From<crate::logs::LogError> for ApiError {
+    fn from(e: crate::logs::LogError) -> Self {
+        use crate::logs::LogError as L;
+        let kind = match &e {
+            L::NotFound(_) => ErrorKind::LogNotFound,
+            L::IllegalTransition { .. } => ErrorKind::IllegalReviewTransition,
+            L::InvalidInput(_) => ErrorKind::InvalidValue,
+            L::Unavailable(_) | L::WriterClosed => ErrorKind::LogStoreUnavailable,
+            L::Storage(_) => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
     }
 }
 

@@ -1,7 +1,7 @@
 //! The HTTP API (actix-web): OpenAI-compatible routes under `/v1`, the vLLM-compatible
-//! adapter admin routes, health and readiness. Owns auth, limits, OpenAI-shaped errors and
-//! SSE; runs no model code and never blocks a worker (the engine has its own threads,
-//! adapter loads go to the blocking pool).
+//! adapter admin routes, health, readiness, `/metrics` and the review page's static files.
+//! Owns auth, limits, OpenAI-shaped errors and SSE; runs no model code and never blocks a
+//! worker (the engine has its own threads, adapter loads go to the blocking pool).
 
 pub mod admin;
 pub mod auth;
@@ -9,8 +9,10 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod limits;
+pub mod metrics;
 pub mod openai;
 pub mod server;
+pub mod ui;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -40,12 +42,21 @@ pub struct AppState {
     pub adapters_scanned: Arc<AtomicBool>,
     /// Fine-tuning jobs and uploaded files; `None` when `[training] enabled = false`.
     pub jobs: Option<crate::training::jobs::JobManager>,
+    /// This server's Prometheus registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Request logs and review; `None` when `[logs] enabled = false`.
+    pub logs: Option<Arc<crate::logs::Logs>>,
 }
 
 /// The route table.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
+        // The review page; its files are public, the admin API it calls is not.
+        .service(resource("/ui").route(web::get().to(ui::index)))
+        .service(resource("/ui/").route(web::get().to(ui::index)))
+        .service(resource("/ui/{file}").route(web::get().to(ui::asset)))
+        .service(resource("/metrics").route(web::get().to(metrics::scrape)))
         .service(
             resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)),
         )
@@ -56,9 +67,32 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(resource("/v1/lora_adapters").route(web::get().to(admin::adapters::list)).wrap(from_fn(auth::admin)))
         .service(
+            web::scope("/admin")
+                .wrap(from_fn(auth::admin))
+                .service(resource("/logs").route(web::get().to(admin::logs::list)))
+                // Before `/logs/{id}`: `review` is not an id here.
+                .service(resource("/logs/review").route(web::post().to(admin::logs::review_bulk)))
+                .service(resource("/logs/{id}").route(web::get().to(admin::logs::get)))
+                .service(resource("/logs/{id}/review").route(web::post().to(admin::logs::review)))
+                .service(resource("/tasks").route(web::get().to(admin::logs::tasks)))
+                .default_service(web::to(not_found)),
+        )
+        .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::client))
-                .service(resource("/chat/completions").route(web::post().to(openai::chat::create)))
+                .service(
+                    resource("/chat/completions")
+                        .route(web::post().to(openai::chat::create))
+                        .route(web::get().to(openai::stored::list)),
+                )
+                .service(
+                    resource("/chat/completions/{id}")
+                        .route(web::get().to(openai::stored::retrieve))
+                        .route(web::post().to(openai::stored::update))
+                        .route(web::delete().to(openai::stored::delete)),
+                )
+                .service(resource("/chat/completions/{id}/messages").route(web::get().to(openai::stored::messages)))
+                .service(resource("/feedback").route(web::post().to(openai::feedback::create)))
                 .service(resource("/completions").route(web::post().to(openai::completions::create)))
                 .service(resource("/models").route(web::get().to(openai::models::list)))
                 // Model ids may contain '/' (`org/name`), so the id is the rest of the path.

@@ -47,6 +47,18 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let config = Arc::new(config);
     let engine = Engine::spawn(config.engine_config());
     let router = Router::new(config.model.name.clone(), engine.registry().clone());
+    let metrics = crate::metrics::Metrics::new(
+        &config.model.name,
+        Some(engine.registry().clone()),
+        Some(engine.counters().clone()),
+    )
+    .context("creating the metrics registry")?;
+    let observer = Arc::downgrade(&metrics);
+    engine.registry().set_observer(Box::new(move |e| {
+        if let Some(m) = observer.upgrade() {
+            m.observe_adapter(e);
+        }
+    }));
     let auth = auth::Auth::new(&config.auth);
     if auth.is_open() {
         tracing::warn!(
@@ -71,6 +83,14 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let adapters_scanned =
         watcher.as_ref().map(Watcher::scanned_flag).unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
 
+    let logs = if config.logs.enabled {
+        let logs = crate::logs::Logs::start(&config.logs, &config.server.data_dir)
+            .with_context(|| format!("opening the {:?} log store", config.logs.store))?;
+        metrics.watch_log_writer(logs.store.backend(), logs.writer.stats().clone());
+        Some(logs)
+    } else {
+        None
+    };
     let jobs = if config.training.enabled {
         let files = Arc::new(
             crate::training::files::FileStore::open(&config.server.data_dir).context("opening the files store")?,
@@ -84,9 +104,15 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             eval_fraction: config.training.eval_fraction,
             min_margin: config.training.min_margin,
             distill_system_prompt: config.training.distill_system_prompt,
+            metrics: Some(metrics.clone()),
         };
         Some(
-            crate::training::jobs::JobManager::start(jobs_cfg, files, engine.registry().clone(), None)
+            crate::training::jobs::JobManager::start(
+                jobs_cfg,
+                files,
+                engine.registry().clone(),
+                logs.as_ref().map(|l| task_examples(l, config.training.max_examples)),
+            )
                 .context("starting the fine-tuning worker")?,
         )
     } else {
@@ -102,6 +128,8 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         fingerprint: fingerprint(&config).into(),
         adapters_scanned,
         jobs,
+        metrics,
+        logs,
     });
 
     let max_body = config.server.max_body_bytes;
@@ -111,6 +139,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             .app_data(app_state.clone())
             .app_data(web::PayloadConfig::new(max_body))
             .app_data(BodyLimit(max_body))
+            .wrap(actix_web::middleware::from_fn(super::metrics::track))
             .configure(routes)
             .default_service(web::to(super::not_found))
     })
@@ -173,11 +202,34 @@ impl ServerHandle {
         if let Some(j) = &self.state.jobs {
             j.shutdown();
         }
+        // After the HTTP drain: every finished request's record is in the writer by now.
+        if let Some(logs) = &self.state.logs {
+            logs.shutdown().await;
+        }
         if let Some(w) = self.watcher {
             let _ = tokio::task::spawn_blocking(move || w.stop()).await;
         }
         served.context("the server task failed")?.context("the HTTP server failed")
     }
+}
+
+/// Training data for jobs that name a task instead of a file: the task's approved log
+/// records (the reviewer's correction where there is one), the newest `max` of them.
+fn task_examples(logs: &Arc<crate::logs::Logs>, max: usize) -> crate::training::jobs::TaskExamples {
+    let store = logs.store.clone();
+    let rt = tokio::runtime::Handle::current();
+    Arc::new(move |task: &str| {
+        // Called on the job worker's own thread, never on a runtime thread.
+        let records = rt.block_on(store.approved_examples(task)).map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            return Err(format!("task '{task}' has no approved examples"));
+        }
+        let skip = records.len().saturating_sub(max.max(1));
+        Ok(records[skip..]
+            .iter()
+            .map(|r| crate::training::dataset::Example { messages: r.training_messages() })
+            .collect())
+    })
 }
 
 fn fingerprint(config: &Config) -> String {

@@ -23,6 +23,7 @@ mod jsonl;
 mod record;
 mod redact;
 mod redis;
+mod service;
 mod sqlite;
 mod writer;
 
@@ -39,6 +40,7 @@ pub use record::{
 };
 pub use redact::{Redactor, REDACTED};
 pub use redis::{RedisConfig, RedisStore};
+pub use service::{open_store, Logs};
 pub use sqlite::{SqliteOptions, SqliteStore};
 pub use writer::{LogWriter, WriterConfig, WriterStats, WriterStatsSnapshot};
 

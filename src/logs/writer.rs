@@ -105,6 +105,8 @@ type Ack = oneshot::Sender<Result<(), LogError>>;
 
 enum Msg {
     Record(Box<LogRecord>),
+    /// A record whose sender waits until it is committed (store or spool).
+    Durable(Box<LogRecord>, Ack),
     Flush(Ack),
     Shutdown(Ack),
 }
@@ -129,6 +131,7 @@ impl LogWriter {
             cfg,
             stats: stats.clone(),
             batch: Vec::new(),
+            waiters: Vec::new(),
             store_down: false,
             last_retry: None,
         };
@@ -159,6 +162,30 @@ impl LogWriter {
         res
     }
 
+    /// Queues a record and waits until it is committed: in the store, or appended to the
+    /// fsync'd spool when the store is down. Records arriving together share one write
+    /// (group commit: the writer writes as soon as its channel is empty), so the wait is
+    /// one store write, not `flush_interval`. `Err` only when neither store nor spool took
+    /// it (the record stays queued and is retried) or the writer has shut down.
+    pub async fn send_durable(&self, record: LogRecord) -> Result<(), LogError> {
+        self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let (ack, done) = oneshot::channel();
+        let msg = Msg::Durable(Box::new(record), ack);
+        let sent = match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                self.stats.backpressure_events.fetch_add(1, Ordering::Relaxed);
+                self.tx.send(msg).await.map_err(|_| LogError::WriterClosed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(LogError::WriterClosed),
+        };
+        if let Err(e) = sent {
+            self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        done.await.map_err(|_| LogError::WriterClosed)?
+    }
+
     /// Writes everything sent before this call and retries the spool. `Ok` means all of it
     /// is in the store; `Unavailable` means some waits in the spool.
     pub async fn flush(&self) -> Result<(), LogError> {
@@ -187,6 +214,8 @@ struct Worker {
     hold_limit: usize,
     stats: Arc<WriterStats>,
     batch: Vec<LogRecord>,
+    /// Senders of durable records in `batch`, answered once the batch is written.
+    waiters: Vec<Ack>,
     /// Set after a failed write: batches go straight to the spool until a replay succeeds.
     store_down: bool,
     last_retry: Option<Instant>,
@@ -211,6 +240,14 @@ impl Worker {
             tokio::select! {
                 msg = rx.recv(), if accepting => match msg {
                     Some(Msg::Record(r)) => self.push(*r).await,
+                    Some(Msg::Durable(r, ack)) => {
+                        self.waiters.push(ack);
+                        self.push(*r).await;
+                        // Group commit: write once nothing else is waiting to join the batch.
+                        if rx.is_empty() {
+                            self.flush_batch().await;
+                        }
+                    }
                     Some(Msg::Flush(ack)) => {
                         self.flush_batch().await;
                         let res = self.replay(true).await;
@@ -235,6 +272,10 @@ impl Worker {
         while let Some(msg) = rx.recv().await {
             match msg {
                 Msg::Record(r) => self.push(*r).await,
+                Msg::Durable(r, ack) => {
+                    self.waiters.push(ack);
+                    self.push(*r).await;
+                }
                 Msg::Flush(ack) | Msg::Shutdown(ack) => acks.push(ack),
             }
         }
@@ -260,6 +301,10 @@ impl Worker {
         } else if let Err(e) = &res {
             tracing::warn!(error = %e, spool = %self.cfg.spool_path.display(), "log records remain in the spool for the next start");
         }
+        let lost = if self.batch.is_empty() { Ok(()) } else { res.clone() };
+        for ack in self.waiters.drain(..) {
+            let _ = ack.send(lost.clone());
+        }
         for ack in acks {
             let _ = ack.send(res.clone());
         }
@@ -274,9 +319,20 @@ impl Worker {
         }
     }
 
+    /// Writes the current batch (see [`Self::write_batch`]) and, once it is out of memory,
+    /// answers the durable senders waiting on it.
+    async fn flush_batch(&mut self) {
+        self.write_batch().await;
+        if self.batch.is_empty() {
+            for ack in self.waiters.drain(..) {
+                let _ = ack.send(Ok(()));
+            }
+        }
+    }
+
     /// Writes the current batch to the store, or to the spool if the store fails or is
     /// known to be down. If the spool fails too, the records stay in `batch`.
-    async fn flush_batch(&mut self) {
+    async fn write_batch(&mut self) {
         if self.batch.is_empty() {
             return;
         }

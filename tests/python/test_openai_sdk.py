@@ -6,6 +6,7 @@ Prints one line per check and a closing `N passed, N failed`; exits non-zero on 
 
 import os
 import sys
+import time
 import traceback
 
 import openai
@@ -97,6 +98,41 @@ def check_wrong_key_raises_authentication_error():
         assert e.code == "invalid_api_key", e.body
         return
     raise AssertionError("no AuthenticationError")
+
+
+def check_stored_completions():
+    tag = f"sdk-{time.time_ns()}"
+    made = [
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"stored {i}"}],
+            max_tokens=4,
+            temperature=0,
+            store=True,
+            metadata={"run": tag},
+        )
+        for i in range(3)
+    ]
+    listed = client.chat.completions.list(metadata={"run": tag}, limit=2)
+    assert len(listed.data) == 2 and listed.has_more, listed
+    ids = [c.id for c in listed]  # iterating a page follows `after` across pages
+    # Oldest first; completions made within the same millisecond may come in either order.
+    assert sorted(ids) == sorted(c.id for c in made), (ids, [c.id for c in made])
+    one = client.chat.completions.retrieve(made[0].id)
+    assert one.choices[0].message.content == made[0].choices[0].message.content
+    msgs = client.chat.completions.messages.list(made[1].id)
+    assert [m.role for m in msgs.data] == ["system", "user"], msgs
+    assert msgs.data[1].content == "stored 1"
+    updated = client.chat.completions.update(made[2].id, metadata={"run": tag, "kept": "yes"})
+    assert updated.metadata == {"run": tag, "kept": "yes"}, updated.metadata
+    deleted = client.chat.completions.delete(made[2].id)
+    assert deleted.deleted and deleted.id == made[2].id
+    try:
+        client.chat.completions.retrieve(made[2].id)
+    except openai.NotFoundError:
+        pass
+    else:
+        raise AssertionError("a deleted completion is still retrievable")
 
 
 def main():

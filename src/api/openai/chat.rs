@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
@@ -14,25 +14,39 @@ use super::types::{
     ResponseMessage, UsageOut,
 };
 use crate::api::auth::Caller;
-use crate::api::error::ApiResult;
+use crate::api::error::{ApiError, ApiResult};
 use crate::api::json::Json;
 use crate::api::AppState;
 use crate::engine::{FinishReason, ModelInfo, Prompt};
+use crate::logs::{now_ms, AdapterRef, LogRecord, RequestLog, Review, STATUS_OK};
+use crate::router::Routed;
+use serde_json::Value;
 
 pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
+    http: HttpRequest,
     Json(req): Json<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::chat(&req, &state.config.limits)?;
     let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
-    let saved = state.router.distill(&routed, &mut plan.messages);
+    crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire(&caller.key_id)?;
-    let info = state.engine.info()?;
-    let prompt = Prompt::Text(info.render_chat(&plan.messages)?);
-    let streams = submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?;
-    let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
+    let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
+    record.measure(&state.metrics);
+    record.log_to(state.logs.as_ref(), || log_draft(&meta, &req, &routed, &state.config.model.name, &caller.key_id));
+    let saved = state.router.distill(&routed, &mut plan.messages);
+    record.set_saved(saved);
+    let submitted = (|| -> ApiResult<_> {
+        let info = state.engine.info()?;
+        let prompt = Prompt::Text(info.render_chat(&plan.messages)?);
+        Ok((info, submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?))
+    })();
+    let (info, streams) = match submitted {
+        Ok(s) => s,
+        Err(e) => return Err(failed(record, e).await),
+    };
 
     if plan.common.stream {
         let format = ChatChunks {
@@ -49,10 +63,19 @@ pub async fn create(
         return Ok(resp);
     }
 
-    let completions = collect_all(streams).await?;
+    let completions = match collect_all(streams).await {
+        Ok(c) => c,
+        Err(e) => return Err(failed(record, e).await),
+    };
     drop(permit);
+    for c in &completions {
+        record.choice_done(&c.timings, c.usage.completion_tokens);
+    }
     let usage = total_usage(plan.common.n, completions.iter().map(|c| &c.usage).enumerate()).with_saved(saved);
     record.complete(usage);
+    if let Some(c) = completions.first() {
+        record.set_result(&c.text, finish_reason(c.finish_reason), c.timings.time_to_first_token);
+    }
     let choices = completions
         .into_iter()
         .enumerate()
@@ -66,7 +89,7 @@ pub async fn create(
             finish_reason: finish_reason(c.finish_reason),
         })
         .collect();
-    let mut resp = HttpResponse::Ok().json(ChatCompletion {
+    let body = ChatCompletion {
         id: meta.id,
         object: "chat.completion",
         created: meta.created,
@@ -74,9 +97,70 @@ pub async fn create(
         system_fingerprint: meta.fingerprint.to_string(),
         choices,
         usage,
-    });
+    };
+    // The response goes out only once its log record is committed (`[logs] durable`).
+    record.commit().await;
+    let mut resp = HttpResponse::Ok().json(body);
     saved_header(&mut resp, saved);
     Ok(resp)
+}
+
+/// Logs a request that failed after routing with the error the client gets.
+async fn failed(mut record: RequestRecord, e: impl Into<ApiError>) -> ApiError {
+    let e = e.into();
+    record.fail(e.kind.code());
+    record.commit().await;
+    e
+}
+
+/// The log record as known before generation: who asked what, routed where.
+fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &str, key_id: &str) -> LogRecord {
+    let mut params = serde_json::Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            params.insert(k.to_string(), v);
+        }
+    };
+    put("temperature", req.temperature.map(Value::from));
+    put("top_p", req.top_p.map(Value::from));
+    put("top_k", req.top_k.map(Value::from));
+    put("max_tokens", req.max_tokens.map(Value::from));
+    put("max_completion_tokens", req.max_completion_tokens.map(Value::from));
+    put("n", req.n.map(Value::from));
+    put("stop", req.stop.as_ref().and_then(|s| serde_json::to_value(s).ok()));
+    put("seed", req.seed.clone().map(Value::Number));
+    put("stream", req.stream.map(Value::from));
+    put("logprobs", req.logprobs.map(Value::from));
+    put("frequency_penalty", req.frequency_penalty.map(Value::from));
+    put("presence_penalty", req.presence_penalty.map(Value::from));
+    put("ignore_eos", req.ignore_eos.map(Value::from));
+    put("user", req.user.clone().map(Value::from));
+    LogRecord {
+        id: meta.id.clone(),
+        created_ms: now_ms(),
+        task: routed.task.clone(),
+        model: routed.model.clone(),
+        base_model: base.to_string(),
+        adapter: routed.adapter.as_ref().map(|a| AdapterRef { alias: a.alias.clone(), generation: a.generation }),
+        request: RequestLog {
+            messages: serde_json::to_value(&req.messages).unwrap_or(Value::Null),
+            params: Value::Object(params),
+        },
+        response: String::new(),
+        finish_reason: None,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        prompt_tokens_saved: 0,
+        ttft_ms: None,
+        latency_ms: 0,
+        status: STATUS_OK.to_string(),
+        api_key_id: Some(key_id.to_string()),
+        client_disconnected: false,
+        metadata: req.metadata.clone().unwrap_or_default().into_iter().collect(),
+        store: req.store.unwrap_or(false),
+        review: Review::default(),
+        feedback: None,
+    }
 }
 
 /// `x-tunegate-prompt-tokens-saved`: prompt tokens a distilled adapter made unnecessary.

@@ -11,7 +11,9 @@ use super::convert::Common;
 use super::types::{TokenLogprob, UsageOut};
 use crate::adapters::AdapterLease;
 use crate::api::error::ApiResult;
-use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Usage};
+use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
+use crate::logs::{LogRecord, Logs, STATUS_OK};
+use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
 /// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one
 /// submission fails, the ones already queued are dropped, which cancels them.
@@ -83,9 +85,12 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// One request's account, logged when it is dropped: at the end of the response, or when the
-/// client went away (then `completed` is false). The log store will consume the same record.
-#[derive(Debug)]
+/// One request's account: the tracing line when it is dropped and, when the request is
+/// logged, the [`LogRecord`] filled as the response is produced and committed by
+/// [`RequestRecord::commit`] before the response's last bytes go out (see `[logs] durable`).
+/// A record still uncommitted when this is dropped (the client went away mid-stream) is
+/// logged marked `client_disconnected`, with what had been generated. When dropped it is also
+/// counted in the metrics given to [`RequestRecord::measure`].
 pub struct RequestRecord {
     pub endpoint: &'static str,
     pub task: String,
@@ -95,6 +100,15 @@ pub struct RequestRecord {
     pub started: Instant,
     pub usage: Option<UsageOut>,
     pub completed: bool,
+    log: Option<(Arc<Logs>, Box<LogRecord>)>,
+    first_token: Option<Instant>,
+    saved: usize,
+    /// The alias that served it (`None`: the base model).
+    adapter: Option<String>,
+    /// The longest engine time of the finished choices.
+    engine_time: Option<std::time::Duration>,
+    choices: Vec<ChoiceTiming>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RequestRecord {
@@ -108,6 +122,71 @@ impl RequestRecord {
             started: Instant::now(),
             usage: None,
             completed: false,
+            log: None,
+            first_token: None,
+            saved: 0,
+            adapter: routed.adapter.as_ref().map(|a| a.alias.clone()),
+            engine_time: None,
+            choices: Vec::new(),
+            metrics: None,
+        }
+    }
+
+    /// Counts this request in `metrics` when it ends.
+    pub fn measure(&mut self, metrics: &Arc<Metrics>) {
+        self.metrics = Some(metrics.clone());
+    }
+
+    /// One choice finished on the engine: its timings, relative to now.
+    pub fn choice_done(&mut self, t: &Timings, completion_tokens: usize) {
+        let elapsed = self.started.elapsed();
+        let decode = t.total.saturating_sub(t.time_to_first_token);
+        self.engine_time = Some(self.engine_time.map_or(t.total, |e| e.max(t.total)));
+        self.choices.push(ChoiceTiming {
+            time_to_first_token: elapsed.saturating_sub(decode),
+            decode,
+            completion_tokens,
+        });
+    }
+
+    /// Logs this request into `logs` (when logging is on for its task and key): `draft` is
+    /// the record as known before generation.
+    pub fn log_to(&mut self, logs: Option<&Arc<Logs>>, draft: impl FnOnce() -> LogRecord) {
+        if let Some(logs) = logs.filter(|l| l.enabled_for(&self.task, &self.key_id)) {
+            self.log = Some((logs.clone(), Box::new(draft())));
+        }
+    }
+
+    /// Prompt tokens the router dropped (distillation), for the log.
+    pub fn set_saved(&mut self, saved: usize) {
+        self.saved = saved;
+    }
+
+    /// A streamed token of choice `index`; the log keeps choice 0's text.
+    pub fn on_token(&mut self, index: usize, text: &str) {
+        self.first_token.get_or_insert_with(Instant::now);
+        if index == 0 {
+            if let Some((_, r)) = self.log.as_mut() {
+                r.response.push_str(text);
+            }
+        }
+    }
+
+    /// Choice `index` ended.
+    pub fn on_finish(&mut self, index: usize, reason: &str) {
+        if index == 0 {
+            if let Some((_, r)) = self.log.as_mut() {
+                r.finish_reason = Some(reason.to_string());
+            }
+        }
+    }
+
+    /// A non-streamed result: choice 0's text and finish reason, and when its first token came.
+    pub fn set_result(&mut self, text: &str, reason: &str, ttft: std::time::Duration) {
+        self.first_token = Some(self.started + ttft);
+        self.on_finish(0, reason);
+        if let Some((_, r)) = self.log.as_mut() {
+            r.response = text.to_string();
         }
     }
 
@@ -115,10 +194,46 @@ impl RequestRecord {
         self.usage = Some(usage);
         self.completed = true;
     }
+
+    /// Marks the request failed with the error `code` the client got.
+    pub fn fail(&mut self, code: &str) {
+        if let Some((_, r)) = self.log.as_mut() {
+            r.status = code.to_string();
+        }
+    }
+
+    /// Fills in the outcome and commits the log record (once; later calls do nothing).
+    pub async fn commit(&mut self) {
+        if let Some((logs, record)) = self.take_log() {
+            logs.record(record).await;
+        }
+    }
+
+    fn take_log(&mut self) -> Option<(Arc<Logs>, LogRecord)> {
+        let (logs, mut r) = self.log.take()?;
+        let usage = self.usage.unwrap_or(UsageOut::new(0, 0));
+        r.prompt_tokens = u32::try_from(usage.prompt_tokens).unwrap_or(u32::MAX);
+        r.completion_tokens = u32::try_from(usage.completion_tokens).unwrap_or(u32::MAX);
+        r.prompt_tokens_saved = u32::try_from(self.saved).unwrap_or(u32::MAX);
+        r.ttft_ms = self.first_token.map(|t| millis(t.saturating_duration_since(self.started)));
+        r.latency_ms = millis(self.started.elapsed());
+        if !self.completed && r.status == STATUS_OK {
+            r.client_disconnected = true;
+            r.finish_reason.get_or_insert_with(|| "cancelled".to_string());
+        }
+        Some((logs, *r))
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
+        if let Some((logs, record)) = self.take_log() {
+            logs.record_detached(record);
+        }
         let usage = self.usage.unwrap_or(UsageOut::new(0, 0));
         tracing::info!(
             endpoint = self.endpoint,
@@ -132,6 +247,18 @@ impl Drop for RequestRecord {
             outcome = if self.completed { "ok" } else { "cancelled" },
             "request finished"
         );
+        if let Some(m) = &self.metrics {
+            m.observe_request(&RequestObservation {
+                task: &self.task,
+                adapter: self.adapter.as_deref(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                prompt_tokens_saved: if self.completed { self.saved } else { 0 },
+                duration: self.started.elapsed(),
+                engine_time: self.engine_time,
+                choices: &self.choices,
+            });
+        }
     }
 }
 

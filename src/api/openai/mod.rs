@@ -5,9 +5,11 @@
 pub mod chat;
 pub mod completions;
 pub mod convert;
+pub mod feedback;
 pub mod files;
 pub mod fine_tuning;
 pub mod generation;
 pub mod models;
+pub mod stored;
 pub mod stream;
 pub mod types;

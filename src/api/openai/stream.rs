@@ -83,6 +83,10 @@ pub fn respond<F: ChunkFormat>(
                 None => None,
             };
             st.step(next);
+            if st.ended {
+                // The last chunks wait until the log record is committed.
+                st.held.record.commit().await;
+            }
         }
     });
     sse_response(events)
@@ -107,17 +111,22 @@ impl<F: ChunkFormat> State<F> {
     fn step(&mut self, next: Option<(usize, StreamEvent)>) {
         match next {
             Some((i, StreamEvent::Token { text, token_id, logprob })) => {
+                self.held.record.on_token(i, &text);
                 self.pending.extend(self.format.token(i, text, token_id, logprob));
             }
-            Some((i, StreamEvent::Done { finish_reason, usage, .. })) => {
+            Some((i, StreamEvent::Done { finish_reason: reason, usage, timings })) => {
+                self.held.record.choice_done(&timings, usage.completion_tokens);
                 self.usages.push((i, usage));
-                self.pending.push_back(self.format.finished(i, finish_reason));
+                self.held.record.on_finish(i, finish_reason(reason));
+                self.pending.push_back(self.format.finished(i, reason));
             }
             Some((_, StreamEvent::Error(e))) => {
                 // OpenAI reports a failure mid-stream as an `error` event; SDKs raise it.
                 // Dropping the other choices cancels them.
                 self.merged = None;
-                self.pending.push_back(sse::Data::new(ApiError::from(e).body().to_string()));
+                let e = ApiError::from(e);
+                self.held.record.fail(e.kind.code());
+                self.pending.push_back(sse::Data::new(e.body().to_string()));
                 self.ended = true;
             }
             None => {

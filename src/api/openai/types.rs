@@ -46,27 +46,33 @@ pub struct ChatCompletionRequest {
     pub audio: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Serializable too: request logs keep the messages as the client sent them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged, expecting = "a string or an array of content parts")]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
 }
 
@@ -81,7 +87,7 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged, expecting = "a string or an array of strings")]
 pub enum StopSpec {
     One(String),
