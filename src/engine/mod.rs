@@ -8,7 +8,7 @@ mod counters;
 pub mod gguf;
 pub mod grad_ops;
 pub mod hf;
-mod loader;
+pub(crate) mod loader;
 pub mod lora;
 pub mod model;
 pub mod sampling;
