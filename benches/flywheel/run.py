@@ -119,6 +119,13 @@ def render(headline, body, words):
     return f"Headline: {headline}\n{snippet}"
 
 
+QUESTION = "Desk (business, entertainment, politics, sports or tech)?"
+
+
+def user_message(text):
+    return f"{text}\n\n{QUESTION}"
+
+
 def load_split(seed, n_train, n_eval, n_shots, words, shot_words):
     """Balanced, seeded split: per label, `n_shots` prompt examples, then held-out, then train."""
     root = dataset_dir()
@@ -155,7 +162,7 @@ def load_split(seed, n_train, n_eval, n_shots, words, shot_words):
 def system_prompt(shots):
     parts = [INSTRUCTIONS, ""]
     for k, s in enumerate(shots, 1):
-        parts.append(f"Example {k}:\n{s['text']}\nAnswer: {s['label']}\n")
+        parts.append(f"Example {k}:\n{user_message(s['text'])}\nAnswer: {s['label']}\n")
     parts.append("Now classify the article in the user's message. Answer with the desk name only.")
     return "\n".join(parts)
 
@@ -279,7 +286,7 @@ def phase_traffic(client, base_model, sysprompt, items, args):
     def one(it):
         r = client.chat.completions.create(
             model=base_model,
-            messages=[{"role": "system", "content": sysprompt}, {"role": "user", "content": it["text"]}],
+            messages=[{"role": "system", "content": sysprompt}, {"role": "user", "content": user_message(it["text"])}],
             temperature=0,
             max_tokens=args.max_tokens,
             metadata={"task": TASK, "item": it["id"]},
@@ -414,7 +421,7 @@ def one_stream(client, model, sysprompt, text, max_tokens):
     usage = None
     stream = client.chat.completions.create(
         model=model,
-        messages=[{"role": "system", "content": sysprompt}, {"role": "user", "content": text}],
+        messages=[{"role": "system", "content": sysprompt}, {"role": "user", "content": user_message(text)}],
         temperature=0,
         max_tokens=max_tokens,
         stream=True,
@@ -630,8 +637,8 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--learning-rate-multiplier", type=float, default=None)
     p.add_argument("--shots-per-label", type=int, default=2, help="labelled examples per label in the system prompt")
-    p.add_argument("--words", type=int, default=60, help="article words after the headline, per input")
-    p.add_argument("--shot-words", type=int, default=30, help="article words per example inside the system prompt")
+    p.add_argument("--words", type=int, default=40, help="article words after the headline, per input")
+    p.add_argument("--shot-words", type=int, default=40, help="article words per example inside the system prompt")
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4, help="traffic phase only; eval is one request at a time")
     p.add_argument("--threads", type=int, default=2)
@@ -640,13 +647,13 @@ def main():
     p.add_argument("--scheduler", action="store_true",
                    help="do not trigger training: configure [scheduler] min_new_approved and wait for its job")
     p.add_argument("--scheduler-wait", type=float, default=600)
-    p.add_argument("--quick", action="store_true", help="smoke run: 25 train, 10 held-out, 1 epoch")
+    p.add_argument("--quick", action="store_true", help="smoke run: 15 train, 6 held-out, 1 epoch")
     p.add_argument("--out", default=str(REPO / "benches" / "results"))
     p.add_argument("--keep", action="store_true", help="keep the gateway's temporary folder")
     p.add_argument("--label", default=None, help="what to call this run in the report")
     args = p.parse_args()
     if args.quick:
-        args.train_examples, args.eval_examples, args.epochs = 25, 10, 1
+        args.train_examples, args.eval_examples, args.epochs = 15, 6, 1
 
     import openai
 
