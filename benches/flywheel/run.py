@@ -367,6 +367,8 @@ def phase_train(gw, base_model, args):
                 time.sleep(2)
     else:
         hyper = {"n_epochs": args.epochs}
+        if args.batch_size:
+            hyper["batch_size"] = args.batch_size
         if args.learning_rate_multiplier:
             hyper["learning_rate_multiplier"] = args.learning_rate_multiplier
         job = http("POST", f"{gw.base}/v1/fine_tuning/jobs",
@@ -636,6 +638,7 @@ def main():
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--learning-rate-multiplier", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default: the config's 8)")
     p.add_argument("--shots-per-label", type=int, default=2, help="labelled examples per label in the system prompt")
     p.add_argument("--words", type=int, default=40, help="article words after the headline, per input")
     p.add_argument("--shot-words", type=int, default=40, help="article words per example inside the system prompt")
@@ -736,7 +739,7 @@ def main():
         "profile": profile, "model": "SmolLM2-135M-Instruct Q4_1",
         "model_path": os.path.relpath(Path(args.model).resolve(), REPO) if str(Path(args.model).resolve()).startswith(str(REPO)) else args.model,
         "base_model": base_model, "train_examples": len(train), "eval_examples": len(held_out),
-        "epochs": args.epochs, "learning_rate_multiplier": args.learning_rate_multiplier,
+        "epochs": args.epochs, "learning_rate_multiplier": args.learning_rate_multiplier, "batch_size": args.batch_size,
         "shots_per_label": args.shots_per_label, "words": args.words, "shot_words": args.shot_words,
         "max_tokens": args.max_tokens, "concurrency": args.concurrency, "threads": args.threads,
         "seed": args.seed, "scheduler": args.scheduler, "quick": args.quick,
