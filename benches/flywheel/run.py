@@ -520,6 +520,8 @@ def chart(res, path):
             ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)
         ax.set_title(title, fontsize=10)
+        if title.startswith("accuracy"):
+            ax.set_ylim(0, 100)
         ax.margins(y=0.15)
         ax.spines[["top", "right"]].set_visible(False)
     s = res["settings"]
@@ -544,6 +546,19 @@ def verdicts(res):
          f"{t['job_wall_seconds'] / 60:.1f} min for {res['settings']['train_examples']} examples"
          + ("" if res["settings"]["train_examples"] >= 450 else " (not a ~500-example run)")),
     ]
+
+
+def _train_count(t):
+    m = re.search(r"dataset: (\d+) train", t.get("dataset_event") or "")
+    return int(m.group(1)) if m else 1
+
+
+def _common_answers(rows, k=3):
+    counts = {}
+    for r in rows:
+        counts[r["answer"]] = counts.get(r["answer"], 0) + 1
+    top = sorted(counts.items(), key=lambda x: -x[1])[:k]
+    return ", ".join(f"`{json.dumps(a)[1:-1]}` ({n})" for a, n in top)
 
 
 def write_report(res, out_md):
@@ -573,6 +588,11 @@ def write_report(res, out_md):
     L.append(f"| training throughput | {t['tokens_per_second']:.0f} tokens/s |" if t["tokens_per_second"] is not None else "| training throughput | n/a |")
     L.append(f"| optimizer steps / tokens trained | {t['steps']} / {t['trained_tokens']} |")
     L.append(f"| first → last step loss | {t['losses'][0]:.3f} → {t['losses'][-1]:.3f} |" if t["losses"] else "| loss | n/a |")
+    if t["tokens_per_second"] and t["trained_tokens"] and s["train_examples"] < 450:
+        per_example = t["trained_tokens"] / max(1, s["epochs"] * _train_count(t))
+        proj = 450 * per_example * s["epochs"] / t["tokens_per_second"]
+        L.append(f"| projected optimisation loop for 500 approved logs (450 after the gate's share), {s['epochs']} epoch(s), "
+                 f"at this throughput | {proj / 60:.0f} min |")
     L.append(f"| served model | `{t['fine_tuned_model']}` (promoted to `{TASK}`: {t['promoted']}) |")
     L.append("")
     L.append("## Targets\n")
@@ -624,6 +644,9 @@ def write_report(res, out_md):
              "same long system prompt (the router drops it for the adapter). Time to first token = first content "
              "chunk; latency = end of stream; both measured in the client. One warm-up request each, not counted.")
     L.append("")
+    if res.get("eval_rows"):
+        L.append("Most common answers on the held-out articles (answer, count): base: "
+                 + _common_answers(res["eval_rows"]["base"]) + "; adapter: " + _common_answers(res["eval_rows"]["adapter"]) + ".\n")
     L.append(f"Raw numbers, every request and the job's events: `benches/results/flywheel.json`.\n")
     out_md.write_text("\n".join(L))
 
@@ -737,7 +760,7 @@ def main():
     res["settings"] = {
         "binary": os.path.relpath(binary, REPO) if str(binary).startswith(str(REPO)) else str(binary),
         "profile": profile, "model": "SmolLM2-135M-Instruct Q4_1",
-        "model_path": os.path.relpath(Path(args.model).resolve(), REPO) if str(Path(args.model).resolve()).startswith(str(REPO)) else args.model,
+        "model_path": os.path.relpath(Path(args.model).absolute(), REPO) if str(Path(args.model).absolute()).startswith(str(REPO)) else args.model,
         "base_model": base_model, "train_examples": len(train), "eval_examples": len(held_out),
         "epochs": args.epochs, "learning_rate_multiplier": args.learning_rate_multiplier, "batch_size": args.batch_size,
         "shots_per_label": args.shots_per_label, "words": args.words, "shot_words": args.shot_words,
