@@ -5,17 +5,43 @@
 #   - .venv with the `openai` SDK and `schemathesis` (the Python end-to-end checks),
 #   - the default model in models/ (one slow test serves the real SmolLM2 file),
 #   - redis-server (apt) for the Redis log-store tests,
+#   - Debian's chromium and Node.js (apt) and playwright-core (npm, pinned by
+#     tests/ui/package-lock.json, into tests/ui/node_modules) for the review page's browser test,
+#   - prometheus (apt: `prometheus` and `promtool`) for the metrics tests, which then require it,
 # then `cargo nextest run` (or `cargo test` where nextest is not installed).
 # Extra arguments go to the test runner, e.g. `scripts/test.sh api::chat`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+apt_updated=
+apt_install() {
+    echo "== installing $*"
+    if [ -z "$apt_updated" ]; then $apt_get update -qq; apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq "$@" >/dev/null
+}
+
 # The Redis log-store tests start their own redis-server on a loopback port.
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "== installing redis-server"
-    if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
-    $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq redis-server >/dev/null
+command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+
+# The review page's browser test (tests/api/ui.rs) drives Debian's chromium with playwright-core.
+command -v chromium >/dev/null 2>&1 || apt_install chromium
+command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+ui_lock=tests/ui/package-lock.json
+if ! cmp -s "$ui_lock" tests/ui/node_modules/.tunegate-lock; then
+    echo "== installing tests/ui/node_modules (playwright-core)"
+    npm ci --prefix tests/ui --no-audit --no-fund --silent
+    cp "$ui_lock" tests/ui/node_modules/.tunegate-lock
 fi
+
+# The metrics tests check a scrape with promtool and query a real Prometheus server. They
+# fail, not skip, without them when TUNEGATE_REQUIRE_PROMETHEUS (or CI) is set.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    echo "== installing prometheus"
+    if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+    $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+export TUNEGATE_REQUIRE_PROMETHEUS=1
 
 venv="${TUNEGATE_VENV:-.venv}"
 requirements=tests/python/requirements.txt

@@ -19,7 +19,8 @@ use serde::Deserialize;
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Top-level sections that `TUNEGATE_<SECTION>_<KEY>` variables may address.
-const SECTIONS: &[&str] = &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs"];
+const SECTIONS: &[&str] =
+    &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs", "metrics"];
 
 /// Short environment forms and the key each one sets.
 const SHORT_FORMS: &[(&str, &str, &str)] = &[
@@ -56,6 +57,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub training: TrainingSection,
     pub logs: LogsSection,
+    pub metrics: MetricsSection,
 }
 
 /// Where request logs are kept.
@@ -126,6 +128,23 @@ impl LogsSection {
     /// The SQLite file: `sqlite_path`, else `<data_dir>/logs.sqlite3`.
     pub fn sqlite_file(&self, data_dir: &Path) -> PathBuf {
         self.sqlite_path.clone().unwrap_or_else(|| data_dir.join("logs.sqlite3"))
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serve `GET /metrics` (404 otherwise). Recording goes on either way; it is cheap.
+    pub enabled: bool,
+    /// Ask for an admin key on `/metrics` (when keys are configured; an open server
+    /// accepts anyone).
+    pub require_admin_key: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self { enabled: true, require_admin_key: false }
     }
 }
 
@@ -281,6 +300,7 @@ struct RawConfig {
     limits: LimitsConfig,
     training: TrainingSection,
     logs: LogsSection,
+    metrics: MetricsSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -554,6 +574,7 @@ impl RawConfig {
             limits: self.limits,
             training: self.training,
             logs: self.logs,
+            metrics: self.metrics,
         })
     }
 }
@@ -610,6 +631,18 @@ mod tests {
         assert_eq!(c.model.name, "smollm2-135m-instruct");
         assert!(c.auth.is_open());
         assert_eq!(c.adapters.root, Path::new("adapters"));
+        assert!(c.metrics.enabled && !c.metrics.require_admin_key);
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_section_keys_and_env() -> Result<(), ConfigError> {
+        let c = parse_env(COMMITTED, &[("TUNEGATE_METRICS_REQUIRE_ADMIN_KEY", "true")])?;
+        assert!(c.metrics.require_admin_key);
+        assert_eq!(
+            err("[metrics]\npublic = true\n"),
+            "test.toml: metrics.public: unknown field `public`, expected `enabled` or `require_admin_key`"
+        );
         Ok(())
     }
 
@@ -636,7 +669,7 @@ mod tests {
         assert_eq!(
             err("[srever]\nbind = \"127.0.0.1:1\"\n"),
             "test.toml: srever: unknown field `srever`, expected one of `server`, `auth`, `model`, `engine`, \
-             `adapters`, `limits`, `training`"
+             `adapters`, `limits`, `training`, `logs`, `metrics`"
         );
     }
 

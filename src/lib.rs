@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod logs;
+pub mod metrics;
 pub mod router;
 pub mod training;

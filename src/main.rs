@@ -65,10 +65,69 @@ enum Command {
         #[arg(long)]
         learning_rate: Option<f64>,
     },
+    /// The request log: list, show, approve, reject, export and import examples.
+    Logs {
+        #[arg(long, default_value = "config/tunegate.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: LogsCommand,
+    },
     /// Manage base models.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogsCommand {
+    /// Newest records first.
+    List {
+        #[arg(long)]
+        task: Option<String>,
+        /// pending, approved or rejected.
+        #[arg(long)]
+        state: Option<String>,
+        /// Text search over the prompt, the response and the correction.
+        #[arg(long)]
+        q: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// One JSON record per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One record as JSON.
+    Show { id: String },
+    /// Approve records (optionally with a corrected response: one id only).
+    Approve {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// The response training should use instead of the logged one.
+        #[arg(long)]
+        correct: Option<String>,
+        #[arg(long)]
+        reviewer: Option<String>,
+    },
+    /// Reject records.
+    Reject {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long)]
+        reviewer: Option<String>,
+    },
+    /// Write a task's examples as OpenAI fine-tuning JSONL to stdout.
+    Export {
+        #[arg(long)]
+        task: String,
+        #[arg(long, default_value = "approved")]
+        state: String,
+    },
+    /// Add the lines of an OpenAI fine-tuning JSONL file as approved examples of a task.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        task: String,
     },
 }
 
@@ -115,6 +174,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train { config, task, file, validation, epochs, learning_rate } => {
             train::run(train::TrainArgs { config, task, file, validation, epochs, learning_rate })
+        }
+        Command::Logs { config, command } => {
+            use tunegate::cli::logs::LogsArgs;
+            use tunegate::logs::ReviewState;
+            let args = match command {
+                LogsCommand::List { task, state, q, limit, json } => LogsArgs::List { task, state, q, limit, json },
+                LogsCommand::Show { id } => LogsArgs::Show { id },
+                LogsCommand::Approve { ids, correct, reviewer } => {
+                    anyhow::ensure!(correct.is_none() || ids.len() == 1, "--correct applies to one record at a time");
+                    LogsArgs::Review { ids, state: ReviewState::Approved, correction: correct, reviewer }
+                }
+                LogsCommand::Reject { ids, reviewer } => {
+                    LogsArgs::Review { ids, state: ReviewState::Rejected, correction: None, reviewer }
+                }
+                LogsCommand::Export { task, state } => LogsArgs::Export { task, state },
+                LogsCommand::Import { file, task } => LogsArgs::Import { file, task },
+            };
+            tunegate::cli::logs::run(&config, args)
         }
         Command::Model { command: ModelCommand::Fetch { dir } } => {
             let path = fetch::fetch_default_model(&dir)?;

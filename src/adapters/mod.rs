@@ -7,7 +7,9 @@ pub mod peft;
 mod registry;
 pub mod watch;
 
-pub use registry::{AdapterInfo, AdapterRegistry, LoadOptions, RetiredInfo};
+pub use registry::{
+    AdapterEvent, AdapterInfo, AdapterObserver, AdapterOutcome, AdapterRegistry, LoadOptions, RetiredInfo,
+};
 
 use std::path::PathBuf;
 use std::sync::Arc;

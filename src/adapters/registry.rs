@@ -53,6 +53,57 @@ pub struct LoadOptions {
 
 type Map = HashMap<String, Arc<AdapterGeneration>>;
 
+/// What a load or unload did, as observers (metrics) see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterOutcome {
+    /// A new alias.
+    Loaded,
+    /// A new generation replaced the alias's current one.
+    Swapped,
+    Unloaded,
+    /// Refused before or at commit: already loaded, generation mismatch, busy, over a limit,
+    /// not loaded (unload).
+    Rejected,
+    /// The adapter could not be read or does not fit the model.
+    Failed,
+}
+
+impl AdapterOutcome {
+    /// The snake_case name used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterOutcome::Loaded => "loaded",
+            AdapterOutcome::Swapped => "swapped",
+            AdapterOutcome::Unloaded => "unloaded",
+            AdapterOutcome::Rejected => "rejected",
+            AdapterOutcome::Failed => "failed",
+        }
+    }
+
+    fn of_error(e: &AdapterError) -> Self {
+        match e {
+            AdapterError::Invalid(_) | AdapterError::Io(_) | AdapterError::NotReady => AdapterOutcome::Failed,
+            AdapterError::NotFound(_)
+            | AdapterError::AlreadyLoaded { .. }
+            | AdapterError::GenerationMismatch { .. }
+            | AdapterError::Busy(_)
+            | AdapterError::Limit(_) => AdapterOutcome::Rejected,
+        }
+    }
+}
+
+/// One load or unload, reported to the registry's observer after the fact.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterEvent<'a> {
+    pub alias: &'a str,
+    pub outcome: AdapterOutcome,
+    /// Seconds spent reading and checking the adapter (successful loads only).
+    pub load_seconds: Option<f64>,
+}
+
+/// Called after every load and unload, on the thread that did it; must be cheap.
+pub type AdapterObserver = Box<dyn Fn(&AdapterEvent<'_>) + Send + Sync>;
+
 pub struct AdapterRegistry {
     limits: AdapterLimits,
     shape: OnceLock<ModelShape>,
@@ -62,6 +113,7 @@ pub struct AdapterRegistry {
     loading: Mutex<HashSet<String>>,
     retired: Mutex<Vec<Weak<AdapterGeneration>>>,
     next_generation: AtomicU64,
+    observer: OnceLock<AdapterObserver>,
 }
 
 impl std::fmt::Debug for AdapterRegistry {
@@ -80,6 +132,7 @@ impl AdapterRegistry {
             loading: Mutex::new(HashSet::new()),
             retired: Mutex::new(Vec::new()),
             next_generation: AtomicU64::new(1),
+            observer: OnceLock::new(),
         }
     }
 
@@ -108,9 +161,36 @@ impl AdapterRegistry {
         v
     }
 
+    /// Sets the function told about every load and unload (once; later calls are ignored
+    /// and return false).
+    pub fn set_observer(&self, observer: AdapterObserver) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    fn notify(&self, alias: &str, outcome: AdapterOutcome, load_seconds: Option<f64>) {
+        if let Some(f) = self.observer.get() {
+            f(&AdapterEvent { alias, outcome, load_seconds });
+        }
+    }
+
     /// Reads and validates an adapter folder and makes it the alias's current generation.
     /// Blocking (disk and tensor work): call it off async workers.
     pub fn load(&self, alias: &str, path: &Path, opts: LoadOptions) -> Result<AdapterInfo, AdapterError> {
+        match self.load_and_commit(alias, path, opts) {
+            Ok((info, replaced)) => {
+                let outcome = if replaced { AdapterOutcome::Swapped } else { AdapterOutcome::Loaded };
+                self.notify(alias, outcome, Some(info.load_seconds));
+                Ok(info)
+            }
+            Err(e) => {
+                self.notify(alias, AdapterOutcome::of_error(&e), None);
+                Err(e)
+            }
+        }
+    }
+
+    /// `load` without the report; also says whether an existing generation was replaced.
+    fn load_and_commit(&self, alias: &str, path: &Path, opts: LoadOptions) -> Result<(AdapterInfo, bool), AdapterError> {
         validate_alias(alias)?;
         let shape = self.shape.get().ok_or(AdapterError::NotReady)?;
         // Fail fast on conflicts before doing the expensive read.
@@ -155,17 +235,28 @@ impl AdapterRegistry {
             self.current.store(Arc::new(next));
             old
         };
+        let replaced = old.is_some();
         if let Some(old) = old {
             self.retire(old);
         }
         let mut out = info(&gen);
         // `gen` itself is one more reference than the map's.
         out.active_leases = out.active_leases.saturating_sub(1);
-        Ok(out)
+        Ok((out, replaced))
     }
 
     /// Removes the alias. Running requests keep their generation to the end.
     pub fn unload(&self, alias: &str, expected_generation: Option<u64>) -> Result<AdapterInfo, AdapterError> {
+        let result = self.remove(alias, expected_generation);
+        let outcome = match &result {
+            Ok(_) => AdapterOutcome::Unloaded,
+            Err(e) => AdapterOutcome::of_error(e),
+        };
+        self.notify(alias, outcome, None);
+        result
+    }
+
+    fn remove(&self, alias: &str, expected_generation: Option<u64>) -> Result<AdapterInfo, AdapterError> {
         let old = {
             let _c = self.commit_lock.lock();
             let map = self.current.load();

@@ -1,7 +1,7 @@
 //! The HTTP API (actix-web): OpenAI-compatible routes under `/v1`, the vLLM-compatible
-//! adapter admin routes, health and readiness. Owns auth, limits, OpenAI-shaped errors and
-//! SSE; runs no model code and never blocks a worker (the engine has its own threads,
-//! adapter loads go to the blocking pool).
+//! adapter admin routes, health, readiness, `/metrics` and the review page's static files.
+//! Owns auth, limits, OpenAI-shaped errors and SSE; runs no model code and never blocks a
+//! worker (the engine has its own threads, adapter loads go to the blocking pool).
 
 pub mod admin;
 pub mod auth;
@@ -9,8 +9,10 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod limits;
+pub mod metrics;
 pub mod openai;
 pub mod server;
+pub mod ui;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub struct AppState {
     pub adapters_scanned: Arc<AtomicBool>,
     /// Fine-tuning jobs and uploaded files; `None` when `[training] enabled = false`.
     pub jobs: Option<crate::training::jobs::JobManager>,
+    /// This server's Prometheus registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Request logs and review; `None` when `[logs] enabled = false`.
     pub logs: Option<Arc<crate::logs::Logs>>,
 }
@@ -48,6 +52,11 @@ pub struct AppState {
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
+        // The review page; its files are public, the admin API it calls is not.
+        .service(resource("/ui").route(web::get().to(ui::index)))
+        .service(resource("/ui/").route(web::get().to(ui::index)))
+        .service(resource("/ui/{file}").route(web::get().to(ui::asset)))
+        .service(resource("/metrics").route(web::get().to(metrics::scrape)))
         .service(
             resource("/v1/load_lora_adapter").route(web::post().to(admin::adapters::load)).wrap(from_fn(auth::admin)),
         )

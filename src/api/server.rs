@@ -47,6 +47,18 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let config = Arc::new(config);
     let engine = Engine::spawn(config.engine_config());
     let router = Router::new(config.model.name.clone(), engine.registry().clone());
+    let metrics = crate::metrics::Metrics::new(
+        &config.model.name,
+        Some(engine.registry().clone()),
+        Some(engine.counters().clone()),
+    )
+    .context("creating the metrics registry")?;
+    let observer = Arc::downgrade(&metrics);
+    engine.registry().set_observer(Box::new(move |e| {
+        if let Some(m) = observer.upgrade() {
+            m.observe_adapter(e);
+        }
+    }));
     let auth = auth::Auth::new(&config.auth);
     if auth.is_open() {
         tracing::warn!(
@@ -74,6 +86,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let logs = if config.logs.enabled {
         let logs = crate::logs::Logs::start(&config.logs, &config.server.data_dir)
             .with_context(|| format!("opening the {:?} log store", config.logs.store))?;
+        metrics.watch_log_writer(logs.store.backend(), logs.writer.stats().clone());
         Some(logs)
     } else {
         None
@@ -91,6 +104,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             eval_fraction: config.training.eval_fraction,
             min_margin: config.training.min_margin,
             distill_system_prompt: config.training.distill_system_prompt,
+            metrics: Some(metrics.clone()),
         };
         Some(
             crate::training::jobs::JobManager::start(
@@ -114,6 +128,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         fingerprint: fingerprint(&config).into(),
         adapters_scanned,
         jobs,
+        metrics,
         logs,
     });
 
@@ -124,6 +139,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             .app_data(app_state.clone())
             .app_data(web::PayloadConfig::new(max_body))
             .app_data(BodyLimit(max_body))
+            .wrap(actix_web::middleware::from_fn(super::metrics::track))
             .configure(routes)
             .default_service(web::to(super::not_found))
     })

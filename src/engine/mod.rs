@@ -4,6 +4,7 @@
 
 mod error;
 pub mod chat_template;
+mod counters;
 pub mod gguf;
 pub mod hf;
 mod loader;
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use chat_template::ChatTemplate;
+pub use counters::EngineCounters;
 pub use error::{EngineError, Result};
 pub use model::{Model, ModelShape};
 pub use tokenizer::Tokenizer;
@@ -89,7 +91,7 @@ impl ModelInfo {
 pub(crate) struct Shared {
     pub(crate) info: OnceLock<Arc<ModelInfo>>,
     pub(crate) load_error: OnceLock<EngineError>,
-    pub(crate) stats: parking_lot::Mutex<EngineStats>,
+    pub(crate) counters: Arc<EngineCounters>,
     pub(crate) shutting_down: AtomicBool,
 }
 
@@ -101,7 +103,6 @@ pub struct Engine {
     submit_tx: std::sync::mpsc::SyncSender<scheduler::Command>,
     registry: Arc<AdapterRegistry>,
     config: Arc<EngineConfig>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Engine {
@@ -111,11 +112,10 @@ impl Engine {
         let shared = Arc::new(Shared {
             info: OnceLock::new(),
             load_error: OnceLock::new(),
-            stats: parking_lot::Mutex::new(EngineStats::default()),
+            counters: Arc::new(EngineCounters::new(config.max_batch)),
             shutting_down: AtomicBool::new(false),
         });
         let registry = Arc::new(AdapterRegistry::new(config.adapter_limits.clone()));
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         // The channel itself is unbounded in practice; admission control is `queued`.
         let (submit_tx, submit_rx) = std::sync::mpsc::sync_channel(config.max_queue + config.max_batch + 16);
         let config = Arc::new(config);
@@ -123,10 +123,9 @@ impl Engine {
             config: config.clone(),
             shared: shared.clone(),
             registry: registry.clone(),
-            queued: queued.clone(),
             rx: submit_rx,
         });
-        Engine { shared, submit_tx, registry, config, queued }
+        Engine { shared, submit_tx, registry, config }
     }
 
     /// Loads the model and waits until the engine is ready (tests, CLI).
@@ -175,9 +174,12 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        let mut s = *self.shared.stats.lock();
-        s.queued = self.queued.load(Ordering::Relaxed);
-        s
+        self.shared.counters.stats()
+    }
+
+    /// The live counters, for observers that read them at their own pace (metrics).
+    pub fn counters(&self) -> &Arc<EngineCounters> {
+        &self.shared.counters
     }
 
     /// Tokenizes the prompt, checks limits and queues the request. Events arrive on the
@@ -208,9 +210,10 @@ impl Engine {
             });
         }
         let limit = self.config.max_queue;
-        let queued = self.queued.fetch_add(1, Ordering::AcqRel);
+        let queued_now = &self.shared.counters.queued;
+        let queued = queued_now.fetch_add(1, Ordering::AcqRel);
         if queued >= limit {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            queued_now.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Overloaded { queued, limit });
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -223,7 +226,7 @@ impl Engine {
             submitted: std::time::Instant::now(),
         }));
         if self.submit_tx.try_send(cmd).is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            queued_now.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Overloaded { queued, limit });
         }
         Ok(GenerationStream { rx, prompt_tokens })

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +42,6 @@ pub(crate) struct Context {
     pub config: Arc<EngineConfig>,
     pub shared: Arc<Shared>,
     pub registry: Arc<AdapterRegistry>,
-    pub queued: Arc<AtomicUsize>,
     pub rx: Receiver<Command>,
 }
 
@@ -68,7 +67,7 @@ fn fail_load(ctx: &Context, e: EngineError) {
     // Answer anything already queued, then keep answering until every handle is gone.
     while let Ok(cmd) = ctx.rx.recv() {
         if let Command::Generate(p) = cmd {
-            ctx.queued.fetch_sub(1, Ordering::AcqRel);
+            ctx.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = p.tx.send(StreamEvent::Error(e.clone()));
         }
     }
@@ -132,9 +131,8 @@ impl Loop<'_> {
                 self.step();
                 self.running.retain(|s| !s.finished);
             }
-            let mut st = self.ctx.shared.stats.lock();
-            st.running = self.running.len();
-            st.kv_cache_bytes = self.running.iter().map(|s| s.cache.bytes()).sum();
+            let kv_cache_bytes = self.running.iter().map(|s| s.cache.bytes()).sum();
+            self.ctx.shared.counters.set_running(self.running.len(), kv_cache_bytes);
         }
     }
 
@@ -147,7 +145,7 @@ impl Loop<'_> {
     fn admit(&mut self) {
         while self.running.len() < self.ctx.config.max_batch.max(1) {
             let Some(p) = self.waiting.pop_front() else { break };
-            self.ctx.queued.fetch_sub(1, Ordering::AcqRel);
+            self.ctx.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
             if p.tx.is_closed() {
                 continue;
             }
@@ -177,7 +175,7 @@ impl Loop<'_> {
         if plan.is_empty() {
             return;
         }
-        self.ctx.shared.stats.lock().last_batch_size = plan.len();
+        self.ctx.shared.counters.record_step(plan.len());
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.forward(&plan)));
         let logits = match result {
             Ok(Ok(l)) => l,

@@ -128,6 +128,8 @@ pub struct JobsConfig {
     pub eval_fraction: f64,
     pub min_margin: f64,
     pub distill_system_prompt: bool,
+    /// Where job results, progress and promotions are counted; `None` records nothing.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 struct Inner {
@@ -412,6 +414,14 @@ impl JobManager {
         if i.stop.load(Ordering::Relaxed) && matches!(result, Err(JobError::Cancelled)) {
             return; // shutting down: stays `running`, resumes at the next start
         }
+        if let Some(m) = &i.cfg.metrics {
+            let outcome = match &result {
+                Ok(()) => "succeeded",
+                Err(JobError::Cancelled) => "cancelled",
+                Err(JobError::Failed(_)) => "failed",
+            };
+            m.training_job(&job.task, outcome);
+        }
         match result {
             Ok(()) => {}
             Err(JobError::Cancelled) => {
@@ -487,6 +497,10 @@ impl JobManager {
                     let _ = self.update(&id, |j| j.estimated_finish = Some(now() + eta as u64));
                 }
             }
+            if let (Some(m), Some(d)) = (&i.cfg.metrics, e.data.as_ref()) {
+                let number = |k: &str| d.get(k).and_then(|v| v.as_f64());
+                m.training_progress(&job.task, number("loss"), number("tokens_per_second"));
+            }
             self.event(&id, e.level, e.message, e.data);
         };
         let res = job::run(&spec, cancel, &mut emit)?;
@@ -494,18 +508,30 @@ impl JobManager {
         i.registry
             .load(&name, &res.adapter_path, LoadOptions { replace: true, expected_generation: None })
             .map_err(|e| fail(format!("the trained adapter did not load: {e}")))?;
+        if let Some(m) = &i.cfg.metrics {
+            m.know_task(&job.task);
+            observe_gate(m, &job.task, &name, &res);
+        }
         let mut promoted = false;
+        let mut promotion = "gate_failed";
         if res.gate.passed {
             let expected = Some(current.as_ref().map_or(0, |c| c.generation));
             match i.registry.load(&job.task, &res.adapter_path, LoadOptions { replace: true, expected_generation: expected }) {
                 Ok(g) => {
                     promoted = true;
+                    promotion = "promoted";
                     self.event(&id, "info", format!("Promoted: '{}' now serves {} (generation {})", job.task, res.version, g.generation), None);
                 }
-                Err(e) => self.event(&id, "warn", format!("Not promoted: {e}"), None),
+                Err(e) => {
+                    promotion = "conflict";
+                    self.event(&id, "warn", format!("Not promoted: {e}"), None);
+                }
             }
         } else {
             self.event(&id, "warn", format!("Not promoted: {}", res.gate.reason), None);
+        }
+        if let Some(m) = &i.cfg.metrics {
+            m.promotion(&job.task, promotion);
         }
         self.event(&id, "info", format!("The job has successfully completed; fine-tuned model: {name}"), None);
         let tokens = (res.train_tokens_per_second * res.train_seconds) as u64;
@@ -521,6 +547,17 @@ impl JobManager {
         .map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
+}
+
+/// The quality gate's scores: the candidate under its fine-tuned name, what served the
+/// task before under the task's name; final loss and throughput of the run.
+fn observe_gate(m: &crate::metrics::Metrics, task: &str, candidate: &str, res: &job::JobResult) {
+    for (adapter, s) in [(candidate, &res.gate.candidate), (task, &res.gate.baseline)] {
+        for (metric, v) in [("exact_match", s.exact_match), ("token_f1", s.token_f1), ("loss", s.loss)] {
+            m.eval_score(task, adapter, metric, v);
+        }
+    }
+    m.training_progress(task, res.final_loss.map(f64::from), Some(res.train_tokens_per_second));
 }
 
 fn worker_loop(inner: Arc<Inner>) {

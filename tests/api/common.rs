@@ -28,7 +28,12 @@ pub struct Gateway {
 
 /// A config for a gateway serving the tiny model from `dir`.
 pub fn config(dir: &Path, model: &Path) -> anyhow::Result<Config> {
-    let text = format!(
+    Ok(Config::parse(&config_text(dir, model), "test config", Vec::new())?)
+}
+
+/// The TOML of [`config`], for a `tunegate` child process.
+pub fn config_text(dir: &Path, model: &Path) -> String {
+    format!(
         r#"
 [server]
 bind = "127.0.0.1:0"
@@ -60,8 +65,7 @@ max_concurrent_requests_per_key = 16
         data = dir.join("data").display(),
         model = model.display(),
         adapters = dir.join("adapters").display(),
-    );
-    Ok(Config::parse(&text, "test config", Vec::new())?)
+    )
 }
 
 /// Writes the tiny model, lets `edit` change the config, starts the gateway and waits until

@@ -4,7 +4,10 @@
 mod adapters;
 mod chat;
 mod common;
+mod crash;
 mod errors;
+mod metrics;
 mod logs;
 mod python;
 mod real_model;
+mod ui;

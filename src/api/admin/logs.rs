@@ -131,6 +131,7 @@ pub async fn review(
         e => e.into(),
     })?;
     tracing::info!(id = %record.id, task = %record.task, state = %record.review.state, "log record reviewed");
+    state.metrics.review(&record.task, record.review.state.as_str());
     Ok(HttpResponse::Ok().json(record))
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
@@ -25,13 +25,16 @@ use serde_json::Value;
 pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
+    http: HttpRequest,
     Json(req): Json<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::chat(&req, &state.config.limits)?;
     let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire(&caller.key_id)?;
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
     let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
+    record.measure(&state.metrics);
     record.log_to(state.logs.as_ref(), || log_draft(&meta, &req, &routed, &state.config.model.name, &caller.key_id));
     let saved = state.router.distill(&routed, &mut plan.messages);
     record.set_saved(saved);
@@ -65,6 +68,9 @@ pub async fn create(
         Err(e) => return Err(failed(record, e).await),
     };
     drop(permit);
+    for c in &completions {
+        record.choice_done(&c.timings, c.usage.completion_tokens);
+    }
     let usage = total_usage(plan.common.n, completions.iter().map(|c| &c.usage).enumerate()).with_saved(saved);
     record.complete(usage);
     if let Some(c) = completions.first() {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
@@ -20,14 +20,17 @@ use crate::engine::{Completion, FinishReason, ModelInfo, Prompt, Timings, Usage}
 pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
+    http: HttpRequest,
     Json(req): Json<CompletionRequest>,
 ) -> ApiResult<HttpResponse> {
     let plan = convert::completion(&req, &state.config.limits)?;
     let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire(&caller.key_id)?;
     let info = state.engine.info()?;
     let echoes = if plan.echo { prompt_texts(&info, &plan.prompts)? } else { vec![String::new(); plan.prompts.len()] };
     let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
+    record.measure(&state.metrics);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
     let n = plan.common.n;
     let mut format =
@@ -42,7 +45,11 @@ pub async fn create(
             let held = Held { permit, record };
             return Ok(stream::respond(streams, n, plan.common.include_usage, format, held));
         }
-        collect_all(streams).await?
+        let completions = collect_all(streams).await?;
+        for c in &completions {
+            record.choice_done(&c.timings, c.usage.completion_tokens);
+        }
+        completions
     };
     drop(permit);
     let usage = total_usage(n, completions.iter().map(|c| &c.usage).enumerate());

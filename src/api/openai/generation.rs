@@ -11,8 +11,9 @@ use super::convert::Common;
 use super::types::{TokenLogprob, UsageOut};
 use crate::adapters::AdapterLease;
 use crate::api::error::ApiResult;
-use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Usage};
+use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
 use crate::logs::{LogRecord, Logs, STATUS_OK};
+use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
 /// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one
 /// submission fails, the ones already queued are dropped, which cancels them.
@@ -88,7 +89,8 @@ pub fn unix_now() -> u64 {
 /// logged, the [`LogRecord`] filled as the response is produced and committed by
 /// [`RequestRecord::commit`] before the response's last bytes go out (see `[logs] durable`).
 /// A record still uncommitted when this is dropped (the client went away mid-stream) is
-/// logged marked `client_disconnected`, with what had been generated.
+/// logged marked `client_disconnected`, with what had been generated. When dropped it is also
+/// counted in the metrics given to [`RequestRecord::measure`].
 pub struct RequestRecord {
     pub endpoint: &'static str,
     pub task: String,
@@ -101,6 +103,12 @@ pub struct RequestRecord {
     log: Option<(Arc<Logs>, Box<LogRecord>)>,
     first_token: Option<Instant>,
     saved: usize,
+    /// The alias that served it (`None`: the base model).
+    adapter: Option<String>,
+    /// The longest engine time of the finished choices.
+    engine_time: Option<std::time::Duration>,
+    choices: Vec<ChoiceTiming>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RequestRecord {
@@ -117,7 +125,28 @@ impl RequestRecord {
             log: None,
             first_token: None,
             saved: 0,
+            adapter: routed.adapter.as_ref().map(|a| a.alias.clone()),
+            engine_time: None,
+            choices: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts this request in `metrics` when it ends.
+    pub fn measure(&mut self, metrics: &Arc<Metrics>) {
+        self.metrics = Some(metrics.clone());
+    }
+
+    /// One choice finished on the engine: its timings, relative to now.
+    pub fn choice_done(&mut self, t: &Timings, completion_tokens: usize) {
+        let elapsed = self.started.elapsed();
+        let decode = t.total.saturating_sub(t.time_to_first_token);
+        self.engine_time = Some(self.engine_time.map_or(t.total, |e| e.max(t.total)));
+        self.choices.push(ChoiceTiming {
+            time_to_first_token: elapsed.saturating_sub(decode),
+            decode,
+            completion_tokens,
+        });
     }
 
     /// Logs this request into `logs` (when logging is on for its task and key): `draft` is
@@ -218,6 +247,18 @@ impl Drop for RequestRecord {
             outcome = if self.completed { "ok" } else { "cancelled" },
             "request finished"
         );
+        if let Some(m) = &self.metrics {
+            m.observe_request(&RequestObservation {
+                task: &self.task,
+                adapter: self.adapter.as_deref(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                prompt_tokens_saved: if self.completed { self.saved } else { 0 },
+                duration: self.started.elapsed(),
+                engine_time: self.engine_time,
+                choices: &self.choices,
+            });
+        }
     }
 }
 

@@ -114,7 +114,8 @@ impl<F: ChunkFormat> State<F> {
                 self.held.record.on_token(i, &text);
                 self.pending.extend(self.format.token(i, text, token_id, logprob));
             }
-            Some((i, StreamEvent::Done { finish_reason: reason, usage, .. })) => {
+            Some((i, StreamEvent::Done { finish_reason: reason, usage, timings })) => {
+                self.held.record.choice_done(&timings, usage.completion_tokens);
                 self.usages.push((i, usage));
                 self.held.record.on_finish(i, finish_reason(reason));
                 self.pending.push_back(self.format.finished(i, reason));
