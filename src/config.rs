@@ -20,7 +20,7 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Top-level sections that `TUNEGATE_<SECTION>_<KEY>` variables may address.
 const SECTIONS: &[&str] =
-    &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs", "metrics"];
+    &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs", "metrics", "scheduler"];
 
 /// Short environment forms and the key each one sets.
 const SHORT_FORMS: &[(&str, &str, &str)] = &[
@@ -58,6 +58,43 @@ pub struct Config {
     pub training: TrainingSection,
     pub logs: LogsSection,
     pub metrics: MetricsSection,
+    pub scheduler: SchedulerSection,
+}
+
+/// `[scheduler]`: when a task's approved examples are enough to fine-tune automatically.
+/// Per-task overrides go in `[scheduler.tasks.<task>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    pub enabled: bool,
+    pub check_interval_seconds: f64,
+    /// Approved examples needed since the task's last scheduled job (the first job too):
+    /// fine-tuning pays off from about 500 good examples.
+    pub min_new_approved: u64,
+    /// Least time between two scheduled jobs of one task.
+    pub min_interval_seconds: f64,
+    pub tasks: BTreeMap<String, TaskPolicySection>,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            check_interval_seconds: 30.0,
+            min_new_approved: 500,
+            min_interval_seconds: 3600.0,
+            tasks: BTreeMap::new(),
+        }
+    }
+}
+
+/// One task's overrides of the `[scheduler]` policy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskPolicySection {
+    pub enabled: Option<bool>,
+    pub min_new_approved: Option<u64>,
+    pub min_interval_seconds: Option<f64>,
 }
 
 /// Where request logs are kept.
@@ -301,6 +338,7 @@ struct RawConfig {
     training: TrainingSection,
     logs: LogsSection,
     metrics: MetricsSection,
+    scheduler: SchedulerSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,6 +573,14 @@ impl RawConfig {
         if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) || t.epochs == 0 || t.batch_size == 0 {
             return Err(invalid("training", "learning_rate must be in (0, 1), epochs and batch_size at least 1".into()));
         }
+        let sch = &self.scheduler;
+        let bad_secs = |v: f64| !(v.is_finite() && v >= 0.0);
+        if bad_secs(sch.min_interval_seconds) || !(sch.check_interval_seconds.is_finite() && sch.check_interval_seconds > 0.0) {
+            return Err(invalid("scheduler", "check_interval_seconds must be positive, min_interval_seconds not negative".into()));
+        }
+        if let Some((task, _)) = sch.tasks.iter().find(|(_, t)| t.min_interval_seconds.is_some_and(bad_secs)) {
+            return Err(invalid(&format!("scheduler.tasks.{task}.min_interval_seconds"), "must not be negative".into()));
+        }
         let l = &self.logs;
         if let Err(e) = crate::logs::Redactor::new(&l.redact) {
             return Err(invalid("logs.redact", e.to_string()));
@@ -575,6 +621,7 @@ impl RawConfig {
             training: self.training,
             logs: self.logs,
             metrics: self.metrics,
+            scheduler: self.scheduler,
         })
     }
 }
@@ -669,13 +716,13 @@ mod tests {
         assert_eq!(
             err("[srever]\nbind = \"127.0.0.1:1\"\n"),
             "test.toml: srever: unknown field `srever`, expected one of `server`, `auth`, `model`, `engine`, \
-             `adapters`, `limits`, `training`, `logs`, `metrics`"
+             `adapters`, `limits`, `training`, `logs`, `metrics`, `scheduler`"
         );
     }
 
     #[test]
     fn training_section_is_validated() {
-        let text = format!("{COMMITTED}").replace("rank = 16", "rank = 0");
+        let text = COMMITTED.replace("rank = 16", "rank = 0");
         assert_eq!(err(&text), "test.toml: training.rank: must be 1..=64 (adapters.max_rank)");
         let text = COMMITTED.replace("\"down_proj\"]", "\"lm_head\"]");
         assert!(err(&text).starts_with("test.toml: training.target_modules: unknown target module 'lm_head'"));

@@ -9,4 +9,5 @@ pub mod engine;
 pub mod logs;
 pub mod metrics;
 pub mod router;
+pub mod scheduler;
 pub mod training;

@@ -204,6 +204,8 @@ class Gateway:
         self.work = work
         self.log_path = work / "gateway.log"
         model = Path(args.model).resolve()
+        batch = f"batch_size = {args.batch_size}\nmicro_batch = {min(8, args.batch_size)}\n" if args.batch_size else ""
+        lr = f"learning_rate = {2e-4 * args.learning_rate_multiplier:g}\n" if args.learning_rate_multiplier else ""
         toml = f"""
 [server]
 bind = "127.0.0.1:{self.port}"
@@ -221,15 +223,15 @@ root = "{work / 'adapters'}"
 epochs = {args.epochs}
 eval_fraction = {args.gate_fraction}
 distill_system_prompt = true
-
+{batch}{lr}
 [logs]
 enabled = true
-"""
-        if args.scheduler:
-            toml += f"""
+
 [scheduler]
-enabled = true
+enabled = {'true' if args.scheduler else 'false'}
+check_interval_seconds = 2
 min_new_approved = {args.train_examples}
+min_interval_seconds = 0
 """
         self.config = work / "tunegate.toml"
         self.config.write_text(toml)
@@ -366,13 +368,10 @@ def phase_train(gw, base_model, args):
                     raise RuntimeError(f"no scheduler job after {args.scheduler_wait}s")
                 time.sleep(2)
     else:
-        hyper = {"n_epochs": args.epochs}
-        if args.batch_size:
-            hyper["batch_size"] = args.batch_size
-        if args.learning_rate_multiplier:
-            hyper["learning_rate_multiplier"] = args.learning_rate_multiplier
+        # epochs, batch size and learning rate are in the gateway's [training] config, as the
+        # scheduler's jobs would have them
         job = http("POST", f"{gw.base}/v1/fine_tuning/jobs",
-                   {"model": base_model, "task": TASK, "hyperparameters": hyper, "seed": args.seed})
+                   {"model": base_model, "task": TASK, "hyperparameters": {"n_epochs": args.epochs}, "seed": args.seed})
     log(f"  job {job['id']} ({'scheduler' if args.scheduler else 'triggered by the benchmark'})")
     seen = 0
     last_step_log = 0.0
@@ -630,7 +629,9 @@ def write_report(res, out_md):
     L.append(f"- **Phase 2, review**: the benchmark played the reviewer through `/admin/logs`: "
              f"{rv['approved_as_is']} logged answers approved as they were (bulk), {rv['approved_corrected']} approved "
              "with the gold label as `corrected_response`.")
-    L.append(f"- **Phase 3, training**: {'the scheduler started the job' if s['scheduler'] else 'the benchmark created the job'} "
+    who_trained = ("the gateway's scheduler started the job on the approvals" if s["scheduler"]
+                   else "the benchmark created the job")
+    L.append(f"- **Phase 3, training**: {who_trained} "
              f"(`POST /v1/fine_tuning/jobs` with `task: \"{TASK}\"`, no training file: the task's approved logs); "
              f"{t['dataset_event']}. Hyper-parameters: " + ", ".join(
                  f"{k} {v}" for k, v in (t["hyperparameters"] or {}).items()
@@ -670,8 +671,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gate-fraction", type=float, default=0.1, help="[training] eval_fraction: approved examples the gate holds out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", action="store_true",
-                   help="do not trigger training: configure [scheduler] min_new_approved and wait for its job")
+    p.add_argument("--trigger", dest="scheduler", action="store_false",
+                   help="create the fine-tuning job from the benchmark instead of waiting for the scheduler's "
+                        "([scheduler] min_new_approved = the training examples)")
     p.add_argument("--scheduler-wait", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="smoke run: 15 train, 6 held-out, 1 epoch")
     p.add_argument("--out", default=str(REPO / "benches" / "results"))

@@ -35,6 +35,7 @@ pub struct ServerHandle {
     server: actix_web::dev::ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     watcher: Option<Watcher>,
+    scheduler: Option<crate::scheduler::Scheduler>,
 }
 
 /// Starts the gateway in the current tokio runtime and returns once it listens (the model
@@ -156,7 +157,18 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     let handle = server.handle();
     let task = tokio::spawn(server);
     tracing::info!(%addr, model = %config.model.name, "tunegate listening");
-    Ok(ServerHandle { addr, engine, state, server: handle, task, watcher })
+    // Auto-training needs both the log store (the examples) and the job manager.
+    let scheduler = match (&state.logs, &state.jobs) {
+        (Some(logs), Some(jobs)) if config.scheduler.enabled => Some(crate::scheduler::Scheduler::spawn(
+            config.scheduler.clone(),
+            logs.clone(),
+            jobs.clone(),
+            config.model.name.clone(),
+            config.server.data_dir.clone(),
+        )),
+        _ => None,
+    };
+    Ok(ServerHandle { addr, engine, state, server: handle, task, watcher, scheduler })
 }
 
 impl ServerHandle {
@@ -199,6 +211,9 @@ impl ServerHandle {
         tracing::info!("HTTP server stopped; shutting the engine down");
         self.engine.shutdown();
         // A running job stops within one step and resumes from its checkpoint next start.
+        if let Some(s) = self.scheduler {
+            s.stop().await;
+        }
         if let Some(j) = &self.state.jobs {
             j.shutdown();
         }

@@ -6,6 +6,7 @@ mod error;
 pub mod chat_template;
 mod counters;
 pub mod gguf;
+pub mod grad_ops;
 pub mod hf;
 mod loader;
 pub mod lora;

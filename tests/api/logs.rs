@@ -185,7 +185,7 @@ async fn review_routes_page_filter_and_refuse_illegal_transitions() -> anyhow::R
     assert_eq!((labels["approved"].as_u64(), labels["rejected"].as_u64(), labels["pending"].as_u64()), (Some(3), Some(2), Some(0)), "{tasks}");
 
     // The export CLI's format: approved examples with the correction.
-    let logs = gw.handle.state.logs.clone().expect("logging is on");
+    let logs = gw.handle.state.logs.clone().ok_or_else(|| anyhow::anyhow!("logging is off"))?;
     let mut out = Vec::new();
     let n = tunegate::logs::export_jsonl(&logs.store, "labels", &mut out).await?;
     assert_eq!(n, 3);
@@ -268,6 +268,57 @@ async fn logging_disabled_answers_503_on_review_routes() -> anyhow::Result<()> {
     complete(&gw, chat("t", "hi", json!({}))).await?;
     let (status, body) = gw.get("/admin/logs").await?;
     assert_error(status, &body, 503, "logs_disabled");
+    gw.handle.stop(true).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_trains_a_task_from_its_approved_logs() -> anyhow::Result<()> {
+    let gw = common::start_with(|c, _| {
+        c.scheduler.min_new_approved = 8;
+        c.scheduler.check_interval_seconds = 0.2;
+        c.training.rank = 4;
+        c.training.alpha = 8.0;
+        c.training.epochs = 2;
+        c.training.eval_fraction = 0.0;
+    })
+    .await?;
+    for i in 0..8 {
+        complete(&gw, chat("auto", &format!("ticket {i}"), json!({}))).await?;
+    }
+    complete(&gw, chat("idle", "not enough examples here", json!({}))).await?;
+    // Seven approvals: not due yet.
+    let (_, page) = gw.get("/admin/logs?task=auto").await?;
+    let ids: Vec<String> = page["data"].as_array().into_iter().flatten().filter_map(|r| r["id"].as_str().map(String::from)).collect();
+    assert_eq!(ids.len(), 8);
+    let (_, out) = gw.post("/admin/logs/review", json!({"ids": ids[..7], "state": "approved", "corrected_response": "billing"})).await?;
+    assert_eq!(out["reviewed"], 7, "{out}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, jobs) = gw.get("/v1/fine_tuning/jobs").await?;
+    assert_eq!(jobs["data"], json!([]), "queued too early: {jobs}");
+
+    // The eighth approval makes the task due: one job, from the logs, that succeeds.
+    gw.post(&format!("/admin/logs/{}/review", ids[7]), json!({"state": "approved", "corrected_response": "billing"})).await?;
+    let mut job = Value::Null;
+    for _ in 0..600 {
+        let (_, jobs) = gw.get("/v1/fine_tuning/jobs").await?;
+        if let Some(j) = jobs["data"].as_array().and_then(|d| d.first()) {
+            if matches!(j["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                job = j.clone();
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["task"], "auto");
+    assert_eq!(job["training_file"], "task:auto");
+    assert_eq!(job["metadata"]["scheduled_by"], "tunegate-scheduler");
+    let (_, jobs) = gw.get("/v1/fine_tuning/jobs").await?;
+    assert_eq!(jobs["data"].as_array().map(Vec::len), Some(1), "one job only: {jobs}");
+    let model = job["fine_tuned_model"].as_str().unwrap_or_default().to_string();
+    let served = complete(&gw, json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})).await?;
+    assert_eq!(served["model"], model.as_str());
     gw.handle.stop(true).await;
     Ok(())
 }
