@@ -207,6 +207,9 @@ pub struct TrainingSection {
     pub checkpoint_every: usize,
     /// A job that trains from a task's approved logs uses at most this many, the newest.
     pub max_examples: usize,
+    /// Threads for the training kernels (0 = one per core). 1 on a 2-core machine leaves a
+    /// core to serving for most of a step.
+    pub threads: usize,
 }
 
 impl Default for TrainingSection {
@@ -226,6 +229,7 @@ impl Default for TrainingSection {
             distill_system_prompt: true,
             checkpoint_every: t.checkpoint_every,
             max_examples: 5000,
+            threads: 1,
         }
     }
 }

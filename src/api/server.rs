@@ -106,6 +106,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             min_margin: config.training.min_margin,
             distill_system_prompt: config.training.distill_system_prompt,
             metrics: Some(metrics.clone()),
+            threads: config.training.threads,
         };
         Some(
             crate::training::jobs::JobManager::start(

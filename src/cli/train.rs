@@ -60,7 +60,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let cancel = AtomicBool::new(false);
     let mut stderr = std::io::stderr();
-    let result = job::run(&spec, &cancel, &mut |e| {
+    // The terminal job has the machine to itself: every core unless `[training] threads` says.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(config.training.threads.max(config.model.threads)).build()?;
+    let result = pool.install(|| job::run(&spec, &cancel, &mut |e| {
         if let Some(d) = &e.data {
             if let (Some(step), Some(total)) = (d.get("step").and_then(|v| v.as_u64()), d.get("total_steps").and_then(|v| v.as_u64())) {
                 let width = 30;
@@ -71,7 +73,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             }
         }
         let _ = writeln!(stderr, "\n{}", e.message);
-    })
+    }))
     .map_err(|e| anyhow::anyhow!("training failed: {e}"))?;
     eprintln!();
     println!("{}", result.adapter_path.display());

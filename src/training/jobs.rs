@@ -130,6 +130,10 @@ pub struct JobsConfig {
     pub distill_system_prompt: bool,
     /// Where job results, progress and promotions are counted; `None` records nothing.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Threads of the training kernels' own pool (the fused ops and the frozen-weight
+    /// matmuls, most of a step); 0 = rayon's default. Candle's remaining CPU ops use the
+    /// process-wide pool sized by `[model] threads`.
+    pub threads: usize,
 }
 
 struct Inner {
@@ -409,7 +413,13 @@ impl JobManager {
         let cancel = Arc::new(AtomicBool::new(false));
         i.cancel.lock().insert(id.to_string(), cancel.clone());
         let _ = self.update(id, |j| j.status = "running".into());
-        let result = self.execute(&job, &cancel);
+        let result = match rayon::ThreadPoolBuilder::new().num_threads(i.cfg.threads).thread_name(|n| format!("tunegate-train-{n}")).build() {
+            Ok(pool) => pool.install(|| self.execute(&job, &cancel)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the training thread pool; using the shared one");
+                self.execute(&job, &cancel)
+            }
+        };
         i.cancel.lock().remove(id);
         if i.stop.load(Ordering::Relaxed) && matches!(result, Err(JobError::Cancelled)) {
             return; // shutting down: stays `running`, resumes at the next start

@@ -333,6 +333,7 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
         min_margin: 0.0,
         distill_system_prompt: true,
         metrics: None,
+        threads: 2,
     };
     let files = Arc::new(FileStore::open(&dir.path().join("data"))?);
     let file = files.create("labels.jsonl", "fine-tune", jsonl.as_bytes())?;
