@@ -87,7 +87,8 @@ fn list_query(key: &str, value: &str, q: &mut ListQuery) -> ApiResult<bool> {
 }
 
 fn list_body(data: Vec<Value>, has_more: bool) -> Value {
-    let id = |v: Option<&Value>| v.and_then(|v| v.get("id")).cloned().unwrap_or(Value::Null);
+    // OpenAI's schema types these as strings; an empty page has "".
+    let id = |v: Option<&Value>| v.and_then(|v| v.get("id")).cloned().unwrap_or_else(|| Value::from(""));
     json!({
         "object": "list",
         "first_id": id(data.first()),
