@@ -102,7 +102,7 @@ fn publish(state: &AppState, tasks: &[TaskOverview]) {
         m.know_task(t);
     }
     let mut busiest: Vec<&TaskOverview> = tasks.iter().collect();
-    busiest.sort_by(|a, b| b.stats.total.cmp(&a.stats.total));
+    busiest.sort_by_key(|t| std::cmp::Reverse(t.stats.total));
     for t in busiest.iter().take(MAX_LABELLED_TASKS) {
         m.know_task(&t.stats.task);
     }
