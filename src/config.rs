@@ -722,7 +722,7 @@ mod tests {
 
     #[test]
     fn training_section_is_validated() {
-        let text = format!("{COMMITTED}").replace("rank = 16", "rank = 0");
+        let text = COMMITTED.replace("rank = 16", "rank = 0");
         assert_eq!(err(&text), "test.toml: training.rank: must be 1..=64 (adapters.max_rank)");
         let text = COMMITTED.replace("\"down_proj\"]", "\"lm_head\"]");
         assert!(err(&text).starts_with("test.toml: training.target_modules: unknown target module 'lm_head'"));

@@ -72,6 +72,13 @@ enum Command {
         #[command(subcommand)]
         command: LogsCommand,
     },
+    /// Choose which version of a task's adapter serves (`adapters/<task>/CURRENT`).
+    Adapters {
+        #[arg(long, default_value = "config/tunegate.toml", global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: AdaptersCommand,
+    },
     /// Manage base models.
     Model {
         #[command(subcommand)]
@@ -129,6 +136,16 @@ enum LogsCommand {
         #[arg(long)]
         task: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AdaptersCommand {
+    /// Versions per task; `*` marks the pinned one.
+    List { task: Option<String> },
+    /// Serve this version as the task's alias (hot, through the folder watcher).
+    Promote { task: String, version: String },
+    /// Serve the version before the current one.
+    Rollback { task: String },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +209,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 LogsCommand::Import { file, task } => LogsArgs::Import { file, task },
             };
             tunegate::cli::logs::run(&config, args)
+        }
+        Command::Adapters { config, command } => {
+            use tunegate::cli::adapters::AdaptersArgs;
+            let args = match command {
+                AdaptersCommand::List { task } => AdaptersArgs::List { task },
+                AdaptersCommand::Promote { task, version } => AdaptersArgs::Promote { task, version },
+                AdaptersCommand::Rollback { task } => AdaptersArgs::Rollback { task },
+            };
+            tunegate::cli::adapters::run(&config, args)
         }
         Command::Model { command: ModelCommand::Fetch { dir } } => {
             let path = fetch::fetch_default_model(&dir)?;

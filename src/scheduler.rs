@@ -174,9 +174,7 @@ mod tests {
 
     #[test]
     fn due_needs_new_approvals_and_the_interval() {
-        let mut cfg = SchedulerSection::default();
-        cfg.min_new_approved = 10;
-        cfg.min_interval_seconds = 60.0;
+        let cfg = SchedulerSection { min_new_approved: 10, min_interval_seconds: 60.0, ..Default::default() };
         let p = Policy::for_task(&cfg, "t");
         let fresh = TaskState::default();
         assert!(!p.due(&stats(9), &fresh, 0));

@@ -288,7 +288,7 @@ impl AdapterRegistry {
     /// Current generations, sorted by alias.
     pub fn list(&self) -> Vec<AdapterInfo> {
         let map = self.current.load();
-        let mut v: Vec<AdapterInfo> = map.values().map(|g| info(g)).collect();
+        let mut v: Vec<AdapterInfo> = map.values().map(info).collect();
         v.sort_by(|a, b| a.alias.cmp(&b.alias));
         v
     }

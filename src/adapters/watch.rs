@@ -5,6 +5,11 @@
 //! `<name>.<version>`. Folders starting with `.` are ignored (publishers write to a hidden
 //! temp folder and rename it into place).
 //!
+//! A pin file `adapters/<name>/CURRENT` holding a version label overrides "newest": that
+//! version is served as `<name>` (at start-up and whenever the file changes), and new
+//! versions load beside it as `<name>.<version>`. `tunegate adapters promote|rollback` write
+//! it, and so does a fine-tuning job when it promotes, so a restart serves what was chosen.
+//!
 //! A plain polling thread: no watcher crate, works on network mounts, and loads run off the
 //! HTTP workers. The thread is stopped and joined on shutdown.
 
@@ -17,6 +22,33 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{AdapterError, AdapterRegistry, LoadOptions};
+
+/// The pin file in `adapters/<name>/`.
+pub const PIN_FILE: &str = "CURRENT";
+
+/// The pinned version label of `name`, if any.
+pub fn read_pin(root: &Path, name: &str) -> Option<String> {
+    let label = std::fs::read_to_string(root.join(name).join(PIN_FILE)).ok()?;
+    let label = label.trim();
+    (!label.is_empty()).then(|| label.to_string())
+}
+
+/// Pins `name` to `label`, atomically (temp file, fsync, rename, fsync of the folder).
+pub fn write_pin(root: &Path, name: &str, label: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = root.join(name);
+    let tmp = dir.join(format!(".{PIN_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{label}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(PIN_FILE))?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+/// The version labels of `name` under `root`, oldest first (natural order: v2 < v10).
+pub fn version_labels(root: &Path, name: &str) -> Vec<String> {
+    scan(root).into_iter().find(|(n, _)| n == name).map(|(_, vs)| vs.into_iter().map(|v| v.label).collect()).unwrap_or_default()
+}
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -83,6 +115,8 @@ struct Seen {
     handled: HashMap<PathBuf, Stamp>,
     /// Versions that failed to load, retried once their stamp changes.
     failed: HashMap<PathBuf, Stamp>,
+    /// The pin last applied per name.
+    pins: HashMap<String, String>,
 }
 
 impl Seen {
@@ -98,11 +132,17 @@ fn run(registry: &AdapterRegistry, cfg: &WatchConfig, stop: &AtomicBool, scanned
         if registry.model_shape().is_some() {
             let first = !scanned.load(Ordering::Relaxed);
             for (name, versions) in scan(&cfg.root) {
-                if first {
+                let pin = read_pin(&cfg.root, &name);
+                if first && pin.is_none() {
                     load_newest_loadable(registry, &name, &versions, &mut seen);
+                } else if first {
+                    for v in &versions {
+                        seen.handled.insert(v.path.clone(), v.stamp.clone());
+                    }
                 } else {
-                    on_change(registry, cfg, &name, &versions, &mut seen);
+                    on_change(registry, cfg, &name, &versions, pin.is_some(), &mut seen);
                 }
+                apply_pin(registry, &name, &versions, pin, &mut seen);
             }
             scanned.store(true, Ordering::Relaxed);
         }
@@ -133,8 +173,36 @@ fn load_newest_loadable(registry: &AdapterRegistry, name: &str, versions: &[Vers
     }
 }
 
-/// Later polls: act on the newest version if it is new or rewritten.
-fn on_change(registry: &AdapterRegistry, cfg: &WatchConfig, name: &str, versions: &[Version], seen: &mut Seen) {
+/// Serves the pinned version as `name` when the pin is new or changed since last applied.
+fn apply_pin(registry: &AdapterRegistry, name: &str, versions: &[Version], pin: Option<String>, seen: &mut Seen) {
+    let Some(label) = pin else {
+        seen.pins.remove(name);
+        return;
+    };
+    if seen.pins.get(name) == Some(&label) {
+        return;
+    }
+    let Some(v) = versions.iter().find(|v| v.label == label) else {
+        tracing::warn!(alias = name, version = %label, "the pinned adapter version does not exist; keeping what serves");
+        seen.pins.insert(name.to_string(), label);
+        return;
+    };
+    match registry.load(name, &v.path, LoadOptions { replace: true, expected_generation: None }) {
+        Ok(info) => {
+            tracing::info!(alias = name, version = %label, generation = info.generation, "pinned adapter version serves");
+            seen.pins.insert(name.to_string(), label);
+        }
+        Err(AdapterError::Busy(_)) => {}
+        Err(e) => {
+            tracing::warn!(alias = name, version = %label, "the pinned adapter version does not load: {e}");
+            seen.pins.insert(name.to_string(), label);
+        }
+    }
+}
+
+/// Later polls: act on the newest version if it is new or rewritten. With a pin, a new
+/// version loads beside the alias, never in its place.
+fn on_change(registry: &AdapterRegistry, cfg: &WatchConfig, name: &str, versions: &[Version], pinned: bool, seen: &mut Seen) {
     let Some(newest) = versions.last() else { return };
     // An older version appearing late is never served automatically.
     for v in &versions[..versions.len() - 1] {
@@ -146,7 +214,7 @@ fn on_change(registry: &AdapterRegistry, cfg: &WatchConfig, name: &str, versions
         return;
     }
     let served = registry.lease(name).is_some();
-    let promote = !gate_failed(&newest.path) && (!served || cfg.promote_new_versions);
+    let promote = !pinned && !gate_failed(&newest.path) && (!served || cfg.promote_new_versions);
     let alias = if promote || newest.label.is_empty() {
         name.to_string()
     } else {

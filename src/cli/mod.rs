@@ -4,6 +4,7 @@
 //! terminal).
 //! `main.rs` parses arguments and calls these.
 
+pub mod adapters;
 pub mod fetch;
 pub mod generate;
 pub mod logs;

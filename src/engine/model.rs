@@ -15,6 +15,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+use super::grad_ops;
 use super::lora::{BatchLora, Proj};
 use super::{EngineError, Result};
 
@@ -65,8 +66,8 @@ impl Config {
     fn validate(&self) -> Result<()> {
         let ok = self.num_attention_heads > 0
             && self.num_kv_heads() > 0
-            && self.num_attention_heads % self.num_kv_heads() == 0
-            && self.head_dim() % 2 == 0
+            && self.num_attention_heads.is_multiple_of(self.num_kv_heads())
+            && self.head_dim().is_multiple_of(2)
             && self.num_hidden_layers > 0
             && self.vocab_size > 0;
         if ok {
@@ -153,7 +154,16 @@ pub struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        self.forward_path(x, Path::Serve)
+    }
+
+    /// On the training path a dense weight goes through [`grad_ops::frozen_matmul`], whose
+    /// backward pass forms no gradient for the (frozen) weight.
+    fn forward_path(&self, x: &Tensor, path: Path) -> Result<Tensor> {
+        let y = match (path, &self.weight) {
+            (Path::Train, QMatMul::Tensor(w)) => grad_ops::frozen_matmul(x, w)?,
+            _ => self.weight.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -180,14 +190,14 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         Ok(match path {
             Path::Serve => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
-            Path::Train => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+            Path::Train => grad_ops::rms_norm(x, &self.weight, self.eps)?,
         })
     }
 }
 
 /// Which kernels a forward pass uses. Serving uses candle's fused CPU ops; they have no
-/// backward pass, so training runs the same arithmetic through plain, differentiable
-/// tensor ops (a test checks the two agree).
+/// backward pass, so training runs the same arithmetic through our differentiable fused
+/// kernels (`grad_ops`; tests check the two paths agree and the gradients are right).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     Serve,
@@ -441,7 +451,7 @@ impl Model {
             x = x.index_select(r, 0)?;
         }
         let x = self.norm.forward(&x, Path::Train)?;
-        self.lm_head.forward(&x)
+        self.lm_head.forward_path(&x, Path::Train)
     }
 
     /// Embedding and decoder layers over a ragged batch; `[tokens, hidden]`.
@@ -463,7 +473,7 @@ impl Model {
             let attn = self.attention(li, layer, &h, lens, caches, lora, path)?;
             x = (x + attn)?;
             let h = layer.post_attention_layernorm.forward(&x, path)?;
-            let mlp = self.mlp(li, layer, &h, lora)?;
+            let mlp = self.mlp(li, layer, &h, lora, path)?;
             x = (x + mlp)?;
         }
         Ok(x)
@@ -508,8 +518,8 @@ impl Model {
         })
     }
 
-    fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora) -> Result<Tensor> {
-        let y = layer.proj(p).forward(x)?;
+    fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora, path: Path) -> Result<Tensor> {
+        let y = layer.proj(p).forward_path(x, path)?;
         lora.apply(li, p, x, y)
     }
 
@@ -525,9 +535,13 @@ impl Model {
         path: Path,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
-        let q = self.proj(li, layer, Proj::Q, h, lora)?;
-        let k = self.proj(li, layer, Proj::K, h, lora)?;
-        let v = self.proj(li, layer, Proj::V, h, lora)?;
+        let q = self.proj(li, layer, Proj::Q, h, lora, path)?;
+        let k = self.proj(li, layer, Proj::K, h, lora, path)?;
+        let v = self.proj(li, layer, Proj::V, h, lora, path)?;
+        if path == Path::Train && caches.iter().all(|c| c.is_none()) {
+            let attn = self.attention_train(&q, &k, &v, lens)?;
+            return self.proj(li, layer, Proj::O, &attn, lora, path);
+        }
         let mut outs = Vec::with_capacity(lens.len());
         let mut off = 0;
         for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
@@ -546,14 +560,56 @@ impl Model {
             off += t;
         }
         let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
-        self.proj(li, layer, Proj::O, &attn, lora)
+        self.proj(li, layer, Proj::O, &attn, lora, path)
     }
 
-    fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora) -> Result<Tensor> {
-        let gate = self.proj(li, layer, Proj::Gate, h, lora)?;
-        let up = self.proj(li, layer, Proj::Up, h, lora)?;
+    /// Training attention over whole sequences (positions from 0, no cache). The ragged
+    /// rows are laid out as a padded `[sequences, longest]` grid so that one batched
+    /// product serves every sequence; padding follows each sequence's last token, where
+    /// the causal mask already hides it from real queries, and its rows are dropped on
+    /// the way out (so they get no gradient either).
+    fn attention_train(&self, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
+        let b = lens.len();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        if t > self.cos.dim(0)? {
+            return Err(EngineError::Internal(format!("position {t} beyond the RoPE table ({})", self.cos.dim(0)?)));
+        }
+        let ragged = lens.iter().any(|&n| n != t);
+        let (mut to_grid, mut from_grid) = (Vec::with_capacity(b * t), Vec::new());
+        let mut off = 0u32;
+        for (i, &n) in lens.iter().enumerate() {
+            to_grid.extend((0..t as u32).map(|j| if (j as usize) < n { off + j } else { off }));
+            from_grid.extend((0..n as u32).map(|j| (i * t) as u32 + j));
+            off += n as u32;
+        }
+        let to_grid = Tensor::from_vec(to_grid, b * t, &Device::Cpu)?;
+        let grid = |x: &Tensor, heads: usize| -> Result<Tensor> {
+            let x = if ragged { x.index_select(&to_grid, 0)? } else { x.clone() };
+            Ok(x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let q = grad_ops::rope(&grid(q, nh)?, &cos, &sin, self.rope_interleaved)?;
+        let k = grad_ops::rope(&grid(k, nkv)?, &cos, &sin, self.rope_interleaved)?;
+        let v = grid(v, nkv)?;
+        // Query heads grouped onto their kv head, as in `attend`.
+        let q = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = grad_ops::causal_softmax(&scores, t, 1.0 / (hd as f32).sqrt())?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        Ok(if ragged {
+            let n = from_grid.len();
+            out.index_select(&Tensor::from_vec(from_grid, n, &Device::Cpu)?, 0)?
+        } else {
+            out
+        })
+    }
+
+    fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora, path: Path) -> Result<Tensor> {
+        let gate = self.proj(li, layer, Proj::Gate, h, lora, path)?;
+        let up = self.proj(li, layer, Proj::Up, h, lora, path)?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        self.proj(li, layer, Proj::Down, &act, lora)
+        self.proj(li, layer, Proj::Down, &act, lora, path)
     }
 
     /// RoPE on `[heads, t, head_dim]` starting at absolute position `pos`.

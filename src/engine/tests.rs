@@ -204,8 +204,7 @@ fn adapter_with_wrong_shape_is_rejected_naming_the_tensor() -> R {
         Ok(_) => anyhow::bail!("a mismatched adapter loaded"),
     };
     assert!(err.contains("mlp.up_proj.lora_"), "{err}");
-    let mut lim = AdapterLimits::default();
-    lim.max_rank = 2;
+    let lim = AdapterLimits { max_rank: 2, ..AdapterLimits::default() };
     TinyLora::random(&spec.shape(), 4, &[Proj::Q], 1).write_peft(dir.path(), &spec.shape())?;
     let err = peft::load_adapter(dir.path(), &spec.shape(), &lim).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("max_rank"), "{err}");

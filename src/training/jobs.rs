@@ -520,6 +520,10 @@ impl JobManager {
                 Ok(g) => {
                     promoted = true;
                     promotion = "promoted";
+                    // A restart (and the folder watcher) serves what was promoted.
+                    if let Err(e) = crate::adapters::watch::write_pin(&i.cfg.adapters_root, &job.task, &res.version) {
+                        tracing::warn!(task = %job.task, error = %e, "cannot write the adapter pin file");
+                    }
                     self.event(&id, "info", format!("Promoted: '{}' now serves {} (generation {})", job.task, res.version, g.generation), None);
                 }
                 Err(e) => {

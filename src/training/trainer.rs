@@ -298,7 +298,7 @@ pub fn batch_loss(model: &Model, lora: &BatchLora, seqs: &[&Sequence]) -> Result
     let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
     let toks: Vec<&[u32]> = seqs.iter().map(|s| s.tokens.as_slice()).collect();
     let logits = model.forward_train(&toks, lora, Some(&rows))?;
-    Ok((candle_nn::loss::cross_entropy(&logits, &targets)?, n))
+    Ok((crate::engine::grad_ops::cross_entropy(&logits, &targets)?, n))
 }
 
 /// Where a run starts: fresh, or resumed after `start_step` steps (checkpoint loaded).

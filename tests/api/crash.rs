@@ -197,3 +197,68 @@ async fn logs_cli_lists_reviews_exports_and_imports() -> anyhow::Result<()> {
     gw.handle.stop(true).await;
     Ok(())
 }
+
+/// The alias's served path, from the adapter admin list.
+async fn served_path(gw: &common::Gateway, alias: &str) -> anyhow::Result<String> {
+    let (_, list) = gw.get("/v1/lora_adapters").await?;
+    let a = list["data"].as_array().into_iter().flatten().find(|a| a["alias"] == alias);
+    Ok(a.and_then(|a| a["path"].as_str()).unwrap_or_default().to_string())
+}
+
+async fn wait_served(gw: &common::Gateway, alias: &str, suffix: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if served_path(gw, alias).await?.ends_with(suffix) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("'{alias}' does not serve {suffix}: {}", served_path(gw, alias).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_cli_promotes_and_rolls_back_without_restart() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let shape = gw.shape()?;
+    let root = gw.adapters_root();
+    for (v, seed) in [("v1", 1), ("v2", 2)] {
+        let tmp = root.join(format!(".tmp-{v}"));
+        std::fs::create_dir_all(&tmp)?;
+        tunegate::engine::testing::write_random_adapter(&tmp, &shape, 4, seed)?;
+        std::fs::create_dir_all(root.join("pinned"))?;
+        std::fs::rename(&tmp, root.join("pinned").join(v))?;
+    }
+    wait_served(&gw, "pinned", "pinned/v2").await?;
+    let config = gw.dir.path().join("cli.toml");
+    std::fs::write(&config, common::config_text(gw.dir.path(), &gw.dir.path().join("tiny-llama.gguf")))?;
+    let cli = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunegate"))
+            .arg("adapters")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.success(), text))
+    };
+    let (ok, out) = cli(&["rollback", "pinned"])?;
+    assert!(ok, "{out}");
+    wait_served(&gw, "pinned", "pinned/v1").await?;
+    let (ok, out) = cli(&["rollback", "pinned"])?;
+    assert!(!ok && out.contains("oldest"), "{out}");
+    let (ok, out) = cli(&["promote", "pinned", "v9"])?;
+    assert!(!ok && out.contains("no version"), "{out}");
+    let (ok, out) = cli(&["list"])?;
+    assert!(ok && out.contains("* pinned\tv1"), "{out}");
+    // A new version does not replace the pinned one; it loads beside it.
+    let tmp = root.join(".tmp-v3");
+    std::fs::create_dir_all(&tmp)?;
+    tunegate::engine::testing::write_random_adapter(&tmp, &shape, 4, 3)?;
+    std::fs::rename(&tmp, root.join("pinned/v3"))?;
+    wait_served(&gw, "pinned.v3", "pinned/v3").await?;
+    assert!(served_path(&gw, "pinned").await?.ends_with("pinned/v1"));
+    let (ok, out) = cli(&["promote", "pinned", "v3"])?;
+    assert!(ok, "{out}");
+    wait_served(&gw, "pinned", "pinned/v3").await?;
+    gw.handle.stop(true).await;
+    Ok(())
+}

@@ -185,7 +185,7 @@ async fn review_routes_page_filter_and_refuse_illegal_transitions() -> anyhow::R
     assert_eq!((labels["approved"].as_u64(), labels["rejected"].as_u64(), labels["pending"].as_u64()), (Some(3), Some(2), Some(0)), "{tasks}");
 
     // The export CLI's format: approved examples with the correction.
-    let logs = gw.handle.state.logs.clone().expect("logging is on");
+    let logs = gw.handle.state.logs.clone().ok_or_else(|| anyhow::anyhow!("logging is off"))?;
     let mut out = Vec::new();
     let n = tunegate::logs::export_jsonl(&logs.store, "labels", &mut out).await?;
     assert_eq!(n, 3);
