@@ -54,6 +54,9 @@ pub mod names {
     pub const LOG_SPOOL_PENDING: &str = "tunegate_log_spool_pending";
     pub const REVIEWS: &str = "tunegate_reviews_total";
     pub const EXAMPLES: &str = "tunegate_examples";
+    pub const TASK_READINESS: &str = "tunegate_task_readiness_ratio";
+    pub const TASK_FORMAT_CONSISTENCY: &str = "tunegate_task_format_consistency";
+    pub const TASK_PROJECTED_SAVED: &str = "tunegate_task_projected_prompt_tokens_saved_per_month";
     pub const TRAINING_JOBS: &str = "tunegate_training_jobs_total";
     pub const TRAINING_TOKENS_PER_SECOND: &str = "tunegate_training_tokens_per_second";
     pub const TRAINING_LOSS: &str = "tunegate_training_loss";
@@ -181,6 +184,9 @@ pub struct Metrics {
     log_spool_pending: IntGaugeVec,
     reviews: IntCounterVec,
     examples: IntGaugeVec,
+    task_readiness: GaugeVec,
+    task_format_consistency: GaugeVec,
+    task_projected_saved: GaugeVec,
 
     training_jobs: IntCounterVec,
     training_tokens_per_second: GaugeVec,
@@ -300,6 +306,9 @@ impl Metrics {
             log_spool_pending: gauge_vec(&r, LOG_SPOOL_PENDING, "Log records in the spool, waiting for the store.", &["store"])?,
             reviews: counter_vec(&r, REVIEWS, "Reviews of logged examples, by resulting state.", &["task", "state"])?,
             examples: gauge_vec(&r, EXAMPLES, "Logged examples by review state.", &["task", "state"])?,
+            task_readiness: float_gauge_vec(&r, TASK_READINESS, "Approved examples over the task's fine-tuning threshold, at most 1.", &["task"])?,
+            task_format_consistency: float_gauge_vec(&r, TASK_FORMAT_CONSISTENCY, "Share of approved responses matching the task's dominant output shape.", &["task"])?,
+            task_projected_saved: float_gauge_vec(&r, TASK_PROJECTED_SAVED, "Prompt tokens a distilled adapter would save per month at the current volume.", &["task"])?,
             training_jobs: counter_vec(&r, TRAINING_JOBS, "Fine-tuning jobs finished, by result.", &["task", "result"])?,
             training_tokens_per_second: float_gauge_vec(&r, TRAINING_TOKENS_PER_SECOND, "Training throughput of the task's last job.", &["task"])?,
             training_loss: float_gauge_vec(&r, TRAINING_LOSS, "Training loss of the task's running or last job.", &["task"])?,
@@ -418,6 +427,14 @@ impl Metrics {
     /// How many examples of `task` are in `state` now.
     pub fn set_examples(&self, task: &str, state: &str, n: u64) {
         self.examples.with_label_values(&[self.label(task), state]).set(gauge_value(n));
+    }
+
+    /// The task's fine-tuning readiness (see `logs::readiness`), as the overview computed it.
+    pub fn set_readiness(&self, task: &str, ratio: f64, consistency: f64, projected_per_month: f64) {
+        let task = self.label(task);
+        self.task_readiness.with_label_values(&[task]).set(ratio);
+        self.task_format_consistency.with_label_values(&[task]).set(consistency);
+        self.task_projected_saved.with_label_values(&[task]).set(projected_per_month);
     }
 
     /// A fine-tuning job ended: `result` is `succeeded`, `failed` or `cancelled`.

@@ -36,6 +36,8 @@ pub struct ServerHandle {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     watcher: Option<Watcher>,
     scheduler: Option<crate::scheduler::Scheduler>,
+    /// Refreshes the per-task overview gauges (with request logging on).
+    overview: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starts the gateway in the current tokio runtime and returns once it listens (the model
@@ -169,7 +171,8 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         )),
         _ => None,
     };
-    Ok(ServerHandle { addr, engine, state, server: handle, task, watcher, scheduler })
+    let overview = state.logs.is_some().then(|| super::admin::overview::spawn_refresh(state.clone()));
+    Ok(ServerHandle { addr, engine, state, server: handle, task, watcher, scheduler, overview })
 }
 
 impl ServerHandle {
@@ -211,6 +214,9 @@ impl ServerHandle {
         let served = self.task.await;
         tracing::info!("HTTP server stopped; shutting the engine down");
         self.engine.shutdown();
+        if let Some(o) = &self.overview {
+            o.abort();
+        }
         // A running job stops within one step and resumes from its checkpoint next start.
         if let Some(s) = self.scheduler {
             s.stop().await;

@@ -20,6 +20,7 @@
 //! closes that gap at the cost of an fsync per batch.
 
 mod jsonl;
+pub mod readiness;
 mod record;
 mod redact;
 mod redis;

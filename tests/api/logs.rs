@@ -322,3 +322,72 @@ async fn scheduler_trains_a_task_from_its_approved_logs() -> anyhow::Result<()> 
     gw.handle.stop(true).await;
     Ok(())
 }
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition (labels as
+/// rendered, sorted by name).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_overview_reports_readiness_and_gauges() -> anyhow::Result<()> {
+    let gw = common::start_with(|c, _| {
+        c.scheduler.enabled = false;
+        c.scheduler.tasks.insert(
+            "ready".into(),
+            tunegate::config::TaskPolicySection { min_new_approved: Some(3), ..Default::default() },
+        );
+    })
+    .await?;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let out = complete(&gw, chat("ready", &format!("my invoice {i} is wrong"), json!({}))).await?;
+        ids.push(out["id"].as_str().unwrap_or_default().to_string());
+    }
+    complete(&gw, chat("young", "hello", json!({}))).await?;
+    for id in &ids[..3] {
+        let (status, r) =
+            gw.post(&format!("/admin/logs/{id}/review"), json!({"state": "approved", "corrected_response": "Billing"})).await?;
+        assert_eq!(status, StatusCode::OK, "{r}");
+    }
+
+    let (status, tasks) = gw.get("/admin/tasks").await?;
+    assert_eq!(status, StatusCode::OK, "{tasks}");
+    let find = |name: &str| tasks["data"].as_array().into_iter().flatten().find(|t| t["task"] == name).cloned().unwrap_or_default();
+    let ready = find("ready");
+    // The counts are unchanged.
+    assert_eq!((ready["approved"].as_u64(), ready["pending"].as_u64(), ready["total"].as_u64()), (Some(3), Some(1), Some(4)), "{ready}");
+    let r = &ready["readiness"];
+    assert_eq!((r["approved"].as_u64(), r["threshold"].as_u64(), r["ready"].as_bool()), (Some(3), Some(3), Some(true)), "{r}");
+    assert_eq!(r["ratio"], 1.0);
+    assert_eq!((r["format"]["kind"].as_str(), r["format"]["consistency"].as_f64()), (Some("label"), Some(1.0)), "{r}");
+    assert_eq!(r["format"]["dominant"], "billing");
+    // Four requests within the last hour: extrapolated over an hour, 96 a day.
+    assert_eq!(r["requests_per_day"].as_f64(), Some(96.0), "{r}");
+    let info = gw.handle.state.engine.info()?;
+    let tokens = info.tokenizer.encode(SYSTEM, false)?.len() as u64;
+    assert!(tokens > 0);
+    assert_eq!((r["system_prompt_tokens"].as_u64(), r["system_prompt_share"].as_f64()), (Some(tokens), Some(1.0)), "{r}");
+    let projected = tokens * 96 * 30;
+    assert_eq!(r["projected_prompt_tokens_saved_per_month"].as_u64(), Some(projected), "{r}");
+    assert_eq!(r["prompt_tokens_saved"], 0);
+    assert!(r["recommendation"].as_str().unwrap_or_default().starts_with("fine-tune now"), "{r}");
+    assert_eq!((ready["adapter"].clone(), ready["last_job"].clone()), (Value::Null, Value::Null));
+
+    // The default threshold is the scheduler's 500.
+    let young = find("young");
+    assert_eq!((young["readiness"]["threshold"].as_u64(), young["readiness"]["ready"].as_bool()), (Some(500), Some(false)));
+    assert_eq!(young["readiness"]["recommendation"], "keep prompting: 500 more approved examples needed");
+    assert_eq!(young["readiness"]["format"], Value::Null);
+
+    // The gauges, as computed by the call above.
+    let text = gw.http.get(gw.url("/metrics")).send().await?.text().await?;
+    assert_eq!(sample(&text, r#"tunegate_task_readiness_ratio{task="ready"}"#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, r#"tunegate_task_format_consistency{task="ready"}"#), Some(1.0));
+    assert_eq!(sample(&text, r#"tunegate_task_projected_prompt_tokens_saved_per_month{task="ready"}"#), Some(projected as f64));
+    assert_eq!(sample(&text, r#"tunegate_examples{state="approved",task="ready"}"#), Some(3.0));
+    assert_eq!(sample(&text, r#"tunegate_examples{state="pending",task="ready"}"#), Some(1.0));
+    assert_eq!(sample(&text, r#"tunegate_task_readiness_ratio{task="young"}"#), Some(0.0));
+    gw.handle.stop(true).await;
+    Ok(())
+}

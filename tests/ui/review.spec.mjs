@@ -108,6 +108,12 @@ try {
   check(!(await page.locator('#dlg-key').isVisible()), 'the key is not asked for again');
   const approvedAfter = Number(await approvedCount());
   check(approvedAfter === approvedBefore + 2, `the task card counts ${approvedBefore} + 2 approved, shows ${approvedAfter}`);
+  // The overview: readiness against the scheduler's default threshold, and the advice.
+  const ready = (await page.locator('#tasks .task-card.current .task-ready').textContent()).replace(/\s+/g, ' ').trim();
+  check(ready === `${approvedAfter} of 500 approved`, `the readiness shows ${approvedAfter} of 500 approved, got '${ready}'`);
+  const advice = await page.locator('#tasks .task-card.current .task-advice').textContent();
+  check(advice === `keep prompting: ${500 - approvedAfter} more approved examples needed`, `the advice, got '${advice}'`);
+  check(/req\/day/.test(await page.locator('#tasks .task-card.current').textContent()), 'the card shows requests per day');
 
   // The reviewed records under the approved filter, the corrected one open.
   await page.locator('#f-state label:has-text("Approved")').click();

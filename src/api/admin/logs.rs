@@ -13,7 +13,7 @@ use crate::api::auth::Caller;
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::Json;
 use crate::api::AppState;
-use crate::logs::{BulkTarget, LogFilter, LogRecord, Logs, Order, ReviewAction, ReviewState, TaskStats};
+use crate::logs::{BulkTarget, LogFilter, LogRecord, Logs, Order, ReviewAction, ReviewState};
 
 /// Records per page when `limit` is absent.
 const DEFAULT_LIMIT: usize = 50;
@@ -188,11 +188,14 @@ pub async fn review_bulk(
 #[derive(Debug, Serialize)]
 struct TaskList {
     object: &'static str,
-    data: Vec<TaskStats>,
+    data: Vec<super::overview::TaskOverview>,
 }
 
-/// `GET /admin/tasks`: per task, counts by review state and the newest record's time.
+/// `GET /admin/tasks`: per task, counts by review state, the newest record's time, and the
+/// overview (fine-tuning `readiness`, the serving `adapter`, the `last_job`); also refreshes
+/// the per-task gauges.
 pub async fn tasks(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let data = logs(&state)?.store.task_stats().await?;
+    logs(&state)?;
+    let data = super::overview::compute(&state).await?;
     Ok(HttpResponse::Ok().json(TaskList { object: "list", data }))
 }

@@ -4,4 +4,5 @@
 
 pub mod adapters;
 pub mod logs;
+pub mod overview;
 pub mod types;

@@ -263,6 +263,10 @@ function bumpCounts(task, from, to) {
   if (!t || from === to) return;
   t[from] = Math.max(0, (t[from] || 0) - 1);
   t[to] = (t[to] || 0) + 1;
+  if (t.readiness) {
+    t.readiness.approved = t.approved;
+    t.readiness.ratio = Math.min(1, t.approved / Math.max(1, t.readiness.threshold));
+  }
   renderTasks();
 }
 
@@ -274,6 +278,52 @@ function countBar(t) {
     bar.append(seg);
   }
   return bar;
+}
+
+function fmtNum(n) {
+  n = Number(n) || 0;
+  if (n >= 1e9) return `${(n / 1e9).toFixed(1)}B`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`;
+  if (n >= 1e4) return `${(n / 1e3).toFixed(0)}k`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`;
+  return String(Math.round(n * 10) / 10);
+}
+
+function pct(x) {
+  return `${Math.round((Number(x) || 0) * 100)}%`;
+}
+
+// The per-task overview under the counts: adapter, last job, tokens saved and the
+// fine-tuning readiness (GET /admin/tasks computes it; see the README).
+function taskOverview(t) {
+  const r = t.readiness;
+  if (!r) return [];
+  const progress = h('span', { class: 'ready-bar', 'aria-hidden': 'true' }, h('span', { class: r.ready ? 'ready-fill ok' : 'ready-fill' }));
+  progress.firstChild.style.width = pct(r.ratio);
+  const a = t.adapter;
+  const score = a && a.eval && a.eval.token_f1 != null ? ` · F1 ${Number(a.eval.token_f1).toFixed(2)}` : '';
+  const adapter = a ? `${a.alias} gen ${a.generation}${a.version ? ` (${a.version})` : ''}${score}` : 'base model + prompt';
+  const j = t.last_job;
+  const job = j ? `${j.status}${j.finished_at ? ` ${fmtAgo(j.finished_at * 1000)}` : ''}` : 'none';
+  const f = r.format;
+  return [
+    h(
+      'span',
+      { class: 'task-ready', title: `Approved examples against the fine-tuning threshold (${r.threshold})` },
+      h('span', { class: 'ready-count' }, h('b', { text: r.approved }), ` of ${r.threshold} approved`),
+      progress,
+    ),
+    h(
+      'span',
+      { class: 'task-facts' },
+      h('span', { title: f ? `dominant: ${f.dominant}` : 'nothing approved yet', text: f ? `format ${f.kind} ${pct(f.consistency)}` : 'format –' }),
+      h('span', { text: `${fmtNum(r.requests_per_day)} req/day` }),
+      h('span', { title: `system prompt: ${r.system_prompt_tokens} tokens on ${pct(r.system_prompt_share)} of requests`, text: `~${fmtNum(r.projected_prompt_tokens_saved_per_month)} tok/mo saveable` }),
+      h('span', { text: `${fmtNum(r.prompt_tokens_saved)} tok saved` }),
+    ),
+    h('span', { class: 'task-facts' }, h('span', { title: 'serving adapter', text: adapter }), h('span', { title: 'last training job', text: `job ${job}` })),
+    h('span', { class: `task-advice${r.ready ? ' ok' : ''}`, text: r.recommendation }),
+  ];
 }
 
 function taskCard(t, label, value) {
@@ -299,6 +349,7 @@ function taskCard(t, label, value) {
       ),
       countBar(t),
       h('span', { class: 'task-newest', text: t.newest_ms ? `newest ${fmtAgo(t.newest_ms)}` : 'no records' }),
+      ...taskOverview(t),
     ),
   );
 }

@@ -1,0 +1,144 @@
+//! The per-task overview behind `GET /admin/tasks`, the `/ui` task cards and the readiness
+//! gauges: review counts, fine-tuning readiness (see [`crate::logs::readiness`]), the adapter
+//! serving the task and its last training job. Computing it reads the store (the newest
+//! [`SAMPLE`] records per task), so it runs in the handler and in a periodic refresh, never
+//! at scrape time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::api::AppState;
+use crate::logs::readiness::{self, Readiness};
+use crate::logs::{now_ms, LogError, LogFilter, ReviewState, TaskStats};
+use crate::scheduler::Policy;
+
+/// Newest records per task the readiness is computed from.
+pub const SAMPLE: usize = 1000;
+/// Tasks that may become metric labels through the overview (the busiest first), so that
+/// client-chosen task names cannot grow the label set without bound.
+pub const MAX_LABELLED_TASKS: usize = 64;
+/// How often the gauges are refreshed without anyone opening the page.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskOverview {
+    #[serde(flatten)]
+    pub stats: TaskStats,
+    pub readiness: Readiness,
+    /// The loaded adapter serving the task (alias = task, or trained for it), if any.
+    pub adapter: Option<Value>,
+    /// The task's newest fine-tuning job, if any.
+    pub last_job: Option<Value>,
+}
+
+/// The adapter serving `task`: the alias named like the task, else one trained for it.
+fn adapter_of(state: &AppState, task: &str) -> Option<Value> {
+    let list = state.router.registry().list();
+    let trained_for = |m: &Option<Value>| m.as_ref().and_then(|m| m.get("task")).and_then(Value::as_str) == Some(task);
+    let a = list.iter().find(|a| a.alias == task).or_else(|| list.iter().find(|a| trained_for(&a.meta)))?;
+    let meta = a.meta.as_ref();
+    let get = |k: &str| meta.and_then(|m| m.get(k)).cloned().unwrap_or(Value::Null);
+    let candidate = meta.and_then(|m| m.pointer("/eval/candidate"));
+    Some(json!({
+        "alias": a.alias,
+        "generation": a.generation,
+        "version": get("job_id"),
+        "created_at": get("created_at"),
+        "train_examples": get("train_examples"),
+        "eval": candidate.map(|c| json!({
+            "exact_match": c.get("exact_match"),
+            "token_f1": c.get("token_f1"),
+            "passed": meta.and_then(|m| m.pointer("/eval/passed")),
+        })),
+        "distilled_prompt_tokens": meta.and_then(|m| m.pointer("/distilled_prompt/tokens")),
+    }))
+}
+
+fn last_job_of(jobs: &[crate::training::jobs::FineTuningJob], task: &str) -> Option<Value> {
+    let j = jobs.iter().find(|j| j.task == task)?;
+    Some(json!({
+        "id": j.id,
+        "status": j.status,
+        "fine_tuned_model": j.fine_tuned_model,
+        "created_at": j.created_at,
+        "finished_at": j.finished_at,
+        "promoted": j.promoted,
+    }))
+}
+
+/// Computes every task's overview and updates the gauges.
+pub async fn compute(state: &AppState) -> Result<Vec<TaskOverview>, LogError> {
+    let Some(logs) = state.logs.as_ref() else { return Ok(Vec::new()) };
+    let stats = logs.store.task_stats().await?;
+    let jobs = state.jobs.as_ref().and_then(|j| j.list(None, 1000).ok()).map(|(j, _)| j).unwrap_or_default();
+    let info = state.engine.info().ok();
+    let count = |p: &str| info.as_ref().and_then(|i| i.tokenizer.encode(p, false).ok()).map(|t| t.len() as u64);
+    let now = now_ms();
+
+    let mut out = Vec::with_capacity(stats.len());
+    for s in stats {
+        let filter = LogFilter { task: Some(s.task.clone()), ..LogFilter::default() };
+        let records = logs.store.list(&filter, None, SAMPLE).await?.records;
+        let threshold = Policy::for_task(&state.config.scheduler, &s.task).min_new_approved;
+        let readiness = readiness::assess(&records, s.approved, threshold, now, count);
+        out.push(TaskOverview {
+            adapter: adapter_of(state, &s.task),
+            last_job: last_job_of(&jobs, &s.task),
+            stats: s,
+            readiness,
+        });
+    }
+    publish(state, &out);
+    Ok(out)
+}
+
+/// Sets the per-task gauges. Configured tasks and the busiest tasks become labels.
+fn publish(state: &AppState, tasks: &[TaskOverview]) {
+    let m = &state.metrics;
+    for t in state.config.scheduler.tasks.keys() {
+        m.know_task(t);
+    }
+    let mut busiest: Vec<&TaskOverview> = tasks.iter().collect();
+    busiest.sort_by_key(|t| std::cmp::Reverse(t.stats.total));
+    for t in busiest.iter().take(MAX_LABELLED_TASKS) {
+        m.know_task(&t.stats.task);
+    }
+    for t in tasks {
+        let task = t.stats.task.as_str();
+        if m.label(task) != task {
+            continue;
+        }
+        for state in ReviewState::ALL {
+            let n = match state {
+                ReviewState::Pending => t.stats.pending,
+                ReviewState::Approved => t.stats.approved,
+                ReviewState::Rejected => t.stats.rejected,
+            };
+            m.set_examples(task, state.as_str(), n);
+        }
+        let r = &t.readiness;
+        m.set_readiness(
+            task,
+            r.ratio,
+            r.format.as_ref().map_or(0.0, |f| f.consistency),
+            r.projected_prompt_tokens_saved_per_month as f64,
+        );
+    }
+}
+
+/// Refreshes the gauges every [`REFRESH_INTERVAL`] until the state is dropped.
+pub fn spawn_refresh(state: actix_web::web::Data<AppState>) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(&state.into_inner());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(REFRESH_INTERVAL).await;
+            let Some(state) = weak.upgrade() else { return };
+            if let Err(e) = compute(&state).await {
+                tracing::warn!(error = %e, "refreshing the task overview gauges failed");
+            }
+        }
+    })
+}
