@@ -6,7 +6,7 @@
 //! committed) and, for comparison, without. Configurations are measured in interleaved
 //! rounds and reported as medians, with the ratio to logging-off throughput (target ≥ 0.95).
 //! The tiny random model makes each request cost a few hundred microseconds, so logging's
-//! share is at its largest; `--real` uses the default SmolLM2 model with 16 new tokens.
+//! share is at its largest; `--real` uses the default SmolLM2 model with 8 new tokens.
 //! Writes `benches/results/logging.md`.
 
 use std::process::{Child, Command, Stdio};
@@ -73,7 +73,7 @@ async fn run(real: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (model, name, max_tokens, requests) = if real {
-        (root.join("models").join(DEFAULT_MODEL_FILE), "smollm2-135m-instruct", 16, 160)
+        (root.join("models").join(DEFAULT_MODEL_FILE), "smollm2-135m-instruct", 8, 64)
     } else {
         (tunegate::engine::testing::write_tiny_llama_gguf(dir.path())?, "tiny", 4, 1500)
     };
@@ -113,15 +113,15 @@ async fn run(real: bool) -> anyhow::Result<()> {
         option_env!("TUNEGATE_COMMIT").unwrap_or("see git log"),
     ));
     md.push_str(&format!(
-        "Build profile: {}. Load average before / after: {load_before} / {} (above ~0.5 the machine was \
-         shared and the spread across rounds shows it).\n\n",
+        "Build profile: {}. Load average (1 min) before / after: {load_before} / {} (the run itself keeps \
+         both cores busy; a high figure before it means the machine was shared).\n\n",
         if cfg!(debug_assertions) { "dev (dependencies at opt-level 3, tunegate at 1)" } else { "release" },
         loadavg()
     ));
     md.push_str("| logging | requests/s (median) | rounds | ratio to off | target ≥ 0.95 |\n|---|---|---|---|---|\n");
     for (s, r) in SETUPS.iter().zip(&results) {
         let m = median(r);
-        let rounds: Vec<String> = r.iter().map(|x| format!("{x:.0}")).collect();
+        let rounds: Vec<String> = r.iter().map(|x| format!("{x:.1}")).collect();
         let ratio = m / off;
         let verdict = if s.logs.is_none() { "-" } else if ratio >= 0.95 { "met" } else { "missed" };
         md.push_str(&format!("| {} | {m:.1} | {} | {ratio:.3} | {verdict} |\n", s.label, rounds.join(", ")));
