@@ -89,14 +89,14 @@ async fn list(
         }
         return Ok(());
     }
-    writeln!(out, "{:<40} {:<19} {:<16} {:<9} {:<6} RESPONSE", "ID", "TIME (UTC)", "TASK", "STATE", "STATUS")?;
+    writeln!(out, "{:<41} {:<19} {:<16} {:<9} {:<6} RESPONSE", "ID", "TIME (UTC)", "TASK", "STATE", "STATUS")?;
     for r in &page.records {
         let when = chrono_like(r.created_ms);
         let answer = r.review.corrected_response.as_deref().unwrap_or(&r.response);
         let answer: String = answer.chars().map(|c| if c.is_control() { ' ' } else { c }).take(60).collect();
         writeln!(
             out,
-            "{:<40} {:<19} {:<16} {:<9} {:<6} {answer}",
+            "{:<41} {:<19} {:<16} {:<9} {:<6} {answer}",
             r.id,
             when,
             truncate(&r.task, 16),

@@ -147,8 +147,14 @@ impl LogWriter {
     /// fails only after shutdown, handing the failure to the caller rather than dropping
     /// the record silently.
     pub async fn send(&self, record: LogRecord) -> Result<(), LogError> {
+        self.enqueue(Msg::Record(Box::new(record))).await
+    }
+
+    /// Puts a record message on the channel, counting it in `queue_depth` and waiting (counted
+    /// in `backpressure_events`) while the channel is full.
+    async fn enqueue(&self, msg: Msg) -> Result<(), LogError> {
         self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let res = match self.tx.try_send(Msg::Record(Box::new(record))) {
+        let res = match self.tx.try_send(msg) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 self.stats.backpressure_events.fetch_add(1, Ordering::Relaxed);
@@ -168,21 +174,8 @@ impl LogWriter {
     /// one store write, not `flush_interval`. `Err` only when neither store nor spool took
     /// it (the record stays queued and is retried) or the writer has shut down.
     pub async fn send_durable(&self, record: LogRecord) -> Result<(), LogError> {
-        self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         let (ack, done) = oneshot::channel();
-        let msg = Msg::Durable(Box::new(record), ack);
-        let sent = match self.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                self.stats.backpressure_events.fetch_add(1, Ordering::Relaxed);
-                self.tx.send(msg).await.map_err(|_| LogError::WriterClosed)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(LogError::WriterClosed),
-        };
-        if let Err(e) = sent {
-            self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            return Err(e);
-        }
+        self.enqueue(Msg::Durable(Box::new(record), ack)).await?;
         done.await.map_err(|_| LogError::WriterClosed)?
     }
 

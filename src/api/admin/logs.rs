@@ -32,6 +32,11 @@ pub fn query_pairs(req: &HttpRequest) -> ApiResult<Vec<(String, String)>> {
         .map_err(|e| ApiError::new(ErrorKind::InvalidValue, format!("Invalid query string: {e}")))
 }
 
+/// The key of a `metadata[key]=value` query parameter.
+pub fn metadata_key(param: &str) -> Option<&str> {
+    param.strip_prefix("metadata[").and_then(|r| r.strip_suffix(']'))
+}
+
 fn int<T: std::str::FromStr>(key: &str, v: &str) -> ApiResult<T> {
     v.parse().map_err(|_| ApiError::invalid_value(key, format!("'{key}' must be an integer, got '{v}'.")))
 }
@@ -67,7 +72,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
             "limit" => limit = int(&k, &v)?,
             "order" => filter.order = order(&v)?,
             other => {
-                if let Some(key) = other.strip_prefix("metadata[").and_then(|r| r.strip_suffix(']')) {
+                if let Some(key) = metadata_key(other) {
                     filter.metadata.insert(key.to_string(), v);
                 } else {
                     return Err(ApiError::invalid_value(other, format!("Unknown query parameter '{other}'.")));

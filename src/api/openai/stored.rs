@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::admin::logs::{logs, query_pairs};
+use crate::api::admin::logs::{logs, metadata_key, query_pairs};
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::Json;
 use crate::api::AppState;
@@ -109,7 +109,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
         }
         if k == "model" {
             filter.model = Some(v);
-        } else if let Some(key) = k.strip_prefix("metadata[").and_then(|r| r.strip_suffix(']')) {
+        } else if let Some(key) = metadata_key(&k) {
             filter.metadata.insert(key.to_string(), v);
         } else {
             return Err(ApiError::invalid_value(k.clone(), format!("Unknown query parameter '{k}'.")));
