@@ -132,20 +132,28 @@ pub fn gguf_name(hf: &str) -> String {
     hf.to_string()
 }
 
-/// Block types candle has no SIMD dot product for on x86 (they run a scalar loop, ~10x
-/// slower). Such weights are re-quantized to Q8_0 at load: near-lossless (8-bit blocks of
-/// the same 32 values), 1.7x the bytes of Q4_1, and on the AVX2/VNNI kernels.
-fn needs_requantize(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1)
+/// The serving kernels read Q8_0 blocks and dense f32. Other block types are re-quantized
+/// to Q8_0 at load: near-lossless (8-bit blocks of the same 32 values; for Q4_1, 1.7x
+/// its bytes). Half-precision floats and row lengths that are no multiple of 32 become
+/// dense f32 (exact).
+fn serving_form(dtype: GgmlDType, k: usize) -> Option<GgmlDType> {
+    match dtype {
+        GgmlDType::Q8_0 | GgmlDType::F32 => None,
+        GgmlDType::F16 | GgmlDType::BF16 => Some(GgmlDType::F32),
+        _ if k.is_multiple_of(32) => Some(GgmlDType::Q8_0),
+        _ => Some(GgmlDType::F32),
+    }
 }
 
 impl WeightSource for GgufFile {
     fn matmul(&mut self, name: &str) -> Result<QMatMul> {
-        let mut q = self.qtensor(name)?;
-        if needs_requantize(q.dtype()) && q.shape().dims().last().is_some_and(|k| k % 32 == 0) {
-            q = QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?;
-        }
-        Ok(QMatMul::from_qtensor(q)?)
+        let q = self.qtensor(name)?;
+        let k = q.shape().dims().last().copied().unwrap_or(0);
+        Ok(match serving_form(q.dtype(), k) {
+            None => QMatMul::from_qtensor(q)?,
+            Some(GgmlDType::Q8_0) => QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?)?,
+            Some(_) => QMatMul::Tensor(q.dequantize(&Device::Cpu)?),
+        })
     }
 
     fn tensor(&mut self, name: &str) -> Result<candle_core::Tensor> {
@@ -158,7 +166,12 @@ impl WeightSource for GgufFile {
     }
 
     fn embedding(&mut self, name: &str) -> Result<(Embedding, QMatMul)> {
-        let q = Arc::new(self.qtensor(name)?);
+        let mut q = self.qtensor(name)?;
+        let k = q.shape().dims().last().copied().unwrap_or(0);
+        if let Some(form) = serving_form(q.dtype(), k) {
+            q = QTensor::quantize(&q.dequantize(&Device::Cpu)?, form)?;
+        }
+        let q = Arc::new(q);
         let head = QMatMul::from_arc(q.clone())?;
         Ok((Embedding::Quantized(q), head))
     }

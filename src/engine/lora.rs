@@ -112,6 +112,8 @@ struct Group<'a> {
     weights: &'a LoraWeights,
     /// Row indices of the group, or `None` when it covers every row (no gather needed).
     rows: Option<Tensor>,
+    /// The same indices as numbers (the serving kernels).
+    row_ids: Option<Vec<u32>>,
 }
 
 /// The adapter groups of one ragged batch.
@@ -152,13 +154,13 @@ impl<'a> BatchLora<'a> {
         let groups = groups
             .into_iter()
             .map(|(weights, rows)| {
-                let rows = if rows.len() == total {
-                    None
+                let (rows, row_ids) = if rows.len() == total {
+                    (None, None)
                 } else {
                     let n = rows.len();
-                    Some(Tensor::from_vec(rows, n, &Device::Cpu)?)
+                    (Some(Tensor::from_vec(rows.clone(), n, &Device::Cpu)?), Some(rows))
                 };
-                Ok(Group { weights, rows })
+                Ok(Group { weights, rows, row_ids })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { groups, dropout: 0.0 })
@@ -166,6 +168,11 @@ impl<'a> BatchLora<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
+    }
+
+    /// Each group's weights and row indices (`None`: every row).
+    pub(crate) fn raw_groups(&self) -> Vec<(&LoraWeights, &Option<Vec<u32>>)> {
+        self.groups.iter().map(|g| (g.weights, &g.row_ids)).collect()
     }
 
     /// Adds each group's `x·Aᵀ·s·Bᵀ` to its rows of `y` (`x` `[rows, in]`, `y` `[rows, out]`).

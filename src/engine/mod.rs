@@ -3,6 +3,9 @@
 //! It knows nothing of HTTP, logs or tasks: callers hand it prompts and adapter leases.
 
 mod error;
+mod forward;
+pub mod kernels;
+pub mod pool;
 pub mod chat_template;
 mod counters;
 pub mod gguf;

@@ -6,9 +6,12 @@
 //! the new tokens of all sequences are stacked into one `[tokens, hidden]` matrix, so
 //! every projection runs once for the whole batch (prefill and decode rows alike), while
 //! attention runs per sequence over that sequence's cache. LoRA deltas are added per
-//! adapter group (see `lora.rs`).
+//! adapter group (see `lora.rs`). That serving pass runs on plain buffers and our own
+//! kernels (`forward.rs`, `kernels.rs`); this file holds the weights and the training
+//! forward ([`Model::forward_train`]), which runs the same arithmetic through candle's
+//! autograd.
 //!
-//! Base projections stay quantized (`QMatMul` over GGUF blocks); activations are f32.
+//! Base projections stay quantized (Q8_0 blocks, or dense f32); activations are f32.
 //! Tensor names follow the Hugging Face state dict; GGUF names are mapped in `gguf.rs`.
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -129,7 +132,7 @@ pub enum Embedding {
 }
 
 impl Embedding {
-    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Embedding::Quantized(q) => q.embedding(ids)?,
             Embedding::Dense(t) => t.embedding(ids)?,
@@ -153,10 +156,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_path(x, Path::Serve)
-    }
-
     /// On the training path a dense weight goes through [`grad_ops::frozen_matmul`], whose
     /// backward pass forms no gradient for the (frozen) weight.
     fn forward_path(&self, x: &Tensor, path: Path) -> Result<Tensor> {
@@ -269,20 +268,22 @@ impl DecoderLayer {
     }
 }
 
-/// Per-sequence key/value cache: for each layer `[kv_heads, capacity, head_dim]` buffers
-/// grown in chunks, of which the first `len` positions are filled.
-#[derive(Debug)]
+/// Per-sequence key/value cache: for each layer, the keys and the values of every cached
+/// position, row by row (`[positions, kv_heads * head_dim]`, f32). Room is reserved ahead
+/// (see [`KvCache::reserve`]) so that decode steps append without reallocating.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     len: usize,
-    capacity: usize,
+    reserve: usize,
 }
 
 const KV_CHUNK: usize = 128;
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: 0 }
+        Self { k: vec![Vec::new(); num_layers], v: vec![Vec::new(); num_layers], len: 0, reserve: 0 }
     }
 
     /// Positions already in the cache.
@@ -294,46 +295,45 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held (allocated capacity, all layers, k and v).
+    /// Asks for room for `positions` in all (allocated at the next step). Untouched room
+    /// costs address space, not memory.
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserve = self.reserve.max(positions);
+    }
+
+    /// Bytes of keys and values held (filled positions, all layers).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, _)| 2 * k.elem_count() * k.dtype().size_in_bytes())
-            .sum()
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
     }
 
-    /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) for layer `i` at position `self.len`
-    /// and returns views over everything cached so far. `commit` advances `len` once all
-    /// layers have been appended.
-    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(1)?;
-        let need = self.len + t;
-        let slot = &mut self.layers[i];
-        let cap_ok = slot.as_ref().map(|(ck, _)| ck.dim(1).map(|c| c >= need)).transpose()?.unwrap_or(false);
-        if !cap_ok {
-            let (h, d) = (k.dim(0)?, k.dim(2)?);
-            let cap = need.div_ceil(KV_CHUNK) * KV_CHUNK;
-            let nk = Tensor::zeros((h, cap, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((h, cap, d), v.dtype(), v.device())?;
-            if let Some((ok, ov)) = slot.as_ref() {
-                if self.len > 0 {
-                    nk.slice_set(&ok.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                    nv.slice_set(&ov.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-            }
-            *slot = Some((nk, nv));
-            self.capacity = self.capacity.max(cap);
+    /// Before a step that fills up to `need` positions: drops what a failed step may have
+    /// left past `len` and makes room.
+    pub(crate) fn prepare(&mut self, num_layers: usize, kv_dim: usize, need: usize) {
+        if self.k.len() != num_layers {
+            self.k.resize_with(num_layers, Vec::new);
+            self.v.resize_with(num_layers, Vec::new);
         }
-        let Some((ck, cv)) = slot.as_ref() else {
-            return Err(EngineError::Internal("kv cache slot missing".into()));
-        };
-        ck.slice_set(&k.contiguous()?, 1, self.len)?;
-        cv.slice_set(&v.contiguous()?, 1, self.len)?;
-        Ok((ck.narrow(1, 0, need)?, cv.narrow(1, 0, need)?))
+        let want = need.max(self.reserve).div_ceil(KV_CHUNK) * KV_CHUNK * kv_dim;
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.truncate(self.len * kv_dim);
+            if l.capacity() < need * kv_dim {
+                l.reserve_exact(want - l.len());
+            }
+        }
     }
 
-    fn commit(&mut self, t: usize) {
+    /// Appends one position's key and value for layer `i`.
+    pub(crate) fn push(&mut self, i: usize, k: &[f32], v: &[f32]) {
+        self.k[i].extend_from_slice(k);
+        self.v[i].extend_from_slice(v);
+    }
+
+    /// Layer `i`'s keys and values so far (the step's new positions included).
+    pub(crate) fn layer(&self, i: usize) -> (&[f32], &[f32]) {
+        (&self.k[i], &self.v[i])
+    }
+
+    pub(crate) fn commit(&mut self, t: usize) {
         self.len += t;
     }
 }
@@ -354,6 +354,9 @@ pub struct Model {
     pub lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as plain rows (`[positions, head_dim / 2]`) for the serving kernels.
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
     /// Interleaved (GGUF Llama) or half-split (Hugging Face) RoPE.
     rope_interleaved: bool,
 }
@@ -384,6 +387,7 @@ impl Model {
             Linear { weight: tied_head, bias: None }
         };
         let (cos, sin) = rope_tables(&cfg)?;
+        let (cos_rows, sin_rows) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
         let shape = ModelShape {
             architecture: architecture.to_string(),
             base_name: base_name.to_string(),
@@ -396,11 +400,17 @@ impl Model {
             head_dim: cfg.head_dim(),
             qk_interleaved: rope_interleaved,
         };
-        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, cos, sin, rope_interleaved })
+        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, cos, sin, cos_rows, sin_rows, rope_interleaved })
     }
 
     pub fn rope_interleaved(&self) -> bool {
         self.rope_interleaved
+    }
+
+    /// RoPE cos and sin rows for one position (`head_dim / 2` each).
+    pub(crate) fn rope_rows(&self, pos: usize) -> (&[f32], &[f32]) {
+        let h = self.shape.head_dim / 2;
+        (&self.cos_rows[pos * h..(pos + 1) * h], &self.sin_rows[pos * h..(pos + 1) * h])
     }
 
     /// Bytes of the weights as held in memory.
@@ -414,30 +424,6 @@ impl Model {
         n
     }
 
-    /// Runs one ragged batch and returns the logits `[sequences, vocab]` of each
-    /// sequence's last new token. Each cache advances by its sequence's token count.
-    pub fn forward(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Tensor> {
-        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
-        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let mut caches: Vec<Option<&mut KvCache>> = seqs.iter_mut().map(|s| Some(&mut *s.cache)).collect();
-        let x = self.hidden_states(&ids, &lens, &mut caches, lora, Path::Serve)?;
-        for (c, n) in caches.into_iter().zip(&lens) {
-            if let Some(c) = c {
-                c.commit(*n);
-            }
-        }
-        let mut last = Vec::with_capacity(lens.len());
-        let mut off = 0u32;
-        for n in &lens {
-            off += *n as u32;
-            last.push(off - 1);
-        }
-        let last = Tensor::from_vec(last, lens.len(), &Device::Cpu)?;
-        let x = x.index_select(&last, 0)?;
-        let x = self.norm.forward(&x, Path::Serve)?;
-        self.lm_head.forward(&x)
-    }
-
     /// Training forward: whole sequences from position 0, no cache, differentiable ops
     /// only. Returns the logits of the positions in `rows` (indices into the concatenated
     /// sequences; all positions when `None`), `[rows, vocab]`. The base weights must be
@@ -445,8 +431,7 @@ impl Model {
     pub fn forward_train(&self, seqs: &[&[u32]], lora: &BatchLora, rows: Option<&Tensor>) -> Result<Tensor> {
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        let mut caches: Vec<Option<&mut KvCache>> = seqs.iter().map(|_| None).collect();
-        let mut x = self.hidden_states(&ids, &lens, &mut caches, lora, Path::Train)?;
+        let mut x = self.hidden_states(&ids, &lens, lora)?;
         if let Some(r) = rows {
             x = x.index_select(r, 0)?;
         }
@@ -454,15 +439,9 @@ impl Model {
         self.lm_head.forward_path(&x, Path::Train)
     }
 
-    /// Embedding and decoder layers over a ragged batch; `[tokens, hidden]`.
-    fn hidden_states(
-        &self,
-        ids: &[u32],
-        lens: &[usize],
-        caches: &mut [Option<&mut KvCache>],
-        lora: &BatchLora,
-        path: Path,
-    ) -> Result<Tensor> {
+    /// Embedding and decoder layers over whole sequences (training); `[tokens, hidden]`.
+    fn hidden_states(&self, ids: &[u32], lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
+        let path = Path::Train;
         if lens.is_empty() || lens.contains(&0) {
             return Err(EngineError::Internal("empty sequence in batch".into()));
         }
@@ -470,7 +449,7 @@ impl Model {
         let mut x = self.embed_tokens.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x, path)?;
-            let attn = self.attention(li, layer, &h, lens, caches, lora, path)?;
+            let attn = self.attention(li, layer, &h, lens, lora)?;
             x = (x + attn)?;
             let h = layer.post_attention_layernorm.forward(&x, path)?;
             let mlp = self.mlp(li, layer, &h, lora, path)?;
@@ -514,6 +493,8 @@ impl Model {
             lm_head: dense(&self.lm_head)?,
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            cos_rows: self.cos_rows.clone(),
+            sin_rows: self.sin_rows.clone(),
             rope_interleaved: self.rope_interleaved,
         })
     }
@@ -523,43 +504,12 @@ impl Model {
         lora.apply(li, p, x, y)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        li: usize,
-        layer: &DecoderLayer,
-        h: &Tensor,
-        lens: &[usize],
-        caches: &mut [Option<&mut KvCache>],
-        lora: &BatchLora,
-        path: Path,
-    ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
+    fn attention(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
+        let path = Path::Train;
         let q = self.proj(li, layer, Proj::Q, h, lora, path)?;
         let k = self.proj(li, layer, Proj::K, h, lora, path)?;
         let v = self.proj(li, layer, Proj::V, h, lora, path)?;
-        if path == Path::Train && caches.iter().all(|c| c.is_none()) {
-            let attn = self.attention_train(&q, &k, &v, lens)?;
-            return self.proj(li, layer, Proj::O, &attn, lora, path);
-        }
-        let mut outs = Vec::with_capacity(lens.len());
-        let mut off = 0;
-        for (&t, cache) in lens.iter().zip(caches.iter_mut()) {
-            let pos = cache.as_ref().map_or(0, |c| c.len());
-            let to_heads = |x: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(x.narrow(0, off, t)?.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?)
-            };
-            let qs = self.rope(&to_heads(&q, nh)?, pos, path)?;
-            let ks = self.rope(&to_heads(&k, nkv)?, pos, path)?;
-            let vs = to_heads(&v, nkv)?;
-            let (kc, vc) = match cache {
-                Some(c) => c.append(li, &ks, &vs)?,
-                None => (ks, vs),
-            };
-            outs.push(attend(&qs, &kc, &vc, pos, path)?);
-            off += t;
-        }
-        let attn = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
+        let attn = self.attention_train(&q, &k, &v, lens)?;
         self.proj(li, layer, Proj::O, &attn, lora, path)
     }
 
@@ -612,58 +562,10 @@ impl Model {
         self.proj(li, layer, Proj::Down, &act, lora, path)
     }
 
-    /// RoPE on `[heads, t, head_dim]` starting at absolute position `pos`.
-    fn rope(&self, x: &Tensor, pos: usize, path: Path) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        if pos + t > self.cos.dim(0)? {
-            return Err(EngineError::Internal(format!(
-                "position {} beyond the RoPE table ({})",
-                pos + t,
-                self.cos.dim(0)?
-            )));
-        }
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let x = x.unsqueeze(0)?;
-        use candle_nn::rotary_emb as re;
-        let y = match (self.rope_interleaved, path) {
-            (true, Path::Serve) => re::rope_i(&x, &cos, &sin)?,
-            (true, Path::Train) => re::rope_i_slow(&x, &cos, &sin)?,
-            (false, Path::Serve) => re::rope(&x, &cos, &sin)?,
-            (false, Path::Train) => re::rope_slow(&x, &cos, &sin)?,
-        };
-        Ok(y.squeeze(0)?)
-    }
-
     /// Positions the RoPE tables cover.
     pub fn max_positions(&self) -> usize {
         self.cfg.max_position_embeddings
     }
-}
-
-/// Causal attention of `q` `[heads, t, d]` (absolute positions `pos..pos+t`) over the
-/// cache `k`, `v` `[kv_heads, pos+t, d]`. Query heads are grouped onto their kv head by a
-/// reshape, so the cache is never repeated in memory.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, pos: usize, path: Path) -> Result<Tensor> {
-    let (nh, t, hd) = q.dims3()?;
-    let (nkv, total, _) = k.dims3()?;
-    let group = nh / nkv;
-    let q = q.reshape((nkv, group * t, hd))?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if t > 1 {
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, t, total), &Device::Cpu)?;
-        scores = scores.reshape((nkv, group, t, total))?.broadcast_add(&mask)?.reshape((nkv, group * t, total))?;
-    }
-    let probs = match path {
-        Path::Serve => candle_nn::ops::softmax_last_dim(&scores)?,
-        Path::Train => candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?,
-    };
-    let out = probs.matmul(&v.contiguous()?)?; // [nkv, group*t, hd]
-    Ok(out.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?)
 }
 
 fn rope_tables(cfg: &Config) -> Result<(Tensor, Tensor)> {

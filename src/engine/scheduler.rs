@@ -55,6 +55,7 @@ pub(crate) fn spawn(ctx: Context) {
             std::env::set_var(var, &threads);
         }
     }
+    super::pool::init(ctx.config.threads);
     let spawned = std::thread::Builder::new().name("tunegate-engine".into()).spawn(move || run(ctx));
     if let Err(e) = spawned {
         tracing::error!("could not start the engine thread: {e}");
@@ -150,6 +151,9 @@ impl Loop<'_> {
                 continue;
             }
             let mut seq = Sequence::new(*p, self.model.shape.num_layers);
+            // Room for the whole request up front: decode steps then never reallocate.
+            let need = seq.prompt_len.saturating_add(seq.params.max_tokens).min(self.info.context_length);
+            seq.cache.reserve(need);
             if seq.params.max_tokens == 0 {
                 seq.finish(FinishReason::Length);
                 continue;

@@ -1,0 +1,466 @@
+//! The serving forward pass over a ragged batch, on plain buffers.
+//!
+//! Training needs candle's tensors for autograd (`Model::forward_train`); serving does not,
+//! and at a 135M model's sizes the per-op cost of a tensor graph (an allocation and a
+//! dispatch per op, a few hundred ops per token) is a large part of a decode step. So the
+//! serving pass runs the same arithmetic as a fixed sequence of kernels (`kernels.rs`) on
+//! buffers sized once per step: fused q/k/v and gate/up products over quantized weights
+//! read in place, RMSNorm/RoPE/SiLU loops, attention straight over the sequence's
+//! [`KvCache`] rows, and LoRA deltas per adapter group. Work is split over the engine's
+//! [`pool`](super::pool) region by region (a matmul's output rows, attention heads, LoRA
+//! groups).
+//!
+//! Agreement with the training path and the f32 reference is tested in `engine/tests.rs`
+//! and `training/tests.rs` (dense weights: 1e-3; quantized weights additionally round the
+//! activations to 8-bit blocks, as llama.cpp does).
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{Device, Storage, StorageRef, Tensor};
+
+use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
+use super::lora::{BatchLora, Proj};
+use super::model::{Linear, Model, SeqBatch};
+use super::pool::{self, Pool};
+use super::{EngineError, Result};
+
+/// Prefill attention switches from per-query loops to blocked products from this many
+/// query rows on.
+const GEMM_ATTENTION_ROWS: usize = 8;
+
+/// A contiguous f32 CPU tensor's values, borrowed for the length of a step.
+pub(crate) struct F32View<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> F32View<'a> {
+    pub(crate) fn new(t: &'a Tensor) -> Result<Self> {
+        let (guard, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(EngineError::Internal("kernel input is not contiguous".into()));
+        };
+        if t.dtype() != candle_core::DType::F32 || !matches!(&*guard, Storage::Cpu(_)) {
+            return Err(EngineError::Internal(format!("kernel input is {:?} on {:?}", t.dtype(), t.device())));
+        }
+        Ok(Self { guard, start, len: end - start })
+    }
+
+    pub(crate) fn slice(&self) -> Result<&[f32]> {
+        match &*self.guard {
+            Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[self.start..self.start + self.len]),
+            _ => Err(EngineError::Internal("kernel input left the CPU".into())),
+        }
+    }
+}
+
+/// A projection weight held for a step.
+enum Held<'a> {
+    Q8(Cow<'a, [u8]>),
+    Dense(F32View<'a>),
+}
+
+impl<'a> Held<'a> {
+    fn new(l: &'a Linear) -> Result<Self> {
+        match &l.weight {
+            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 => Ok(Held::Q8(q.data()?)),
+            QMatMul::Tensor(t) => Ok(Held::Dense(F32View::new(t)?)),
+            QMatMul::QTensor(q) => {
+                Err(EngineError::Internal(format!("{:?} weights reach the serving kernels (the loader converts them)", q.dtype())))
+            }
+            QMatMul::TensorF16(_) => Err(EngineError::Internal("f16 weights reach the serving kernels".into())),
+        }
+    }
+
+    fn weight(&self) -> Result<WeightRef<'_>> {
+        Ok(match self {
+            Held::Q8(b) => WeightRef::Q8_0(b),
+            Held::Dense(v) => WeightRef::F32(v.slice()?),
+        })
+    }
+
+    fn is_quantized(&self) -> bool {
+        matches!(self, Held::Q8(_))
+    }
+}
+
+/// Step buffers, reused from step to step on the engine thread.
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    xq: QActs,
+}
+
+thread_local! {
+    static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+    /// Attention scores of one head (per worker thread).
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.clear();
+    v.resize(n, 0.0);
+    v
+}
+
+/// One sequence of the batch as the kernels see it.
+#[derive(Clone, Copy)]
+struct Span {
+    /// First row in the batch.
+    row: usize,
+    /// New tokens.
+    len: usize,
+    /// Position of the first new token (tokens already cached).
+    pos: usize,
+}
+
+impl Model {
+    /// Runs one ragged batch and returns the logits `[sequences, vocab]` of each
+    /// sequence's last new token. Each cache advances by its sequence's token count.
+    pub fn forward(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Tensor> {
+        let logits = BUFFERS.with(|b| {
+            let mut b = b.try_borrow_mut().map_err(|_| EngineError::Internal("forward pass re-entered".into()))?;
+            self.forward_rows(seqs, lora, &mut b)
+        })?;
+        let n = seqs.len();
+        Ok(Tensor::from_vec(logits, (n, self.shape.vocab_size), &Device::Cpu)?)
+    }
+
+    fn forward_rows(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora, b: &mut Buffers) -> Result<Vec<f32>> {
+        let s = &self.shape;
+        let (hidden, hd) = (s.hidden_size, s.head_dim);
+        let (q_dim, kv_dim, inter) = (s.num_heads * hd, s.num_kv_heads * hd, s.intermediate_size);
+        if seqs.is_empty() || seqs.iter().any(|q| q.tokens.is_empty()) {
+            return Err(EngineError::Internal("empty sequence in batch".into()));
+        }
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for q in seqs.iter_mut() {
+            let pos = q.cache.len();
+            if pos + q.tokens.len() > self.max_positions() {
+                return Err(EngineError::Internal(format!(
+                    "position {} beyond the RoPE table ({})",
+                    pos + q.tokens.len(),
+                    self.max_positions()
+                )));
+            }
+            q.cache.prepare(s.num_layers, kv_dim, pos + q.tokens.len());
+            spans.push(Span { row, len: q.tokens.len(), pos });
+            row += q.tokens.len();
+        }
+        let m = row;
+        let ids: Vec<u32> = seqs.iter().flat_map(|q| q.tokens.iter().copied()).collect();
+        let emb = self.embed_tokens_rows(&ids)?;
+        b.x.clear();
+        b.x.extend_from_slice(&emb);
+        drop(emb);
+        let pool = pool::global();
+        let qkv_w = q_dim + 2 * kv_dim;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let att = &layer.self_attn;
+            let ln1 = F32View::new(&layer.input_layernorm.weight)?;
+            kernels::rms_norm(&b.x, ln1.slice()?, layer.input_layernorm.eps, sized(&mut b.h, m * hidden));
+            let (wq, wk, wv) = (Held::new(&att.q_proj)?, Held::new(&att.k_proj)?, Held::new(&att.v_proj)?);
+            if wq.is_quantized() || wk.is_quantized() || wv.is_quantized() {
+                b.xq.quantize(&b.h, hidden);
+            }
+            let parts = [
+                MatmulPart { weight: wq.weight()?, n: q_dim, col: 0 },
+                MatmulPart { weight: wk.weight()?, n: kv_dim, col: q_dim },
+                MatmulPart { weight: wv.weight()?, n: kv_dim, col: q_dim + kv_dim },
+            ];
+            let qkv = sized(&mut b.qkv, m * qkv_w);
+            kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, qkv, qkv_w);
+            for (lin, col, n) in [(&att.q_proj, 0, q_dim), (&att.k_proj, q_dim, kv_dim), (&att.v_proj, q_dim + kv_dim, kv_dim)] {
+                if let Some(bias) = &lin.bias {
+                    let bias = F32View::new(bias)?;
+                    let bias = bias.slice()?;
+                    for r in qkv.chunks_exact_mut(qkv_w) {
+                        kernels::axpy(1.0, bias, &mut r[col..col + n]);
+                    }
+                }
+            }
+            lora.apply_rows(pool, li, &[(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)], &b.h, hidden, qkv, qkv_w)?;
+            // RoPE on q and k, then k and v into the caches.
+            for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
+                for i in 0..sp.len {
+                    let r = &mut qkv[(sp.row + i) * qkv_w..(sp.row + i + 1) * qkv_w];
+                    let (cos, sin) = self.rope_rows(sp.pos + i);
+                    let (qp, rest) = r.split_at_mut(q_dim);
+                    kernels::rope(qp, hd, cos, sin, self.rope_interleaved());
+                    kernels::rope(&mut rest[..kv_dim], hd, cos, sin, self.rope_interleaved());
+                    q.cache.push(li, &rest[..kv_dim], &rest[kv_dim..2 * kv_dim]);
+                }
+            }
+            let attn = sized(&mut b.attn, m * q_dim);
+            self.attention_rows(pool, li, &spans, seqs, qkv, qkv_w, attn)?;
+            let wo = Held::new(&att.o_proj)?;
+            if wo.is_quantized() {
+                b.xq.quantize(attn, q_dim);
+            }
+            let proj = sized(&mut b.proj, m * hidden);
+            kernels::matmul(pool, attn, &b.xq, q_dim, &[MatmulPart { weight: wo.weight()?, n: hidden, col: 0 }], proj, hidden);
+            lora.apply_rows(pool, li, &[(Proj::O, 0)], attn, q_dim, proj, hidden)?;
+            kernels::axpy(1.0, proj, &mut b.x);
+
+            let mlp = &layer.mlp;
+            let ln2 = F32View::new(&layer.post_attention_layernorm.weight)?;
+            kernels::rms_norm(&b.x, ln2.slice()?, layer.post_attention_layernorm.eps, sized(&mut b.h, m * hidden));
+            let (wg, wu) = (Held::new(&mlp.gate_proj)?, Held::new(&mlp.up_proj)?);
+            if wg.is_quantized() || wu.is_quantized() {
+                b.xq.quantize(&b.h, hidden);
+            }
+            let gu = sized(&mut b.gu, m * 2 * inter);
+            let parts = [
+                MatmulPart { weight: wg.weight()?, n: inter, col: 0 },
+                MatmulPart { weight: wu.weight()?, n: inter, col: inter },
+            ];
+            kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, gu, 2 * inter);
+            lora.apply_rows(pool, li, &[(Proj::Gate, 0), (Proj::Up, inter)], &b.h, hidden, gu, 2 * inter)?;
+            let act = sized(&mut b.act, m * inter);
+            kernels::silu_mul(gu, inter, act);
+            let wd = Held::new(&mlp.down_proj)?;
+            if wd.is_quantized() {
+                b.xq.quantize(act, inter);
+            }
+            let proj = sized(&mut b.proj, m * hidden);
+            kernels::matmul(pool, act, &b.xq, inter, &[MatmulPart { weight: wd.weight()?, n: hidden, col: 0 }], proj, hidden);
+            lora.apply_rows(pool, li, &[(Proj::Down, 0)], act, inter, proj, hidden)?;
+            kernels::axpy(1.0, proj, &mut b.x);
+        }
+        for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
+            q.cache.commit(sp.len);
+        }
+        // Final norm and the output head on each sequence's last row.
+        let n = spans.len();
+        let last = sized(&mut b.proj, n * hidden);
+        for (i, sp) in spans.iter().enumerate() {
+            let r = sp.row + sp.len - 1;
+            last[i * hidden..(i + 1) * hidden].copy_from_slice(&b.x[r * hidden..(r + 1) * hidden]);
+        }
+        let lnf = F32View::new(&self.norm.weight)?;
+        kernels::rms_norm(last, lnf.slice()?, self.norm.eps, sized(&mut b.h, n * hidden));
+        let head = Held::new(&self.lm_head)?;
+        if head.is_quantized() {
+            b.xq.quantize(&b.h, hidden);
+        }
+        let vocab = s.vocab_size;
+        let mut logits = vec![0f32; n * vocab];
+        kernels::matmul(pool, &b.h, &b.xq, hidden, &[MatmulPart { weight: head.weight()?, n: vocab, col: 0 }], &mut logits, vocab);
+        if let Some(bias) = &self.lm_head.bias {
+            let bias = F32View::new(bias)?;
+            let bias = bias.slice()?;
+            for r in logits.chunks_exact_mut(vocab) {
+                kernels::axpy(1.0, bias, r);
+            }
+        }
+        Ok(logits)
+    }
+
+    /// Embedding rows of `ids`, `[ids, hidden]` flattened.
+    fn embed_tokens_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
+        let e = self.embed_tokens.forward(&t)?;
+        Ok(e.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Causal attention of every sequence's new rows over its cache, heads split over the
+    /// pool. Writes `attn` rows `[m, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rows(
+        &self,
+        pool: &Pool,
+        li: usize,
+        spans: &[Span],
+        seqs: &[SeqBatch<'_>],
+        qkv: &[f32],
+        qkv_w: usize,
+        attn: &mut [f32],
+    ) -> Result<()> {
+        let s = &self.shape;
+        let (nh, hd) = (s.num_heads, s.head_dim);
+        let group = nh / s.num_kv_heads;
+        let kv_dim = s.num_kv_heads * hd;
+        let q_dim = nh * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let caches: Vec<(&[f32], &[f32])> = seqs.iter().map(|q| q.cache.layer(li)).collect();
+        let tasks = spans.len() * nh;
+        let out = OutPtr(attn.as_mut_ptr());
+        let threads = pool.threads();
+        let work = |tid: usize| {
+            SCORES.with(|sc| {
+                let mut sc = sc.borrow_mut();
+                let mut task = tid;
+                while task < tasks {
+                    let (si, h) = (task / nh, task % nh);
+                    let sp = spans[si];
+                    let (kc, vc) = caches[si];
+                    let kvh = h / group;
+                    let total = sp.pos + sp.len;
+                    let q_at = |i: usize| &qkv[(sp.row + i) * qkv_w + h * hd..(sp.row + i) * qkv_w + (h + 1) * hd];
+                    if sp.len >= GEMM_ATTENTION_ROWS {
+                        let scores = sized(&mut sc, sp.len * total);
+                        // SAFETY: strided views inside `qkv`, the caches and `scores`; the
+                        // output block (this head's columns of this sequence's rows) is
+                        // written by this task alone.
+                        unsafe {
+                            matrixmultiply::sgemm(
+                                sp.len,
+                                hd,
+                                total,
+                                scale,
+                                qkv.as_ptr().add(sp.row * qkv_w + h * hd),
+                                qkv_w as isize,
+                                1,
+                                kc.as_ptr().add(kvh * hd),
+                                1,
+                                kv_dim as isize,
+                                0.0,
+                                scores.as_mut_ptr(),
+                                total as isize,
+                                1,
+                            );
+                        }
+                        for (i, row) in scores.chunks_exact_mut(total).enumerate() {
+                            let visible = sp.pos + i + 1;
+                            kernels::softmax(&mut row[..visible]);
+                            row[visible..].fill(0.0);
+                        }
+                        unsafe {
+                            matrixmultiply::sgemm(
+                                sp.len,
+                                total,
+                                hd,
+                                1.0,
+                                scores.as_ptr(),
+                                total as isize,
+                                1,
+                                vc.as_ptr().add(kvh * hd),
+                                kv_dim as isize,
+                                1,
+                                0.0,
+                                out.at(sp.row * q_dim + h * hd),
+                                q_dim as isize,
+                                1,
+                            );
+                        }
+                    } else {
+                        for i in 0..sp.len {
+                            let visible = sp.pos + i + 1;
+                            let scores = sized(&mut sc, visible);
+                            let q = q_at(i);
+                            for (j, sj) in scores.iter_mut().enumerate() {
+                                *sj = kernels::dot(q, &kc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale;
+                            }
+                            kernels::softmax(scores);
+                            // SAFETY: this task's cells of `attn`, see above.
+                            let o = unsafe { std::slice::from_raw_parts_mut(out.at((sp.row + i) * q_dim + h * hd), hd) };
+                            o.fill(0.0);
+                            for (j, &p) in scores.iter().enumerate() {
+                                kernels::axpy(p, &vc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd], o);
+                            }
+                        }
+                    }
+                    task += threads;
+                }
+            })
+        };
+        pool.run(&work);
+        Ok(())
+    }
+}
+
+impl BatchLora<'_> {
+    /// Adds each adapter group's `x·Aᵀ·s·Bᵀ` for the projections `projs` (each with the
+    /// column where its outputs start in `y`) to the group's rows of `y` (`stride` wide).
+    /// Groups are spread over the pool's threads (each owns its rows).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_rows(
+        &self,
+        pool: &Pool,
+        layer: usize,
+        projs: &[(Proj, usize)],
+        x: &[f32],
+        k: usize,
+        y: &mut [f32],
+        stride: usize,
+    ) -> Result<()> {
+        let groups = self.raw_groups();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let m = x.len() / k;
+        // Borrow every pair's values for the region.
+        let mut views = Vec::new();
+        for (gi, (weights, _)) in groups.iter().enumerate() {
+            for &(p, col) in projs {
+                if let Some(pair) = weights.get(layer, p) {
+                    views.push((gi, col, F32View::new(&pair.a_t)?, F32View::new(&pair.b_t_scaled)?));
+                }
+            }
+        }
+        if views.is_empty() {
+            return Ok(());
+        }
+        let mut jobs = Vec::with_capacity(views.len());
+        for (gi, col, a, bv) in &views {
+            let (a, bv) = (a.slice()?, bv.slice()?);
+            let r = a.len() / k;
+            if r == 0 || bv.len() % r != 0 {
+                return Err(EngineError::Internal("LoRA pair shape does not match its projection".into()));
+            }
+            jobs.push((*gi, *col, r, a, bv));
+        }
+        let out = OutPtr(y.as_mut_ptr());
+        let failed = Mutex::new(false);
+        let n_groups = groups.len();
+        let threads = pool.threads().min(n_groups);
+        let work = |tid: usize| {
+            if tid >= threads {
+                return;
+            }
+            let mut tmp = Vec::new();
+            for &(gi, col, r, a, bv) in jobs.iter().filter(|j| j.0 % threads == tid) {
+                let n_out = bv.len() / r;
+                if col + n_out > stride {
+                    if let Ok(mut f) = failed.lock() {
+                        *f = true;
+                    }
+                    continue;
+                }
+                let rows = &groups[gi].1;
+                let mut each = |i: usize| {
+                    let xr = &x[i * k..(i + 1) * k];
+                    let t = sized(&mut tmp, r);
+                    for (j, &xv) in xr.iter().enumerate() {
+                        kernels::axpy(xv, &a[j * r..(j + 1) * r], t);
+                    }
+                    // SAFETY: row i belongs to this group alone; columns inside `stride`.
+                    let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
+                    for (rr, &tv) in t.iter().enumerate() {
+                        kernels::axpy(tv, &bv[rr * n_out..(rr + 1) * n_out], yr);
+                    }
+                };
+                match rows {
+                    None => (0..m).for_each(&mut each),
+                    Some(rows) => rows.iter().for_each(|&i| each(i as usize)),
+                }
+            }
+        };
+        pool.run(&work);
+        if failed.into_inner().unwrap_or(true) {
+            return Err(EngineError::Internal("LoRA output wider than its projection".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,468 @@
+//! CPU kernels of the serving forward pass, on plain slices.
+//!
+//! Quantized projections are Q8_0 weights (GGML's layout: per 32 values an f16 scale and
+//! 32 `i8`, 34 bytes, read in place from candle's storage) times activations quantized
+//! once per input to the same 32-value blocks ([`QActs`], f32 scales). The integer dot
+//! product of a block pair is exact; only the activation rounding (< 0.4% per value)
+//! differs from an f32 product, as in llama.cpp. Each weight row is multiplied with up to
+//! four activation rows at once so that prefill reads the weights once per four tokens.
+//! The instruction set is picked at run time: AVX-512 VNNI or AVX-VNNI (`vpdpbusd`),
+//! AVX2 (`vpmaddubsw`), or a portable loop.
+//!
+//! Dense f32 weights (safetensors models, tests) go through `matrixmultiply`'s sgemm.
+
+use half::f16;
+
+/// Values per quantization block.
+pub const QK: usize = 32;
+/// Bytes of one GGML Q8_0 block.
+pub const Q8_0_BYTES: usize = 34;
+
+/// One block of quantized activations.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(4))]
+pub struct ActBlock {
+    pub d: f32,
+    pub qs: [i8; QK],
+}
+
+/// `m` activation rows of `k` values quantized to blocks (`k / 32` per row).
+#[derive(Default, Debug)]
+pub struct QActs {
+    pub blocks: Vec<ActBlock>,
+    pub rows: usize,
+    pub per_row: usize,
+}
+
+impl QActs {
+    /// Quantizes `x` (`m` rows of `k`, `k` a multiple of 32), reusing the buffer.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        let nb = k / QK;
+        let m = x.len() / k;
+        self.rows = m;
+        self.per_row = nb;
+        self.blocks.clear();
+        self.blocks.reserve(m * nb);
+        for chunk in x.chunks_exact(QK) {
+            let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; QK];
+            for (q, v) in qs.iter_mut().zip(chunk) {
+                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            }
+            self.blocks.push(ActBlock { d, qs });
+        }
+    }
+
+    fn row(&self, r: usize) -> &[ActBlock] {
+        &self.blocks[r * self.per_row..(r + 1) * self.per_row]
+    }
+}
+
+/// Which dot-product kernel this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    Portable,
+}
+
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("TUNEGATE_KERNELS").is_ok_and(|v| v == "portable") {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let base = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if base && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                return Isa::Avx512Vnni;
+            }
+            if base && is_x86_feature_detected!("avxvnni") {
+                return Isa::AvxVnni;
+            }
+            if base {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// Dot products of one Q8_0 weight row (`nb` blocks, raw bytes) with `N` activation rows.
+fn dot_rows<const N: usize>(isa: Isa, w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa()` checked the CPU features each variant is compiled for; the slices
+    // hold `nb` blocks each (checked by the callers' shapes).
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => return x86::dot_rows_vnni512::<N>(w, xs),
+            Isa::AvxVnni => return x86::dot_rows_vnni256::<N>(w, xs),
+            Isa::Avx2 => return x86::dot_rows_avx2::<N>(w, xs),
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    dot_rows_portable::<N>(w, xs)
+}
+
+fn weight_scale(w: &[u8], b: usize) -> f32 {
+    let o = b * Q8_0_BYTES;
+    f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
+}
+
+fn dot_rows_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    let nb = w.len() / Q8_0_BYTES;
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let dw = weight_scale(w, b);
+        let wq = &w[b * Q8_0_BYTES + 2..(b + 1) * Q8_0_BYTES];
+        for (o, x) in out.iter_mut().zip(&xs) {
+            let xb = &x[b];
+            let s: i32 = wq.iter().zip(&xb.qs).map(|(&a, &c)| i32::from(a as i8) * i32::from(c)).sum();
+            *o += dw * xb.d * s as f32;
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ActBlock, Q8_0_BYTES};
+    use std::arch::x86_64::*;
+
+    macro_rules! dot_rows_impl {
+        ($name:ident, $features:literal, $dot:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+                let nb = w.len() / Q8_0_BYTES;
+                let mut acc = [_mm256_setzero_ps(); N];
+                let p = w.as_ptr();
+                for b in 0..nb {
+                    let wb = p.add(b * Q8_0_BYTES);
+                    let bits = u16::from_le_bytes([*wb, *wb.add(1)]);
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
+                    let wq = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                    for t in 0..N {
+                        let xb = xs[t].get_unchecked(b);
+                        let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        // |x| as u8 times sign(x)·w as i8: the unsigned×signed product the
+                        // instructions offer, equal to x·w.
+                        let ax = _mm256_sign_epi8(xq, xq);
+                        let sw = _mm256_sign_epi8(wq, xq);
+                        let s = $dot(ax, sw);
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), _mm256_cvtepi32_ps(s), acc[t]);
+                    }
+                }
+                let mut out = [0f32; N];
+                for t in 0..N {
+                    out[t] = hsum(acc[t]);
+                }
+                out
+            }
+        };
+    }
+
+    #[inline(always)]
+    unsafe fn dot_maddubs(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni512(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot_vnni256(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    dot_rows_impl!(dot_rows_avx2, "avx2,fma,f16c", dot_maddubs);
+    dot_rows_impl!(dot_rows_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
+    dot_rows_impl!(dot_rows_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
+}
+
+/// A projection weight `[n, k]` as the kernels read it.
+#[derive(Clone, Copy)]
+pub enum WeightRef<'a> {
+    /// GGML Q8_0 blocks, row-major.
+    Q8_0(&'a [u8]),
+    /// Dense f32, row-major.
+    F32(&'a [f32]),
+}
+
+/// One weight of a (possibly fused) matmul and where its outputs go: columns
+/// `col..col + n` of an output whose rows are `stride` wide.
+pub struct MatmulPart<'a> {
+    pub weight: WeightRef<'a>,
+    pub n: usize,
+    pub col: usize,
+}
+
+/// Raw output pointer shared by the workers; each writes disjoint cells.
+#[derive(Clone, Copy)]
+pub struct OutPtr(pub *mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The cell `i` past the start (a method, so closures capture the `Sync` wrapper).
+    #[inline]
+    pub fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `out[i, col_p + j] = Σ x[i, :] · W_p[j, :]` for every part `p`, `x` being `m` rows of
+/// `k` (`xq` its quantized copy when any part is Q8_0). Output rows are split over the
+/// pool's threads: every thread handles all `m` activation rows for its weight rows.
+pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: &[MatmulPart<'_>], out: &mut [f32], stride: usize) {
+    let m = x.len() / k;
+    debug_assert!(out.len() >= m * stride);
+    let total: usize = parts.iter().map(|p| p.n).sum();
+    let isa = isa();
+    let threads = pool.threads().min(total.div_ceil(16)).max(1);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let work = |tid: usize| {
+        if tid >= threads {
+            return;
+        }
+        let (lo, hi) = super::pool::share(total, threads, tid);
+        let mut base = 0;
+        for p in parts {
+            let (s, e) = (lo.max(base), hi.min(base + p.n));
+            if s < e {
+                let (r0, r1) = (s - base, e - base);
+                match p.weight {
+                    WeightRef::Q8_0(w) => q8_rows(isa, w, k, xq, r0, r1, out_ptr, stride, p.col),
+                    WeightRef::F32(w) => f32_rows(w, k, x, m, r0, r1, out_ptr, stride, p.col),
+                }
+            }
+            base += p.n;
+        }
+    };
+    pool.run(&work);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn q8_rows(isa: Isa, w: &[u8], k: usize, xq: &QActs, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
+    let row_bytes = k / QK * Q8_0_BYTES;
+    let m = xq.rows;
+    for r in r0..r1 {
+        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
+        let mut i = 0;
+        while i + 4 <= m {
+            let v = dot_rows::<4>(isa, wr, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
+            for (t, val) in v.into_iter().enumerate() {
+                // SAFETY: row i + t < m, column col + r < stride; cells are disjoint across threads.
+                unsafe { *out.at((i + t) * stride + col + r) = val };
+            }
+            i += 4;
+        }
+        while i < m {
+            let [val] = dot_rows::<1>(isa, wr, [xq.row(i)]);
+            unsafe { *out.at(i * stride + col + r) = val };
+            i += 1;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn f32_rows(w: &[f32], k: usize, x: &[f32], m: usize, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
+    let n = r1 - r0;
+    // SAFETY: A is `x` [m, k]; B = W[r0..r1]ᵀ read with strides (1, k); C is the output block.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr().add(r0 * k),
+            1,
+            k as isize,
+            0.0,
+            out.at(col + r0),
+            stride as isize,
+            1,
+        );
+    }
+}
+
+/// `y[i] = x[i] / rms(x[i]) * w` per row of `w.len()` values.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let k = w.len();
+    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(k)) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss / k as f32 + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+/// Rotates each `head_dim` slice of `x` (`heads` of them) for position `pos`, with
+/// `cos`/`sin` rows of `head_dim / 2`. `interleaved`: pairs (2i, 2i+1) (GGUF Llama);
+/// else pairs (i, i + d/2) (Hugging Face).
+pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = head_dim / 2;
+    for h in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (x0, x1) = (h[a], h[b]);
+            h[a] = x0 * cos[i] - x1 * sin[i];
+            h[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+/// `silu(gate) * up`, `gu` holding rows of `[gate | up]` (`2 * n` wide); writes `n` per row.
+pub fn silu_mul(gu: &[f32], n: usize, out: &mut [f32]) {
+    for (r, o) in gu.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
+        let (g, u) = r.split_at(n);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// Softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q8_0_bytes(w: &[f32]) -> Vec<u8> {
+        let mut q = QActs::default();
+        q.quantize(w, QK);
+        let mut out = Vec::new();
+        for b in &q.blocks {
+            out.extend_from_slice(&f16::from_f32(b.d).to_bits().to_le_bytes());
+            out.extend(b.qs.iter().map(|&v| v as u8));
+        }
+        out
+    }
+
+    #[test]
+    fn every_isa_gives_the_exact_integer_dot_product() {
+        let k = 96;
+        let mut seed = 7u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+        };
+        let w: Vec<f32> = (0..k).map(|_| rnd()).collect();
+        let xs: Vec<f32> = (0..4 * k).map(|_| rnd() * 3.0).collect();
+        let wb = q8_0_bytes(&w);
+        let mut xq = QActs::default();
+        xq.quantize(&xs, k);
+        let want = dot_rows_portable::<4>(&wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    isas.push(Isa::Avx512Vnni);
+                }
+                if is_x86_feature_detected!("avxvnni") {
+                    isas.push(Isa::AvxVnni);
+                }
+            }
+        }
+        for isa in isas {
+            let got4 = dot_rows::<4>(isa, &wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+            for t in 0..4 {
+                let [got1] = dot_rows::<1>(isa, &wb, [xq.row(t)]);
+                assert!((got4[t] - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} row {t}");
+                assert!((got1 - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} row {t}");
+            }
+            // And the product tracks the f32 one within the quantization error.
+            for t in 0..4 {
+                let exact = dot(&w, &xs[t * k..(t + 1) * k]);
+                assert!((got4[t] - exact).abs() < 0.05 * exact.abs().max(1.0), "{isa:?}: {} vs {exact}", got4[t]);
+            }
+        }
+    }
+
+    #[test]
+    fn fused_parts_land_in_their_columns() {
+        let pool = super::super::pool::Pool::new(2);
+        let k = 64;
+        let m = 5;
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let w1: Vec<f32> = (0..3 * k).map(|i| ((i * 13 % 17) as f32 / 8.0) - 1.0).collect();
+        let w2: Vec<f32> = (0..40 * k).map(|i| ((i * 7 % 23) as f32 / 11.0) - 1.0).collect();
+        let w2q = q8_0_bytes(&w2);
+        let mut xq = QActs::default();
+        xq.quantize(&x, k);
+        let stride = 3 + 40;
+        let mut out = vec![0f32; m * stride];
+        let parts = [
+            MatmulPart { weight: WeightRef::F32(&w1), n: 3, col: 0 },
+            MatmulPart { weight: WeightRef::Q8_0(&w2q), n: 40, col: 3 },
+        ];
+        matmul(&pool, &x, &xq, k, &parts, &mut out, stride);
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            for j in 0..3 {
+                let want = dot(xr, &w1[j * k..(j + 1) * k]);
+                assert!((out[i * stride + j] - want).abs() < 1e-4, "f32 part ({i},{j})");
+            }
+            for j in 0..40 {
+                let want = dot(xr, &w2[j * k..(j + 1) * k]);
+                assert!((out[i * stride + 3 + j] - want).abs() < 0.05 * want.abs().max(1.0), "q8 part ({i},{j})");
+            }
+        }
+    }
+}
