@@ -8,12 +8,16 @@
 //! `TUNEGATE_BENCH_BUDGET_S` (no round starts that would end past this, default 300; at
 //! twice this, measurements not yet started are skipped and peer processes are killed),
 //! `TUNEGATE_BENCH_QUIET_WAIT_S` (before each half-round, wait up to this for the machine to
-//! be quiet, default 60), `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder).
+//! be quiet, default 60), `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder),
+//! `TUNEGATE_BENCH_LONG=off` (skip the 8 × 2,048-token memory run), `TUNEGATE_BENCH_SOAK_S`
+//! (seconds of back-to-back batches watching memory growth; default 0, off).
 
 #[path = "engine/peer.rs"]
 mod peer;
 #[path = "engine/report.rs"]
 mod report;
+#[path = "engine/under_load.rs"]
+mod under_load;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -42,6 +46,8 @@ pub struct Settings {
     pub budget: Duration,
     pub quiet_wait: Duration,
     pub peer: bool,
+    pub long: bool,
+    pub soak_seconds: u64,
     pub out_dir: PathBuf,
 }
 
@@ -86,7 +92,10 @@ fn settings() -> Result<Settings> {
         std::env::var("TUNEGATE_BENCH_PEER").as_deref(),
         Ok("off" | "0" | "false" | "no")
     );
+    let long = !matches!(std::env::var("TUNEGATE_BENCH_LONG").as_deref(), Ok("off" | "0" | "false" | "no"));
     Ok(Settings {
+        long,
+        soak_seconds: env_usize("TUNEGATE_BENCH_SOAK_S", 0)? as u64,
         out_dir: std::env::var_os("TUNEGATE_BENCH_OUT")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("benches/results")),
@@ -269,6 +278,18 @@ fn main() -> Result<()> {
     let info = engine.info()?;
     let vocab = info.shape.vocab_size;
 
+    // Memory first, before any adapter is loaded: model + 8 × 2,048 positions of KV cache.
+    let mut rng = StdRng::seed_from_u64(7);
+    let kv_per_position = (info.shape.num_layers * 2 * info.shape.num_kv_heads * info.shape.head_dim * 4) as u64;
+    let long = if s.long {
+        wait_quiet(s.quiet_wait);
+        let l = under_load::long_streams(&engine, &mut rng, vocab, kv_per_position)?;
+        eprintln!("bench: long streams {l:?}");
+        Some(l)
+    } else {
+        None
+    };
+
     let tmp = tempfile::tempdir()?;
     let mut leases = Vec::new();
     for i in 0..STREAMS {
@@ -281,7 +302,6 @@ fn main() -> Result<()> {
     let (adapter_load_seconds, adapter_bytes) = adapter_loads(&engine, &tmp.path().join("adapter-0"))?;
 
     // Warm-up: first-touch page faults, thread pool start, lazy buffers.
-    let mut rng = StdRng::seed_from_u64(7);
     single(&engine, random_tokens(&mut rng, 32, vocab), 8)?;
 
     let hard_deadline = began + 2 * s.budget;
@@ -316,6 +336,18 @@ fn main() -> Result<()> {
             break;
         }
     }
+    let swap_dir = tmp.path().join("adapter-swap");
+    tunegate::engine::testing::write_random_adapter(&swap_dir, &info.shape, ADAPTER_RANK, 999)?;
+    wait_quiet(s.quiet_wait);
+    let hot_swap = under_load::hot_swap(&engine, &mut rng, vocab, &leases, "bench-0", &swap_dir)?;
+    eprintln!("bench: hot swap {hot_swap:?}");
+    let soak = if s.soak_seconds > 0 {
+        let r = under_load::soak(&engine, &mut rng, vocab, &leases, s.soak_seconds)?;
+        eprintln!("bench: soak {} batches, rss after 1 min {} end {}", r.batches, r.rss_after_warmup, r.rss_end);
+        Some(r)
+    } else {
+        None
+    };
     drop(leases);
 
     let status = Path::new("/proc/self/status");
@@ -329,6 +361,9 @@ fn main() -> Result<()> {
         adapter_bytes,
         engine_load_seconds,
         peak_rss_bytes,
+        hot_swap,
+        long,
+        soak,
         model_bytes: std::fs::metadata(&s.model)?.len(),
         stopped_early,
         load_start,

@@ -19,6 +19,9 @@ pub struct Results<'a> {
     pub adapter_bytes: usize,
     pub engine_load_seconds: f64,
     pub peak_rss_bytes: Option<u64>,
+    pub hot_swap: super::under_load::HotSwap,
+    pub long: Option<super::under_load::LongStreams>,
+    pub soak: Option<super::under_load::Soak>,
     pub model_bytes: u64,
     pub stopped_early: bool,
     pub load_start: String,
@@ -320,7 +323,54 @@ impl Results<'_> {
                 None => "n/a",
             }
         );
-        let _ = writeln!(md, "\nNot measured here: hot-swap delay under load, and memory with 8 streams of 2,048 tokens.");
+        let hs = &self.hot_swap;
+        let steps = if hs.median_step_seconds > 0.0 { hs.worst_extra_delay_seconds / hs.median_step_seconds } else { f64::NAN };
+        let _ = writeln!(
+            md,
+            "| hot swap during {STREAMS} streams: extra delay of any stream ≤ 1 step | {:.1} ms extra ({steps:.2} steps of {:.1} ms) | {} |",
+            hs.worst_extra_delay_seconds * 1e3,
+            hs.median_step_seconds * 1e3,
+            verdict(steps <= 1.0)
+        );
+        let _ = writeln!(md, "| adapter load during {STREAMS} streams < 100 ms | {:.1} ms | {} |", hs.load_seconds * 1e3, verdict(hs.load_seconds < 0.1));
+        match &self.long {
+            Some(l) => {
+                let base = self.model_bytes + l.kv_bytes;
+                let r = l.peak_rss as f64 / base as f64;
+                let _ = writeln!(
+                    md,
+                    "| resident memory, {} streams of {} tokens ≤ 1.5× (model file + KV cache) | {:.0} MiB / ({:.0} + {:.0} MiB) = {r:.2}× | {} |",
+                    l.streams,
+                    l.positions,
+                    l.peak_rss as f64 / 1048576.0,
+                    self.model_bytes as f64 / 1048576.0,
+                    l.kv_bytes as f64 / 1048576.0,
+                    verdict(r <= 1.5)
+                );
+            }
+            None => {
+                let _ = writeln!(md, "| resident memory, 8 streams of 2,048 tokens ≤ 1.5× (model file + KV cache) | not run | n/a |");
+            }
+        }
+        match &self.soak {
+            Some(k) => {
+                let growth = k.rss_end as f64 - k.rss_after_warmup as f64;
+                let _ = writeln!(
+                    md,
+                    "| no allocation growth over a {:.0}-minute run (resident memory, after minute 1 → end) | {:.1} → {:.1} MiB ({:+.1} MiB over {} batches, {} tokens) | {} |",
+                    k.seconds / 60.0,
+                    k.rss_after_warmup as f64 / 1048576.0,
+                    k.rss_end as f64 / 1048576.0,
+                    growth / 1048576.0,
+                    k.batches,
+                    k.tokens,
+                    verdict(growth < 4.0 * 1048576.0)
+                );
+            }
+            None => {
+                let _ = writeln!(md, "| no allocation growth over a 10-minute run | not run (`TUNEGATE_BENCH_SOAK_S=600`) | n/a |");
+            }
+        }
         let errors: Vec<&String> = self.peer_rounds.iter().flat_map(|r| &r.errors).collect();
         let skipped = self.engine_rounds.iter().any(|r| {
             [r.prefill_128_tps, r.prefill_1000_seconds, r.decode_128_tps, r.batch8_base_decode_tps, r.batch8_lora_decode_tps]
@@ -344,6 +394,9 @@ impl Results<'_> {
         let _ = writeln!(md, "- Single-stream decode: 1-token prompt, 128 generated; (128 − 1) / (total − time to first token). Peer: llama-bench `tg128`.");
         let _ = writeln!(md, "- {STREAMS} streams: {STREAMS} requests of 128 prompt + 128 generated tokens submitted at once; tokens arriving after the latest stream's first token, divided by the time from then to the last token. Peer: `llama-batched-bench -npp 128 -ntg 128 -npl 8` `speed_tg` (prompts all prefilled first). llama-bench has no per-sequence adapters, so the adapter row has no peer.");
         let _ = writeln!(md, "- Adapter load: {} loads of a random rank-{ADAPTER_RANK} PEFT adapter on all 7 projections ({:.1} MiB), wall time of `registry.load`, median.", self.adapter_load_seconds.len(), self.adapter_bytes as f64 / 1048576.0);
+        let _ = writeln!(md, "- Hot swap: {STREAMS} streams (32-token prompts, 160 generated) on the {STREAMS} adapters; once each has 16 tokens, a new generation of the first stream's alias is loaded from disk on the bench thread while the engine keeps stepping (running leases keep their generation). Extra delay: for each stream, its longest token gap overlapping the load minus its median gap.");
+        let _ = writeln!(md, "- Long streams: before any adapter is loaded, {STREAMS} base-model requests of 1,024 prompt + 1,024 generated tokens at once; peak VmRSS sampled every 50 ms against the model file plus the f32 KV cache of 8 × 2,048 positions.");
+        let _ = writeln!(md, "- Soak (when run): batches of {STREAMS} streams (128 + 128 tokens, every other stream on an adapter) back to back; VmRSS after each batch. Growth of under 4 MiB from the end of minute 1 to the end counts as none.");
         let _ = writeln!(md, "- Memory: VmHWM of the bench process after all rounds (model, {STREAMS} loaded adapters of {:.1} MiB each, KV caches); peer: highest VmHWM sampled every 20 ms on its processes.", self.adapter_bytes as f64 / 1048576.0);
         md
     }
@@ -383,6 +436,9 @@ impl Results<'_> {
                 "llama_cpp": self.peer_rounds,
                 "adapter_load_seconds": self.adapter_load_seconds,
                 "adapter_bytes": self.adapter_bytes,
+                "hot_swap": self.hot_swap,
+                "long_streams": self.long,
+                "soak": self.soak,
             },
         })
     }

@@ -61,6 +61,7 @@ impl<'a> F32View<'a> {
 /// A projection weight held for a step.
 enum Held<'a> {
     Q8(Cow<'a, [u8]>),
+    Q41(Cow<'a, [u8]>),
     Dense(F32View<'a>),
 }
 
@@ -68,6 +69,7 @@ impl<'a> Held<'a> {
     fn new(l: &'a Linear) -> Result<Self> {
         match &l.weight {
             QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 => Ok(Held::Q8(q.data()?)),
+            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => Ok(Held::Q41(q.data()?)),
             QMatMul::Tensor(t) => Ok(Held::Dense(F32View::new(t)?)),
             QMatMul::QTensor(q) => {
                 Err(EngineError::Internal(format!("{:?} weights reach the serving kernels (the loader converts them)", q.dtype())))
@@ -79,12 +81,13 @@ impl<'a> Held<'a> {
     fn weight(&self) -> Result<WeightRef<'_>> {
         Ok(match self {
             Held::Q8(b) => WeightRef::Q8_0(b),
+            Held::Q41(b) => WeightRef::Q4_1(b),
             Held::Dense(v) => WeightRef::F32(v.slice()?),
         })
     }
 
     fn is_quantized(&self) -> bool {
-        matches!(self, Held::Q8(_))
+        matches!(self, Held::Q8(_) | Held::Q41(_))
     }
 }
 

@@ -17,12 +17,17 @@ use half::f16;
 pub const QK: usize = 32;
 /// Bytes of one GGML Q8_0 block.
 pub const Q8_0_BYTES: usize = 34;
+/// Bytes of one GGML Q4_1 block: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles
+/// (low nibble of byte `j` is value `j`, high nibble value `j + 16`); value = q·d + m.
+pub const Q4_1_BYTES: usize = 20;
 
 /// One block of quantized activations.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(4))]
 pub struct ActBlock {
     pub d: f32,
+    /// `d · Σ qs`: what a Q4_1 block's minimum multiplies.
+    pub s: f32,
     pub qs: [i8; QK],
 }
 
@@ -48,10 +53,12 @@ impl QActs {
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut qs = [0i8; QK];
+            let mut sum = 0i32;
             for (q, v) in qs.iter_mut().zip(chunk) {
                 *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                sum += i32::from(*q);
             }
-            self.blocks.push(ActBlock { d, qs });
+            self.blocks.push(ActBlock { d, s: d * sum as f32, qs });
         }
     }
 
@@ -111,6 +118,45 @@ fn dot_rows<const N: usize>(isa: Isa, w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N
     dot_rows_portable::<N>(w, xs)
 }
 
+/// Dot products of one Q4_1 weight row with `N` activation rows.
+fn dot_rows_q4_1<const N: usize>(isa: Isa, w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `dot_rows`.
+    unsafe {
+        match isa {
+            Isa::Avx512Vnni => return x86::q4_1_rows_vnni512::<N>(w, xs),
+            Isa::AvxVnni => return x86::q4_1_rows_vnni256::<N>(w, xs),
+            Isa::Avx2 => return x86::q4_1_rows_avx2::<N>(w, xs),
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    q4_1_rows_portable::<N>(w, xs)
+}
+
+fn f16_at(w: &[u8], o: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
+}
+
+fn q4_1_rows_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    let nb = w.len() / Q4_1_BYTES;
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let o = b * Q4_1_BYTES;
+        let (d, m) = (f16_at(w, o), f16_at(w, o + 2));
+        let qs = &w[o + 4..o + Q4_1_BYTES];
+        for (acc, x) in out.iter_mut().zip(&xs) {
+            let xb = &x[b];
+            let mut s = 0i32;
+            for (j, &q) in qs.iter().enumerate() {
+                s += i32::from(q & 0x0F) * i32::from(xb.qs[j]) + i32::from(q >> 4) * i32::from(xb.qs[j + 16]);
+            }
+            *acc += d * xb.d * s as f32 + m * xb.s;
+        }
+    }
+    out
+}
+
 fn weight_scale(w: &[u8], b: usize) -> f32 {
     let o = b * Q8_0_BYTES;
     f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
@@ -133,7 +179,7 @@ fn dot_rows_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N]
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ActBlock, Q8_0_BYTES};
+    use super::{ActBlock, Q4_1_BYTES, Q8_0_BYTES};
     use std::arch::x86_64::*;
 
     macro_rules! dot_rows_impl {
@@ -188,6 +234,47 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    macro_rules! q4_1_rows_impl {
+        ($name:ident, $features:literal, $dot:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+                let nb = w.len() / Q4_1_BYTES;
+                let mut acc = [_mm256_setzero_ps(); N];
+                let mut mins = [0f32; N];
+                let p = w.as_ptr();
+                let low = _mm_set1_epi8(0x0F);
+                for b in 0..nb {
+                    let wb = p.add(b * Q4_1_BYTES);
+                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([*wb, *wb.add(1), *wb.add(2), *wb.add(3)])));
+                    let d = _mm_cvtss_f32(dm);
+                    let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+                    let raw = _mm_loadu_si128(wb.add(4) as *const __m128i);
+                    let lo = _mm_and_si128(raw, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+                    // Values 0..16 then 16..32, the activations' order; unsigned, so the
+                    // u8 × i8 instructions apply directly.
+                    let q = _mm256_set_m128i(hi, lo);
+                    for t in 0..N {
+                        let xb = xs[t].get_unchecked(b);
+                        let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        let s = $dot(q, xq);
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(s), acc[t]);
+                        mins[t] += m * xb.s;
+                    }
+                }
+                let mut out = [0f32; N];
+                for t in 0..N {
+                    out[t] = hsum(acc[t]) + mins[t];
+                }
+                out
+            }
+        };
+    }
+
+    q4_1_rows_impl!(q4_1_rows_avx2, "avx2,fma,f16c", dot_maddubs);
+    q4_1_rows_impl!(q4_1_rows_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
+    q4_1_rows_impl!(q4_1_rows_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
+
     dot_rows_impl!(dot_rows_avx2, "avx2,fma,f16c", dot_maddubs);
     dot_rows_impl!(dot_rows_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
     dot_rows_impl!(dot_rows_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
@@ -198,6 +285,8 @@ mod x86 {
 pub enum WeightRef<'a> {
     /// GGML Q8_0 blocks, row-major.
     Q8_0(&'a [u8]),
+    /// GGML Q4_1 blocks, row-major.
+    Q4_1(&'a [u8]),
     /// Dense f32, row-major.
     F32(&'a [f32]),
 }
@@ -245,7 +334,12 @@ pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: 
             if s < e {
                 let (r0, r1) = (s - base, e - base);
                 match p.weight {
-                    WeightRef::Q8_0(w) => q8_rows(isa, w, k, xq, r0, r1, out_ptr, stride, p.col),
+                    WeightRef::Q8_0(w) => {
+                        quant_rows(isa, w, k / QK * Q8_0_BYTES, dot_rows::<4>, dot_rows::<1>, xq, r0, r1, out_ptr, stride, p.col)
+                    }
+                    WeightRef::Q4_1(w) => {
+                        quant_rows(isa, w, k / QK * Q4_1_BYTES, dot_rows_q4_1::<4>, dot_rows_q4_1::<1>, xq, r0, r1, out_ptr, stride, p.col)
+                    }
                     WeightRef::F32(w) => f32_rows(w, k, x, m, r0, r1, out_ptr, stride, p.col),
                 }
             }
@@ -255,15 +349,19 @@ pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: 
     pool.run(&work);
 }
 
+type Dot4 = fn(Isa, &[u8], [&[ActBlock]; 4]) -> [f32; 4];
+type Dot1 = fn(Isa, &[u8], [&[ActBlock]; 1]) -> [f32; 1];
+
+/// Rows `r0..r1` of a block-quantized weight (`row_bytes` per row) times every activation
+/// row, four activation rows per pass over a weight row.
 #[allow(clippy::too_many_arguments)]
-fn q8_rows(isa: Isa, w: &[u8], k: usize, xq: &QActs, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
-    let row_bytes = k / QK * Q8_0_BYTES;
+fn quant_rows(isa: Isa, w: &[u8], row_bytes: usize, dot4: Dot4, dot1: Dot1, xq: &QActs, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
     let m = xq.rows;
     for r in r0..r1 {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         let mut i = 0;
         while i + 4 <= m {
-            let v = dot_rows::<4>(isa, wr, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
+            let v = dot4(isa, wr, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
             for (t, val) in v.into_iter().enumerate() {
                 // SAFETY: row i + t < m, column col + r < stride; cells are disjoint across threads.
                 unsafe { *out.at((i + t) * stride + col + r) = val };
@@ -271,7 +369,7 @@ fn q8_rows(isa: Isa, w: &[u8], k: usize, xq: &QActs, r0: usize, r1: usize, out: 
             i += 4;
         }
         while i < m {
-            let [val] = dot_rows::<1>(isa, wr, [xq.row(i)]);
+            let [val] = dot1(isa, wr, [xq.row(i)]);
             unsafe { *out.at(i * stride + col + r) = val };
             i += 1;
         }
@@ -433,6 +531,51 @@ mod tests {
                 assert!((got4[t] - exact).abs() < 0.05 * exact.abs().max(1.0), "{isa:?}: {} vs {exact}", got4[t]);
             }
         }
+    }
+
+    #[test]
+    fn q4_1_rows_match_candles_dequantized_weights() -> candle_core::Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k) = (5, 96);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 29 % 97) as f32 / 40.0) - 1.1).collect();
+        let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+        let q = QTensor::quantize(&t, GgmlDType::Q4_1)?;
+        let bytes = q.data()?.to_vec();
+        let deq = q.dequantize(&candle_core::Device::Cpu)?.to_vec2::<f32>()?;
+        let xs: Vec<f32> = (0..4 * k).map(|i| ((i * 13 % 31) as f32 / 9.0) - 1.5).collect();
+        let mut xq = QActs::default();
+        xq.quantize(&xs, k);
+        let row = k / QK * Q4_1_BYTES;
+        let mut isas = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    isas.push(Isa::Avx512Vnni);
+                }
+                if is_x86_feature_detected!("avxvnni") {
+                    isas.push(Isa::AvxVnni);
+                }
+            }
+        }
+        for r in 0..n {
+            let wr = &bytes[r * row..(r + 1) * row];
+            let want = q4_1_rows_portable::<4>(wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+            for &isa in &isas {
+                let got = dot_rows_q4_1::<4>(isa, wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+                for t in 0..4 {
+                    let [one] = dot_rows_q4_1::<1>(isa, wr, [xq.row(t)]);
+                    assert!((got[t] - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} ({r},{t})");
+                    assert!((one - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} ({r},{t})");
+                }
+            }
+            for t in 0..4 {
+                let exact = dot(&deq[r], &xs[t * k..(t + 1) * k]);
+                assert!((want[t] - exact).abs() < 0.02 * exact.abs().max(1.0), "({r},{t}): {} vs {exact}", want[t]);
+            }
+        }
+        Ok(())
     }
 
     #[test]
