@@ -101,44 +101,46 @@ pub fn isa() -> Isa {
     })
 }
 
-/// Dot products of one Q8_0 weight row (`nb` blocks, raw bytes) with `N` activation rows.
-fn dot_rows<const N: usize>(isa: Isa, w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+/// Dot products of `R` Q8_0 weight rows (raw bytes, `nb` blocks each) with `N` activation
+/// rows: `R × N` independent accumulators, so neither decode (one activation row; several
+/// weight rows) nor prefill (one weight row; several activation rows) waits on one chain.
+fn tile_q8_0<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa()` checked the CPU features each variant is compiled for; the slices
     // hold `nb` blocks each (checked by the callers' shapes).
     unsafe {
         match isa {
-            Isa::Avx512Vnni => return x86::dot_rows_vnni512::<N>(w, xs),
-            Isa::AvxVnni => return x86::dot_rows_vnni256::<N>(w, xs),
-            Isa::Avx2 => return x86::dot_rows_avx2::<N>(w, xs),
+            Isa::Avx512Vnni => return x86::q8_0_vnni512::<R, N>(ws, xs),
+            Isa::AvxVnni => return x86::q8_0_vnni256::<R, N>(ws, xs),
+            Isa::Avx2 => return x86::q8_0_avx2::<R, N>(ws, xs),
             Isa::Portable => {}
         }
     }
     let _ = isa;
-    dot_rows_portable::<N>(w, xs)
+    ws.map(|w| q8_0_portable::<N>(w, xs))
 }
 
-/// Dot products of one Q4_1 weight row with `N` activation rows.
-fn dot_rows_q4_1<const N: usize>(isa: Isa, w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+/// The same for Q4_1 weight rows.
+fn tile_q4_1<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `dot_rows`.
+    // SAFETY: as in `tile_q8_0`.
     unsafe {
         match isa {
-            Isa::Avx512Vnni => return x86::q4_1_rows_vnni512::<N>(w, xs),
-            Isa::AvxVnni => return x86::q4_1_rows_vnni256::<N>(w, xs),
-            Isa::Avx2 => return x86::q4_1_rows_avx2::<N>(w, xs),
+            Isa::Avx512Vnni => return x86::q4_1_vnni512::<R, N>(ws, xs),
+            Isa::AvxVnni => return x86::q4_1_vnni256::<R, N>(ws, xs),
+            Isa::Avx2 => return x86::q4_1_avx2::<R, N>(ws, xs),
             Isa::Portable => {}
         }
     }
     let _ = isa;
-    q4_1_rows_portable::<N>(w, xs)
+    ws.map(|w| q4_1_portable::<N>(w, xs))
 }
 
 fn f16_at(w: &[u8], o: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
 }
 
-fn q4_1_rows_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+fn q4_1_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
     let nb = w.len() / Q4_1_BYTES;
     let mut out = [0f32; N];
     for b in 0..nb {
@@ -157,16 +159,11 @@ fn q4_1_rows_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N
     out
 }
 
-fn weight_scale(w: &[u8], b: usize) -> f32 {
-    let o = b * Q8_0_BYTES;
-    f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
-}
-
-fn dot_rows_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+fn q8_0_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
     let nb = w.len() / Q8_0_BYTES;
     let mut out = [0f32; N];
     for b in 0..nb {
-        let dw = weight_scale(w, b);
+        let dw = f16_at(w, b * Q8_0_BYTES);
         let wq = &w[b * Q8_0_BYTES + 2..(b + 1) * Q8_0_BYTES];
         for (o, x) in out.iter_mut().zip(&xs) {
             let xb = &x[b];
@@ -182,32 +179,81 @@ mod x86 {
     use super::{ActBlock, Q4_1_BYTES, Q8_0_BYTES};
     use std::arch::x86_64::*;
 
-    macro_rules! dot_rows_impl {
+    macro_rules! q8_0_impl {
         ($name:ident, $features:literal, $dot:ident) => {
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
-                let nb = w.len() / Q8_0_BYTES;
-                let mut acc = [_mm256_setzero_ps(); N];
-                let p = w.as_ptr();
+            pub unsafe fn $name<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+                let nb = ws[0].len() / Q8_0_BYTES;
+                let mut acc = [[_mm256_setzero_ps(); N]; R];
                 for b in 0..nb {
-                    let wb = p.add(b * Q8_0_BYTES);
-                    let bits = u16::from_le_bytes([*wb, *wb.add(1)]);
-                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
-                    let wq = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                    let mut wq = [_mm256_setzero_si256(); R];
+                    let mut dw = [0f32; R];
+                    for r in 0..R {
+                        let wb = ws[r].as_ptr().add(b * Q8_0_BYTES);
+                        let bits = u16::from_le_bytes([*wb, *wb.add(1)]);
+                        dw[r] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
+                        wq[r] = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                    }
                     for t in 0..N {
                         let xb = xs[t].get_unchecked(b);
                         let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                        // |x| as u8 times sign(x)·w as i8: the unsigned×signed product the
+                        // |x| as u8 times sign(x)·w as i8: the unsigned × signed product the
                         // instructions offer, equal to x·w.
                         let ax = _mm256_sign_epi8(xq, xq);
-                        let sw = _mm256_sign_epi8(wq, xq);
-                        let s = $dot(ax, sw);
-                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), _mm256_cvtepi32_ps(s), acc[t]);
+                        for r in 0..R {
+                            let s = $dot(ax, _mm256_sign_epi8(wq[r], xq));
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), _mm256_cvtepi32_ps(s), acc[r][t]);
+                        }
                     }
                 }
-                let mut out = [0f32; N];
-                for t in 0..N {
-                    out[t] = hsum(acc[t]);
+                let mut out = [[0f32; N]; R];
+                for r in 0..R {
+                    for t in 0..N {
+                        out[r][t] = hsum(acc[r][t]);
+                    }
+                }
+                out
+            }
+        };
+    }
+
+    macro_rules! q4_1_impl {
+        ($name:ident, $features:literal, $dot:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+                let nb = ws[0].len() / Q4_1_BYTES;
+                let mut acc = [[_mm256_setzero_ps(); N]; R];
+                let mut mins = [[0f32; N]; R];
+                let low = _mm_set1_epi8(0x0F);
+                for b in 0..nb {
+                    let mut q = [_mm256_setzero_si256(); R];
+                    let mut d = [0f32; R];
+                    let mut m = [0f32; R];
+                    for r in 0..R {
+                        let wb = ws[r].as_ptr().add(b * Q4_1_BYTES);
+                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([*wb, *wb.add(1), *wb.add(2), *wb.add(3)])));
+                        d[r] = _mm_cvtss_f32(dm);
+                        m[r] = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+                        let raw = _mm_loadu_si128(wb.add(4) as *const __m128i);
+                        // Values 0..16 then 16..32, the activations' order; unsigned, so the
+                        // u8 × i8 instructions apply directly.
+                        q[r] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+                    }
+                    for t in 0..N {
+                        let xb = xs[t].get_unchecked(b);
+                        let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                        for r in 0..R {
+                            let s = $dot(q[r], xq);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(d[r] * xb.d), _mm256_cvtepi32_ps(s), acc[r][t]);
+                            mins[r][t] += m[r] * xb.s;
+                        }
+                    }
+                }
+                let mut out = [[0f32; N]; R];
+                for r in 0..R {
+                    for t in 0..N {
+                        out[r][t] = hsum(acc[r][t]) + mins[r][t];
+                    }
                 }
                 out
             }
@@ -234,50 +280,12 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    macro_rules! q4_1_rows_impl {
-        ($name:ident, $features:literal, $dot:ident) => {
-            #[target_feature(enable = $features)]
-            pub unsafe fn $name<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
-                let nb = w.len() / Q4_1_BYTES;
-                let mut acc = [_mm256_setzero_ps(); N];
-                let mut mins = [0f32; N];
-                let p = w.as_ptr();
-                let low = _mm_set1_epi8(0x0F);
-                for b in 0..nb {
-                    let wb = p.add(b * Q4_1_BYTES);
-                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([*wb, *wb.add(1), *wb.add(2), *wb.add(3)])));
-                    let d = _mm_cvtss_f32(dm);
-                    let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-                    let raw = _mm_loadu_si128(wb.add(4) as *const __m128i);
-                    let lo = _mm_and_si128(raw, low);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-                    // Values 0..16 then 16..32, the activations' order; unsigned, so the
-                    // u8 × i8 instructions apply directly.
-                    let q = _mm256_set_m128i(hi, lo);
-                    for t in 0..N {
-                        let xb = xs[t].get_unchecked(b);
-                        let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                        let s = $dot(q, xq);
-                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(s), acc[t]);
-                        mins[t] += m * xb.s;
-                    }
-                }
-                let mut out = [0f32; N];
-                for t in 0..N {
-                    out[t] = hsum(acc[t]) + mins[t];
-                }
-                out
-            }
-        };
-    }
-
-    q4_1_rows_impl!(q4_1_rows_avx2, "avx2,fma,f16c", dot_maddubs);
-    q4_1_rows_impl!(q4_1_rows_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
-    q4_1_rows_impl!(q4_1_rows_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
-
-    dot_rows_impl!(dot_rows_avx2, "avx2,fma,f16c", dot_maddubs);
-    dot_rows_impl!(dot_rows_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
-    dot_rows_impl!(dot_rows_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
+    q8_0_impl!(q8_0_avx2, "avx2,fma,f16c", dot_maddubs);
+    q8_0_impl!(q8_0_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
+    q8_0_impl!(q8_0_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
+    q4_1_impl!(q4_1_avx2, "avx2,fma,f16c", dot_maddubs);
+    q4_1_impl!(q4_1_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
+    q4_1_impl!(q4_1_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
 }
 
 /// A projection weight `[n, k]` as the kernels read it.
@@ -334,12 +342,8 @@ pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: 
             if s < e {
                 let (r0, r1) = (s - base, e - base);
                 match p.weight {
-                    WeightRef::Q8_0(w) => {
-                        quant_rows(isa, w, k / QK * Q8_0_BYTES, dot_rows::<4>, dot_rows::<1>, xq, r0, r1, out_ptr, stride, p.col)
-                    }
-                    WeightRef::Q4_1(w) => {
-                        quant_rows(isa, w, k / QK * Q4_1_BYTES, dot_rows_q4_1::<4>, dot_rows_q4_1::<1>, xq, r0, r1, out_ptr, stride, p.col)
-                    }
+                    WeightRef::Q8_0(w) => quant_rows::<Q8Tile>(isa, w, k / QK * Q8_0_BYTES, xq, r0, r1, out_ptr, stride, p.col),
+                    WeightRef::Q4_1(w) => quant_rows::<Q41Tile>(isa, w, k / QK * Q4_1_BYTES, xq, r0, r1, out_ptr, stride, p.col),
                     WeightRef::F32(w) => f32_rows(w, k, x, m, r0, r1, out_ptr, stride, p.col),
                 }
             }
@@ -349,29 +353,71 @@ pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: 
     pool.run(&work);
 }
 
-type Dot4 = fn(Isa, &[u8], [&[ActBlock]; 4]) -> [f32; 4];
-type Dot1 = fn(Isa, &[u8], [&[ActBlock]; 1]) -> [f32; 1];
+/// A block format's tile kernel, for the shapes `quant_rows` uses.
+trait Tile {
+    fn tile<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R];
+}
+struct Q8Tile;
+struct Q41Tile;
+impl Tile for Q8Tile {
+    #[inline]
+    fn tile<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+        tile_q8_0::<R, N>(isa, ws, xs)
+    }
+}
+impl Tile for Q41Tile {
+    #[inline]
+    fn tile<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+        tile_q4_1::<R, N>(isa, ws, xs)
+    }
+}
 
 /// Rows `r0..r1` of a block-quantized weight (`row_bytes` per row) times every activation
-/// row, four activation rows per pass over a weight row.
+/// row: tiles of 2 weight rows × 4 activation rows, and of 4 weight rows × 1 activation
+/// row for the rest (decode).
 #[allow(clippy::too_many_arguments)]
-fn quant_rows(isa: Isa, w: &[u8], row_bytes: usize, dot4: Dot4, dot1: Dot1, xq: &QActs, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
+fn quant_rows<T: Tile>(isa: Isa, w: &[u8], row_bytes: usize, xq: &QActs, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
     let m = xq.rows;
-    for r in r0..r1 {
-        let wr = &w[r * row_bytes..(r + 1) * row_bytes];
-        let mut i = 0;
-        while i + 4 <= m {
-            let v = dot4(isa, wr, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
-            for (t, val) in v.into_iter().enumerate() {
-                // SAFETY: row i + t < m, column col + r < stride; cells are disjoint across threads.
-                unsafe { *out.at((i + t) * stride + col + r) = val };
+    let wrow = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    // SAFETY (writes below): row i < m, column col + r < stride; cells are disjoint across
+    // threads (each owns its weight rows).
+    let put = |i: usize, r: usize, v: f32| unsafe { *out.at(i * stride + col + r) = v };
+    let full = m / 4 * 4;
+    let mut r = r0;
+    while r + 2 <= r1 {
+        let ws = [wrow(r), wrow(r + 1)];
+        for i in (0..full).step_by(4) {
+            let v = T::tile::<2, 4>(isa, ws, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
+            for (rr, row) in v.iter().enumerate() {
+                for (t, &val) in row.iter().enumerate() {
+                    put(i + t, r + rr, val);
+                }
             }
-            i += 4;
         }
-        while i < m {
-            let [val] = dot1(isa, wr, [xq.row(i)]);
-            unsafe { *out.at(i * stride + col + r) = val };
-            i += 1;
+        r += 2;
+    }
+    if r < r1 {
+        for i in (0..full).step_by(4) {
+            let [v] = T::tile::<1, 4>(isa, [wrow(r)], [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
+            for (t, &val) in v.iter().enumerate() {
+                put(i + t, r, val);
+            }
+        }
+    }
+    for i in full..m {
+        let x = [xq.row(i)];
+        let mut r = r0;
+        while r + 4 <= r1 {
+            let v = T::tile::<4, 1>(isa, [wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3)], x);
+            for (rr, [val]) in v.into_iter().enumerate() {
+                put(i, r + rr, val);
+            }
+            r += 4;
+        }
+        while r < r1 {
+            let [[val]] = T::tile::<1, 1>(isa, [wrow(r)], x);
+            put(i, r, val);
+            r += 1;
         }
     }
 }
@@ -504,7 +550,7 @@ mod tests {
         let wb = q8_0_bytes(&w);
         let mut xq = QActs::default();
         xq.quantize(&xs, k);
-        let want = dot_rows_portable::<4>(&wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+        let want = q8_0_portable::<4>(&wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
         let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -519,9 +565,9 @@ mod tests {
             }
         }
         for isa in isas {
-            let got4 = dot_rows::<4>(isa, &wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+            let [got4] = tile_q8_0::<1, 4>(isa, [&wb], [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
             for t in 0..4 {
-                let [got1] = dot_rows::<1>(isa, &wb, [xq.row(t)]);
+                let [[got1]] = tile_q8_0::<1, 1>(isa, [&wb], [xq.row(t)]);
                 assert!((got4[t] - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} row {t}");
                 assert!((got1 - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} row {t}");
             }
@@ -561,11 +607,11 @@ mod tests {
         }
         for r in 0..n {
             let wr = &bytes[r * row..(r + 1) * row];
-            let want = q4_1_rows_portable::<4>(wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+            let want = q4_1_portable::<4>(wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
             for &isa in &isas {
-                let got = dot_rows_q4_1::<4>(isa, wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+                let [got] = tile_q4_1::<1, 4>(isa, [wr], [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
                 for t in 0..4 {
-                    let [one] = dot_rows_q4_1::<1>(isa, wr, [xq.row(t)]);
+                    let [[one]] = tile_q4_1::<1, 1>(isa, [wr], [xq.row(t)]);
                     assert!((got[t] - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} ({r},{t})");
                     assert!((one - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} ({r},{t})");
                 }
@@ -579,33 +625,45 @@ mod tests {
     }
 
     #[test]
-    fn fused_parts_land_in_their_columns() {
+    fn fused_parts_land_in_their_columns() -> candle_core::Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
         let pool = super::super::pool::Pool::new(2);
         let k = 64;
-        let m = 5;
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-        let w1: Vec<f32> = (0..3 * k).map(|i| ((i * 13 % 17) as f32 / 8.0) - 1.0).collect();
-        let w2: Vec<f32> = (0..40 * k).map(|i| ((i * 7 % 23) as f32 / 11.0) - 1.0).collect();
-        let w2q = q8_0_bytes(&w2);
-        let mut xq = QActs::default();
-        xq.quantize(&x, k);
-        let stride = 3 + 40;
-        let mut out = vec![0f32; m * stride];
-        let parts = [
-            MatmulPart { weight: WeightRef::F32(&w1), n: 3, col: 0 },
-            MatmulPart { weight: WeightRef::Q8_0(&w2q), n: 40, col: 3 },
-        ];
-        matmul(&pool, &x, &xq, k, &parts, &mut out, stride);
-        for i in 0..m {
-            let xr = &x[i * k..(i + 1) * k];
-            for j in 0..3 {
-                let want = dot(xr, &w1[j * k..(j + 1) * k]);
-                assert!((out[i * stride + j] - want).abs() < 1e-4, "f32 part ({i},{j})");
-            }
-            for j in 0..40 {
-                let want = dot(xr, &w2[j * k..(j + 1) * k]);
-                assert!((out[i * stride + 3 + j] - want).abs() < 0.05 * want.abs().max(1.0), "q8 part ({i},{j})");
+        for m in [1, 3, 5, 8, 9] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+            let w1: Vec<f32> = (0..3 * k).map(|i| ((i * 13 % 17) as f32 / 8.0) - 1.0).collect();
+            let w2: Vec<f32> = (0..41 * k).map(|i| ((i * 7 % 23) as f32 / 11.0) - 1.0).collect();
+            let w3: Vec<f32> = (0..13 * k).map(|i| ((i * 5 % 19) as f32 / 7.0) - 1.2).collect();
+            let w2q = q8_0_bytes(&w2);
+            let q3 = QTensor::quantize(&candle_core::Tensor::from_vec(w3, (13, k), &candle_core::Device::Cpu)?, GgmlDType::Q4_1)?;
+            let w3q = q3.data()?.to_vec();
+            let w3d = q3.dequantize(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut xq = QActs::default();
+            xq.quantize(&x, k);
+            let stride = 3 + 41 + 13;
+            let mut out = vec![0f32; m * stride];
+            let parts = [
+                MatmulPart { weight: WeightRef::F32(&w1), n: 3, col: 0 },
+                MatmulPart { weight: WeightRef::Q8_0(&w2q), n: 41, col: 3 },
+                MatmulPart { weight: WeightRef::Q4_1(&w3q), n: 13, col: 44 },
+            ];
+            matmul(&pool, &x, &xq, k, &parts, &mut out, stride);
+            for i in 0..m {
+                let xr = &x[i * k..(i + 1) * k];
+                for j in 0..3 {
+                    let want = dot(xr, &w1[j * k..(j + 1) * k]);
+                    assert!((out[i * stride + j] - want).abs() < 1e-4, "m={m}: f32 part ({i},{j})");
+                }
+                for j in 0..41 {
+                    let want = dot(xr, &w2[j * k..(j + 1) * k]);
+                    assert!((out[i * stride + 3 + j] - want).abs() < 0.05 * want.abs().max(1.0), "m={m}: q8 part ({i},{j})");
+                }
+                for j in 0..13 {
+                    let want = dot(xr, &w3d[j * k..(j + 1) * k]);
+                    assert!((out[i * stride + 44 + j] - want).abs() < 0.05 * want.abs().max(1.0), "m={m}: q4_1 part ({i},{j})");
+                }
             }
         }
+        Ok(())
     }
 }
