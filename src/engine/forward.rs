@@ -297,9 +297,57 @@ impl Model {
         let q_dim = nh * hd;
         let scale = 1.0 / (hd as f32).sqrt();
         let caches: Vec<(&[f32], &[f32])> = seqs.iter().map(|q| q.cache.layer(li)).collect();
-        let tasks = spans.len() * nh;
         let out = OutPtr(attn.as_mut_ptr());
         let threads = pool.threads();
+        // Decode rows of many sequences: one task per (sequence, kv head) reads each cached
+        // key and value once for all the query heads that share it.
+        let grouped = spans.iter().all(|sp| sp.len < GEMM_ATTENTION_ROWS) && spans.len() * s.num_kv_heads >= 2 * threads;
+        if grouped {
+            let nkv = s.num_kv_heads;
+            let tasks = spans.len() * nkv;
+            let work = |tid: usize| {
+                SCORES.with(|sc| {
+                    let mut sc = sc.borrow_mut();
+                    let mut task = tid;
+                    while task < tasks {
+                        let (si, kvh) = (task / nkv, task % nkv);
+                        let sp = spans[si];
+                        let (kc, vc) = caches[si];
+                        for i in 0..sp.len {
+                            let visible = sp.pos + i + 1;
+                            let scores = sized(&mut sc, group * visible);
+                            let row = sp.row + i;
+                            let q = |g: usize| {
+                                let h = kvh * group + g;
+                                &qkv[row * qkv_w + h * hd..row * qkv_w + (h + 1) * hd]
+                            };
+                            for j in 0..visible {
+                                let kr = &kc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                                for g in 0..group {
+                                    scores[g * visible + j] = kernels::dot(q(g), kr) * scale;
+                                }
+                            }
+                            for g in 0..group {
+                                kernels::softmax(&mut scores[g * visible..(g + 1) * visible]);
+                            }
+                            // SAFETY: this task's heads of this row of `attn`: written by it alone.
+                            let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + kvh * group * hd), group * hd) };
+                            o.fill(0.0);
+                            for j in 0..visible {
+                                let vr = &vc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                                    kernels::axpy(scores[g * visible + j], vr, og);
+                                }
+                            }
+                        }
+                        task += threads;
+                    }
+                })
+            };
+            pool.run(&work);
+            return Ok(());
+        }
+        let tasks = spans.len() * nh;
         let work = |tid: usize| {
             SCORES.with(|sc| {
                 let mut sc = sc.borrow_mut();
@@ -444,9 +492,15 @@ impl BatchLora<'_> {
                 let rows = &groups[gi].1;
                 let mut each = |i: usize| {
                     let xr = &x[i * k..(i + 1) * k];
-                    let t = sized(&mut tmp, r);
+                    // Four partial sums over interleaved inputs: four independent chains.
+                    let t4 = sized(&mut tmp, 4 * r);
                     for (j, &xv) in xr.iter().enumerate() {
-                        kernels::axpy(xv, &a[j * r..(j + 1) * r], t);
+                        let lane = j & 3;
+                        kernels::axpy(xv, &a[j * r..(j + 1) * r], &mut t4[lane * r..(lane + 1) * r]);
+                    }
+                    let (t, rest) = t4.split_at_mut(r);
+                    for lane in rest.chunks_exact(r) {
+                        kernels::axpy(1.0, lane, t);
                     }
                     // SAFETY: row i belongs to this group alone; columns inside `stride`.
                     let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
