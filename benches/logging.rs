@@ -73,7 +73,7 @@ async fn run(real: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (model, name, max_tokens, requests) = if real {
-        (root.join("models").join(DEFAULT_MODEL_FILE), "smollm2-135m-instruct", 8, 64)
+        (root.join("models").join(DEFAULT_MODEL_FILE), "smollm2-135m-instruct", 8, 400)
     } else {
         (tunegate::engine::testing::write_tiny_llama_gguf(dir.path())?, "tiny", 4, 1500)
     };

@@ -493,7 +493,16 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    // Pairwise: vector adds, not a chain of fifteen dependent scalar ones (a 64-value dot
+    // product would wait on that chain longer than on its multiplications).
+    let mut w = 8;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    let mut s = acc[0];
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
