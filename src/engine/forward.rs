@@ -315,30 +315,11 @@ impl Model {
                         let (kc, vc) = caches[si];
                         for i in 0..sp.len {
                             let visible = sp.pos + i + 1;
-                            let scores = sized(&mut sc, group * visible);
                             let row = sp.row + i;
-                            let q = |g: usize| {
-                                let h = kvh * group + g;
-                                &qkv[row * qkv_w + h * hd..row * qkv_w + (h + 1) * hd]
-                            };
-                            for j in 0..visible {
-                                let kr = &kc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                                for g in 0..group {
-                                    scores[g * visible + j] = kernels::dot(q(g), kr) * scale;
-                                }
-                            }
-                            for g in 0..group {
-                                kernels::softmax(&mut scores[g * visible..(g + 1) * visible]);
-                            }
+                            let q0 = row * qkv_w + kvh * group * hd;
                             // SAFETY: this task's heads of this row of `attn`: written by it alone.
                             let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + kvh * group * hd), group * hd) };
-                            o.fill(0.0);
-                            for j in 0..visible {
-                                let vr = &vc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-                                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-                                    kernels::axpy(scores[g * visible + j], vr, og);
-                                }
-                            }
+                            kernels::attend_group(&qkv[q0..q0 + group * hd], group, hd, kc, vc, kv_dim, kvh * hd, visible, scale, &mut sc, o);
                         }
                         task += threads;
                     }
@@ -408,18 +389,9 @@ impl Model {
                     } else {
                         for i in 0..sp.len {
                             let visible = sp.pos + i + 1;
-                            let scores = sized(&mut sc, visible);
-                            let q = q_at(i);
-                            for (j, sj) in scores.iter_mut().enumerate() {
-                                *sj = kernels::dot(q, &kc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd]) * scale;
-                            }
-                            kernels::softmax(scores);
                             // SAFETY: this task's cells of `attn`, see above.
                             let o = unsafe { std::slice::from_raw_parts_mut(out.at((sp.row + i) * q_dim + h * hd), hd) };
-                            o.fill(0.0);
-                            for (j, &p) in scores.iter().enumerate() {
-                                kernels::axpy(p, &vc[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd], o);
-                            }
+                            kernels::attend_group(q_at(i), 1, hd, kc, vc, kv_dim, kvh * hd, visible, scale, &mut sc, o);
                         }
                     }
                     task += threads;
@@ -474,14 +446,14 @@ impl BatchLora<'_> {
         }
         let out = OutPtr(y.as_mut_ptr());
         let failed = Mutex::new(false);
-        let n_groups = groups.len();
-        let threads = pool.threads().min(n_groups);
+        // Jobs (a group's product for one projection) write disjoint cells: spread them.
+        let threads = pool.threads().min(jobs.len());
         let work = |tid: usize| {
             if tid >= threads {
                 return;
             }
             let mut tmp = Vec::new();
-            for &(gi, col, r, a, bv) in jobs.iter().filter(|j| j.0 % threads == tid) {
+            for &(gi, col, r, a, bv) in jobs.iter().skip(tid).step_by(threads) {
                 let n_out = bv.len() / r;
                 if col + n_out > stride {
                     if let Ok(mut f) = failed.lock() {
@@ -514,7 +486,11 @@ impl BatchLora<'_> {
                 }
             }
         };
-        pool.run(&work);
+        if threads == 1 {
+            work(0);
+        } else {
+            pool.run(&work);
+        }
         if failed.into_inner().unwrap_or(true) {
             return Err(EngineError::Internal("LoRA output wider than its projection".into()));
         }

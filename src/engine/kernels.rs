@@ -350,7 +350,11 @@ pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: 
             base += p.n;
         }
     };
-    pool.run(&work);
+    if threads == 1 {
+        work(0);
+    } else {
+        pool.run(&work);
+    }
 }
 
 /// A block format's tile kernel, for the shapes `quant_rows` uses.
@@ -517,6 +521,133 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Decode attention of the `group` query heads that share one kv head: `q` holds their
+/// `group * hd` values (contiguous), `k`/`v` the cached rows (`stride` apart, this head's
+/// values at `off`), of which the first `visible` count. Writes `group * hd` values to `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_group(
+    q: &[f32],
+    group: usize,
+    hd: usize,
+    k: &[f32],
+    v: &[f32],
+    stride: usize,
+    off: usize,
+    visible: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    scores.clear();
+    scores.resize(group * visible, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if hd.is_multiple_of(16) && hd <= 256 && avx512f() && visible > 0 && (visible - 1) * stride + off + hd <= k.len().min(v.len()) {
+            // SAFETY: the CPU has AVX-512F; every row read lies inside `k`/`v` (checked above).
+            unsafe { x86_attend::attend_group_avx512(q, group, hd, k, v, stride, off, visible, scale, scores, out) };
+            return;
+        }
+    }
+    for j in 0..visible {
+        let kr = &k[j * stride + off..j * stride + off + hd];
+        for g in 0..group {
+            scores[g * visible + j] = dot(&q[g * hd..(g + 1) * hd], kr) * scale;
+        }
+    }
+    for g in 0..group {
+        softmax(&mut scores[g * visible..(g + 1) * visible]);
+    }
+    out.fill(0.0);
+    for j in 0..visible {
+        let vr = &v[j * stride + off..j * stride + off + hd];
+        for (g, og) in out.chunks_exact_mut(hd).enumerate() {
+            axpy(scores[g * visible + j], vr, og);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512f() -> bool {
+    static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F.get_or_init(|| isa() != Isa::Portable && is_x86_feature_detected!("avx512f"))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_attend {
+    use std::arch::x86_64::*;
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn attend_group_avx512(
+        q: &[f32],
+        group: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        off: usize,
+        visible: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let chunks = hd / 16;
+        for j in 0..visible {
+            let kp = k.as_ptr().add(j * stride + off);
+            for g in 0..group {
+                let qp = q.as_ptr().add(g * hd);
+                let mut a0 = _mm512_setzero_ps();
+                let mut a1 = _mm512_setzero_ps();
+                let mut c = 0;
+                while c + 1 < chunks {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c * 16)), _mm512_loadu_ps(kp.add(c * 16)), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c * 16 + 16)), _mm512_loadu_ps(kp.add(c * 16 + 16)), a1);
+                    c += 2;
+                }
+                if c < chunks {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c * 16)), _mm512_loadu_ps(kp.add(c * 16)), a0);
+                }
+                *scores.get_unchecked_mut(g * visible + j) = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            }
+        }
+        for g in 0..group {
+            super::softmax(&mut scores[g * visible..(g + 1) * visible]);
+        }
+        for g in 0..group {
+            let p = &scores[g * visible..(g + 1) * visible];
+            let op = out.as_mut_ptr().add(g * hd);
+            if chunks == 4 {
+                // head_dim 64 (SmolLM2, Llama 2/3 small): the sums stay in registers.
+                let (mut a0, mut a1, mut a2, mut a3) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+                for (j, &pj) in p.iter().enumerate() {
+                    let vp = v.as_ptr().add(j * stride + off);
+                    let b = _mm512_set1_ps(pj);
+                    a0 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vp), a0);
+                    a1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vp.add(16)), a1);
+                    a2 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vp.add(32)), a2);
+                    a3 = _mm512_fmadd_ps(b, _mm512_loadu_ps(vp.add(48)), a3);
+                }
+                _mm512_storeu_ps(op, a0);
+                _mm512_storeu_ps(op.add(16), a1);
+                _mm512_storeu_ps(op.add(32), a2);
+                _mm512_storeu_ps(op.add(48), a3);
+                continue;
+            }
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for (j, &pj) in p.iter().enumerate() {
+                let vp = v.as_ptr().add(j * stride + off);
+                let b = _mm512_set1_ps(pj);
+                for (c, a) in acc.iter_mut().enumerate().take(chunks) {
+                    *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(vp.add(c * 16)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate().take(chunks) {
+                _mm512_storeu_ps(op.add(c * 16), *a);
+            }
+        }
+    }
+}
+
 /// Softmax in place.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -631,6 +762,35 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn grouped_attention_matches_the_plain_loops() {
+        for (group, hd, visible) in [(3, 64, 1), (3, 64, 37), (2, 32, 200), (1, 16, 5)] {
+            let kvh = 2;
+            let stride = 3 * hd;
+            let off = kvh * hd;
+            let q: Vec<f32> = (0..group * hd).map(|i| ((i * 31 % 17) as f32 / 9.0) - 0.9).collect();
+            let k: Vec<f32> = (0..visible * stride).map(|i| ((i * 7 % 29) as f32 / 14.0) - 1.0).collect();
+            let v: Vec<f32> = (0..visible * stride).map(|i| ((i * 11 % 23) as f32 / 11.0) - 1.0).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let mut want = vec![0f32; group * hd];
+            for g in 0..group {
+                let mut s: Vec<f32> = (0..visible)
+                    .map(|j| (0..hd).map(|d| q[g * hd + d] * k[j * stride + off + d]).sum::<f32>() * scale)
+                    .collect();
+                softmax(&mut s);
+                for d in 0..hd {
+                    want[g * hd + d] = (0..visible).map(|j| s[j] * v[j * stride + off + d]).sum();
+                }
+            }
+            let mut got = vec![0f32; group * hd];
+            let mut scratch = Vec::new();
+            attend_group(&q, group, hd, &k, &v, stride, off, visible, scale, &mut scratch, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "group {group} hd {hd} visible {visible}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]
