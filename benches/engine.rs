@@ -20,7 +20,6 @@ mod report;
 mod under_load;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -28,7 +27,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tunegate::adapters::{AdapterLease, AdapterLimits, LoadOptions};
 use peer::PeerRound;
-use tunegate::engine::{Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams, StreamEvent};
+use tunegate::engine::{Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams};
 
 const PREFILL_TOKENS: usize = 128;
 const LONG_PROMPT_TOKENS: usize = 1000;
@@ -142,32 +141,9 @@ fn single(engine: &Engine, tokens: Vec<u32>, max_tokens: usize) -> Result<(f64, 
 /// token to the last token of all), and that latest first-token time.
 fn concurrent(engine: &Engine, rng: &mut StdRng, vocab: usize, adapters: &[Option<AdapterLease>]) -> Result<(f64, f64)> {
     let start = Instant::now();
-    let (tx, rx) = mpsc::channel::<Result<Vec<Duration>>>();
-    let mut handles = Vec::new();
-    for adapter in adapters {
-        let mut stream = engine.submit(request(random_tokens(rng, PREFILL_TOKENS, vocab), DECODE_TOKENS, adapter.clone()))?;
-        let tx = tx.clone();
-        handles.push(std::thread::spawn(move || {
-            let mut arrivals = Vec::with_capacity(DECODE_TOKENS);
-            let result = loop {
-                match stream.next_blocking() {
-                    Some(StreamEvent::Token { .. }) => arrivals.push(start.elapsed()),
-                    Some(StreamEvent::Done { .. }) => break Ok(arrivals),
-                    Some(StreamEvent::Error(e)) => break Err(anyhow::Error::new(e)),
-                    None => break Err(anyhow::anyhow!("the stream ended without Done")),
-                }
-            };
-            let _ = tx.send(result);
-        }));
-    }
-    drop(tx);
-    let mut all = Vec::new();
-    for r in rx {
-        all.push(r?);
-    }
-    for h in handles {
-        let _ = h.join();
-    }
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles = under_load::run_streams(engine, rng, vocab, adapters, PREFILL_TOKENS, DECODE_TOKENS, start, &progress)?;
+    let all = under_load::join(handles)?.per_stream;
     if all.len() != adapters.len() || all.iter().any(|a| a.len() != DECODE_TOKENS) {
         bail!("a stream did not produce {DECODE_TOKENS} tokens");
     }

@@ -15,13 +15,14 @@ use tunegate::engine::{Engine, StreamEvent};
 use super::{random_tokens, request};
 
 /// Token arrival times of several streams submitted together.
-struct Arrivals {
-    per_stream: Vec<Vec<Duration>>,
+pub struct Arrivals {
+    pub per_stream: Vec<Vec<Duration>>,
 }
 
 /// Submits one stream per entry of `adapters` (`prompt` + `gen` tokens each) and collects
 /// every token's arrival time from `start`. `progress` counts tokens as they arrive.
-fn run_streams(
+#[allow(clippy::too_many_arguments)]
+pub fn run_streams(
     engine: &Engine,
     rng: &mut StdRng,
     vocab: usize,
@@ -53,7 +54,7 @@ fn run_streams(
     Ok(handles)
 }
 
-fn join(handles: Vec<std::thread::JoinHandle<Result<Vec<Duration>>>>) -> Result<Arrivals> {
+pub fn join(handles: Vec<std::thread::JoinHandle<Result<Vec<Duration>>>>) -> Result<Arrivals> {
     let mut per_stream = Vec::new();
     for h in handles {
         per_stream.push(h.join().map_err(|_| anyhow::anyhow!("a stream thread panicked"))??);

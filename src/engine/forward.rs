@@ -163,10 +163,7 @@ impl Model {
         }
         let m = row;
         let ids: Vec<u32> = seqs.iter().flat_map(|q| q.tokens.iter().copied()).collect();
-        let emb = self.embed_tokens_rows(&ids)?;
-        b.x.clear();
-        b.x.extend_from_slice(&emb);
-        drop(emb);
+        b.x = self.embed_tokens_rows(&ids)?;
         let pool = pool::global();
         let qkv_w = q_dim + 2 * kv_dim;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -299,48 +296,25 @@ impl Model {
         let caches: Vec<(&[f32], &[f32])> = seqs.iter().map(|q| q.cache.layer(li)).collect();
         let out = OutPtr(attn.as_mut_ptr());
         let threads = pool.threads();
-        // Decode rows of many sequences: one task per (sequence, kv head) reads each cached
-        // key and value once for all the query heads that share it.
+        // A task is one sequence and `per` query heads. Decode rows of many sequences take a
+        // whole kv group per task (each cached key and value is read once for the query heads
+        // that share it); otherwise one head per task, so that few sequences still fill the
+        // threads.
         let grouped = spans.iter().all(|sp| sp.len < GEMM_ATTENTION_ROWS) && spans.len() * s.num_kv_heads >= 2 * threads;
-        if grouped {
-            let nkv = s.num_kv_heads;
-            let tasks = spans.len() * nkv;
-            let work = |tid: usize| {
-                SCORES.with(|sc| {
-                    let mut sc = sc.borrow_mut();
-                    let mut task = tid;
-                    while task < tasks {
-                        let (si, kvh) = (task / nkv, task % nkv);
-                        let sp = spans[si];
-                        let (kc, vc) = caches[si];
-                        for i in 0..sp.len {
-                            let visible = sp.pos + i + 1;
-                            let row = sp.row + i;
-                            let q0 = row * qkv_w + kvh * group * hd;
-                            // SAFETY: this task's heads of this row of `attn`: written by it alone.
-                            let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + kvh * group * hd), group * hd) };
-                            kernels::attend_group(&qkv[q0..q0 + group * hd], group, hd, kc, vc, kv_dim, kvh * hd, visible, scale, &mut sc, o);
-                        }
-                        task += threads;
-                    }
-                })
-            };
-            pool.run(&work);
-            return Ok(());
-        }
-        let tasks = spans.len() * nh;
+        let per = if grouped { group } else { 1 };
+        let per_seq = nh / per;
+        let tasks = spans.len() * per_seq;
         let work = |tid: usize| {
             SCORES.with(|sc| {
                 let mut sc = sc.borrow_mut();
-                let mut task = tid;
-                while task < tasks {
-                    let (si, h) = (task / nh, task % nh);
+                for task in (tid..tasks).step_by(threads) {
+                    let (si, h) = (task / per_seq, (task % per_seq) * per);
                     let sp = spans[si];
                     let (kc, vc) = caches[si];
                     let kvh = h / group;
-                    let total = sp.pos + sp.len;
-                    let q_at = |i: usize| &qkv[(sp.row + i) * qkv_w + h * hd..(sp.row + i) * qkv_w + (h + 1) * hd];
                     if sp.len >= GEMM_ATTENTION_ROWS {
+                        // Prefill (`per` is 1 here): blocked products over the whole cache.
+                        let total = sp.pos + sp.len;
                         let scores = sized(&mut sc, sp.len * total);
                         // SAFETY: strided views inside `qkv`, the caches and `scores`; the
                         // output block (this head's columns of this sequence's rows) is
@@ -386,15 +360,15 @@ impl Model {
                                 1,
                             );
                         }
-                    } else {
-                        for i in 0..sp.len {
-                            let visible = sp.pos + i + 1;
-                            // SAFETY: this task's cells of `attn`, see above.
-                            let o = unsafe { std::slice::from_raw_parts_mut(out.at((sp.row + i) * q_dim + h * hd), hd) };
-                            kernels::attend_group(q_at(i), 1, hd, kc, vc, kv_dim, kvh * hd, visible, scale, &mut sc, o);
-                        }
+                        continue;
                     }
-                    task += threads;
+                    for i in 0..sp.len {
+                        let row = sp.row + i;
+                        let q0 = row * qkv_w + h * hd;
+                        // SAFETY: this task's heads of this row of `attn`: written by it alone.
+                        let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + h * hd), per * hd) };
+                        kernels::attend_group(&qkv[q0..q0 + per * hd], per, hd, kc, vc, kv_dim, kvh * hd, sp.pos + i + 1, scale, &mut sc, o);
+                    }
                 }
             })
         };

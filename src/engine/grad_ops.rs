@@ -1,4 +1,4 @@
-//! Fused, differentiable CPU kernels for the training path (`Path::Train`). They compute
+//! Fused, differentiable CPU kernels for the training path (`Model::forward_train`). They compute
 //! what serving's fused kernels compute, row by row, and carry their own backward pass, so
 //! the trainer's graph holds one node per kernel instead of a chain of elementwise ops
 //! (each a full pass over memory, forward and backward). The frozen projection also keeps

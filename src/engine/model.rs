@@ -156,11 +156,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// On the training path a dense weight goes through [`grad_ops::frozen_matmul`], whose
+    /// Training forward: a dense weight goes through [`grad_ops::frozen_matmul`], whose
     /// backward pass forms no gradient for the (frozen) weight.
-    fn forward_path(&self, x: &Tensor, path: Path) -> Result<Tensor> {
-        let y = match (path, &self.weight) {
-            (Path::Train, QMatMul::Tensor(w)) => grad_ops::frozen_matmul(x, w)?,
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            QMatMul::Tensor(w) => grad_ops::frozen_matmul(x, w)?,
             _ => self.weight.forward(x)?,
         };
         Ok(match &self.bias {
@@ -186,21 +186,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
-        Ok(match path {
-            Path::Serve => candle_nn::ops::rms_norm(x, &self.weight, self.eps)?,
-            Path::Train => grad_ops::rms_norm(x, &self.weight, self.eps)?,
-        })
+    /// Training forward, through our differentiable fused kernel (serving normalises in
+    /// `forward.rs`; tests check the two paths agree and the gradients are right).
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(grad_ops::rms_norm(x, &self.weight, self.eps)?)
     }
-}
-
-/// Which kernels a forward pass uses. Serving uses candle's fused CPU ops; they have no
-/// backward pass, so training runs the same arithmetic through our differentiable fused
-/// kernels (`grad_ops`; tests check the two paths agree and the gradients are right).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    Serve,
-    Train,
 }
 
 #[derive(Debug, Clone)]
@@ -435,24 +425,23 @@ impl Model {
         if let Some(r) = rows {
             x = x.index_select(r, 0)?;
         }
-        let x = self.norm.forward(&x, Path::Train)?;
-        self.lm_head.forward_path(&x, Path::Train)
+        let x = self.norm.forward_train(&x)?;
+        self.lm_head.forward_train(&x)
     }
 
     /// Embedding and decoder layers over whole sequences (training); `[tokens, hidden]`.
     fn hidden_states(&self, ids: &[u32], lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
-        let path = Path::Train;
         if lens.is_empty() || lens.contains(&0) {
             return Err(EngineError::Internal("empty sequence in batch".into()));
         }
         let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
         let mut x = self.embed_tokens.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x, path)?;
+            let h = layer.input_layernorm.forward_train(&x)?;
             let attn = self.attention(li, layer, &h, lens, lora)?;
             x = (x + attn)?;
-            let h = layer.post_attention_layernorm.forward(&x, path)?;
-            let mlp = self.mlp(li, layer, &h, lora, path)?;
+            let h = layer.post_attention_layernorm.forward_train(&x)?;
+            let mlp = self.mlp(li, layer, &h, lora)?;
             x = (x + mlp)?;
         }
         Ok(x)
@@ -499,18 +488,17 @@ impl Model {
         })
     }
 
-    fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora, path: Path) -> Result<Tensor> {
-        let y = layer.proj(p).forward_path(x, path)?;
+    fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora) -> Result<Tensor> {
+        let y = layer.proj(p).forward_train(x)?;
         lora.apply(li, p, x, y)
     }
 
     fn attention(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
-        let path = Path::Train;
-        let q = self.proj(li, layer, Proj::Q, h, lora, path)?;
-        let k = self.proj(li, layer, Proj::K, h, lora, path)?;
-        let v = self.proj(li, layer, Proj::V, h, lora, path)?;
+        let q = self.proj(li, layer, Proj::Q, h, lora)?;
+        let k = self.proj(li, layer, Proj::K, h, lora)?;
+        let v = self.proj(li, layer, Proj::V, h, lora)?;
         let attn = self.attention_train(&q, &k, &v, lens)?;
-        self.proj(li, layer, Proj::O, &attn, lora, path)
+        self.proj(li, layer, Proj::O, &attn, lora)
     }
 
     /// Training attention over whole sequences (positions from 0, no cache). The ragged
@@ -555,11 +543,11 @@ impl Model {
         })
     }
 
-    fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora, path: Path) -> Result<Tensor> {
-        let gate = self.proj(li, layer, Proj::Gate, h, lora, path)?;
-        let up = self.proj(li, layer, Proj::Up, h, lora, path)?;
+    fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora) -> Result<Tensor> {
+        let gate = self.proj(li, layer, Proj::Gate, h, lora)?;
+        let up = self.proj(li, layer, Proj::Up, h, lora)?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        self.proj(li, layer, Proj::Down, &act, lora, path)
+        self.proj(li, layer, Proj::Down, &act, lora)
     }
 
     /// Positions the RoPE tables cover.

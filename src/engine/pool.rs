@@ -111,7 +111,7 @@ impl Pool {
             std::panic::resume_unwind(p);
         }
         if theirs {
-            std::panic::panic_any("a kernel worker panicked");
+            std::panic::resume_unwind(Box::new("a kernel worker panicked"));
         }
     }
 }
@@ -203,7 +203,7 @@ mod tests {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             pool.run(&|tid| {
                 if tid == 1 {
-                    panic!("boom");
+                    std::panic::resume_unwind(Box::new("boom"));
                 }
             })
         }));

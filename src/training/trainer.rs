@@ -1,5 +1,5 @@
 //! LoRA training on candle autograd, through the engine's own model code (its
-//! differentiable path, see `engine::model::Path`), so an adapter trained here serves
+//! differentiable path, see `Model::forward_train`), so an adapter trained here serves
 //! identically. Base weights are dense f32 and frozen; only the low-rank pairs are `Var`s.
 
 use std::collections::BTreeMap;
