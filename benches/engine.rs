@@ -248,6 +248,8 @@ fn main() -> Result<()> {
         threads: s.threads,
         max_batch: 16,
         max_queue: 64,
+        // Every figure here is about running tokens; repeated prompts must not skip work.
+        prefix_cache_bytes: 0,
         adapter_limits: AdapterLimits::default(),
     })?;
     let engine_load_seconds = t.elapsed().as_secs_f64();

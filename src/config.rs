@@ -291,11 +291,14 @@ pub struct EngineSection {
     pub max_batch: usize,
     /// Most requests waiting for a batch slot before `503 engine_overloaded`.
     pub max_queue: usize,
+    /// MiB of finished requests' keys and values kept for prompts that begin the same way
+    /// (prefix caching; a shared system prompt is run once). 0 turns it off.
+    pub prefix_cache_mib: usize,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
-        Self { max_batch: 16, max_queue: 256 }
+        Self { max_batch: 16, max_queue: 256, prefix_cache_mib: 512 }
     }
 }
 
@@ -458,6 +461,7 @@ impl Config {
             threads: self.model.threads,
             max_batch: self.engine.max_batch,
             max_queue: self.engine.max_queue,
+            prefix_cache_bytes: self.engine.prefix_cache_mib.saturating_mul(1 << 20),
             adapter_limits: crate::adapters::AdapterLimits {
                 max_loaded: self.adapters.max_loaded,
                 max_rank: self.adapters.max_rank,
@@ -805,7 +809,7 @@ mod tests {
         let e = parse_env(COMMITTED, &[("TUNEGATE_ENGINE_MAX_BTACH", "3")]).map(|_| ()).map_err(|e| e.to_string());
         assert_eq!(
             e,
-            Err("test.toml: engine.max_btach: unknown field `max_btach`, expected `max_batch` or `max_queue` \
+            Err("test.toml: engine.max_btach: unknown field `max_btach`, expected one of `max_batch`, `max_queue`, `prefix_cache_mib` \
                  (set by TUNEGATE_ENGINE_MAX_BTACH)"
                 .to_string())
         );

@@ -39,6 +39,7 @@ pub mod names {
     pub const PROMPT_TOKENS: &str = "tunegate_prompt_tokens_total";
     pub const COMPLETION_TOKENS: &str = "tunegate_completion_tokens_total";
     pub const PROMPT_TOKENS_SAVED: &str = "tunegate_prompt_tokens_saved_total";
+    pub const PROMPT_TOKENS_CACHED: &str = "tunegate_prompt_tokens_cached_total";
     pub const TOKENS_PER_SECOND: &str = "tunegate_generation_tokens_per_second";
     pub const BATCH_SIZE: &str = "tunegate_batch_size";
     pub const RUNNING_SEQUENCES: &str = "tunegate_running_sequences";
@@ -102,6 +103,8 @@ pub struct RequestObservation<'a> {
     pub completion_tokens: usize,
     /// Prompt tokens a distilled adapter made unnecessary.
     pub prompt_tokens_saved: usize,
+    /// Prompt tokens taken from the prefix cache (part of `prompt_tokens`).
+    pub prompt_tokens_cached: usize,
     /// Request start to end (or to the client going away).
     pub duration: Duration,
     /// The longest engine time of its choices (submission to last event); `None` when the
@@ -168,6 +171,7 @@ pub struct Metrics {
     prompt_tokens: IntCounterVec,
     completion_tokens: IntCounterVec,
     prompt_tokens_saved: IntCounterVec,
+    prompt_tokens_cached: IntCounterVec,
     tokens_per_second: Histogram,
 
     running_sequences: IntGauge,
@@ -292,6 +296,7 @@ impl Metrics {
             prompt_tokens: counter_vec(&r, PROMPT_TOKENS, "Prompt tokens run by the engine.", &["task", "adapter"])?,
             completion_tokens: counter_vec(&r, COMPLETION_TOKENS, "Tokens generated.", &["task", "adapter"])?,
             prompt_tokens_saved: counter_vec(&r, PROMPT_TOKENS_SAVED, "Prompt tokens a distilled adapter made unnecessary.", &["task", "adapter"])?,
+            prompt_tokens_cached: counter_vec(&r, PROMPT_TOKENS_CACHED, "Prompt tokens taken from the prefix cache instead of being run (counted in tunegate_prompt_tokens_total too).", &["task", "adapter"])?,
             tokens_per_second: histogram(&r, TOKENS_PER_SECOND, "Decode speed per choice: generated tokens per second after the first.", buckets::TOKENS_PER_SECOND)?,
             running_sequences: gauge(&r, RUNNING_SEQUENCES, "Sequences in the engine's running batch.")?,
             kv_cache: gauge(&r, KV_CACHE, "Bytes held by the running sequences' KV caches.")?,
@@ -382,6 +387,9 @@ impl Metrics {
         self.completion_tokens.with_label_values(&by).inc_by(o.completion_tokens as u64);
         if o.prompt_tokens_saved > 0 {
             self.prompt_tokens_saved.with_label_values(&by).inc_by(o.prompt_tokens_saved as u64);
+        }
+        if o.prompt_tokens_cached > 0 {
+            self.prompt_tokens_cached.with_label_values(&by).inc_by(o.prompt_tokens_cached as u64);
         }
         if let Some(engine) = o.engine_time {
             self.gateway_overhead.observe(o.duration.saturating_sub(engine).as_secs_f64());

@@ -102,7 +102,7 @@ mod tests {
 
     #[test]
     fn speed_line_format() {
-        let usage = Usage { prompt_tokens: 100, completion_tokens: 11 };
+        let usage = Usage { prompt_tokens: 100, completion_tokens: 11, cached_tokens: 0 };
         let t = Timings {
             queued: Duration::from_millis(0),
             time_to_first_token: Duration::from_millis(500),

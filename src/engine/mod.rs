@@ -4,6 +4,7 @@
 
 mod error;
 mod forward;
+mod prefix_cache;
 pub mod kernels;
 pub mod pool;
 pub mod chat_template;
@@ -51,6 +52,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most requests waiting for a batch slot; beyond that `submit` says `Overloaded`.
     pub max_queue: usize,
+    /// Bytes of finished sequences' keys and values kept for prompts that start the same
+    /// way (a shared system prompt is prefilled once); 0 turns prefix caching off.
+    pub prefix_cache_bytes: usize,
     pub adapter_limits: AdapterLimits,
 }
 
@@ -63,6 +67,7 @@ impl Default for EngineConfig {
             threads: 2,
             max_batch: 16,
             max_queue: 256,
+            prefix_cache_bytes: 512 << 20,
             adapter_limits: AdapterLimits::default(),
         }
     }

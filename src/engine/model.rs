@@ -326,6 +326,36 @@ impl KvCache {
     pub(crate) fn commit(&mut self, t: usize) {
         self.len += t;
     }
+
+    /// Keeps the first `n` positions and gives back the room past them.
+    pub(crate) fn truncate(&mut self, n: usize) {
+        let n = n.min(self.len);
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let per = l.len() / self.len.max(1);
+            l.truncate(n * per);
+            l.shrink_to_fit();
+        }
+        self.len = n;
+        self.reserve = n;
+    }
+
+    /// Makes this (empty) cache hold `other`'s first `n` positions, with room for what was
+    /// reserved.
+    pub(crate) fn copy_prefix(&mut self, other: &KvCache, n: usize) {
+        let n = n.min(other.len);
+        if self.k.len() != other.k.len() {
+            self.k.resize_with(other.k.len(), Vec::new);
+            self.v.resize_with(other.v.len(), Vec::new);
+        }
+        for (dst, src) in self.k.iter_mut().zip(&other.k).chain(self.v.iter_mut().zip(&other.v)) {
+            let per = src.len() / other.len.max(1);
+            dst.clear();
+            let want = self.reserve.max(n).div_ceil(KV_CHUNK) * KV_CHUNK * per;
+            dst.reserve_exact(want);
+            dst.extend_from_slice(&src[..n * per]);
+        }
+        self.len = n;
+    }
 }
 
 /// One sequence's slice of a ragged batch.

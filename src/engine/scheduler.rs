@@ -14,6 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::lora::BatchLora;
 use super::model::{KvCache, SeqBatch};
+use super::prefix_cache::PrefixCache;
 use super::sampling::Sampler;
 use super::{
     loader, EngineConfig, EngineError, FinishReason, Model, ModelInfo, Result, SamplingParams, Shared, StreamEvent,
@@ -102,7 +103,8 @@ fn run(ctx: Context) {
         started.elapsed().as_secs_f64()
     );
     let _ = ctx.shared.info.set(info.clone());
-    Loop { ctx: &ctx, model: &model, info: &info, waiting: VecDeque::new(), running: Vec::new() }.run();
+    let prefix_cache = PrefixCache::new(ctx.config.prefix_cache_bytes);
+    Loop { ctx: &ctx, model: &model, info: &info, waiting: VecDeque::new(), running: Vec::new(), prefix_cache }.run();
 }
 
 struct Loop<'a> {
@@ -111,6 +113,7 @@ struct Loop<'a> {
     info: &'a ModelInfo,
     waiting: VecDeque<Box<Pending>>,
     running: Vec<Sequence>,
+    prefix_cache: PrefixCache,
 }
 
 impl Loop<'_> {
@@ -130,9 +133,10 @@ impl Loop<'_> {
             self.running.retain(|s| !s.tx.is_closed());
             if !self.running.is_empty() {
                 self.step();
-                self.running.retain(|s| !s.finished);
+                self.retire();
             }
-            let kv_cache_bytes = self.running.iter().map(|s| s.cache.bytes()).sum();
+            let kv_cache_bytes =
+                self.running.iter().map(|s| s.cache.bytes()).sum::<usize>() + self.prefix_cache.bytes();
             self.ctx.shared.counters.set_running(self.running.len(), kv_cache_bytes);
         }
     }
@@ -154,11 +158,32 @@ impl Loop<'_> {
             // Room for the whole request up front: decode steps then never reallocate.
             let need = seq.prompt_len.saturating_add(seq.params.max_tokens).min(self.info.context_length);
             seq.cache.reserve(need);
+            if let Some(hit) = self.prefix_cache.lookup(seq.adapter_key(), &seq.tokens) {
+                self.prefix_cache.fill(&hit, &mut seq.cache);
+                seq.cached_tokens = hit.tokens;
+            }
             if seq.params.max_tokens == 0 {
                 seq.finish(FinishReason::Length);
                 continue;
             }
             self.running.push(seq);
+        }
+    }
+
+    /// Drops finished sequences; the keys and values of those that ended normally go to the
+    /// prefix cache.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if !self.running[i].finished {
+                i += 1;
+                continue;
+            }
+            let s = self.running.remove(i);
+            if s.reusable {
+                let key = s.adapter_key();
+                self.prefix_cache.insert(key, &s.tokens, s.cache);
+            }
         }
     }
 
@@ -239,6 +264,10 @@ struct Sequence {
     first_token: Option<Instant>,
     text: TextState,
     finished: bool,
+    /// Ended normally (stop or length), so its cache holds exactly its tokens.
+    reusable: bool,
+    /// Prompt positions taken from the prefix cache instead of being run.
+    cached_tokens: usize,
 }
 
 impl Sequence {
@@ -257,7 +286,14 @@ impl Sequence {
             admitted: Instant::now(),
             first_token: None,
             finished: false,
+            reusable: false,
+            cached_tokens: 0,
         }
+    }
+
+    /// What the prefix cache keys this sequence's keys and values by.
+    fn adapter_key(&self) -> u64 {
+        self.adapter.as_ref().map_or(0, |a| a.generation)
     }
 
     fn generated(&self) -> &[u32] {
@@ -308,13 +344,18 @@ impl Sequence {
 
     fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
+        self.reusable = true;
         let now = Instant::now();
         let timings = Timings {
             queued: self.admitted - self.submitted,
             time_to_first_token: self.first_token.unwrap_or(now) - self.submitted,
             total: now - self.submitted,
         };
-        let usage = Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated().len() };
+        let usage = Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated().len(),
+            cached_tokens: self.cached_tokens,
+        };
         let _ = self.tx.send(StreamEvent::Done { finish_reason: reason, usage, timings });
     }
 }

@@ -224,6 +224,7 @@ fn tiny_engine(dir: &Path, max_batch: usize, max_queue: usize) -> anyhow::Result
         threads: 1,
         max_batch,
         max_queue,
+        prefix_cache_bytes: 64 << 20,
         adapter_limits: AdapterLimits::default(),
     })?;
     Ok((engine, w))
@@ -245,9 +246,45 @@ fn concurrent_requests_each_match_reference() -> R {
     for (s, p) in streams.into_iter().zip(&prompts) {
         let c = s.collect_blocking()?;
         assert_eq!(c.finish_reason, FinishReason::Length);
-        assert_eq!(c.usage, Usage { prompt_tokens: p.len(), completion_tokens: 12 });
+        assert_eq!((c.usage.prompt_tokens, c.usage.completion_tokens), (p.len(), 12));
         assert_eq!(c.tokens, reference_greedy(&w, p, 12)?, "prompt {p:?}");
     }
+    Ok(())
+}
+
+#[test]
+fn prefix_cache_skips_shared_prompt_and_keeps_reference_tokens() -> R {
+    let dir = tempfile::tempdir()?;
+    let (engine, w) = tiny_engine(dir.path(), 4, 16)?;
+    let run = |p: &Vec<u32>| -> anyhow::Result<Completion> {
+        Ok(engine.submit(GenerateRequest { prompt: Prompt::Tokens(p.clone()), params: greedy(6), adapter: None })?.collect_blocking()?)
+    };
+    let a: Vec<u32> = (0..40).map(|i| (i * 37 % 250 + 3) as u32).collect();
+    let first = run(&a)?;
+    assert_eq!(first.usage.cached_tokens, 0);
+    assert_eq!(first.tokens, reference_greedy(&w, &a, 6)?);
+
+    // Shares 30 tokens with `a`: those are not run again, and the output is still the
+    // reference's.
+    let mut b = a[..30].to_vec();
+    b.extend([9, 8, 7, 6, 5, 4, 3, 2, 1, 10]);
+    let second = run(&b)?;
+    assert_eq!((second.usage.prompt_tokens, second.usage.cached_tokens), (40, 30));
+    assert_eq!(second.tokens, reference_greedy(&w, &b, 6)?);
+
+    // A follow-up turn: the earlier prompt and its answer (all but the last generated token
+    // have keys and values) are reused.
+    let mut c = a.clone();
+    c.extend(&first.tokens);
+    c.extend([11, 12, 13]);
+    let third = run(&c)?;
+    assert_eq!(third.usage.cached_tokens, a.len() + first.tokens.len() - 1);
+    assert_eq!(third.tokens, reference_greedy(&w, &c, 6)?);
+
+    // The same prompt again: everything but the last token comes from the cache.
+    let again = run(&a)?;
+    assert_eq!(again.usage.cached_tokens, a.len() - 1);
+    assert_eq!(again.tokens, first.tokens);
     Ok(())
 }
 

@@ -103,6 +103,9 @@ pub struct Timings {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt positions whose keys and values came from the prefix cache (counted in
+    /// `prompt_tokens` too, as OpenAI counts `cached_tokens`).
+    pub cached_tokens: usize,
 }
 
 /// What a generation stream yields, in order: zero or more `Token`, then exactly one

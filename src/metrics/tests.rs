@@ -54,6 +54,7 @@ fn request_tokens_timings_and_overhead() -> R {
         prompt_tokens: 30,
         completion_tokens: 10,
         prompt_tokens_saved: 12,
+        prompt_tokens_cached: 8,
         duration: Duration::from_millis(120),
         engine_time: Some(Duration::from_millis(110)),
         choices: &choices,
@@ -62,6 +63,7 @@ fn request_tokens_timings_and_overhead() -> R {
     assert_eq!(sample(&text, r#"tunegate_prompt_tokens_total{adapter="base",task="base"}"#), Some(30.0));
     assert_eq!(sample(&text, r#"tunegate_completion_tokens_total{adapter="base",task="base"}"#), Some(10.0));
     assert_eq!(sample(&text, r#"tunegate_prompt_tokens_saved_total{adapter="base",task="base"}"#), Some(12.0));
+    assert_eq!(sample(&text, r#"tunegate_prompt_tokens_cached_total{adapter="base",task="base"}"#), Some(8.0));
     let overhead = sample(&text, "tunegate_gateway_overhead_seconds_sum").unwrap_or(-1.0);
     assert!((overhead - 0.010).abs() < 1e-9, "{overhead}");
     let itl = sample(&text, "tunegate_inter_token_latency_seconds_sum").unwrap_or(-1.0);

@@ -102,7 +102,7 @@ fn without_generation(info: &ModelInfo, plan: &CompletionPlan) -> ApiResult<Vec<
                 tokens: Vec::new(),
                 logprobs: Vec::new(),
                 finish_reason: FinishReason::Length,
-                usage: Usage { prompt_tokens, completion_tokens: 0 },
+                usage: Usage { prompt_tokens, ..Usage::default() },
                 timings: Timings::default(),
             });
         }

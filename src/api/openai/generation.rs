@@ -45,14 +45,15 @@ pub async fn collect_all(streams: Vec<GenerationStream>) -> ApiResult<Vec<Comple
 /// Usage for the whole request: each distinct prompt counted once (the `n` samples of one
 /// prompt share it), completion tokens summed over choices.
 pub fn total_usage<'a>(n: usize, per_choice: impl IntoIterator<Item = (usize, &'a Usage)>) -> UsageOut {
-    let (mut prompt, mut completion) = (0, 0);
+    let (mut prompt, mut completion, mut cached) = (0, 0, 0);
     for (index, u) in per_choice {
         if index % n.max(1) == 0 {
             prompt += u.prompt_tokens;
+            cached += u.cached_tokens;
         }
         completion += u.completion_tokens;
     }
-    UsageOut::new(prompt, completion)
+    UsageOut::new(prompt, completion).with_cached(cached)
 }
 
 /// One token's logprob entry as chat completions report it.
@@ -254,6 +255,7 @@ impl Drop for RequestRecord {
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
                 prompt_tokens_saved: if self.completed { self.saved } else { 0 },
+                prompt_tokens_cached: usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
                 duration: self.started.elapsed(),
                 engine_time: self.engine_time,
                 choices: &self.choices,
@@ -268,7 +270,7 @@ mod tests {
 
     #[test]
     fn prompt_counted_once_per_prompt() {
-        let u = |p, c| Usage { prompt_tokens: p, completion_tokens: c };
+        let u = |p, c| Usage { prompt_tokens: p, completion_tokens: c, cached_tokens: 0 };
         let choices = [u(10, 3), u(10, 4), u(7, 1), u(7, 2)];
         let total = total_usage(2, choices.iter().enumerate());
         assert_eq!(total, UsageOut::new(17, 10));

@@ -156,8 +156,9 @@ pub struct UsageOut {
     pub prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
-/// OpenAI's `prompt_tokens_details`, with tunegate's `distilled_tokens`: prompt tokens a
-/// distilled adapter made unnecessary (dropped before the model ran).
+/// OpenAI's `prompt_tokens_details`: `cached_tokens` (prompt positions taken from the prefix
+/// cache), with tunegate's `distilled_tokens`: prompt tokens a distilled adapter made
+/// unnecessary (dropped before the model ran).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PromptTokensDetails {
     pub cached_tokens: usize,
@@ -172,9 +173,21 @@ impl UsageOut {
     /// Records `saved` distilled prompt tokens (per prompt, times `n_prompts`).
     pub fn with_saved(mut self, saved: usize) -> Self {
         if saved > 0 {
-            self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens: 0, distilled_tokens: saved });
+            self.details().distilled_tokens = saved;
         }
         self
+    }
+
+    /// Records prompt tokens served from the prefix cache.
+    pub fn with_cached(mut self, cached: usize) -> Self {
+        if cached > 0 {
+            self.details().cached_tokens = cached;
+        }
+        self
+    }
+
+    fn details(&mut self) -> &mut PromptTokensDetails {
+        self.prompt_tokens_details.get_or_insert(PromptTokensDetails { cached_tokens: 0, distilled_tokens: 0 })
     }
 }
 
