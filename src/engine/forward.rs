@@ -133,13 +133,28 @@ impl Model {
     pub fn forward(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Tensor> {
         let logits = BUFFERS.with(|b| {
             let mut b = b.try_borrow_mut().map_err(|_| EngineError::Internal("forward pass re-entered".into()))?;
-            self.forward_rows(seqs, lora, &mut b)
+            self.forward_rows(seqs, lora, None, &mut b)
         })?;
         let n = seqs.len();
         Ok(Tensor::from_vec(logits, (n, self.shape.vocab_size), &Device::Cpu)?)
     }
 
-    fn forward_rows(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora, b: &mut Buffers) -> Result<Vec<f32>> {
+    /// Runs one sequence's new tokens and returns the logits of each of them from the
+    /// `from`-th on (`[tokens - from, vocab]` flattened): teacher-forced scoring of an answer
+    /// after its prompt on the serving path.
+    pub fn forward_tail(&self, seq: SeqBatch<'_>, lora: &BatchLora, from: usize) -> Result<Vec<f32>> {
+        if from >= seq.tokens.len() {
+            return Err(EngineError::Internal("no rows asked of forward_tail".into()));
+        }
+        BUFFERS.with(|b| {
+            let mut b = b.try_borrow_mut().map_err(|_| EngineError::Internal("forward pass re-entered".into()))?;
+            self.forward_rows(&mut [seq], lora, Some(from), &mut b)
+        })
+    }
+
+    /// `tail`: `None` = the last row of each sequence; `Some(from)` = every row of the
+    /// (single) sequence from `from` on.
+    fn forward_rows(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora, tail: Option<usize>, b: &mut Buffers) -> Result<Vec<f32>> {
         let s = &self.shape;
         let (hidden, hd) = (s.hidden_size, s.head_dim);
         let (q_dim, kv_dim, inter) = (s.num_heads * hd, s.num_kv_heads * hd, s.intermediate_size);
@@ -241,11 +256,14 @@ impl Model {
         for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
             q.cache.commit(sp.len);
         }
-        // Final norm and the output head on each sequence's last row.
-        let n = spans.len();
+        // Final norm and the output head on each sequence's last row (or the asked tail).
+        let rows: Vec<usize> = match tail {
+            Some(from) => (from..m).collect(),
+            None => spans.iter().map(|sp| sp.row + sp.len - 1).collect(),
+        };
+        let n = rows.len();
         let last = sized(&mut b.proj, n * hidden);
-        for (i, sp) in spans.iter().enumerate() {
-            let r = sp.row + sp.len - 1;
+        for (i, &r) in rows.iter().enumerate() {
             last[i * hidden..(i + 1) * hidden].copy_from_slice(&b.x[r * hidden..(r + 1) * hidden]);
         }
         let lnf = F32View::new(&self.norm.weight)?;

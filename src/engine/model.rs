@@ -327,6 +327,11 @@ impl KvCache {
         self.len += t;
     }
 
+    /// Forgets every position from `n` on (the room stays; the next step overwrites it).
+    pub fn rewind(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
     /// Keeps the first `n` positions and gives back the room past them.
     pub(crate) fn truncate(&mut self, n: usize) {
         let n = n.min(self.len);

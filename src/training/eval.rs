@@ -63,31 +63,54 @@ pub fn token_f1(pred: &str, gold: &str) -> f64 {
 /// Greedy continuation on the serving path; stops at end-of-turn or `max_tokens`.
 pub fn greedy(model: &Model, info: &ModelInfo, prompt: &[u32], lora: Option<&LoraWeights>, max_tokens: usize) -> Result<String> {
     let mut cache = KvCache::new(model.shape.num_layers);
-    let mut feed = prompt.to_vec();
+    let bl = BatchLora::new(&[(prompt.len(), lora)])?;
+    let logits = model.forward(&mut [SeqBatch { tokens: prompt, cache: &mut cache }], &bl)?;
+    let first = logits.squeeze(0)?.to_vec1::<f32>()?;
+    let out = continue_greedy(model, info, &mut cache, &first, lora, max_tokens)?;
+    info.tokenizer.decode(&out, true)
+}
+
+/// Greedy tokens after a prompt already in `cache`, whose last logits are `logits`.
+fn continue_greedy(
+    model: &Model,
+    info: &ModelInfo,
+    cache: &mut KvCache,
+    logits: &[f32],
+    lora: Option<&LoraWeights>,
+    max_tokens: usize,
+) -> Result<Vec<u32>> {
     let mut out = Vec::new();
+    let mut row = logits.to_vec();
     for _ in 0..max_tokens {
-        let bl = BatchLora::new(&[(feed.len(), lora)])?;
-        let logits = model.forward(&mut [SeqBatch { tokens: &feed, cache: &mut cache }], &bl)?;
-        let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let id = argmax(&row) as u32;
         if info.tokenizer.eos_token_ids().contains(&id) || cache.len() + 1 >= info.context_length {
             break;
         }
         out.push(id);
-        feed = vec![id];
+        if out.len() == max_tokens {
+            break;
+        }
+        let bl = BatchLora::new(&[(1, lora)])?;
+        let logits = model.forward(&mut [SeqBatch { tokens: &[id], cache: &mut *cache }], &bl)?;
+        row = logits.squeeze(0)?.to_vec1::<f32>()?;
     }
-    info.tokenizer.decode(&out, true)
+    Ok(out)
 }
 
-/// Scores a variant on held-out examples. `dense` (for the loss) may be the same model
-/// when it is already dense.
-pub fn score(model: &Model, dense: &Model, info: &ModelInfo, eval: &[Example], v: &Variant<'_>) -> Result<Scores> {
+/// Scores a variant on held-out examples, all on the serving path: the approved answer's
+/// loss teacher-forced after the prompt, then the greedy answer from the same prompt state.
+/// Examples that share a leading system prompt run it once (the cache is rewound to the
+/// common prefix of consecutive prompts).
+pub fn score(model: &Model, info: &ModelInfo, eval: &[Example], v: &Variant<'_>) -> Result<Scores> {
     let mut s = Scores { examples: eval.len(), ..Default::default() };
     if eval.is_empty() {
         return Ok(s);
     }
+    let vocab = model.shape.vocab_size;
     let mut loss_sum = 0.0;
     let mut loss_tokens = 0usize;
+    let mut cache = KvCache::new(model.shape.num_layers);
+    let mut cached: Vec<u32> = Vec::new();
     for ex in eval {
         let ex = match v.strip_prompt {
             Some(p) => Example { messages: dataset::strip_system(&ex.messages, p) },
@@ -96,15 +119,34 @@ pub fn score(model: &Model, dense: &Model, info: &ModelInfo, eval: &[Example], v
         let seq = dataset::tokenize(info, &ex)?;
         let gold = ex.messages.last().map(|m| m.content.trim().to_string()).unwrap_or_default();
         let max_new = info.tokenizer.encode(&gold, false)?.len() + 16;
-        let pred = greedy(model, info, &seq.tokens[..seq.prompt_len], v.lora, max_new)?;
+        let prompt_len = seq.prompt_len.clamp(1, seq.tokens.len());
+        // Reuse the previous prompt's positions this prompt starts with (at least one
+        // prompt token is run so its logits exist).
+        let keep = cached.iter().zip(&seq.tokens[..prompt_len]).take_while(|(a, b)| a == b).count().min(prompt_len - 1);
+        cache.rewind(keep);
+        // Prompt rest + answer in one pass; logits from the prompt's last token on.
+        let feed = &seq.tokens[keep..];
+        let from = prompt_len - 1 - keep;
+        let bl = BatchLora::new(&[(feed.len(), v.lora)])?;
+        let logits = model.forward_tail(SeqBatch { tokens: feed, cache: &mut cache }, &bl, from)?;
+        for (j, row) in logits.chunks_exact(vocab).enumerate() {
+            let at = prompt_len + j; // the token this row predicts
+            if at < seq.tokens.len() && seq.loss_mask[at] {
+                loss_sum += f64::from(cross_entropy(row, seq.tokens[at] as usize));
+                loss_tokens += 1;
+            }
+        }
+        cache.rewind(prompt_len);
+        let first = logits.get(..vocab).unwrap_or_default();
+        let out = continue_greedy(model, info, &mut cache, first, v.lora, max_new)?;
+        cache.rewind(prompt_len);
+        cached.clear();
+        cached.extend_from_slice(&seq.tokens[..prompt_len]);
+        let pred = info.tokenizer.decode(&out, true)?;
         let pred = pred.trim();
         s.exact_match += f64::from(u8::from(pred == gold));
         s.token_f1 += token_f1(pred, &gold);
         s.prompt_tokens += seq.prompt_len as f64;
-        let bl = BatchLora::new(&[(seq.tokens.len(), v.lora)])?;
-        let (loss, n) = super::trainer::batch_loss(dense, &bl, &[&seq])?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-        loss_tokens += n;
     }
     let n = eval.len() as f64;
     s.exact_match /= n;
@@ -112,6 +154,13 @@ pub fn score(model: &Model, dense: &Model, info: &ModelInfo, eval: &[Example], v
     s.prompt_tokens /= n;
     s.loss = loss_sum / loss_tokens.max(1) as f64;
     Ok(s)
+}
+
+/// `-log softmax(row)[target]`, computed stably.
+fn cross_entropy(row: &[f32], target: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
+    max + sum.ln() - row.get(target).copied().unwrap_or(f32::NEG_INFINITY)
 }
 
 /// The candidate passes when it matches or beats the baseline by `margin` on exact match

@@ -172,7 +172,6 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     let shared = data.distilled.as_ref().and(dataset::shared_system_prompt(&spec.examples));
     let candidate = eval::score(
         &model,
-        &dense,
         &info,
         &data.eval,
         &Variant { lora: Some(&candidate_weights), strip_prompt: shared.as_deref() },
@@ -191,7 +190,6 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     });
     let baseline = eval::score(
         &model,
-        &dense,
         &info,
         &data.eval,
         &Variant { lora: current.as_ref().map(|c| &c.weights), strip_prompt: current_strips.as_deref() },

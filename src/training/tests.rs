@@ -151,6 +151,44 @@ fn task_examples() -> Vec<Example> {
         .collect()
 }
 
+/// The gate's scoring runs a shared system prompt once (rewinding the cache between
+/// examples) and scores answers on the serving path: it must give the training path's loss
+/// and each example's own greedy answer.
+#[test]
+fn eval_score_reuses_the_shared_prompt_and_matches_separate_runs() -> R {
+    let dir = tempfile::tempdir()?;
+    let (path, m) = tiny_model(dir.path())?;
+    let engine = Engine::start(EngineConfig { model_path: path, model_name: "tiny".into(), context_length: 1024, threads: 1, ..Default::default() })?;
+    let info = engine.info()?;
+    let dense = m.to_dense()?;
+    let params = LoraParams::init(&m.shape, &small_cfg())?;
+    for (_, b) in params.pairs.values() {
+        b.set(&Tensor::randn(0f32, 0.3, b.shape(), b.device())?)?;
+    }
+    let weights = params.weights(m.shape.num_layers)?;
+    let examples = task_examples();
+    for lora in [None, Some(&weights)] {
+        let got = super::eval::score(&m, &info, &examples, &super::eval::Variant { lora, strip_prompt: None })?;
+        let (mut loss, mut tokens, mut em) = (0f64, 0usize, 0f64);
+        for ex in &examples {
+            let seq = dataset::tokenize(&info, ex)?;
+            let bl = BatchLora::new(&[(seq.tokens.len(), lora)])?;
+            let (l, n) = trainer::batch_loss(&dense, &bl, &[&seq])?;
+            loss += f64::from(l.to_scalar::<f32>()?) * n as f64;
+            tokens += n;
+            let gold = ex.messages[2].content.trim();
+            let max_new = info.tokenizer.encode(gold, false)?.len() + 16;
+            let pred = super::eval::greedy(&m, &info, &seq.tokens[..seq.prompt_len], lora, max_new)?;
+            em += f64::from(u8::from(pred.trim() == gold));
+        }
+        let want = loss / tokens as f64;
+        anyhow::ensure!((got.loss - want).abs() < 1e-3 * want.max(1.0), "eval loss {} vs training path {want}", got.loss);
+        assert_eq!(got.exact_match, em / examples.len() as f64);
+        assert_eq!(got.examples, examples.len());
+    }
+    Ok(())
+}
+
 /// Trains a distilled adapter on the synthetic task, publishes it in PEFT layout, serves
 /// it through the engine without the instruction and gets the targets back.
 #[test]
