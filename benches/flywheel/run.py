@@ -446,6 +446,7 @@ def one_stream(client, model, sysprompt, text, max_tokens):
         "prompt_tokens": (usage or {}).get("prompt_tokens"),
         "completion_tokens": (usage or {}).get("completion_tokens"),
         "distilled_tokens": details.get("distilled_tokens", 0),
+        "cached_tokens": details.get("cached_tokens", 0),
     }
 
 
@@ -463,6 +464,17 @@ def phase_eval(client, variants, sysprompt, held_out, args):
             rows[name].append(r)
         if (k + 1) % 10 == 0 or k + 1 == len(held_out):
             log(f"  eval {k + 1}/{len(held_out)} ({time.time() - t0:.0f}s)")
+    # The base model as it runs when its system prompt is not in the prefix cache (another
+    # prompt, or a cache turned off): a unique first line makes every request's prefix new.
+    cold = held_out[: args.cold_samples]
+    if cold and variants:
+        base_name, base_model = variants[0]
+        rows[base_name + "_cold"] = []
+        for k, it in enumerate(cold):
+            r = one_stream(client, base_model, f"Request {k}-{random.random():.9f}.\n" + sysprompt, it["text"], args.max_tokens)
+            r.update(id=it["id"], gold=it["label"], predicted=predicted_label(r["answer"]))
+            rows[base_name + "_cold"].append(r)
+        log(f"  base without the prefix cache: {len(cold)} requests ({time.time() - t0:.0f}s)")
     summary = {}
     for name, rs in rows.items():
         summary[name] = {
@@ -471,6 +483,7 @@ def phase_eval(client, variants, sysprompt, held_out, args):
             "exact_match": sum(r["answer"].strip().lower() == r["gold"] for r in rs) / len(rs),
             "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rs),
             "mean_distilled_tokens": statistics.mean(r["distilled_tokens"] for r in rs),
+            "mean_cached_tokens": statistics.mean(r.get("cached_tokens", 0) for r in rs),
             "median_ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in rs),
             "median_latency_ms": 1000 * statistics.median(r["latency_s"] for r in rs),
             "p90_latency_ms": 1000 * sorted(r["latency_s"] for r in rs)[int(0.9 * (len(rs) - 1))],
@@ -506,16 +519,22 @@ def chart(res, path):
     import matplotlib.pyplot as plt
 
     b, a = res["eval"]["base"], res["eval"]["adapter"]
+    c = res["eval"].get("base_cold")
     panels = [
-        ("prompt tokens / request", b["mean_prompt_tokens"], a["mean_prompt_tokens"], "{:.0f}"),
-        ("accuracy (held-out)", 100 * b["accuracy"], 100 * a["accuracy"], "{:.0f}%"),
-        ("median time to first token (ms)", b["median_ttft_ms"], a["median_ttft_ms"], "{:.0f}"),
-        ("median latency (ms)", b["median_latency_ms"], a["median_latency_ms"], "{:.0f}"),
+        ("prompt tokens / request", b["mean_prompt_tokens"], a["mean_prompt_tokens"], None, "{:.0f}"),
+        ("accuracy (held-out)", 100 * b["accuracy"], 100 * a["accuracy"], None, "{:.0f}%"),
+        ("median time to first token (ms)", b["median_ttft_ms"], a["median_ttft_ms"], c and c["median_ttft_ms"], "{:.0f}"),
+        ("median latency (ms)", b["median_latency_ms"], a["median_latency_ms"], c and c["median_latency_ms"], "{:.0f}"),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-    for ax, (title, vb, va, fmt) in zip(axes, panels):
-        bars = ax.bar(["base +\nlong prompt", "adapter,\nprompt dropped"], [vb, va], color=["#8c8c8c", "#2a7ab9"])
-        for bar, v in zip(bars, [vb, va]):
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
+    for ax, (title, vb, va, vc, fmt) in zip(axes, panels):
+        names = ["base +\nlong prompt", "adapter,\nprompt dropped"]
+        values, colors = [vb, va], ["#8c8c8c", "#2a7ab9"]
+        if vc is not None:
+            names, values, colors = ["base, prompt\nnot cached"] + names, [vc] + values, ["#c9c9c9"] + colors
+        bars = ax.bar(names, values, color=colors)
+        ax.tick_params(axis="x", labelsize=8)
+        for bar, v in zip(bars, values):
             ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)
         ax.set_title(title, fontsize=10)
@@ -539,7 +558,8 @@ def verdicts(res):
         ("adapter accuracy ≥ prompted base", a["accuracy"] >= b["accuracy"],
          f"{100 * a['accuracy']:.1f}% vs {100 * b['accuracy']:.1f}%"),
         ("median latency lower", a["median_latency_ms"] < b["median_latency_ms"],
-         f"{a['median_latency_ms']:.0f} ms vs {b['median_latency_ms']:.0f} ms"),
+         f"{a['median_latency_ms']:.0f} ms vs {b['median_latency_ms']:.0f} ms (base's prompt prefix-cached)"
+         + (f"; {res['eval']['base_cold']['median_latency_ms']:.0f} ms uncached" if res["eval"].get("base_cold") else "")),
         ("training done in under 15 minutes for ~500 examples",
          t["job_wall_seconds"] < 900 and res["settings"]["train_examples"] >= 450,
          f"{t['job_wall_seconds'] / 60:.1f} min for {res['settings']['train_examples']} examples"
@@ -577,8 +597,18 @@ def write_report(res, out_md):
     L.append(f"| exact answer (one label word) | {100 * b['exact_match']:.1f}% | {100 * a['exact_match']:.1f}% |")
     L.append(f"| prompt tokens per request (mean, `usage.prompt_tokens`) | {b['mean_prompt_tokens']:.1f} | {a['mean_prompt_tokens']:.1f} |")
     L.append(f"| prompt tokens dropped by the router (mean) | {b['mean_distilled_tokens']:.1f} | {a['mean_distilled_tokens']:.1f} |")
+    L.append(f"| prompt tokens taken from the prefix cache (mean, `cached_tokens`) | {b.get('mean_cached_tokens', 0):.1f} | {a.get('mean_cached_tokens', 0):.1f} |")
     L.append(f"| time to first token, median | {b['median_ttft_ms']:.0f} ms | {a['median_ttft_ms']:.0f} ms |")
     L.append(f"| total latency, median (p90) | {b['median_latency_ms']:.0f} ms ({b['p90_latency_ms']:.0f}) | {a['median_latency_ms']:.0f} ms ({a['p90_latency_ms']:.0f}) |")
+    c = res["eval"].get("base_cold")
+    if c:
+        L.append("")
+        L.append(f"The base column runs with its system prompt in the gateway's prefix cache (shared by every request, "
+                 f"so only the article is prefilled), the fairest baseline. Without that cache (another system prompt, "
+                 f"or `engine.prefix_cache_mib = 0`), on the first {c['requests']} held-out articles, the base with the "
+                 f"long prompt took **{c['median_ttft_ms']:.0f} ms** to the first token and **{c['median_latency_ms']:.0f} ms** "
+                 f"in all (medians; p90 {c['p90_latency_ms']:.0f} ms): "
+                 f"{c['median_latency_ms'] / max(a['median_latency_ms'], 1e-9):.1f}x the adapter's latency.")
     L.append("")
     L.append("| training | |")
     L.append("|---|---:|")
@@ -643,7 +673,9 @@ def write_report(res, out_md):
     L.append(f"- **Phase 4, eval**: {s['eval_examples']} held-out articles, one streamed request at a time "
              f"(`stream_options.include_usage`), to `{s['base_model']}` and to `{t['fine_tuned_model']}`, each with the "
              "same long system prompt (the router drops it for the adapter). Time to first token = first content "
-             "chunk; latency = end of stream; both measured in the client. One warm-up request each, not counted.")
+             "chunk; latency = end of stream; both measured in the client. One warm-up request each, not counted. "
+             f"Then the first {s.get('cold_samples', 0)} articles once more to the base with a unique first line "
+             "before the system prompt, so the prefix cache cannot serve it (latency only).")
     L.append("")
     if res.get("eval_rows"):
         L.append("Most common answers on the held-out articles (answer, count): base: "
@@ -669,6 +701,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=4, help="traffic phase only; eval is one request at a time")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cold-samples", type=int, default=20,
+                   help="held-out articles also sent to the base with a prompt the prefix cache cannot match")
     p.add_argument("--gate-fraction", type=float, default=0.1, help="[training] eval_fraction: approved examples the gate holds out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trigger", dest="scheduler", action="store_false",
@@ -767,6 +801,7 @@ def main():
         "epochs": args.epochs, "learning_rate_multiplier": args.learning_rate_multiplier, "batch_size": args.batch_size,
         "shots_per_label": args.shots_per_label, "words": args.words, "shot_words": args.shot_words,
         "max_tokens": args.max_tokens, "concurrency": args.concurrency, "threads": args.threads,
+        "cold_samples": args.cold_samples,
         "seed": args.seed, "scheduler": args.scheduler, "quick": args.quick,
     }
     res["system_prompt"] = sysprompt
