@@ -314,6 +314,8 @@ pub struct AdaptersConfig {
     pub max_loaded: usize,
     pub max_rank: usize,
     pub max_bytes: usize,
+    /// How adapters are held for serving: f16 (default; half the bytes each step) or f32.
+    pub precision: crate::engine::lora::LoraPrecision,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -409,6 +411,7 @@ struct RawAdapters {
     max_loaded: usize,
     max_rank: usize,
     max_bytes: usize,
+    precision: crate::engine::lora::LoraPrecision,
 }
 
 impl Default for RawAdapters {
@@ -421,6 +424,7 @@ impl Default for RawAdapters {
             max_loaded: 64,
             max_rank: 64,
             max_bytes: 1 << 30,
+            precision: crate::engine::lora::LoraPrecision::F16,
         }
     }
 }
@@ -466,6 +470,7 @@ impl Config {
                 max_loaded: self.adapters.max_loaded,
                 max_rank: self.adapters.max_rank,
                 max_bytes: self.adapters.max_bytes,
+                precision: self.adapters.precision,
             },
         }
     }
@@ -624,6 +629,7 @@ impl RawConfig {
                 max_loaded: self.adapters.max_loaded,
                 max_rank: self.adapters.max_rank,
                 max_bytes: self.adapters.max_bytes,
+                precision: self.adapters.precision,
             },
             limits: self.limits,
             training: self.training,

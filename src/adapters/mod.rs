@@ -14,7 +14,7 @@ pub use registry::{
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::lora::LoraWeights;
+use crate::engine::lora::{LoraPrecision, LoraWeights};
 
 /// Limits on what the registry holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,11 +22,13 @@ pub struct AdapterLimits {
     pub max_loaded: usize,
     pub max_rank: usize,
     pub max_bytes: usize,
+    /// How loaded adapters are held for serving.
+    pub precision: LoraPrecision,
 }
 
 impl Default for AdapterLimits {
     fn default() -> Self {
-        Self { max_loaded: 64, max_rank: 64, max_bytes: 1 << 30 }
+        Self { max_loaded: 64, max_rank: 64, max_bytes: 1 << 30, precision: LoraPrecision::F16 }
     }
 }
 

@@ -173,7 +173,6 @@ pub fn load_adapter(dir: &Path, shape: &ModelShape, limits: &AdapterLimits) -> R
     if pairs.is_empty() {
         return Err(invalid(format!("{} holds no LoRA tensors", wpath.display())));
     }
-    let mut bytes = 0;
     let mut modules = std::collections::BTreeSet::new();
     for ((layer, proj), (a, b)) in pairs {
         let base = format!("base_model.model.model.layers.{layer}.{}", proj.module_path());
@@ -199,9 +198,10 @@ pub fn load_adapter(dir: &Path, shape: &ModelShape, limits: &AdapterLimits) -> R
         weights
             .set(layer, proj, &a, &b, scale)
             .map_err(|e| invalid(format!("{base}: {e}")))?;
-        bytes += 4 * (a.elem_count() + b.elem_count());
         modules.insert(proj);
     }
+    weights.prepare_serving(limits.precision).map_err(|e| invalid(e.to_string()))?;
+    let bytes = weights.bytes();
     if bytes > limits.max_bytes {
         return Err(AdapterError::Limit(format!("adapter holds {bytes} bytes, more than max_bytes = {}", limits.max_bytes)));
     }

@@ -71,6 +71,7 @@ fn promote(config: &Config, task: &str, version: &str) -> anyhow::Result<()> {
         max_loaded: config.adapters.max_loaded,
         max_rank: config.adapters.max_rank,
         max_bytes: config.adapters.max_bytes,
+        precision: config.adapters.precision,
     };
     crate::adapters::peft::load_adapter(&dir, &shape, &limits)
         .map_err(|e| anyhow::anyhow!("{} does not load: {e}", dir.display()))?;

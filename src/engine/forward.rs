@@ -20,9 +20,10 @@ use std::sync::Mutex;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Storage, StorageRef, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
-use super::lora::{BatchLora, Proj};
+use super::lora::{BatchLora, Proj, ServingPair};
 use super::model::{Linear, Model, SeqBatch};
 use super::pool::{self, Pool};
 use super::{EngineError, Result};
@@ -114,6 +115,12 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.clear();
     v.resize(n, 0.0);
     v
+}
+
+/// `n` values of room whose old contents the caller overwrites (no zeroing).
+fn room(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.resize(n, 0.0);
+    &mut v[..n]
 }
 
 /// One sequence of the batch as the kernels see it.
@@ -395,6 +402,37 @@ impl Model {
     }
 }
 
+/// A serving pair's matrix as stored.
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    F16(&'a [half::f16]),
+    F32(&'a [f32]),
+}
+
+impl<'a> Values<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Values::F16(v) => v.len(),
+            Values::F32(v) => v.len(),
+        }
+    }
+
+    /// The values as f32: borrowed, or widened into `buf`.
+    fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            Values::F32(v) => v,
+            Values::F16(v) => {
+                let out = room(buf, v.len());
+                v.convert_to_f32_slice(out);
+                out
+            }
+        }
+    }
+}
+
 impl BatchLora<'_> {
     /// Adds each adapter group's `x·Aᵀ·s·Bᵀ` for the projections `projs` (each with the
     /// column where its outputs start in `y`) to the group's rows of `y` (`stride` wide).
@@ -415,26 +453,26 @@ impl BatchLora<'_> {
             return Ok(());
         }
         let m = x.len() / k;
-        // Borrow every pair's values for the region.
-        let mut views = Vec::new();
+        // Every pair's f16 values for the region.
+        let mut jobs = Vec::new();
         for (gi, (weights, _)) in groups.iter().enumerate() {
+            let serving = weights.serving()?;
+            let Some(slots) = serving.get(layer) else { continue };
             for &(p, col) in projs {
-                if let Some(pair) = weights.get(layer, p) {
-                    views.push((gi, col, F32View::new(&pair.a_t)?, F32View::new(&pair.b_t_scaled)?));
+                let Some(pair) = &slots[p as usize] else { continue };
+                let (a, bv) = match pair {
+                    ServingPair::F16(a, b) => (Values::F16(a), Values::F16(b)),
+                    ServingPair::F32(a, b) => (Values::F32(a), Values::F32(b)),
+                };
+                let r = a.len() / k;
+                if r == 0 || bv.len() % r != 0 {
+                    return Err(EngineError::Internal("LoRA pair shape does not match its projection".into()));
                 }
+                jobs.push((gi, col, r, a, bv));
             }
         }
-        if views.is_empty() {
+        if jobs.is_empty() {
             return Ok(());
-        }
-        let mut jobs = Vec::with_capacity(views.len());
-        for (gi, col, a, bv) in &views {
-            let (a, bv) = (a.slice()?, bv.slice()?);
-            let r = a.len() / k;
-            if r == 0 || bv.len() % r != 0 {
-                return Err(EngineError::Internal("LoRA pair shape does not match its projection".into()));
-            }
-            jobs.push((*gi, *col, r, a, bv));
         }
         let out = OutPtr(y.as_mut_ptr());
         let failed = Mutex::new(false);
@@ -444,9 +482,9 @@ impl BatchLora<'_> {
             if tid >= threads {
                 return;
             }
-            let mut tmp = Vec::new();
-            for &(gi, col, r, a, bv) in jobs.iter().skip(tid).step_by(threads) {
-                let n_out = bv.len() / r;
+            let (mut tmp, mut a32, mut b32) = (Vec::new(), Vec::new(), Vec::new());
+            for &(gi, col, r, a_src, b_src) in jobs.iter().skip(tid).step_by(threads) {
+                let n_out = b_src.len() / r;
                 if col + n_out > stride {
                     if let Ok(mut f) = failed.lock() {
                         *f = true;
@@ -454,6 +492,9 @@ impl BatchLora<'_> {
                     continue;
                 }
                 let rows = &groups[gi].1;
+                // f16 is widened once per job (the pair then stays in cache for all its rows).
+                let a = a_src.as_f32(&mut a32);
+                let bv = b_src.as_f32(&mut b32);
                 let mut each = |i: usize| {
                     let xr = &x[i * k..(i + 1) * k];
                     // Four partial sums over interleaved inputs: four independent chains.

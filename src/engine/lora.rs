@@ -2,8 +2,17 @@
 //! several adapters: the base projection runs once for all rows, then for each adapter
 //! group the rows are gathered, multiplied by the low-rank pair and added back
 //! (the Punica / S-LoRA scheme). `W + s·B·A` is never materialised.
+//!
+//! Serving reads each pair as f16 (made once per adapter, see [`LoraWeights::serving`]):
+//! a batch of sequences on different adapters streams every adapter's pairs each step, and
+//! halving those bytes is what keeps such batches close to base-model speed on a CPU. The
+//! rounding (relative 2^-11 per weight) is what vLLM does too (adapters in the model's
+//! 16-bit dtype); training and the Tensor path below keep f32.
+
+use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
+use half::f16;
 
 use super::{EngineError, Result};
 
@@ -66,15 +75,100 @@ pub struct LoraPair {
     pub b_t_scaled: Tensor,
 }
 
+/// One projection's pair as the serving kernels read it: the layouts of [`LoraPair`]
+/// (`Aᵀ` `[in, r]`, then `s·Bᵀ` `[r, out]`) in the serving precision.
+#[derive(Debug)]
+pub(crate) enum ServingPair {
+    F16(Vec<f16>, Vec<f16>),
+    F32(Vec<f32>, Vec<f32>),
+}
+
+impl ServingPair {
+    fn values(&self) -> usize {
+        match self {
+            ServingPair::F16(a, b) => a.len() + b.len(),
+            ServingPair::F32(a, b) => a.len() + b.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            ServingPair::F16(..) => 2 * self.values(),
+            ServingPair::F32(..) => 4 * self.values(),
+        }
+    }
+}
+
+/// How the serving kernels hold adapter matrices (`adapters.precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraPrecision {
+    /// Half the bytes per step; each weight rounded to the nearest f16 (relative 2^-11).
+    #[default]
+    F16,
+    /// The adapter file's values exactly.
+    F32,
+}
+
+type ServingLayers = Vec<[Option<ServingPair>; 7]>;
+
 /// An adapter's weights in the model's own row order, per layer and projection.
 #[derive(Debug, Default)]
 pub struct LoraWeights {
     layers: Vec<[Option<LoraPair>; 7]>,
+    /// The f16 copy the serving kernels read, made on first use.
+    serving: OnceLock<std::result::Result<ServingLayers, String>>,
 }
 
 impl LoraWeights {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| Default::default()).collect() }
+        Self { layers: (0..num_layers).map(|_| Default::default()).collect(), serving: OnceLock::new() }
+    }
+
+    /// Makes the serving copy in `precision` now. Loaders call this so that the first
+    /// request does not pay for it and a weight outside f16's range is refused at load time;
+    /// without it the copy is made in f16 on first use.
+    pub fn prepare_serving(&mut self, precision: LoraPrecision) -> Result<()> {
+        self.serving = OnceLock::from(self.make_serving(precision));
+        self.serving().map(|_| ())
+    }
+
+    pub(crate) fn serving(&self) -> Result<&ServingLayers> {
+        self.serving
+            .get_or_init(|| self.make_serving(LoraPrecision::F16))
+            .as_ref()
+            .map_err(|e| EngineError::Internal(e.clone()))
+    }
+
+    fn make_serving(&self, precision: LoraPrecision) -> std::result::Result<ServingLayers, String> {
+        let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string());
+        let half = |v: &[f32], what: &str, layer: usize, p: Proj| -> std::result::Result<Vec<f16>, String> {
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            match v.iter().zip(&h).find(|(x, y)| x.is_finite() && !y.is_finite()) {
+                Some((x, _)) => Err(format!(
+                    "layer {layer} {}: a {what} value ({x}) is outside f16's range (set adapters.precision = \"f32\")",
+                    p.name()
+                )),
+                None => Ok(h),
+            }
+        };
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut slots: [Option<ServingPair>; 7] = Default::default();
+            for p in Proj::ALL {
+                if let Some(pair) = &layer[p.index()] {
+                    let (a, b) = (values(&pair.a_t)?, values(&pair.b_t_scaled)?);
+                    slots[p.index()] = Some(match precision {
+                        LoraPrecision::F32 => ServingPair::F32(a, b),
+                        LoraPrecision::F16 => {
+                            ServingPair::F16(half(&a, "lora_A", li, p)?, half(&b, "scaled lora_B", li, p)?)
+                        }
+                    });
+                }
+            }
+            out.push(slots);
+        }
+        Ok(out)
     }
 
     /// Sets the pair for one projection from `a` `[r, in]`, `b` `[out, r]` and the scale.
@@ -86,6 +180,7 @@ impl LoraWeights {
         let a_t = a.to_device(&Device::Cpu)?.t()?.contiguous()?;
         let b_t_scaled = (b.to_device(&Device::Cpu)?.t()?.contiguous()? * scale)?;
         slot[p.index()] = Some(LoraPair { a_t, b_t_scaled });
+        self.serving = OnceLock::new();
         Ok(())
     }
 
@@ -97,14 +192,14 @@ impl LoraWeights {
         self.layers.len()
     }
 
-    /// Bytes of f32 weights held.
+    /// Bytes of weights held: the f32 pairs and, once made, their serving copy.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|p| 4 * (p.a_t.elem_count() + p.b_t_scaled.elem_count()))
-            .sum()
+        let values: usize = self.layers.iter().flatten().flatten().map(|p| p.a_t.elem_count() + p.b_t_scaled.elem_count()).sum();
+        let serving: usize = match self.serving.get() {
+            Some(Ok(layers)) => layers.iter().flatten().flatten().map(ServingPair::bytes).sum(),
+            _ => 0,
+        };
+        4 * values + serving
     }
 }
 
@@ -195,5 +290,46 @@ impl<'a> BatchLora<'a> {
             };
         }
         Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(w: &mut LoraWeights, big: f32) -> Result<()> {
+        let a = Tensor::from_vec(vec![0.5f32, -0.25, 1.0 / 3.0, big], (1, 4), &Device::Cpu)?;
+        let b = Tensor::from_vec(vec![0.1f32, 0.2], (2, 1), &Device::Cpu)?;
+        w.set(0, Proj::Q, &a, &b, 2.0)
+    }
+
+    #[test]
+    fn serving_copy_rounds_to_f16_or_keeps_f32() -> Result<()> {
+        let mut w = LoraWeights::new(1);
+        pair(&mut w, 0.125)?;
+        let f32_bytes = w.bytes();
+        w.prepare_serving(LoraPrecision::F16)?;
+        assert_eq!(w.bytes(), f32_bytes * 3 / 2, "an f16 copy adds half the f32 bytes");
+        let Some(Some(ServingPair::F16(a, b))) = w.serving()?.first().map(|l| &l[Proj::Q as usize]) else {
+            return Err(EngineError::Internal("no f16 pair".into()));
+        };
+        // Aᵀ is [in, r]; 1/3 is rounded to the nearest f16, exact values stay exact.
+        assert_eq!(a[0].to_f32(), 0.5);
+        assert_eq!(a[2].to_f32(), f16::from_f32(1.0 / 3.0).to_f32());
+        assert!((a[2].to_f32() - 1.0 / 3.0).abs() < 1.0 / 3.0 / 2048.0);
+        assert_eq!((b[0].to_f32(), b[1].to_f32()), (f16::from_f32(0.2).to_f32(), f16::from_f32(0.4).to_f32()));
+        w.prepare_serving(LoraPrecision::F32)?;
+        assert!(matches!(w.serving()?[0][Proj::Q as usize], Some(ServingPair::F32(ref a, _)) if a[2] == 1.0 / 3.0));
+        Ok(())
+    }
+
+    #[test]
+    fn weight_outside_f16_range_is_refused_with_the_way_out() -> Result<()> {
+        let mut w = LoraWeights::new(1);
+        pair(&mut w, 1e6)?;
+        let e = w.prepare_serving(LoraPrecision::F16).map_err(|e| e.to_string());
+        assert!(matches!(&e, Err(m) if m.contains("layer 0 q_proj") && m.contains("adapters.precision")), "{e:?}");
+        w.prepare_serving(LoraPrecision::F32)?;
+        Ok(())
     }
 }

@@ -236,6 +236,18 @@ impl TinyLora {
         self.alpha / self.rank as f32
     }
 
+    /// The same adapter with every value rounded to the nearest f16, the precision serving
+    /// keeps adapters in: with a power-of-two scale the served products are then exactly the
+    /// f32 reference's, so a comparison checks the batching alone.
+    pub fn f16_exact(mut self) -> Self {
+        for (a, b) in self.pairs.values_mut() {
+            for x in a.iter_mut().chain(b.iter_mut()) {
+                *x = half::f16::from_f32(*x).to_f32();
+            }
+        }
+        self
+    }
+
     /// Writes a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`).
     pub fn write_peft(&self, dir: &Path, shape: &ModelShape) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;

@@ -148,8 +148,8 @@ fn mixed_lora_batch_equals_merged_weights() -> R {
     let p = dir.path().join("m.gguf");
     w.write_gguf(&p, GgmlDType::F32, None)?;
     let m = load_gguf(&p)?;
-    let l1 = TinyLora::random(&spec.shape(), 4, &Proj::ALL, 11);
-    let l2 = TinyLora::random(&spec.shape(), 8, &[Proj::Q, Proj::V, Proj::Down], 12);
+    let l1 = TinyLora::random(&spec.shape(), 4, &Proj::ALL, 11).f16_exact();
+    let l2 = TinyLora::random(&spec.shape(), 8, &[Proj::Q, Proj::V, Proj::Down], 12).f16_exact();
     l1.write_peft(&dir.path().join("a1"), &spec.shape())?;
     l2.write_peft(&dir.path().join("a2"), &spec.shape())?;
     let lim = AdapterLimits::default();

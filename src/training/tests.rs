@@ -32,6 +32,18 @@ fn tiny_model(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, Mode
     Ok((p, m))
 }
 
+/// Gives every B a random value (a fresh adapter's B is zero) and rounds A and B to f16
+/// values: serving reads adapters in f16, so train/serve comparisons then see the same
+/// weights and test the arithmetic alone.
+fn randomize_b_f16_exact(params: &LoraParams) -> anyhow::Result<()> {
+    let f16_exact = |t: &Tensor| t.to_dtype(candle_core::DType::F16)?.to_dtype(candle_core::DType::F32);
+    for (a, b) in params.pairs.values() {
+        a.set(&f16_exact(a.as_tensor())?)?;
+        b.set(&f16_exact(&Tensor::randn(0f32, 0.3, b.shape(), b.device())?)?)?;
+    }
+    Ok(())
+}
+
 fn small_cfg() -> TrainConfig {
     TrainConfig { rank: 4, alpha: 8.0, ..Default::default() }
 }
@@ -42,9 +54,7 @@ fn train_and_serve_paths_give_the_same_logits() -> R {
     let (_, m) = tiny_model(dir.path())?;
     let dense = m.to_dense()?;
     let params = LoraParams::init(&m.shape, &small_cfg())?;
-    for (_, b) in params.pairs.values() {
-        b.set(&Tensor::randn(0f32, 0.3, b.shape(), b.device())?)?;
-    }
+    randomize_b_f16_exact(&params)?;
     let weights = params.weights(m.shape.num_layers)?;
     let toks: Vec<u32> = vec![1, 50, 60, 70, 80, 90, 2, 100];
     let lora = BatchLora::new(&[(toks.len(), Some(&weights))])?;
@@ -65,9 +75,7 @@ fn ragged_training_batch_matches_sequences_alone() -> R {
     let (_, m) = tiny_model(dir.path())?;
     let dense = m.to_dense()?;
     let params = LoraParams::init(&m.shape, &small_cfg())?;
-    for (_, b) in params.pairs.values() {
-        b.set(&Tensor::randn(0f32, 0.3, b.shape(), b.device())?)?;
-    }
+    randomize_b_f16_exact(&params)?;
     let weights = params.weights(m.shape.num_layers)?;
     let seqs: [&[u32]; 3] = [&[1, 50, 60, 70, 80], &[1, 90, 2, 100, 40, 41, 42, 43], &[1, 7]];
     let lens: Vec<_> = seqs.iter().map(|s| (s.len(), Some(&weights))).collect();
@@ -162,9 +170,7 @@ fn eval_score_reuses_the_shared_prompt_and_matches_separate_runs() -> R {
     let info = engine.info()?;
     let dense = m.to_dense()?;
     let params = LoraParams::init(&m.shape, &small_cfg())?;
-    for (_, b) in params.pairs.values() {
-        b.set(&Tensor::randn(0f32, 0.3, b.shape(), b.device())?)?;
-    }
+    randomize_b_f16_exact(&params)?;
     let weights = params.weights(m.shape.num_layers)?;
     let examples = task_examples();
     for lora in [None, Some(&weights)] {
