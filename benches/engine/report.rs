@@ -43,6 +43,8 @@ struct Row {
     better: Better,
     tunegate: Option<f64>,
     peer: Option<f64>,
+    /// Median over rounds of that round's tunegate / llama.cpp (the two ran back to back).
+    paired: Option<f64>,
 }
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -61,6 +63,11 @@ fn med_e(rounds: &[EngineRound], f: impl Fn(&EngineRound) -> Option<f64>) -> Opt
 
 fn med_p(rounds: &[PeerRound], f: impl Fn(&PeerRound) -> Option<f64>) -> Option<f64> {
     median(rounds.iter().filter_map(f).collect())
+}
+
+/// Median over rounds of each round's own ratio.
+fn paired(e: &[EngineRound], p: &[PeerRound], fe: impl Fn(&EngineRound) -> Option<f64>, fp: impl Fn(&PeerRound) -> Option<f64>) -> Option<f64> {
+    median(e.iter().zip(p).filter_map(|(a, b)| ratio(fe(a), fp(b))).collect())
 }
 
 fn fmt(v: Option<f64>, unit: &str) -> String {
@@ -138,6 +145,7 @@ impl Results<'_> {
                 better: Better::Higher,
                 tunegate: med_e(e, |r| r.prefill_128_tps),
                 peer: med_p(p, |r| r.prefill_128_tps),
+                paired: paired(e, p, |r| r.prefill_128_tps, |r| r.prefill_128_tps),
             },
             Row {
                 key: "ttft_1000_seconds",
@@ -146,6 +154,7 @@ impl Results<'_> {
                 better: Better::Lower,
                 tunegate: med_e(e, |r| r.prefill_1000_seconds),
                 peer: med_p(p, |r| r.prefill_1000_seconds),
+                paired: paired(e, p, |r| r.prefill_1000_seconds, |r| r.prefill_1000_seconds),
             },
             Row {
                 key: "decode_128_tps",
@@ -154,6 +163,7 @@ impl Results<'_> {
                 better: Better::Higher,
                 tunegate: med_e(e, |r| r.decode_128_tps),
                 peer: med_p(p, |r| r.decode_128_tps),
+                paired: paired(e, p, |r| r.decode_128_tps, |r| r.decode_128_tps),
             },
             Row {
                 key: "batch8_base_decode_tps",
@@ -162,6 +172,7 @@ impl Results<'_> {
                 better: Better::Higher,
                 tunegate: med_e(e, |r| r.batch8_base_decode_tps),
                 peer: med_p(p, |r| r.batch8_decode_tps),
+                paired: paired(e, p, |r| r.batch8_base_decode_tps, |r| r.batch8_decode_tps),
             },
             Row {
                 key: "batch8_lora_decode_tps",
@@ -170,6 +181,7 @@ impl Results<'_> {
                 better: Better::Higher,
                 tunegate: med_e(e, |r| r.batch8_lora_decode_tps),
                 peer: None,
+                paired: None,
             },
             Row {
                 key: "adapter_load_seconds",
@@ -178,6 +190,7 @@ impl Results<'_> {
                 better: Better::Lower,
                 tunegate: median(self.adapter_load_seconds.clone()),
                 peer: None,
+                paired: None,
             },
             Row {
                 key: "peak_rss_bytes",
@@ -186,6 +199,7 @@ impl Results<'_> {
                 better: Better::Lower,
                 tunegate: self.peak_rss_bytes.map(|b| b as f64),
                 peer: peer_rss,
+                paired: None,
             },
             Row {
                 key: "model_file_bytes",
@@ -194,6 +208,7 @@ impl Results<'_> {
                 better: Better::Lower,
                 tunegate: Some(self.model_bytes as f64),
                 peer: Some(self.model_bytes as f64),
+                paired: None,
             },
         ]
     }
@@ -227,7 +242,7 @@ impl Results<'_> {
         let _ = writeln!(md, "- model: `{model}` ({:.1} MiB), {} threads for both engines", self.model_bytes as f64 / 1048576.0, s.threads);
         let _ = writeln!(
             md,
-            "- rounds: {} (each figure is the median over rounds; in each half of a round tunegate and llama.cpp run back to back){}",
+            "- rounds: {} (each figure is the median over rounds; in each half of a round tunegate and llama.cpp run back to back; the last column is the median of each round's own ratio, the verdicts below use the ratio of the medians){}",
             self.engine_rounds.len(),
             if self.stopped_early { "; stopped early by the time budget" } else { "" }
         );
@@ -266,23 +281,24 @@ impl Results<'_> {
             );
         }
 
-        let _ = writeln!(md, "| metric | tunegate | llama.cpp | ratio (tunegate / llama.cpp) |");
-        let _ = writeln!(md, "|---|---:|---:|---:|");
+        let _ = writeln!(md, "| metric | tunegate | llama.cpp | ratio (tunegate / llama.cpp) | median of per-round ratios |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
         for r in rows {
             let better = match r.better {
                 Better::Higher => "higher is better",
                 Better::Lower => "lower is better",
             };
-            let ratio = ratio(r.tunegate, r.peer).map(|x| format!("{x:.2}×")).unwrap_or_else(|| "n/a".into());
+            let x = |v: Option<f64>| v.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "n/a".into());
             let _ = writeln!(
                 md,
-                "| {} ({}, {}) | {} | {} | {} |",
+                "| {} ({}, {}) | {} | {} | {} | {} |",
                 r.metric,
                 r.unit,
                 better,
                 fmt(r.tunegate, r.unit),
                 fmt(r.peer, r.unit),
-                ratio
+                x(ratio(r.tunegate, r.peer)),
+                x(r.paired)
             );
         }
 
@@ -415,6 +431,7 @@ impl Results<'_> {
                         "tunegate": r.tunegate,
                         "llama_cpp": r.peer,
                         "ratio": ratio(r.tunegate, r.peer),
+                        "median_per_round_ratio": r.paired,
                     }),
                 )
             })

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::{EngineError, Result};
 
@@ -143,7 +144,11 @@ impl LoraWeights {
     fn make_serving(&self, precision: LoraPrecision) -> std::result::Result<ServingLayers, String> {
         let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string());
         let half = |v: &[f32], what: &str, layer: usize, p: Proj| -> std::result::Result<Vec<f16>, String> {
-            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let mut h = vec![f16::ZERO; v.len()];
+            h.convert_from_f32_slice(v); // vectorised (F16C)
+            if h.iter().all(|y| y.is_finite()) {
+                return Ok(h);
+            }
             match v.iter().zip(&h).find(|(x, y)| x.is_finite() && !y.is_finite()) {
                 Some((x, _)) => Err(format!(
                     "layer {layer} {}: a {what} value ({x}) is outside f16's range (set adapters.precision = \"f32\")",

@@ -358,6 +358,9 @@ async fn prometheus_scrapes_and_answers_the_dashboard() -> anyhow::Result<()> {
     publish(&gw, "faq/v1", 2, true)?;
     let (s, b) = gw.load_adapter("faq", "faq/v1", false).await?;
     anyhow::ensure!(s == 200, "{b}");
+    // Twice, so that the prefix-cache counter exists (with a hit) before the first scrape:
+    // `rate` sees increases of a series, not its first value.
+    chat(&gw, "faq", true).await?;
     chat(&gw, "faq", true).await?;
 
     let prom = PrometheusServer::start(&binary, &gw.handle.addr.to_string(), &gw.http).await?;
@@ -369,6 +372,9 @@ async fn prometheus_scrapes_and_answers_the_dashboard() -> anyhow::Result<()> {
 
     let saved = prom.values(&gw.http, "sum(rate(tunegate_prompt_tokens_saved_total[1m]))").await?;
     assert!(saved.first().is_some_and(|&v| v > 0.0), "saved tokens rate: {saved:?}");
+    // The same request again and again: its prompt comes from the prefix cache.
+    let cached = prom.values(&gw.http, "sum(rate(tunegate_prompt_tokens_cached_total[1m]))").await?;
+    assert!(cached.first().is_some_and(|&v| v > 0.0), "cached tokens rate: {cached:?}");
     let p50 = prom
         .values(&gw.http, "histogram_quantile(0.5, sum(rate(tunegate_request_duration_seconds_bucket[1m])) by (le))")
         .await?;
