@@ -299,7 +299,7 @@ impl Metrics {
             prompt_tokens_cached: counter_vec(&r, PROMPT_TOKENS_CACHED, "Prompt tokens taken from the prefix cache instead of being run (counted in tunegate_prompt_tokens_total too).", &["task", "adapter"])?,
             tokens_per_second: histogram(&r, TOKENS_PER_SECOND, "Decode speed per choice: generated tokens per second after the first.", buckets::TOKENS_PER_SECOND)?,
             running_sequences: gauge(&r, RUNNING_SEQUENCES, "Sequences in the engine's running batch.")?,
-            kv_cache: gauge(&r, KV_CACHE, "Bytes held by the running sequences' KV caches.")?,
+            kv_cache: gauge(&r, KV_CACHE, "Bytes of keys and values held: the running sequences' KV caches plus the prefix cache.")?,
             adapters_loaded: gauge(&r, ADAPTERS_LOADED, "Aliases currently served.")?,
             adapter_bytes: gauge(&r, ADAPTER_BYTES, "Bytes of adapter weights in memory (current and retired generations).")?,
             adapter_swaps: counter_vec(&r, ADAPTER_SWAPS, "Adapter loads, swaps and unloads, by alias and result.", &["task", "result"])?,

@@ -201,6 +201,7 @@ pub fn load_adapter(dir: &Path, shape: &ModelShape, limits: &AdapterLimits) -> R
         modules.insert(proj);
     }
     weights.prepare_serving(limits.precision).map_err(|e| invalid(e.to_string()))?;
+    let weights = weights.into_serving_only().map_err(|e| invalid(e.to_string()))?;
     let bytes = weights.bytes();
     if bytes > limits.max_bytes {
         return Err(AdapterError::Limit(format!("adapter holds {bytes} bytes, more than max_bytes = {}", limits.max_bytes)));

@@ -6,8 +6,9 @@
 //! Serving reads each pair as f16 (made once per adapter, see [`LoraWeights::serving`]):
 //! a batch of sequences on different adapters streams every adapter's pairs each step, and
 //! halving those bytes is what keeps such batches close to base-model speed on a CPU. The
-//! rounding (relative 2^-11 per weight) is what vLLM does too (adapters in the model's
-//! 16-bit dtype); training and the Tensor path below keep f32.
+//! rounding (relative 2^-11 for values above f16's subnormal range, 6e-5) is what vLLM does
+//! too (adapters in the model's 16-bit dtype); training and the Tensor path below keep f32.
+//! A loaded adapter keeps only its serving copy ([`LoraWeights::into_serving_only`]).
 
 use std::sync::OnceLock;
 
@@ -104,7 +105,8 @@ impl ServingPair {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoraPrecision {
-    /// Half the bytes per step; each weight rounded to the nearest f16 (relative 2^-11).
+    /// Half the bytes per step; each weight rounded to the nearest f16 (relative 2^-11;
+    /// values under 6e-5 keep an absolute error under 3e-8).
     #[default]
     F16,
     /// The adapter file's values exactly.
@@ -117,19 +119,36 @@ type ServingLayers = Vec<[Option<ServingPair>; 7]>;
 #[derive(Debug, Default)]
 pub struct LoraWeights {
     layers: Vec<[Option<LoraPair>; 7]>,
-    /// The f16 copy the serving kernels read, made on first use.
+    /// The copy the serving kernels read (f16 unless prepared otherwise), made on first use.
     serving: OnceLock<std::result::Result<ServingLayers, String>>,
+    /// The f32 pairs were dropped after the serving copy was made (loaded adapters): only
+    /// the serving kernels can use these weights.
+    serving_only: bool,
 }
 
 impl LoraWeights {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| Default::default()).collect(), serving: OnceLock::new() }
+        Self { layers: (0..num_layers).map(|_| Default::default()).collect(), serving: OnceLock::new(), serving_only: false }
+    }
+
+    /// Drops the f32 pairs, keeping only the serving copy (made now if it was not): what a
+    /// served adapter needs, at half (f16) of the memory. The candle path refuses such weights.
+    pub fn into_serving_only(mut self) -> Result<Self> {
+        self.serving()?;
+        for layer in &mut self.layers {
+            *layer = Default::default();
+        }
+        self.serving_only = true;
+        Ok(self)
     }
 
     /// Makes the serving copy in `precision` now. Loaders call this so that the first
     /// request does not pay for it and a weight outside f16's range is refused at load time;
     /// without it the copy is made in f16 on first use.
     pub fn prepare_serving(&mut self, precision: LoraPrecision) -> Result<()> {
+        if self.serving_only {
+            return Err(EngineError::Internal("these LoRA weights were kept for serving only".into()));
+        }
         self.serving = OnceLock::from(self.make_serving(precision));
         self.serving().map(|_| ())
     }
@@ -186,6 +205,7 @@ impl LoraWeights {
         let b_t_scaled = (b.to_device(&Device::Cpu)?.t()?.contiguous()? * scale)?;
         slot[p.index()] = Some(LoraPair { a_t, b_t_scaled });
         self.serving = OnceLock::new();
+        self.serving_only = false;
         Ok(())
     }
 
@@ -285,6 +305,9 @@ impl<'a> BatchLora<'a> {
             x
         };
         for g in &self.groups {
+            if g.weights.serving_only {
+                return Err(EngineError::Internal("LoRA weights kept for serving only reached the candle path".into()));
+            }
             let Some(pair) = g.weights.get(layer, p) else { continue };
             y = match &g.rows {
                 None => (y + x.matmul(&pair.a_t)?.matmul(&pair.b_t_scaled)?)?,
@@ -325,6 +348,13 @@ mod tests {
         assert_eq!((b[0].to_f32(), b[1].to_f32()), (f16::from_f32(0.2).to_f32(), f16::from_f32(0.4).to_f32()));
         w.prepare_serving(LoraPrecision::F32)?;
         assert!(matches!(w.serving()?[0][Proj::Q as usize], Some(ServingPair::F32(ref a, _)) if a[2] == 1.0 / 3.0));
+        // A served adapter keeps only its serving copy; the candle path then refuses it.
+        w.prepare_serving(LoraPrecision::F16)?;
+        let w = w.into_serving_only()?;
+        assert_eq!(w.bytes(), f32_bytes / 2);
+        let x = Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu)?;
+        let y = Tensor::zeros((1, 2), candle_core::DType::F32, &Device::Cpu)?;
+        assert!(BatchLora::new(&[(1, Some(&w))])?.apply(0, Proj::Q, &x, y).is_err());
         Ok(())
     }
 

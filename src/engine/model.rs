@@ -267,13 +267,15 @@ pub struct KvCache {
     v: Vec<Vec<f32>>,
     len: usize,
     reserve: usize,
+    /// Values per position per layer (known from the first step on).
+    kv_dim: usize,
 }
 
 const KV_CHUNK: usize = 128;
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { k: vec![Vec::new(); num_layers], v: vec![Vec::new(); num_layers], len: 0, reserve: 0 }
+        Self { k: vec![Vec::new(); num_layers], v: vec![Vec::new(); num_layers], len: 0, reserve: 0, kv_dim: 0 }
     }
 
     /// Positions already in the cache.
@@ -293,12 +295,13 @@ impl KvCache {
 
     /// Bytes of keys and values held (filled positions, all layers).
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+        2 * self.k.len() * self.len * self.kv_dim * 4
     }
 
     /// Before a step that fills up to `need` positions: drops what a failed step may have
     /// left past `len` and makes room.
     pub(crate) fn prepare(&mut self, num_layers: usize, kv_dim: usize, need: usize) {
+        self.kv_dim = kv_dim;
         if self.k.len() != num_layers {
             self.k.resize_with(num_layers, Vec::new);
             self.v.resize_with(num_layers, Vec::new);
@@ -336,8 +339,7 @@ impl KvCache {
     pub(crate) fn truncate(&mut self, n: usize) {
         let n = n.min(self.len);
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let per = l.len() / self.len.max(1);
-            l.truncate(n * per);
+            l.truncate(n * self.kv_dim);
             l.shrink_to_fit();
         }
         self.len = n;
@@ -352,14 +354,15 @@ impl KvCache {
             self.k.resize_with(other.k.len(), Vec::new);
             self.v.resize_with(other.v.len(), Vec::new);
         }
+        let per = other.kv_dim;
         for (dst, src) in self.k.iter_mut().zip(&other.k).chain(self.v.iter_mut().zip(&other.v)) {
-            let per = src.len() / other.len.max(1);
             dst.clear();
             let want = self.reserve.max(n).div_ceil(KV_CHUNK) * KV_CHUNK * per;
             dst.reserve_exact(want);
             dst.extend_from_slice(&src[..n * per]);
         }
         self.len = n;
+        self.kv_dim = per;
     }
 }
 

@@ -3,7 +3,7 @@
 //! tokens on the same adapter skips their prefill. A long shared system prompt is then run
 //! once, not once per request. Entries are keyed by adapter generation (a LoRA on k/v
 //! changes the cached values; a reloaded adapter is a new generation, so nothing stale is
-//! reused). A hit copies the shared rows into the new sequence's own cache, so running
+//! reused) and by the requests' prefix scope (one per API key in the gateway). A hit copies the shared rows into the new sequence's own cache, so running
 //! sequences never share mutable state.
 
 use super::model::KvCache;
@@ -11,9 +11,11 @@ use super::model::KvCache;
 /// Shorter shared prefixes are not worth an entry's bookkeeping.
 const MIN_TOKENS: usize = 16;
 
+/// (adapter generation or 0 for the base model, the requests' prefix scope).
+pub(crate) type CacheKey = (u64, u64);
+
 struct Entry {
-    /// 0 = the base model, else the adapter generation.
-    adapter: u64,
+    adapter: CacheKey,
     /// The tokens whose keys and values `cache` holds (`cache.len()` of them).
     tokens: Vec<u32>,
     cache: KvCache,
@@ -46,7 +48,7 @@ impl PrefixCache {
 
     /// The longest cached prefix of `prompt` on `adapter`, leaving at least the prompt's
     /// last token to run (its logits pick the first generated token).
-    pub fn lookup(&mut self, adapter: u64, prompt: &[u32]) -> Option<Hit> {
+    pub fn lookup(&mut self, adapter: CacheKey, prompt: &[u32]) -> Option<Hit> {
         let limit = prompt.len().saturating_sub(1);
         let (entry, tokens) = self
             .entries
@@ -72,7 +74,7 @@ impl PrefixCache {
 
     /// Keeps a finished sequence's cache; `tokens` are the sequence's tokens (only the first
     /// `cache.len()` have keys and values).
-    pub fn insert(&mut self, adapter: u64, tokens: &[u32], mut cache: KvCache) {
+    pub fn insert(&mut self, adapter: CacheKey, tokens: &[u32], mut cache: KvCache) {
         let n = cache.len().min(tokens.len());
         if self.capacity == 0 || n < MIN_TOKENS {
             return;
@@ -145,14 +147,14 @@ mod tests {
         let a: Vec<u32> = (0..40).collect();
         let mut b: Vec<u32> = (0..30).collect();
         b.extend(100..120);
-        pc.insert(0, &a, filled(40, 2, 0.0));
-        pc.insert(7, &b, filled(50, 2, 0.5));
+        pc.insert((0, 0), &a, filled(40, 2, 0.0));
+        pc.insert((7, 0), &b, filled(50, 2, 0.5));
         assert_eq!(pc.len(), 2);
 
         // Shares 30 tokens with `a` and `b`, but only `a` is on the base model.
         let mut prompt: Vec<u32> = (0..30).collect();
         prompt.extend(200..210);
-        let hit = pc.lookup(0, &prompt).ok_or("no hit")?;
+        let hit = pc.lookup((0, 0), &prompt).ok_or("no hit")?;
         assert_eq!(hit.tokens, 30);
         let mut c = KvCache::new(2);
         pc.fill(&hit, &mut c);
@@ -161,11 +163,13 @@ mod tests {
         assert_eq!((k.len(), k[29], v[29]), (30, 1029.0, -1029.0));
 
         // The whole prompt cached: the last token is still left to run.
-        let hit = pc.lookup(0, &a).ok_or("no hit")?;
+        let hit = pc.lookup((0, 0), &a).ok_or("no hit")?;
         assert_eq!(hit.tokens, 39);
         // Too short a match, or another adapter: nothing.
-        assert!(pc.lookup(0, &[0, 1, 2, 3, 9, 9, 9]).is_none());
-        assert!(pc.lookup(3, &a).is_none());
+        assert!(pc.lookup((0, 0), &[0, 1, 2, 3, 9, 9, 9]).is_none());
+        assert!(pc.lookup((3, 0), &a).is_none());
+        // Same tokens and adapter, another scope (API key): nothing.
+        assert!(pc.lookup((0, 9), &a).is_none());
         Ok(())
     }
 
@@ -174,27 +178,27 @@ mod tests {
         let per = filled(20, 1, 0.0).bytes();
         let mut pc = PrefixCache::new(per * 2);
         let seq = |base: u32| (base..base + 20).collect::<Vec<u32>>();
-        pc.insert(0, &seq(0), filled(20, 1, 0.0));
-        pc.insert(0, &seq(100), filled(20, 1, 0.0));
-        pc.lookup(0, &seq(0)).ok_or("no hit")?; // 0 is now the most recent
-        pc.insert(0, &seq(200), filled(20, 1, 0.0));
+        pc.insert((0, 0), &seq(0), filled(20, 1, 0.0));
+        pc.insert((0, 0), &seq(100), filled(20, 1, 0.0));
+        pc.lookup((0, 0), &seq(0)).ok_or("no hit")?; // 0 is now the most recent
+        pc.insert((0, 0), &seq(200), filled(20, 1, 0.0));
         assert_eq!((pc.len(), pc.bytes()), (2, per * 2));
-        assert!(pc.lookup(0, &seq(100)).is_none(), "the least recently used entry went");
-        assert!(pc.lookup(0, &seq(0)).is_some());
+        assert!(pc.lookup((0, 0), &seq(100)).is_none(), "the least recently used entry went");
+        assert!(pc.lookup((0, 0), &seq(0)).is_some());
 
         // A longer sequence over an entry's tokens replaces it; a prefix of one adds nothing.
         let mut longer = seq(0);
         longer.extend(500..510);
-        pc.insert(0, &longer, filled(30, 1, 0.0));
+        pc.insert((0, 0), &longer, filled(30, 1, 0.0));
         // seq(0)'s entry is replaced; seq(200)'s goes to make room for the 30 positions.
         assert_eq!((pc.len(), pc.bytes()), (1, per * 3 / 2));
-        assert_eq!(pc.lookup(0, &longer).ok_or("no hit")?.tokens, 29);
-        pc.insert(0, &seq(0), filled(20, 1, 0.0));
+        assert_eq!(pc.lookup((0, 0), &longer).ok_or("no hit")?.tokens, 29);
+        pc.insert((0, 0), &seq(0), filled(20, 1, 0.0));
         assert_eq!((pc.len(), pc.bytes()), (1, per * 3 / 2));
 
         // Off: nothing is kept.
         let mut off = PrefixCache::new(0);
-        off.insert(0, &seq(0), filled(20, 1, 0.0));
+        off.insert((0, 0), &seq(0), filled(20, 1, 0.0));
         assert_eq!(off.len(), 0);
         Ok(())
     }

@@ -158,13 +158,13 @@ impl Loop<'_> {
             // Room for the whole request up front: decode steps then never reallocate.
             let need = seq.prompt_len.saturating_add(seq.params.max_tokens).min(self.info.context_length);
             seq.cache.reserve(need);
-            if let Some(hit) = self.prefix_cache.lookup(seq.adapter_key(), &seq.tokens) {
-                self.prefix_cache.fill(&hit, &mut seq.cache);
-                seq.cached_tokens = hit.tokens;
-            }
             if seq.params.max_tokens == 0 {
                 seq.finish(FinishReason::Length);
                 continue;
+            }
+            if let Some(hit) = self.prefix_cache.lookup(seq.cache_key(), &seq.tokens) {
+                self.prefix_cache.fill(&hit, &mut seq.cache);
+                seq.cached_tokens = hit.tokens;
             }
             self.running.push(seq);
         }
@@ -181,7 +181,7 @@ impl Loop<'_> {
             }
             let s = self.running.remove(i);
             if s.reusable {
-                let key = s.adapter_key();
+                let key = s.cache_key();
                 self.prefix_cache.insert(key, &s.tokens, s.cache);
             }
         }
@@ -291,9 +291,10 @@ impl Sequence {
         }
     }
 
-    /// What the prefix cache keys this sequence's keys and values by.
-    fn adapter_key(&self) -> u64 {
-        self.adapter.as_ref().map_or(0, |a| a.generation)
+    /// What the prefix cache keys this sequence's keys and values by: the adapter generation
+    /// that made them (0 = base) and the request's scope.
+    fn cache_key(&self) -> (u64, u64) {
+        (self.adapter.as_ref().map_or(0, |a| a.generation), self.params.prefix_scope)
     }
 
     fn generated(&self) -> &[u32] {

@@ -34,6 +34,10 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Stop at the model's end-of-sequence tokens (false only for benchmarks).
     pub stop_at_eos: bool,
+    /// Prefix-cache partition: a request reuses cached prompt positions only from requests
+    /// of the same scope (the gateway gives each API key its own, so one client cannot learn
+    /// from `cached_tokens` or timing what another's prompts began with). 0 = shared.
+    pub prefix_scope: u64,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +50,7 @@ impl Default for SamplingParams {
             seed: None,
             stop: Vec::new(),
             stop_at_eos: true,
+            prefix_scope: 0,
         }
     }
 }

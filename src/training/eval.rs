@@ -19,6 +19,9 @@ pub struct Scores {
     pub loss: f64,
     /// Mean prompt tokens per request.
     pub prompt_tokens: f64,
+    /// Each example's greedy answer (not stored with the report).
+    #[serde(skip)]
+    pub predictions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -119,6 +122,9 @@ pub fn score(model: &Model, info: &ModelInfo, eval: &[Example], v: &Variant<'_>)
         let seq = dataset::tokenize(info, &ex)?;
         let gold = ex.messages.last().map(|m| m.content.trim().to_string()).unwrap_or_default();
         let max_new = info.tokenizer.encode(&gold, false)?.len() + 16;
+        if seq.tokens.is_empty() {
+            return Err(crate::engine::EngineError::InvalidRequest("an eval example has no tokens".into()));
+        }
         let prompt_len = seq.prompt_len.clamp(1, seq.tokens.len());
         // Reuse the previous prompt's positions this prompt starts with (at least one
         // prompt token is run so its logits exist).
@@ -147,6 +153,7 @@ pub fn score(model: &Model, info: &ModelInfo, eval: &[Example], v: &Variant<'_>)
         s.exact_match += f64::from(u8::from(pred == gold));
         s.token_f1 += token_f1(pred, &gold);
         s.prompt_tokens += seq.prompt_len as f64;
+        s.predictions.push(pred.to_string());
     }
     let n = eval.len() as f64;
     s.exact_match /= n;

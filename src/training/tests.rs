@@ -176,7 +176,7 @@ fn eval_score_reuses_the_shared_prompt_and_matches_separate_runs() -> R {
     for lora in [None, Some(&weights)] {
         let got = super::eval::score(&m, &info, &examples, &super::eval::Variant { lora, strip_prompt: None })?;
         let (mut loss, mut tokens, mut em) = (0f64, 0usize, 0f64);
-        for ex in &examples {
+        for (i, ex) in examples.iter().enumerate() {
             let seq = dataset::tokenize(&info, ex)?;
             let bl = BatchLora::new(&[(seq.tokens.len(), lora)])?;
             let (l, n) = trainer::batch_loss(&dense, &bl, &[&seq])?;
@@ -185,6 +185,9 @@ fn eval_score_reuses_the_shared_prompt_and_matches_separate_runs() -> R {
             let gold = ex.messages[2].content.trim();
             let max_new = info.tokenizer.encode(gold, false)?.len() + 16;
             let pred = super::eval::greedy(&m, &info, &seq.tokens[..seq.prompt_len], lora, max_new)?;
+            // The continuation after the rewound cache is the separate run's, token for token.
+            assert_eq!(got.predictions[i], pred.trim(), "example {i}");
+            assert!(!pred.trim().is_empty(), "example {i}: an empty answer proves little");
             em += f64::from(u8::from(pred.trim() == gold));
         }
         let want = loss / tokens as f64;

@@ -233,3 +233,27 @@ async fn models_list_and_retrieve() -> anyhow::Result<()> {
     assert_eq!((status.as_u16(), body["status"].as_str()), (200, Some("ready")));
     Ok(())
 }
+
+/// The prefix cache is per API key: the same prompt from another key runs in full (so no
+/// client learns from `cached_tokens` or timing what another's prompts began with), and
+/// from the same key it is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_is_not_shared_across_api_keys() -> anyhow::Result<()> {
+    let gw = common::start_with(|cfg, _| common::with_keys(cfg)).await?;
+    let body = json!({"model": MODEL, "messages": user("Summarise the plot of a long novel for me"), "max_tokens": 4, "temperature": 0});
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+    let as_client = || async {
+        let res = gw.http.post(gw.url("/v1/chat/completions")).bearer_auth(common::CLIENT_KEY).json(&body).send().await?;
+        anyhow::ensure!(res.status() == 200, "{}", res.status());
+        Ok::<Value, anyhow::Error>(res.json().await?)
+    };
+    let (s, first) = gw.post("/v1/chat/completions", body.clone()).await?; // the admin key
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(cached(&first), 0);
+    let other = as_client().await?;
+    assert_eq!(cached(&other), 0, "another key's prompt was reused: {}", other["usage"]);
+    let again = as_client().await?;
+    let prompt_tokens = again["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(cached(&again), prompt_tokens - 1, "{}", again["usage"]);
+    Ok(())
+}

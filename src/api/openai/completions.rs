@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
-use super::generation::{collect_all, submit_all, total_usage, Meta, RequestRecord};
+use super::generation::{collect_all, prefix_scope, submit_all, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, Held};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
@@ -23,7 +23,8 @@ pub async fn create(
     http: HttpRequest,
     Json(req): Json<CompletionRequest>,
 ) -> ApiResult<HttpResponse> {
-    let plan = convert::completion(&req, &state.config.limits)?;
+    let mut plan = convert::completion(&req, &state.config.limits)?;
+    plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
     let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire(&caller.key_id)?;

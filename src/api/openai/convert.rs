@@ -320,6 +320,7 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
             seed: c.seed.map(seed).transpose()?,
             stop,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
+            prefix_scope: 0, // set by the handler from the caller's key
         },
         n,
         stream: c.stream.unwrap_or(false),

@@ -15,6 +15,15 @@ use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, Model
 use crate::logs::{LogRecord, Logs, STATUS_OK};
 use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
+/// The prefix-cache scope of a caller's requests: one per API key, so cached prompt
+/// positions (and what `cached_tokens` or timing would reveal of them) never cross keys.
+pub fn prefix_scope(key_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    key_id.hash(&mut h);
+    h.finish()
+}
+
 /// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one
 /// submission fails, the ones already queued are dropped, which cancels them.
 pub fn submit_all(
