@@ -417,22 +417,7 @@ impl<'a> Values<'a> {
         }
     }
 
-    fn bytes(&self) -> (*const u8, usize) {
-        match self {
-            Values::F16(v) => (v.as_ptr().cast(), 2 * v.len()),
-            Values::F32(v) => (v.as_ptr().cast(), 4 * v.len()),
-        }
-    }
-
-    /// Starts loading the first `PREFETCH_AHEAD` bytes (the rest follows in `as_f32`).
-    fn prefetch_head(&self) {
-        let (p, n) = self.bytes();
-        prefetch(p, n.min(PREFETCH_AHEAD));
-    }
-
-    /// The values as f32: borrowed, or widened into `buf`. The widening reads ahead of
-    /// itself: a batch on many adapters streams each one's pairs from memory once per step,
-    /// and more loads in flight is what makes that faster.
+    /// The values as f32: borrowed, or widened into `buf`.
     fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
     where
         'a: 'b,
@@ -441,35 +426,11 @@ impl<'a> Values<'a> {
             Values::F32(v) => v,
             Values::F16(v) => {
                 let out = room(buf, v.len());
-                const CHUNK: usize = 1024; // values: 2 KiB of f16
-                let ahead = PREFETCH_AHEAD / 2;
-                for (i, (src, dst)) in v.chunks(CHUNK).zip(out.chunks_mut(CHUNK)).enumerate() {
-                    let next = i * CHUNK + ahead;
-                    if next < v.len() {
-                        prefetch(v[next..].as_ptr().cast(), 2 * CHUNK.min(v.len() - next));
-                    }
-                    src.convert_to_f32_slice(dst);
-                }
+                v.convert_to_f32_slice(out);
                 out
             }
         }
     }
-}
-
-/// How far ahead of its reads the LoRA widening asks for memory.
-const PREFETCH_AHEAD: usize = 8 << 10;
-
-/// Asks the CPU to start loading `bytes` from `p` into cache. A hint: it never faults and
-/// does nothing on other architectures.
-#[inline]
-fn prefetch(p: *const u8, bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch of any address is allowed and cannot fault.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off).cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes);
 }
 
 impl BatchLora<'_> {
@@ -522,17 +483,7 @@ impl BatchLora<'_> {
                 return;
             }
             let (mut tmp, mut a32, mut b32) = (Vec::new(), Vec::new(), Vec::new());
-            let mine: Vec<_> = jobs.iter().skip(tid).step_by(threads).collect();
-            if let Some(&&(_, _, _, a, b)) = mine.first() {
-                a.prefetch_head();
-                b.prefetch_head();
-            }
-            for (n, &&(gi, col, r, a_src, b_src)) in mine.iter().enumerate() {
-                // The next job's pairs start loading while this one computes.
-                if let Some(&&(_, _, _, a, b)) = mine.get(n + 1) {
-                    a.prefetch_head();
-                    b.prefetch_head();
-                }
+            for &(gi, col, r, a_src, b_src) in jobs.iter().skip(tid).step_by(threads) {
                 let n_out = b_src.len() / r;
                 if col + n_out > stride {
                     if let Ok(mut f) = failed.lock() {
