@@ -57,6 +57,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         job_dir: config.server.data_dir.join("jobs").join(&id),
         current_adapter: current,
         min_margin: config.training.min_margin,
+        adapter_precision: config.adapters.precision,
     };
     let cancel = AtomicBool::new(false);
     let mut stderr = std::io::stderr();

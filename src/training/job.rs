@@ -13,6 +13,7 @@ use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig};
 use crate::adapters::{peft, AdapterLimits};
 use crate::engine::gguf::GgufFile;
 use crate::engine::hf::SafetensorsDir;
+use crate::engine::lora::LoraPrecision;
 use crate::engine::{ChatTemplate, EngineError, Model, ModelInfo, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct JobSpec {
     /// The adapter serving the task today, if any (the gate's baseline).
     pub current_adapter: Option<PathBuf>,
     pub min_margin: f64,
+    /// How the gateway serves adapters (`adapters.precision`): the gate scores both sides so.
+    pub adapter_precision: LoraPrecision,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -168,7 +171,8 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     if outcome.cancelled {
         return Err(JobError::Cancelled);
     }
-    let candidate_weights = params.weights(model.shape.num_layers)?;
+    let mut candidate_weights = params.weights(model.shape.num_layers)?;
+    candidate_weights.prepare_serving(spec.adapter_precision)?;
     let shared = data.distilled.as_ref().and(dataset::shared_system_prompt(&spec.examples));
     let candidate = eval::score(
         &model,
@@ -178,7 +182,7 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     )?;
     let current = match &spec.current_adapter {
         Some(p) => Some(
-            peft::load_adapter(p, &model.shape, &AdapterLimits::default())
+            peft::load_adapter(p, &model.shape, &AdapterLimits { precision: spec.adapter_precision, ..AdapterLimits::default() })
                 .map_err(|e| JobError::Failed(format!("current adapter {}: {e}", p.display())))?,
         ),
         None => None,

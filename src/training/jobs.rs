@@ -485,6 +485,7 @@ impl JobManager {
             job_dir: i.dir.join(&job.id),
             current_adapter: current.as_ref().map(|c| c.path.clone()),
             min_margin: i.cfg.min_margin,
+            adapter_precision: i.registry.limits().precision,
         };
         let id = job.id.clone();
         let mut emit = |e: JobEvent| {

@@ -326,6 +326,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
         job_dir: dir.path().join("jobs/1"),
         current_adapter: None,
         min_margin: 0.0,
+        adapter_precision: Default::default(),
     };
     let mut events = Vec::new();
     let good = job::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
