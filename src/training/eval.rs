@@ -63,7 +63,9 @@ pub fn token_f1(pred: &str, gold: &str) -> f64 {
     2.0 * prec * rec / (prec + rec)
 }
 
-/// Greedy continuation on the serving path; stops at end-of-turn or `max_tokens`.
+/// Greedy continuation on the serving path from an empty cache; stops at end-of-turn or
+/// `max_tokens`. The tests' independent check of [`score`]'s answers.
+#[cfg(test)]
 pub fn greedy(model: &Model, info: &ModelInfo, prompt: &[u32], lora: Option<&LoraWeights>, max_tokens: usize) -> Result<String> {
     let mut cache = KvCache::new(model.shape.num_layers);
     let bl = BatchLora::new(&[(prompt.len(), lora)])?;

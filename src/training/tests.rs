@@ -44,6 +44,14 @@ fn randomize_b_f16_exact(params: &LoraParams) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tiny model, an engine serving it (for adapters in tests) and its tokenizer/template.
+fn tiny_engine(dir: &std::path::Path) -> anyhow::Result<(Model, Engine, std::sync::Arc<crate::engine::ModelInfo>)> {
+    let (path, m) = tiny_model(dir)?;
+    let engine = Engine::start(EngineConfig { model_path: path, model_name: "tiny".into(), context_length: 1024, threads: 1, ..Default::default() })?;
+    let info = engine.info()?;
+    Ok((m, engine, info))
+}
+
 fn small_cfg() -> TrainConfig {
     TrainConfig { rank: 4, alpha: 8.0, ..Default::default() }
 }
@@ -165,9 +173,7 @@ fn task_examples() -> Vec<Example> {
 #[test]
 fn eval_score_reuses_the_shared_prompt_and_matches_separate_runs() -> R {
     let dir = tempfile::tempdir()?;
-    let (path, m) = tiny_model(dir.path())?;
-    let engine = Engine::start(EngineConfig { model_path: path, model_name: "tiny".into(), context_length: 1024, threads: 1, ..Default::default() })?;
-    let info = engine.info()?;
+    let (m, _engine, info) = tiny_engine(dir.path())?;
     let dense = m.to_dense()?;
     let params = LoraParams::init(&m.shape, &small_cfg())?;
     randomize_b_f16_exact(&params)?;
@@ -203,9 +209,7 @@ fn eval_score_reuses_the_shared_prompt_and_matches_separate_runs() -> R {
 #[test]
 fn distilled_adapter_learns_the_task_and_serves_identically() -> R {
     let dir = tempfile::tempdir()?;
-    let (path, m) = tiny_model(dir.path())?;
-    let engine = Engine::start(EngineConfig { model_path: path, model_name: "tiny".into(), context_length: 1024, threads: 1, ..Default::default() })?;
-    let info = engine.info()?;
+    let (m, engine, info) = tiny_engine(dir.path())?;
     let examples = task_examples();
     let data = dataset::build(&info, &examples, &DatasetOptions { eval_fraction: 0.0, ..Default::default() })?;
     let distilled = data.distilled.clone().ok_or_else(|| anyhow::anyhow!("shared system prompt not detected"))?;
