@@ -24,6 +24,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
 use super::lora::{BatchLora, Proj, ServingPair};
+use super::lora_kernels;
 use super::model::{Linear, Model, SeqBatch};
 use super::pool::{self, Pool};
 use super::{EngineError, Result};
@@ -31,6 +32,10 @@ use super::{EngineError, Result};
 /// Prefill attention switches from per-query loops to blocked products from this many
 /// query rows on.
 const GEMM_ATTENTION_ROWS: usize = 8;
+
+/// An adapter group with at most this many rows in a step reads its f16 pairs straight
+/// into registers (`lora_kernels`); larger groups widen each pair once and reuse it.
+const REGISTER_LORA_ROWS: usize = 4;
 
 /// A contiguous f32 CPU tensor's values, borrowed for the length of a step.
 pub(crate) struct F32View<'a> {
@@ -492,7 +497,24 @@ impl BatchLora<'_> {
                     continue;
                 }
                 let rows = &groups[gi].1;
-                // f16 is widened once per job (the pair then stays in cache for all its rows).
+                let count = rows.as_ref().map_or(m, Vec::len);
+                if let (Values::F16(a), Values::F16(bv)) = (a_src, b_src) {
+                    if count <= REGISTER_LORA_ROWS && lora_kernels::fused(r) {
+                        // Decode: each pair byte is read once, widened in registers.
+                        let mut one = |i: usize| {
+                            // SAFETY: row i belongs to this group alone; columns inside `stride`.
+                            let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
+                            lora_kernels::row_f16(&x[i * k..(i + 1) * k], a, bv, r, yr);
+                        };
+                        match rows {
+                            None => (0..m).for_each(&mut one),
+                            Some(rows) => rows.iter().for_each(|&i| one(i as usize)),
+                        }
+                        continue;
+                    }
+                }
+                // Many rows (prefill): f16 is widened once per job (the pair then stays in
+                // cache for all its rows).
                 let a = a_src.as_f32(&mut a32);
                 let bv = b_src.as_f32(&mut b32);
                 let mut each = |i: usize| {
@@ -527,6 +549,105 @@ impl BatchLora<'_> {
         if failed.into_inner().unwrap_or(true) {
             return Err(EngineError::Internal("LoRA output wider than its projection".into()));
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod lora_speed {
+    use super::*;
+    use crate::engine::lora::LoraWeights;
+    use std::time::Instant;
+
+    /// Timing probe (not a check): `cargo test --release --lib lora_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn lora_apply_time_per_step() -> Result<()> {
+        let (hidden, inter, layers, q_dim, kv_dim, r) = (576usize, 1536usize, 30usize, 576usize, 192usize, 16usize);
+        let dims = |p: Proj| match p {
+            Proj::Q => (q_dim, hidden),
+            Proj::K | Proj::V => (kv_dim, hidden),
+            Proj::O => (hidden, q_dim),
+            Proj::Gate | Proj::Up => (inter, hidden),
+            Proj::Down => (hidden, inter),
+        };
+        let groups: usize = std::env::var("G").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+        let mut ws = Vec::new();
+        for g in 0..groups {
+            let mut w = LoraWeights::new(layers);
+            for l in 0..layers {
+                for p in Proj::ALL {
+                    let (o, i) = dims(p);
+                    let a = Tensor::rand(-0.1f32, 0.1, (r, i), &Device::Cpu)?;
+                    let b = Tensor::rand(-0.1f32, 0.1, (o, r), &Device::Cpu)?;
+                    w.set(l, p, &a, &b, 2.0 + g as f64)?;
+                }
+            }
+            ws.push(w.into_serving_only()?);
+        }
+        let seqs: Vec<(usize, Option<&LoraWeights>)> = ws.iter().map(|w| (1, Some(w))).collect();
+        let lora = BatchLora::new(&seqs)?;
+        let m = groups;
+        let xh: Vec<f32> = (0..m * hidden).map(|i| (i as f32 * 0.37).sin()).collect();
+        let xi: Vec<f32> = (0..m * inter).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut qkv = vec![0f32; m * (q_dim + 2 * kv_dim)];
+        let mut proj = vec![0f32; m * hidden];
+        let mut gu = vec![0f32; m * 2 * inter];
+        let flush: Vec<u8> = vec![1u8; 128 << 20];
+        let pool = pool::global();
+        let mut times = Vec::new();
+        let mut sink = 0u64;
+        for _ in 0..15 {
+            // The base model's weights pass through the cache between steps.
+            sink += flush.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
+            let t = Instant::now();
+            for li in 0..layers {
+                lora.apply_rows(pool, li, &[(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)], &xh, hidden, &mut qkv, q_dim + 2 * kv_dim)?;
+                lora.apply_rows(pool, li, &[(Proj::O, 0)], &xh, q_dim, &mut proj, hidden)?;
+                lora.apply_rows(pool, li, &[(Proj::Gate, 0), (Proj::Up, inter)], &xh, hidden, &mut gu, 2 * inter)?;
+                lora.apply_rows(pool, li, &[(Proj::Down, 0)], &xi, inter, &mut proj, hidden)?;
+            }
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let bytes: usize = ws.iter().map(|w| w.bytes()).sum();
+        // The same bytes read plainly (two threads, as the pool has).
+        let mut rtimes = Vec::new();
+        for _ in 0..15 {
+            sink += flush.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
+            let t = Instant::now();
+            let total = std::sync::atomic::AtomicU64::new(0);
+            pool.run(&|tid| {
+                let mut s = 0u64;
+                for (gi, w) in ws.iter().enumerate() {
+                    if gi % pool.threads() != tid {
+                        continue;
+                    }
+                    if let Ok(sv) = w.serving() {
+                        for slots in sv {
+                            for pair in slots.iter().flatten() {
+                                if let ServingPair::F16(a, b) = pair {
+                                    s += a.iter().chain(b).map(|v| v.to_bits() as u64).sum::<u64>();
+                                }
+                            }
+                        }
+                    }
+                }
+                total.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+            });
+            sink += total.into_inner();
+            rtimes.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        rtimes.sort_by(f64::total_cmp);
+        println!(
+            "groups {groups}: {:.1} MiB; apply median {:.2} ms (min {:.2}); plain read median {:.2} ms (min {:.2}); sink {sink} out {}",
+            bytes as f64 / 1048576.0,
+            times[times.len() / 2],
+            times[0],
+            rtimes[rtimes.len() / 2],
+            rtimes[0],
+            qkv[3] + proj[5] + gu[7]
+        );
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod grad_ops;
 pub mod hf;
 pub(crate) mod loader;
 pub mod lora;
+pub(crate) mod lora_kernels;
 pub mod model;
 pub mod sampling;
 mod scheduler;

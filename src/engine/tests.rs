@@ -148,7 +148,9 @@ fn mixed_lora_batch_equals_merged_weights() -> R {
     let p = dir.path().join("m.gguf");
     w.write_gguf(&p, GgmlDType::F32, None)?;
     let m = load_gguf(&p)?;
-    let l1 = TinyLora::random(&spec.shape(), 4, &Proj::ALL, 11).f16_exact();
+    // Rank 16 (decode rows: the register kernels; the 5-row prefill: the widened path) and
+    // rank 8 (every step in registers).
+    let l1 = TinyLora::random(&spec.shape(), 16, &Proj::ALL, 11).f16_exact();
     let l2 = TinyLora::random(&spec.shape(), 8, &[Proj::Q, Proj::V, Proj::Down], 12).f16_exact();
     l1.write_peft(&dir.path().join("a1"), &spec.shape())?;
     l2.write_peft(&dir.path().join("a2"), &spec.shape())?;
