@@ -23,7 +23,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use half::slice::HalfFloatSliceExt;
 
 use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
-use super::lora::{BatchLora, Proj, ServingPair};
+use super::lora::{BatchLora, LoraWeights, Proj, ServingPair};
 use super::lora_kernels;
 use super::model::{Linear, Model, SeqBatch};
 use super::pool::{self, Pool};
@@ -207,7 +207,8 @@ impl Model {
                 MatmulPart { weight: wv.weight()?, n: kv_dim, col: q_dim + kv_dim },
             ];
             let qkv = sized(&mut b.qkv, m * qkv_w);
-            kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, qkv, qkv_w);
+            let lr = lora.region(pool.threads(), li, &[(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)], hidden)?;
+            kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, qkv, qkv_w, &lr.prefetch());
             for (lin, col, n) in [(&att.q_proj, 0, q_dim), (&att.k_proj, q_dim, kv_dim), (&att.v_proj, q_dim + kv_dim, kv_dim)] {
                 if let Some(bias) = &lin.bias {
                     let bias = F32View::new(bias)?;
@@ -217,7 +218,7 @@ impl Model {
                     }
                 }
             }
-            lora.apply_rows(pool, li, &[(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)], &b.h, hidden, qkv, qkv_w)?;
+            lr.apply(pool, &b.h, qkv, qkv_w)?;
             // RoPE on q and k, then k and v into the caches.
             for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
                 for i in 0..sp.len {
@@ -236,8 +237,9 @@ impl Model {
                 b.xq.quantize(attn, q_dim);
             }
             let proj = sized(&mut b.proj, m * hidden);
-            kernels::matmul(pool, attn, &b.xq, q_dim, &[MatmulPart { weight: wo.weight()?, n: hidden, col: 0 }], proj, hidden);
-            lora.apply_rows(pool, li, &[(Proj::O, 0)], attn, q_dim, proj, hidden)?;
+            let lr = lora.region(pool.threads(), li, &[(Proj::O, 0)], q_dim)?;
+            kernels::matmul(pool, attn, &b.xq, q_dim, &[MatmulPart { weight: wo.weight()?, n: hidden, col: 0 }], proj, hidden, &lr.prefetch());
+            lr.apply(pool, attn, proj, hidden)?;
             kernels::axpy(1.0, proj, &mut b.x);
 
             let mlp = &layer.mlp;
@@ -252,8 +254,9 @@ impl Model {
                 MatmulPart { weight: wg.weight()?, n: inter, col: 0 },
                 MatmulPart { weight: wu.weight()?, n: inter, col: inter },
             ];
-            kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, gu, 2 * inter);
-            lora.apply_rows(pool, li, &[(Proj::Gate, 0), (Proj::Up, inter)], &b.h, hidden, gu, 2 * inter)?;
+            let lr = lora.region(pool.threads(), li, &[(Proj::Gate, 0), (Proj::Up, inter)], hidden)?;
+            kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, gu, 2 * inter, &lr.prefetch());
+            lr.apply(pool, &b.h, gu, 2 * inter)?;
             let act = sized(&mut b.act, m * inter);
             kernels::silu_mul(gu, inter, act);
             let wd = Held::new(&mlp.down_proj)?;
@@ -261,8 +264,9 @@ impl Model {
                 b.xq.quantize(act, inter);
             }
             let proj = sized(&mut b.proj, m * hidden);
-            kernels::matmul(pool, act, &b.xq, inter, &[MatmulPart { weight: wd.weight()?, n: hidden, col: 0 }], proj, hidden);
-            lora.apply_rows(pool, li, &[(Proj::Down, 0)], act, inter, proj, hidden)?;
+            let lr = lora.region(pool.threads(), li, &[(Proj::Down, 0)], inter)?;
+            kernels::matmul(pool, act, &b.xq, inter, &[MatmulPart { weight: wd.weight()?, n: hidden, col: 0 }], proj, hidden, &lr.prefetch());
+            lr.apply(pool, act, proj, hidden)?;
             kernels::axpy(1.0, proj, &mut b.x);
         }
         for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
@@ -286,7 +290,8 @@ impl Model {
         }
         let vocab = s.vocab_size;
         let mut logits = vec![0f32; n * vocab];
-        kernels::matmul(pool, &b.h, &b.xq, hidden, &[MatmulPart { weight: head.weight()?, n: vocab, col: 0 }], &mut logits, vocab);
+        let none = kernels::Prefetch::default();
+        kernels::matmul(pool, &b.h, &b.xq, hidden, &[MatmulPart { weight: head.weight()?, n: vocab, col: 0 }], &mut logits, vocab, &none);
         if let Some(bias) = &self.lm_head.bias {
             let bias = F32View::new(bias)?;
             let bias = bias.slice()?;
@@ -422,6 +427,16 @@ impl<'a> Values<'a> {
         }
     }
 
+    /// The stored bytes (what the cache holds).
+    fn bytes(&self) -> &'a [u8] {
+        let (p, n): (*const u8, usize) = match *self {
+            Values::F16(v) => (v.as_ptr().cast(), std::mem::size_of_val(v)),
+            Values::F32(v) => (v.as_ptr().cast(), std::mem::size_of_val(v)),
+        };
+        // SAFETY: the same live allocation viewed as bytes (every bit pattern is a valid u8).
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+
     /// The values as f32: borrowed, or widened into `buf`.
     fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
     where
@@ -438,57 +453,85 @@ impl<'a> Values<'a> {
     }
 }
 
+/// One LoRA product of a region: a group's pair for one projection.
+#[derive(Clone, Copy)]
+struct LoraJob<'a> {
+    group: usize,
+    /// Where the projection's outputs start in the region's output rows.
+    col: usize,
+    rank: usize,
+    a: Values<'a>,
+    b: Values<'a>,
+}
+
+/// The adapter products of one region (projections sharing an input), planned before the
+/// region's base matmul so that each thread can warm its pairs into its cache while that
+/// matmul runs ([`LoraRegion::prefetch`]), then added by [`LoraRegion::apply`]. Jobs are
+/// dealt to the pool's threads round-robin, the same way in both.
+pub(crate) struct LoraRegion<'a> {
+    groups: Vec<(&'a LoraWeights, &'a Option<Vec<u32>>)>,
+    jobs: Vec<LoraJob<'a>>,
+    /// Input width.
+    k: usize,
+    threads: usize,
+}
+
 impl BatchLora<'_> {
-    /// Adds each adapter group's `x·Aᵀ·s·Bᵀ` for the projections `projs` (each with the
-    /// column where its outputs start in `y`) to the group's rows of `y` (`stride` wide).
-    /// Groups are spread over the pool's threads (each owns its rows).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply_rows(
-        &self,
-        pool: &Pool,
-        layer: usize,
-        projs: &[(Proj, usize)],
-        x: &[f32],
-        k: usize,
-        y: &mut [f32],
-        stride: usize,
-    ) -> Result<()> {
-        let groups = self.raw_groups();
-        if groups.is_empty() {
-            return Ok(());
-        }
-        let m = x.len() / k;
-        // Every pair's f16 values for the region.
+    /// The products for `layer`'s projections `projs` (each with the column where its
+    /// outputs start), whose input rows are `k` wide, over `threads` threads.
+    pub(crate) fn region(&self, threads: usize, layer: usize, projs: &[(Proj, usize)], k: usize) -> Result<LoraRegion<'_>> {
+        let groups = if self.is_empty() { Vec::new() } else { self.raw_groups() };
         let mut jobs = Vec::new();
-        for (gi, (weights, _)) in groups.iter().enumerate() {
+        for (group, (weights, _)) in groups.iter().enumerate() {
             let serving = weights.serving()?;
             let Some(slots) = serving.get(layer) else { continue };
             for &(p, col) in projs {
                 let Some(pair) = &slots[p as usize] else { continue };
-                let (a, bv) = match pair {
+                let (a, b) = match pair {
                     ServingPair::F16(a, b) => (Values::F16(a), Values::F16(b)),
                     ServingPair::F32(a, b) => (Values::F32(a), Values::F32(b)),
                 };
-                let r = a.len() / k;
-                if r == 0 || bv.len() % r != 0 {
+                let rank = a.len() / k;
+                if rank == 0 || a.len() != rank * k || b.len() % rank != 0 {
                     return Err(EngineError::Internal("LoRA pair shape does not match its projection".into()));
                 }
-                jobs.push((gi, col, r, a, bv));
+                jobs.push(LoraJob { group, col, rank, a, b });
             }
         }
-        if jobs.is_empty() {
+        let threads = threads.min(jobs.len()).max(1);
+        Ok(LoraRegion { groups, jobs, k, threads })
+    }
+}
+
+impl LoraRegion<'_> {
+    fn jobs_of(&self, tid: usize) -> impl Iterator<Item = &LoraJob<'_>> {
+        self.jobs.iter().skip(tid).step_by(self.threads).take(if tid < self.threads { usize::MAX } else { 0 })
+    }
+
+    /// Each thread's pair bytes, for the matmul before [`LoraRegion::apply`] to warm.
+    pub(crate) fn prefetch(&self) -> kernels::Prefetch<'_> {
+        if self.jobs.is_empty() {
+            return kernels::Prefetch::default();
+        }
+        let per_thread = (0..self.threads)
+            .map(|tid| self.jobs_of(tid).flat_map(|j| [j.a.bytes(), j.b.bytes()]).collect())
+            .collect();
+        kernels::Prefetch { per_thread }
+    }
+
+    /// Adds each group's `x·Aᵀ·s·Bᵀ` to its rows of `y` (`stride` wide), at each job's columns.
+    pub(crate) fn apply(&self, pool: &Pool, x: &[f32], y: &mut [f32], stride: usize) -> Result<()> {
+        if self.jobs.is_empty() {
             return Ok(());
         }
+        let (k, groups) = (self.k, &self.groups);
+        let m = x.len() / k;
         let out = OutPtr(y.as_mut_ptr());
         let failed = Mutex::new(false);
-        // Jobs (a group's product for one projection) write disjoint cells: spread them.
-        let threads = pool.threads().min(jobs.len());
+        // Jobs (a group's product for one projection) write disjoint cells.
         let work = |tid: usize| {
-            if tid >= threads {
-                return;
-            }
             let (mut tmp, mut a32, mut b32) = (Vec::new(), Vec::new(), Vec::new());
-            for &(gi, col, r, a_src, b_src) in jobs.iter().skip(tid).step_by(threads) {
+            for &LoraJob { group, col, rank: r, a: a_src, b: b_src } in self.jobs_of(tid) {
                 let n_out = b_src.len() / r;
                 if col + n_out > stride {
                     if let Ok(mut f) = failed.lock() {
@@ -496,7 +539,7 @@ impl BatchLora<'_> {
                     }
                     continue;
                 }
-                let rows = &groups[gi].1;
+                let rows = groups[group].1;
                 let count = rows.as_ref().map_or(m, Vec::len);
                 if let (Values::F16(a), Values::F16(bv)) = (a_src, b_src) {
                     if count <= REGISTER_LORA_ROWS && lora_kernels::fused(r) {
@@ -513,35 +556,37 @@ impl BatchLora<'_> {
                         continue;
                     }
                 }
-                // Many rows (prefill): f16 is widened once per job (the pair then stays in
-                // cache for all its rows).
+                // Many rows (prefill): the pair is widened once per job and each run of
+                // consecutive rows (a sequence's) goes through two small GEMMs.
                 let a = a_src.as_f32(&mut a32);
                 let bv = b_src.as_f32(&mut b32);
-                let mut each = |i: usize| {
-                    let xr = &x[i * k..(i + 1) * k];
-                    // Four partial sums over interleaved inputs: four independent chains.
-                    let t4 = sized(&mut tmp, 4 * r);
-                    for (j, &xv) in xr.iter().enumerate() {
-                        let lane = j & 3;
-                        kernels::axpy(xv, &a[j * r..(j + 1) * r], &mut t4[lane * r..(lane + 1) * r]);
-                    }
-                    let (t, rest) = t4.split_at_mut(r);
-                    for lane in rest.chunks_exact(r) {
-                        kernels::axpy(1.0, lane, t);
-                    }
-                    // SAFETY: row i belongs to this group alone; columns inside `stride`.
-                    let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
-                    for (rr, &tv) in t.iter().enumerate() {
-                        kernels::axpy(tv, &bv[rr * n_out..(rr + 1) * n_out], yr);
+                let mut run = |start: usize, len: usize| {
+                    let t = sized(&mut tmp, len * r);
+                    // SAFETY: x holds rows start..start+len of k values; `a` is [k, r], `t`
+                    // [len, r], `bv` [r, n_out]; the output block lies in this group's rows
+                    // and the job's columns (checked against `stride` above).
+                    unsafe {
+                        matrixmultiply::sgemm(len, k, r, 1.0, x.as_ptr().add(start * k), k as isize, 1, a.as_ptr(), r as isize, 1, 0.0, t.as_mut_ptr(), r as isize, 1);
+                        matrixmultiply::sgemm(len, r, n_out, 1.0, t.as_ptr(), r as isize, 1, bv.as_ptr(), n_out as isize, 1, 1.0, out.at(start * stride + col), stride as isize, 1);
                     }
                 };
                 match rows {
-                    None => (0..m).for_each(&mut each),
-                    Some(rows) => rows.iter().for_each(|&i| each(i as usize)),
+                    None => run(0, m),
+                    Some(rows) => {
+                        let mut i = 0;
+                        while i < rows.len() {
+                            let mut j = i + 1;
+                            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                                j += 1;
+                            }
+                            run(rows[i] as usize, j - i);
+                            i = j;
+                        }
+                    }
                 }
             }
         };
-        if threads == 1 {
+        if self.threads == 1 {
             work(0);
         } else {
             pool.run(&work);
@@ -556,7 +601,6 @@ impl BatchLora<'_> {
 #[cfg(test)]
 mod lora_speed {
     use super::*;
-    use crate::engine::lora::LoraWeights;
     use std::time::Instant;
 
     /// Timing probe (not a check): `cargo test --release --lib lora_speed -- --ignored --nocapture`.
@@ -602,10 +646,11 @@ mod lora_speed {
             sink += flush.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
             let t = Instant::now();
             for li in 0..layers {
-                lora.apply_rows(pool, li, &[(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)], &xh, hidden, &mut qkv, q_dim + 2 * kv_dim)?;
-                lora.apply_rows(pool, li, &[(Proj::O, 0)], &xh, q_dim, &mut proj, hidden)?;
-                lora.apply_rows(pool, li, &[(Proj::Gate, 0), (Proj::Up, inter)], &xh, hidden, &mut gu, 2 * inter)?;
-                lora.apply_rows(pool, li, &[(Proj::Down, 0)], &xi, inter, &mut proj, hidden)?;
+                let t = pool.threads();
+                lora.region(t, li, &[(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)], hidden)?.apply(pool, &xh, &mut qkv, q_dim + 2 * kv_dim)?;
+                lora.region(t, li, &[(Proj::O, 0)], q_dim)?.apply(pool, &xh, &mut proj, hidden)?;
+                lora.region(t, li, &[(Proj::Gate, 0), (Proj::Up, inter)], hidden)?.apply(pool, &xh, &mut gu, 2 * inter)?;
+                lora.region(t, li, &[(Proj::Down, 0)], inter)?.apply(pool, &xi, &mut proj, hidden)?;
             }
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }

@@ -321,10 +321,97 @@ impl OutPtr {
     }
 }
 
+/// Memory that the work right after a matmul reads, listed per pool thread: while the
+/// matmul runs (compute-bound once a step has several rows, so the memory bus is idle),
+/// each thread pulls its own list into its L2 cache a few lines per tile. The LoRA pairs of
+/// a decode step are the case: read once per step, they would otherwise stream from DRAM
+/// with nothing to overlap.
+#[derive(Default)]
+pub struct Prefetch<'a> {
+    pub per_thread: Vec<Vec<&'a [u8]>>,
+}
+
+impl Prefetch<'_> {
+    fn lines(ranges: &[&[u8]]) -> usize {
+        ranges.iter().map(|r| r.len().div_ceil(64)).sum()
+    }
+}
+
+/// One thread's walk through its prefetch list.
+struct Warm<'a> {
+    ranges: &'a [&'a [u8]],
+    idx: usize,
+    off: usize,
+    per_tile: usize,
+    /// Lines prefetched so far.
+    issued: usize,
+}
+
+impl<'a> Warm<'a> {
+    /// Spreads the thread's lines over about `tiles` calls of [`Warm::tile`].
+    fn new(p: &'a Prefetch<'_>, tid: usize, tiles: usize) -> Self {
+        let ranges: &'a [&'a [u8]] = p.per_thread.get(tid).map_or(&[], Vec::as_slice);
+        let per_tile = Prefetch::lines(ranges).div_ceil(tiles.max(1));
+        Self { ranges, idx: 0, off: 0, per_tile, issued: 0 }
+    }
+
+    #[inline]
+    fn tile(&mut self) {
+        for _ in 0..self.per_tile {
+            if !self.line() {
+                self.per_tile = 0;
+                return;
+            }
+        }
+    }
+
+    /// Whatever the tiles did not cover (the estimate was low).
+    fn rest(&mut self) {
+        while self.line() {}
+    }
+
+    fn line(&mut self) -> bool {
+        while let Some(r) = self.ranges.get(self.idx) {
+            if self.off < r.len() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a prefetch of an address inside a live slice; it has no effect
+                // on program state.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                    _mm_prefetch::<_MM_HINT_T1>(r.as_ptr().add(self.off).cast());
+                }
+                self.off += 64;
+                self.issued += 1;
+                return true;
+            }
+            self.idx += 1;
+            self.off = 0;
+        }
+        false
+    }
+}
+
+/// Tile calls `quant_rows` makes for `rows` weight rows and `m` activation rows.
+fn tile_calls(rows: usize, m: usize) -> usize {
+    let full = m / 4;
+    (rows / 2 + rows % 2) * full + (m - full * 4) * (rows / 4 + rows % 4)
+}
+
 /// `out[i, col_p + j] = Σ x[i, :] · W_p[j, :]` for every part `p`, `x` being `m` rows of
 /// `k` (`xq` its quantized copy when any part is Q8_0). Output rows are split over the
-/// pool's threads: every thread handles all `m` activation rows for its weight rows.
-pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: &[MatmulPart<'_>], out: &mut [f32], stride: usize) {
+/// pool's threads: every thread handles all `m` activation rows for its weight rows, and
+/// warms its part of `prefetch` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    pool: &super::pool::Pool,
+    x: &[f32],
+    xq: &QActs,
+    k: usize,
+    parts: &[MatmulPart<'_>],
+    out: &mut [f32],
+    stride: usize,
+    prefetch: &Prefetch<'_>,
+) {
     let m = x.len() / k;
     debug_assert!(out.len() >= m * stride);
     let total: usize = parts.iter().map(|p| p.n).sum();
@@ -336,19 +423,24 @@ pub fn matmul(pool: &super::pool::Pool, x: &[f32], xq: &QActs, k: usize, parts: 
             return;
         }
         let (lo, hi) = super::pool::share(total, threads, tid);
-        let mut base = 0;
-        for p in parts {
-            let (s, e) = (lo.max(base), hi.min(base + p.n));
-            if s < e {
-                let (r0, r1) = (s - base, e - base);
-                match p.weight {
-                    WeightRef::Q8_0(w) => quant_rows::<Q8Tile>(isa, w, k / QK * Q8_0_BYTES, xq, r0, r1, out_ptr, stride, p.col),
-                    WeightRef::Q4_1(w) => quant_rows::<Q41Tile>(isa, w, k / QK * Q4_1_BYTES, xq, r0, r1, out_ptr, stride, p.col),
-                    WeightRef::F32(w) => f32_rows(w, k, x, m, r0, r1, out_ptr, stride, p.col),
-                }
+        let ranges = || {
+            let mut base = 0;
+            parts.iter().filter_map(move |p| {
+                let (s, e) = (lo.max(base), hi.min(base + p.n));
+                let b = base;
+                base += p.n;
+                (s < e).then(|| (p, s - b, e - b))
+            })
+        };
+        let mut warm = Warm::new(prefetch, tid, ranges().map(|(_, r0, r1)| tile_calls(r1 - r0, m)).sum());
+        for (p, r0, r1) in ranges() {
+            match p.weight {
+                WeightRef::Q8_0(w) => quant_rows::<Q8Tile>(isa, w, k / QK * Q8_0_BYTES, xq, r0, r1, out_ptr, stride, p.col, &mut warm),
+                WeightRef::Q4_1(w) => quant_rows::<Q41Tile>(isa, w, k / QK * Q4_1_BYTES, xq, r0, r1, out_ptr, stride, p.col, &mut warm),
+                WeightRef::F32(w) => f32_rows(w, k, x, m, r0, r1, out_ptr, stride, p.col),
             }
-            base += p.n;
         }
+        warm.rest();
     };
     if threads == 1 {
         work(0);
@@ -380,7 +472,18 @@ impl Tile for Q41Tile {
 /// row: tiles of 2 weight rows × 4 activation rows, and of 4 weight rows × 1 activation
 /// row for the rest (decode).
 #[allow(clippy::too_many_arguments)]
-fn quant_rows<T: Tile>(isa: Isa, w: &[u8], row_bytes: usize, xq: &QActs, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
+fn quant_rows<T: Tile>(
+    isa: Isa,
+    w: &[u8],
+    row_bytes: usize,
+    xq: &QActs,
+    r0: usize,
+    r1: usize,
+    out: OutPtr,
+    stride: usize,
+    col: usize,
+    warm: &mut Warm<'_>,
+) {
     let m = xq.rows;
     let wrow = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     // SAFETY (writes below): row i < m, column col + r < stride; cells are disjoint across
@@ -392,6 +495,7 @@ fn quant_rows<T: Tile>(isa: Isa, w: &[u8], row_bytes: usize, xq: &QActs, r0: usi
         let ws = [wrow(r), wrow(r + 1)];
         for i in (0..full).step_by(4) {
             let v = T::tile::<2, 4>(isa, ws, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
+            warm.tile();
             for (rr, row) in v.iter().enumerate() {
                 for (t, &val) in row.iter().enumerate() {
                     put(i + t, r + rr, val);
@@ -403,6 +507,7 @@ fn quant_rows<T: Tile>(isa: Isa, w: &[u8], row_bytes: usize, xq: &QActs, r0: usi
     if r < r1 {
         for i in (0..full).step_by(4) {
             let [v] = T::tile::<1, 4>(isa, [wrow(r)], [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
+            warm.tile();
             for (t, &val) in v.iter().enumerate() {
                 put(i + t, r, val);
             }
@@ -413,6 +518,7 @@ fn quant_rows<T: Tile>(isa: Isa, w: &[u8], row_bytes: usize, xq: &QActs, r0: usi
         let mut r = r0;
         while r + 4 <= r1 {
             let v = T::tile::<4, 1>(isa, [wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3)], x);
+            warm.tile();
             for (rr, [val]) in v.into_iter().enumerate() {
                 put(i, r + rr, val);
             }
@@ -420,6 +526,7 @@ fn quant_rows<T: Tile>(isa: Isa, w: &[u8], row_bytes: usize, xq: &QActs, r0: usi
         }
         while r < r1 {
             let [[val]] = T::tile::<1, 1>(isa, [wrow(r)], x);
+            warm.tile();
             put(i, r, val);
             r += 1;
         }
@@ -678,6 +785,33 @@ mod tests {
     }
 
     #[test]
+    fn prefetch_walks_every_line_once_spread_over_the_tiles() {
+        let (a, b, c) = (vec![0u8; 1], vec![0u8; 130], vec![0u8; 256]);
+        let p = Prefetch { per_thread: vec![vec![&a[..], &b[..0], &b[..]], vec![&c[..]]] };
+        let mut w = Warm::new(&p, 0, 2);
+        assert_eq!(w.per_tile, 2); // 1 + 0 + 3 lines over 2 tiles
+        w.tile();
+        assert_eq!(w.issued, 2);
+        w.tile();
+        w.tile(); // more tiles than estimated: nothing left, nothing repeated
+        w.rest();
+        assert_eq!(w.issued, 4);
+        let mut w = Warm::new(&p, 1, 100);
+        w.tile();
+        assert_eq!(w.issued, 1);
+        w.rest();
+        assert_eq!(w.issued, 4);
+        let mut w = Warm::new(&p, 2, 1); // a thread with no list
+        w.tile();
+        w.rest();
+        assert_eq!(w.issued, 0);
+        // The estimate matches quant_rows' loops: 2 × 4 tiles, 1 × 4, then 4 × 1 and 1 × 1.
+        assert_eq!(tile_calls(5, 8), 3 * 2);
+        assert_eq!(tile_calls(5, 1), 1 + 1);
+        assert_eq!(tile_calls(6, 9), 3 * 2 + (1 + 2));
+    }
+
+    #[test]
     fn every_isa_gives_the_exact_integer_dot_product() {
         let k = 96;
         let mut seed = 7u32;
@@ -816,7 +950,7 @@ mod tests {
                 MatmulPart { weight: WeightRef::Q8_0(&w2q), n: 41, col: 3 },
                 MatmulPart { weight: WeightRef::Q4_1(&w3q), n: 13, col: 44 },
             ];
-            matmul(&pool, &x, &xq, k, &parts, &mut out, stride);
+            matmul(&pool, &x, &xq, k, &parts, &mut out, stride, &Prefetch::default());
             for i in 0..m {
                 let xr = &x[i * k..(i + 1) * k];
                 for j in 0..3 {

@@ -157,15 +157,17 @@ fn mixed_lora_batch_equals_merged_weights() -> R {
     let lim = AdapterLimits::default();
     let a1 = peft::load_adapter(&dir.path().join("a1"), &m.shape, &lim)?.weights;
     let a2 = peft::load_adapter(&dir.path().join("a2"), &m.shape, &lim)?.weights;
-    let merged = [w.clone(), l1.merge_into(&w), l2.merge_into(&w)];
-    let adapters = [None, Some(&a1), Some(&a2)];
+    let merged = [w.clone(), l1.merge_into(&w), l2.merge_into(&w), l1.merge_into(&w)];
+    // Sequences 1 and 3 share adapter 1 with sequence 2 between them: its group's rows are
+    // two runs.
+    let adapters = [None, Some(&a1), Some(&a2), Some(&a1)];
     // Different prompt lengths; sequence 0 joins a step late to mix prefill with decode.
-    let prompts: [Vec<u32>; 3] = [vec![4, 5, 6], vec![10, 20, 30, 40, 50], vec![7, 7, 8]];
-    let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(spec.layers)).collect();
+    let prompts: [Vec<u32>; 4] = [vec![4, 5, 6], vec![10, 20, 30, 40, 50], vec![7, 7, 8], vec![3, 1, 4, 1]];
+    let mut caches: Vec<KvCache> = (0..4).map(|_| KvCache::new(spec.layers)).collect();
     let mut toks: Vec<Vec<u32>> = prompts.to_vec();
     let mut feed: Vec<Vec<u32>> = prompts.to_vec();
     for step in 0..5 {
-        let active: Vec<usize> = if step == 0 { vec![1, 2] } else { vec![0, 1, 2] };
+        let active: Vec<usize> = if step == 0 { vec![1, 2, 3] } else { vec![0, 1, 2, 3] };
         let mut batch = Vec::new();
         let mut groups = Vec::new();
         for (i, c) in caches.iter_mut().enumerate() {
