@@ -48,6 +48,14 @@ impl QActs {
         self.per_row = nb;
         self.blocks.clear();
         self.blocks.reserve(m * nb);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512f() && x.len().is_multiple_of(QK) {
+                // SAFETY: the CPU has AVX-512F; `x` holds whole blocks (checked).
+                unsafe { x86_quant::quantize_avx512(x, &mut self.blocks) };
+                return;
+            }
+        }
         for chunk in x.chunks_exact(QK) {
             let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -87,7 +95,11 @@ pub fn isa() -> Isa {
             let base = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
-            if base && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            if base
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+            {
                 return Isa::Avx512Vnni;
             }
             if base && is_x86_feature_detected!("avxvnni") {
@@ -126,7 +138,7 @@ fn tile_q4_1<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[Ac
     // SAFETY: as in `tile_q8_0`.
     unsafe {
         match isa {
-            Isa::Avx512Vnni => return x86::q4_1_vnni512::<R, N>(ws, xs),
+            Isa::Avx512Vnni => return x86::q4_1_vnni512_pairs::<R, N>(ws, xs),
             Isa::AvxVnni => return x86::q4_1_vnni256::<R, N>(ws, xs),
             Isa::Avx2 => return x86::q4_1_avx2::<R, N>(ws, xs),
             Isa::Portable => {}
@@ -258,6 +270,74 @@ mod x86 {
                 out
             }
         };
+    }
+
+    /// Q4_1 rows two blocks per 512-bit register (AVX-512 VNNI): per block pair and row
+    /// pair, one `vpdpbusd` of 64 values, a convert and two multiply-adds, against a
+    /// convert, a scalar product, a broadcast and a multiply-add per block with 256 bits. A
+    /// row with an odd block count ends with the 256-bit kernel on its last block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub unsafe fn q4_1_vnni512_pairs<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+        let nb = ws[0].len() / Q4_1_BYTES;
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let mut mins = [[0f32; N]; R];
+        let low = _mm512_set1_epi8(0x0F);
+        // Per 16-bit element: 128-bit lanes 0 and 2 keep the low nibbles (values 0..16 of
+        // each block), lanes 1 and 3 shift the high ones (values 16..32) down.
+        let four = 0x0004_0004_0004_0004;
+        let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
+        // Lanes 0..8 of an f32 register for block b, 8..16 for block b + 1.
+        let halves = |a: f32, b: f32| {
+            _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)), _mm256_castps_pd(_mm256_set1_ps(b)), 1))
+        };
+        let mut b = 0;
+        while b + 2 <= nb {
+            let mut q = [_mm512_setzero_si512(); R];
+            let mut wd = [_mm512_setzero_ps(); R];
+            let mut wm = [[0f32; 2]; R];
+            for r in 0..R {
+                let w0 = ws[r].as_ptr().add(b * Q4_1_BYTES);
+                let w1 = w0.add(Q4_1_BYTES);
+                let dm0 = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([*w0, *w0.add(1), *w0.add(2), *w0.add(3)])));
+                let dm1 = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([*w1, *w1.add(1), *w1.add(2), *w1.add(3)])));
+                wd[r] = halves(_mm_cvtss_f32(dm0), _mm_cvtss_f32(dm1));
+                wm[r] = [_mm_cvtss_f32(_mm_shuffle_ps(dm0, dm0, 1)), _mm_cvtss_f32(_mm_shuffle_ps(dm1, dm1, 1))];
+                let raw0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(w0.add(4) as *const __m128i));
+                let raw1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(w1.add(4) as *const __m128i));
+                let u = _mm512_inserti64x4(_mm512_castsi256_si512(raw0), raw1, 1);
+                q[r] = _mm512_and_si512(_mm512_srlv_epi16(u, shifts), low);
+            }
+            for t in 0..N {
+                let (x0, x1) = (xs[t].get_unchecked(b), xs[t].get_unchecked(b + 1));
+                let xq = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i)),
+                    _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i),
+                    1,
+                );
+                let xd = halves(x0.d, x1.d);
+                for r in 0..R {
+                    let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[r], xq);
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(wd[r], xd), _mm512_cvtepi32_ps(s), acc[r][t]);
+                    mins[r][t] += wm[r][0] * x0.s + wm[r][1] * x1.s;
+                }
+            }
+            b += 2;
+        }
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for t in 0..N {
+                out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + mins[r][t];
+            }
+        }
+        if b < nb {
+            let tail = q4_1_vnni512::<R, N>(ws.map(|w| &w[b * Q4_1_BYTES..]), xs.map(|x| &x[b..]));
+            for r in 0..R {
+                for t in 0..N {
+                    out[r][t] += tail[r][t];
+                }
+            }
+        }
+        out
     }
 
     #[inline(always)]
@@ -680,6 +760,44 @@ fn avx512f() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod x86_quant {
+    use super::{ActBlock, QK};
+    use std::arch::x86_64::*;
+
+    /// [`super::QActs::quantize`]'s blocks, 16 values per instruction, with the scalar
+    /// loop's exact results: the same scale and `f32::round` (half away from zero, done as
+    /// truncate, then add the sign where the dropped fraction is at least one half).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_avx512(x: &[f32], out: &mut Vec<ActBlock>) {
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_set1_ps(1.0);
+        let signs = _mm512_set1_ps(-0.0);
+        for chunk in x.chunks_exact(QK) {
+            let (a, b) = (_mm512_loadu_ps(chunk.as_ptr()), _mm512_loadu_ps(chunk.as_ptr().add(16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let mut qs = [0i8; QK];
+            let mut sum = 0i32;
+            for (h, v) in [a, b].into_iter().enumerate() {
+                let y = _mm512_mul_ps(v, id);
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let frac = _mm512_abs_ps(_mm512_sub_ps(y, t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+                // ±1 with y's sign where the fraction rounds away from zero.
+                let step = _mm512_or_ps(one, _mm512_and_ps(y, signs));
+                let r = _mm512_mask_add_ps(t, up, t, step);
+                let r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
+                let i = _mm512_cvttps_epi32(r);
+                sum += _mm512_reduce_add_epi32(i);
+                _mm_storeu_si128(qs.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(i));
+            }
+            out.push(ActBlock { d, s: d * sum as f32, qs });
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod x86_attend {
     use std::arch::x86_64::*;
 
@@ -785,6 +903,36 @@ mod tests {
     }
 
     #[test]
+    fn vector_quantization_equals_the_scalar_loop() {
+        // Values at and near the rounding halves, zeros, a zero block, sign changes.
+        let mut x: Vec<f32> = (0..32 * 40).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 37.0).collect();
+        // First block: scale exactly 1, so ±k.5 is a tie (f32::round: away from zero).
+        x[0] = 127.0;
+        for (i, v) in x.iter_mut().enumerate().take(32).skip(1) {
+            *v = i as f32 - 16.5;
+        }
+        x[64..96].fill(0.0);
+        x[96] = -3.0;
+        let mut fast = QActs::default();
+        fast.quantize(&x, 64);
+        // The scalar loop, as QActs::quantize runs it without AVX-512.
+        let mut want = Vec::new();
+        for chunk in x.chunks_exact(QK) {
+            let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let qs: Vec<i8> = chunk.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) as i8).collect();
+            let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+            want.push((d, d * sum as f32, qs));
+        }
+        assert_eq!(fast.blocks.len(), want.len());
+        assert_eq!((fast.rows, fast.per_row), (20, 2));
+        for (i, (b, (d, s, qs))) in fast.blocks.iter().zip(&want).enumerate() {
+            assert_eq!((b.d, b.s, b.qs.to_vec()), (*d, *s, qs.clone()), "block {i}");
+        }
+    }
+
+    #[test]
     fn prefetch_walks_every_line_once_spread_over_the_tiles() {
         let (a, b, c) = (vec![0u8; 1], vec![0u8; 130], vec![0u8; 256]);
         let p = Prefetch { per_thread: vec![vec![&a[..], &b[..0], &b[..]], vec![&c[..]]] };
@@ -830,7 +978,7 @@ mod tests {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
                 isas.push(Isa::Avx2);
-                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512bw") {
                     isas.push(Isa::Avx512Vnni);
                 }
                 if is_x86_feature_detected!("avxvnni") {
@@ -855,8 +1003,16 @@ mod tests {
 
     #[test]
     fn q4_1_rows_match_candles_dequantized_weights() -> candle_core::Result<()> {
+        // An odd block count (the 512-bit kernel's tail) and an even one.
+        for k in [96, 128] {
+            q4_1_rows_match_at(k)?;
+        }
+        Ok(())
+    }
+
+    fn q4_1_rows_match_at(k: usize) -> candle_core::Result<()> {
         use candle_core::quantized::{GgmlDType, QTensor};
-        let (n, k) = (5, 96);
+        let n = 5;
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 29 % 97) as f32 / 40.0) - 1.1).collect();
         let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
         let q = QTensor::quantize(&t, GgmlDType::Q4_1)?;
@@ -871,7 +1027,7 @@ mod tests {
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
                 isas.push(Isa::Avx2);
-                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512bw") {
                     isas.push(Isa::Avx512Vnni);
                 }
                 if is_x86_feature_detected!("avxvnni") {
@@ -884,6 +1040,19 @@ mod tests {
             let want = q4_1_portable::<4>(wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
             for &isa in &isas {
                 let [got] = tile_q4_1::<1, 4>(isa, [wr], [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+                // Two and four weight rows at once give each row's own products.
+                let r2 = (r + 1) % n;
+                let w2 = &bytes[r2 * row..(r2 + 1) * row];
+                let want2 = q4_1_portable::<4>(w2, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+                let [g1, g2] = tile_q4_1::<2, 4>(isa, [wr, w2], [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+                let [[h1], [h2], [h3], [h4]] = tile_q4_1::<4, 1>(isa, [wr, w2, wr, w2], [xq.row(1)]);
+                for t in 0..4 {
+                    assert!((g1[t] - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} 2x4 ({r},{t})");
+                    assert!((g2[t] - want2[t]).abs() <= 1e-4 * want2[t].abs().max(1.0), "{isa:?} 2x4 ({r2},{t})");
+                }
+                for (h, w) in [(h1, want[1]), (h2, want2[1]), (h3, want[1]), (h4, want2[1])] {
+                    assert!((h - w).abs() <= 1e-4 * w.abs().max(1.0), "{isa:?} 4x1 ({r}): {h} vs {w}");
+                }
                 for t in 0..4 {
                     let [[one]] = tile_q4_1::<1, 1>(isa, [wr], [xq.row(t)]);
                     assert!((got[t] - want[t]).abs() <= 1e-4 * want[t].abs().max(1.0), "{isa:?} ({r},{t})");
