@@ -6,7 +6,8 @@
 //! serving pass runs the same arithmetic as a fixed sequence of kernels (`kernels.rs`) on
 //! buffers sized once per step: fused q/k/v and gate/up products over quantized weights
 //! read in place, RMSNorm/RoPE/SiLU loops, attention straight over the sequence's
-//! [`KvCache`] rows, and LoRA deltas per adapter group. Work is split over the engine's
+//! [`KvCache`] rows, and LoRA deltas per adapter group ([`LoraRegion`]: planned before
+//! the base product so that its pairs are prefetched meanwhile). Work is split over the engine's
 //! [`pool`](super::pool) region by region (a matmul's output rows, attention heads, LoRA
 //! groups).
 //!
@@ -199,7 +200,7 @@ impl Model {
             kernels::rms_norm(&b.x, ln1.slice()?, layer.input_layernorm.eps, sized(&mut b.h, m * hidden));
             let (wq, wk, wv) = (Held::new(&att.q_proj)?, Held::new(&att.k_proj)?, Held::new(&att.v_proj)?);
             if wq.is_quantized() || wk.is_quantized() || wv.is_quantized() {
-                b.xq.quantize(&b.h, hidden);
+                b.xq.quantize_par(pool, &b.h, hidden);
             }
             let parts = [
                 MatmulPart { weight: wq.weight()?, n: q_dim, col: 0 },
@@ -234,7 +235,7 @@ impl Model {
             self.attention_rows(pool, li, &spans, seqs, qkv, qkv_w, attn)?;
             let wo = Held::new(&att.o_proj)?;
             if wo.is_quantized() {
-                b.xq.quantize(attn, q_dim);
+                b.xq.quantize_par(pool, attn, q_dim);
             }
             let proj = sized(&mut b.proj, m * hidden);
             let lr = lora.region(pool.threads(), li, &[(Proj::O, 0)], q_dim)?;
@@ -247,7 +248,7 @@ impl Model {
             kernels::rms_norm(&b.x, ln2.slice()?, layer.post_attention_layernorm.eps, sized(&mut b.h, m * hidden));
             let (wg, wu) = (Held::new(&mlp.gate_proj)?, Held::new(&mlp.up_proj)?);
             if wg.is_quantized() || wu.is_quantized() {
-                b.xq.quantize(&b.h, hidden);
+                b.xq.quantize_par(pool, &b.h, hidden);
             }
             let gu = sized(&mut b.gu, m * 2 * inter);
             let parts = [
@@ -258,10 +259,10 @@ impl Model {
             kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, gu, 2 * inter, &lr.prefetch());
             lr.apply(pool, &b.h, gu, 2 * inter)?;
             let act = sized(&mut b.act, m * inter);
-            kernels::silu_mul(gu, inter, act);
+            kernels::silu_mul_par(pool, gu, inter, act);
             let wd = Held::new(&mlp.down_proj)?;
             if wd.is_quantized() {
-                b.xq.quantize(act, inter);
+                b.xq.quantize_par(pool, act, inter);
             }
             let proj = sized(&mut b.proj, m * hidden);
             let lr = lora.region(pool.threads(), li, &[(Proj::Down, 0)], inter)?;
@@ -286,7 +287,7 @@ impl Model {
         kernels::rms_norm(last, lnf.slice()?, self.norm.eps, sized(&mut b.h, n * hidden));
         let head = Held::new(&self.lm_head)?;
         if head.is_quantized() {
-            b.xq.quantize(&b.h, hidden);
+            b.xq.quantize_par(pool, &b.h, hidden);
         }
         let vocab = s.vocab_size;
         let mut logits = vec![0f32; n * vocab];
@@ -526,6 +527,11 @@ impl LoraRegion<'_> {
         }
         let (k, groups) = (self.k, &self.groups);
         let m = x.len() / k;
+        // The kernels below index rows without further checks.
+        let rows_fit = groups.iter().all(|(_, rows)| rows.as_ref().is_none_or(|rows| rows.iter().all(|&i| (i as usize) < m)));
+        if x.len() != m * k || y.len() < m * stride || !rows_fit {
+            return Err(EngineError::Internal("LoRA rows do not match the batch".into()));
+        }
         let out = OutPtr(y.as_mut_ptr());
         let failed = Mutex::new(false);
         // Jobs (a group's product for one projection) write disjoint cells.
@@ -545,9 +551,12 @@ impl LoraRegion<'_> {
                     if count <= REGISTER_LORA_ROWS && lora_kernels::fused(r) {
                         // Decode: each pair byte is read once, widened in registers.
                         let mut one = |i: usize| {
-                            // SAFETY: row i belongs to this group alone; columns inside `stride`.
+                            let xr = &x[i * k..(i + 1) * k];
+                            // SAFETY: row i (< m, checked above) belongs to this group alone;
+                            // columns inside `stride`.
                             let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
-                            lora_kernels::row_f16(&x[i * k..(i + 1) * k], a, bv, r, yr);
+                            let done = lora_kernels::row_f16(xr, a, bv, r, yr);
+                            debug_assert!(done, "fused() admitted rank {r}");
                         };
                         match rows {
                             None => (0..m).for_each(&mut one),
@@ -562,7 +571,8 @@ impl LoraRegion<'_> {
                 let bv = b_src.as_f32(&mut b32);
                 let mut run = |start: usize, len: usize| {
                     let t = sized(&mut tmp, len * r);
-                    // SAFETY: x holds rows start..start+len of k values; `a` is [k, r], `t`
+                    // SAFETY: runs lie inside 0..m (checked above), so x holds rows
+                    // start..start+len of k values; `a` is [k, r], `t`
                     // [len, r], `bv` [r, n_out]; the output block lies in this group's rows
                     // and the job's columns (checked against `stride` above).
                     unsafe {

@@ -7,7 +7,11 @@
 //! differs from an f32 product, as in llama.cpp. Each weight row is multiplied with up to
 //! four activation rows at once so that prefill reads the weights once per four tokens.
 //! The instruction set is picked at run time: AVX-512 VNNI or AVX-VNNI (`vpdpbusd`),
-//! AVX2 (`vpmaddubsw`), or a portable loop.
+//! AVX2 (`vpmaddubsw`), or a portable loop. With AVX-512, Q4_1 rows take two blocks per
+//! register (a block pair's scales fill the two halves of one vector).
+//!
+//! A matmul can warm memory that the work after it reads ([`Prefetch`]): the LoRA pairs of
+//! the same layer, pulled into each thread's L2 while the base product computes.
 //!
 //! Dense f32 weights (safetensors models, tests) go through `matrixmultiply`'s sgemm.
 
@@ -39,39 +43,83 @@ pub struct QActs {
     pub per_row: usize,
 }
 
+/// Blocks from this many on are quantized by every pool thread (a share each).
+const PARALLEL_BLOCKS: usize = 96;
+
 impl QActs {
     /// Quantizes `x` (`m` rows of `k`, `k` a multiple of 32), reusing the buffer.
     pub fn quantize(&mut self, x: &[f32], k: usize) {
+        self.quantize_on(None, x, k);
+    }
+
+    /// The same, with the blocks shared over `pool`'s threads when there are many (a
+    /// batch's rows): the other threads would otherwise wait for this serial pass.
+    pub fn quantize_par(&mut self, pool: &super::pool::Pool, x: &[f32], k: usize) {
+        self.quantize_on(Some(pool), x, k);
+    }
+
+    fn quantize_on(&mut self, pool: Option<&super::pool::Pool>, x: &[f32], k: usize) {
         let nb = k / QK;
         let m = x.len() / k;
         self.rows = m;
         self.per_row = nb;
+        let n = x.len() / QK;
         self.blocks.clear();
-        self.blocks.reserve(m * nb);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if avx512f() && x.len().is_multiple_of(QK) {
-                // SAFETY: the CPU has AVX-512F; `x` holds whole blocks (checked).
-                unsafe { x86_quant::quantize_avx512(x, &mut self.blocks) };
-                return;
+        self.blocks.resize(n, ActBlock { d: 0.0, s: 0.0, qs: [0; QK] });
+        match pool {
+            Some(pool) if n >= PARALLEL_BLOCKS && pool.threads() > 1 => {
+                let out = BlockPtr(self.blocks.as_mut_ptr());
+                let threads = pool.threads();
+                pool.run(&|tid| {
+                    let (b0, b1) = super::pool::share(n, threads, tid);
+                    // SAFETY: shares are disjoint block ranges inside `blocks` (n long).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.at(b0), b1 - b0) };
+                    quantize_blocks(&x[b0 * QK..b1 * QK], dst);
+                });
             }
-        }
-        for chunk in x.chunks_exact(QK) {
-            let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; QK];
-            let mut sum = 0i32;
-            for (q, v) in qs.iter_mut().zip(chunk) {
-                *q = (v * id).round().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(*q);
-            }
-            self.blocks.push(ActBlock { d, s: d * sum as f32, qs });
+            _ => quantize_blocks(&x[..n * QK], &mut self.blocks),
         }
     }
 
     fn row(&self, r: usize) -> &[ActBlock] {
         &self.blocks[r * self.per_row..(r + 1) * self.per_row]
+    }
+}
+
+/// `x.len() / 32` blocks into `out` (as long).
+fn quantize_blocks(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512f() {
+            // SAFETY: the CPU has AVX-512F; `x` holds `out.len()` whole blocks.
+            unsafe { x86_quant::quantize_avx512(x, out) };
+            return;
+        }
+    }
+    for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; QK];
+        let mut sum = 0i32;
+        for (q, v) in qs.iter_mut().zip(chunk) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            sum += i32::from(*q);
+        }
+        *block = ActBlock { d, s: d * sum as f32, qs };
+    }
+}
+
+/// Raw block pointer shared by the workers; each writes its own range.
+#[derive(Clone, Copy)]
+struct BlockPtr(*mut ActBlock);
+unsafe impl Send for BlockPtr {}
+unsafe impl Sync for BlockPtr {}
+
+impl BlockPtr {
+    /// A method, so closures capture the `Sync` wrapper.
+    fn at(self, i: usize) -> *mut ActBlock {
+        self.0.wrapping_add(i)
     }
 }
 
@@ -412,8 +460,16 @@ pub struct Prefetch<'a> {
 }
 
 impl Prefetch<'_> {
+    /// Cache lines the ranges touch.
     fn lines(ranges: &[&[u8]]) -> usize {
-        ranges.iter().map(|r| r.len().div_ceil(64)).sum()
+        ranges
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                let start = r.as_ptr() as usize;
+                (start + r.len()).div_ceil(64) - start / 64
+            })
+            .sum()
     }
 }
 
@@ -460,7 +516,8 @@ impl<'a> Warm<'a> {
                     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
                     _mm_prefetch::<_MM_HINT_T1>(r.as_ptr().add(self.off).cast());
                 }
-                self.off += 64;
+                // On to the next line boundary (a range need not start on one).
+                self.off += 64 - (r.as_ptr() as usize + self.off) % 64;
                 self.issued += 1;
                 return true;
             }
@@ -664,6 +721,22 @@ pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleave
     }
 }
 
+/// [`silu_mul`] with the rows shared over `pool`'s threads when there are several.
+pub fn silu_mul_par(pool: &super::pool::Pool, gu: &[f32], n: usize, out: &mut [f32]) {
+    let m = out.len() / n.max(1);
+    let threads = pool.threads().min(m);
+    if threads < 2 {
+        return silu_mul(gu, n, out);
+    }
+    let dst = OutPtr(out.as_mut_ptr());
+    pool.run(&|tid| {
+        let (r0, r1) = super::pool::share(m, threads, tid);
+        // SAFETY: shares are disjoint row ranges inside `out` (m rows of n).
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r0 * n), (r1 - r0) * n) };
+        silu_mul(&gu[r0 * 2 * n..r1 * 2 * n], n, o);
+    });
+}
+
 /// `silu(gate) * up`, `gu` holding rows of `[gate | up]` (`2 * n` wide); writes `n` per row.
 pub fn silu_mul(gu: &[f32], n: usize, out: &mut [f32]) {
     for (r, o) in gu.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
@@ -766,33 +839,39 @@ mod x86_quant {
 
     /// [`super::QActs::quantize`]'s blocks, 16 values per instruction, with the scalar
     /// loop's exact results: the same scale and `f32::round` (half away from zero, done as
-    /// truncate, then add the sign where the dropped fraction is at least one half).
+    /// truncate, then add the sign where the dropped fraction is at least one half), and
+    /// the scalar casts' treatment of NaN (ignored by the maximum, quantized to 0).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn quantize_avx512(x: &[f32], out: &mut Vec<ActBlock>) {
+    pub unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock]) {
         let half = _mm512_set1_ps(0.5);
-        let one = _mm512_set1_ps(1.0);
-        let signs = _mm512_set1_ps(-0.0);
-        for chunk in x.chunks_exact(QK) {
+        let one = _mm512_set1_epi32(1.0f32.to_bits() as i32);
+        let sign = _mm512_set1_epi32(i32::MIN);
+        // NaN lanes as 0 (`f32::max` skips NaN; `NaN as i8` is 0).
+        let no_nan = |v: __m512| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), v);
+        for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
             let (a, b) = (_mm512_loadu_ps(chunk.as_ptr()), _mm512_loadu_ps(chunk.as_ptr().add(16)));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(no_nan(a)), _mm512_abs_ps(no_nan(b))));
             let d = amax / 127.0;
             let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
             let mut qs = [0i8; QK];
             let mut sum = 0i32;
             for (h, v) in [a, b].into_iter().enumerate() {
-                let y = _mm512_mul_ps(v, id);
+                // 0·inf (a tiny block's 1/d, or an infinite input's 0) is NaN here as in the
+                // scalar loop, and becomes 0 as there.
+                let y = no_nan(_mm512_mul_ps(v, id));
                 let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
                 let frac = _mm512_abs_ps(_mm512_sub_ps(y, t));
                 let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
-                // ±1 with y's sign where the fraction rounds away from zero.
-                let step = _mm512_or_ps(one, _mm512_and_ps(y, signs));
+                // ±1 with y's sign where the fraction rounds away from zero (integer ops:
+                // AVX-512F alone).
+                let step = _mm512_castsi512_ps(_mm512_or_si512(one, _mm512_and_si512(_mm512_castps_si512(y), sign)));
                 let r = _mm512_mask_add_ps(t, up, t, step);
                 let r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
                 let i = _mm512_cvttps_epi32(r);
                 sum += _mm512_reduce_add_epi32(i);
                 _mm_storeu_si128(qs.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(i));
             }
-            out.push(ActBlock { d, s: d * sum as f32, qs });
+            *block = ActBlock { d, s: d * sum as f32, qs };
         }
     }
 }
@@ -913,6 +992,14 @@ mod tests {
         }
         x[64..96].fill(0.0);
         x[96] = -3.0;
+        // Blocks whose scale overflows 1/d (0 · inf), with an infinity, with NaNs.
+        x[128] = 1e-38;
+        x[129] = -2e-38;
+        x[160] = f32::INFINITY;
+        x[161] = -5.0;
+        x[192] = f32::NAN;
+        x[200] = -f32::NAN;
+        x[201] = 7.5;
         let mut fast = QActs::default();
         fast.quantize(&x, 64);
         // The scalar loop, as QActs::quantize runs it without AVX-512.
@@ -928,22 +1015,50 @@ mod tests {
         assert_eq!(fast.blocks.len(), want.len());
         assert_eq!((fast.rows, fast.per_row), (20, 2));
         for (i, (b, (d, s, qs))) in fast.blocks.iter().zip(&want).enumerate() {
-            assert_eq!((b.d, b.s, b.qs.to_vec()), (*d, *s, qs.clone()), "block {i}");
+            assert_eq!((b.d.to_bits(), b.s.to_bits(), b.qs.to_vec()), (d.to_bits(), s.to_bits(), qs.clone()), "block {i}");
         }
+        // (Without AVX-512 both sides run the scalar loop and this checks nothing more.)
+    }
+
+    #[test]
+    fn shared_quantization_and_silu_equal_the_serial_passes() {
+        let pool = crate::engine::pool::Pool::new(3);
+        let (m, k) = (7, 576);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 97.0).collect();
+        let (mut one, mut par) = (QActs::default(), QActs::default());
+        one.quantize(&x, k);
+        par.quantize_par(&pool, &x, k);
+        assert!(m * k / QK >= PARALLEL_BLOCKS);
+        assert_eq!((par.rows, par.per_row, par.blocks.len()), (m, k / QK, m * k / QK));
+        for (i, (a, b)) in one.blocks.iter().zip(&par.blocks).enumerate() {
+            assert_eq!((a.d.to_bits(), a.s.to_bits(), a.qs), (b.d.to_bits(), b.s.to_bits(), b.qs), "block {i}");
+        }
+        let n = k / 2;
+        let (mut s1, mut s2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        silu_mul(&x, n, &mut s1);
+        silu_mul_par(&pool, &x, n, &mut s2);
+        assert_eq!(s1, s2);
+        assert!(s1.iter().any(|&v| v != 0.0));
     }
 
     #[test]
     fn prefetch_walks_every_line_once_spread_over_the_tiles() {
-        let (a, b, c) = (vec![0u8; 1], vec![0u8; 130], vec![0u8; 256]);
-        let p = Prefetch { per_thread: vec![vec![&a[..], &b[..0], &b[..]], vec![&c[..]]] };
+        #[repr(align(64))]
+        struct Lines([u8; 1024]);
+        let buf = Lines([0; 1024]);
+        let m = &buf.0;
+        // 1 line, none, 3 lines (130 bytes from a boundary), 2 lines (30 bytes across one).
+        let t0 = vec![&m[..1], &m[64..64], &m[64..194], &m[300..330]];
+        let p = Prefetch { per_thread: vec![t0, vec![&m[512..768]]] };
+        assert_eq!(Prefetch::lines(&p.per_thread[0]), 6);
         let mut w = Warm::new(&p, 0, 2);
-        assert_eq!(w.per_tile, 2); // 1 + 0 + 3 lines over 2 tiles
+        assert_eq!(w.per_tile, 3);
         w.tile();
-        assert_eq!(w.issued, 2);
+        assert_eq!(w.issued, 3);
         w.tile();
         w.tile(); // more tiles than estimated: nothing left, nothing repeated
         w.rest();
-        assert_eq!(w.issued, 4);
+        assert_eq!(w.issued, 6);
         let mut w = Warm::new(&p, 1, 100);
         w.tile();
         assert_eq!(w.issued, 1);

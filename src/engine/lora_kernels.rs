@@ -8,10 +8,10 @@
 //! call per input value; these kernels read each f16 once and keep the rank-wide sums in
 //! registers, so the products run at close to the speed of reading the bytes.
 //!
-//! Float order: the shrink sums the inputs in four interleaved chains (input `j` in chain
-//! `j mod 4`, as the widened path does), the expand adds rank by rank onto `y`; both use
-//! fused multiply-adds, so results differ from the widened path's separate multiply and add
-//! by rounding only (relative ~1e-7 per term).
+//! Float order: the shrink sums the inputs in interleaved chains (input `j` in chain
+//! `j mod L`, L = 4 up to rank 16, 2 up to rank 40, then 1), the expand adds rank by rank
+//! onto `y`, both with fused multiply-adds; the prefill path (`sgemm`) orders its sums
+//! differently, so the two agree to rounding (relative ~1e-7 per term), not bit for bit.
 
 use half::f16;
 
