@@ -24,7 +24,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 use half::slice::HalfFloatSliceExt;
 
 use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
-use super::lora::{BatchLora, LoraWeights, Proj, ServingPair};
+use super::lora::{BatchLora, Proj, ServingPair};
 use super::lora_kernels;
 use super::model::{Linear, Model, SeqBatch};
 use super::pool::{self, Pool};
@@ -457,7 +457,8 @@ impl<'a> Values<'a> {
 /// One LoRA product of a region: a group's pair for one projection.
 #[derive(Clone, Copy)]
 struct LoraJob<'a> {
-    group: usize,
+    /// The group's rows, as runs `(start, len)`.
+    runs: &'a [(usize, usize)],
     /// Where the projection's outputs start in the region's output rows.
     col: usize,
     rank: usize,
@@ -470,20 +471,19 @@ struct LoraJob<'a> {
 /// matmul runs ([`LoraRegion::prefetch`]), then added by [`LoraRegion::apply`]. Jobs are
 /// dealt to the pool's threads round-robin, the same way in both.
 pub(crate) struct LoraRegion<'a> {
-    groups: Vec<(&'a LoraWeights, &'a Option<Vec<u32>>)>,
+    lora: &'a BatchLora<'a>,
     jobs: Vec<LoraJob<'a>>,
     /// Input width.
     k: usize,
     threads: usize,
 }
 
-impl BatchLora<'_> {
+impl<'a> BatchLora<'a> {
     /// The products for `layer`'s projections `projs` (each with the column where its
     /// outputs start), whose input rows are `k` wide, over `threads` threads.
-    pub(crate) fn region(&self, threads: usize, layer: usize, projs: &[(Proj, usize)], k: usize) -> Result<LoraRegion<'_>> {
-        let groups = if self.is_empty() { Vec::new() } else { self.raw_groups() };
+    pub(crate) fn region(&'a self, threads: usize, layer: usize, projs: &[(Proj, usize)], k: usize) -> Result<LoraRegion<'a>> {
         let mut jobs = Vec::new();
-        for (group, (weights, _)) in groups.iter().enumerate() {
+        for (weights, runs) in self.serving_groups() {
             let serving = weights.serving()?;
             let Some(slots) = serving.get(layer) else { continue };
             for &(p, col) in projs {
@@ -496,11 +496,11 @@ impl BatchLora<'_> {
                 if rank == 0 || a.len() != rank * k || b.len() % rank != 0 {
                     return Err(EngineError::Internal("LoRA pair shape does not match its projection".into()));
                 }
-                jobs.push(LoraJob { group, col, rank, a, b });
+                jobs.push(LoraJob { runs, col, rank, a, b });
             }
         }
         let threads = threads.min(jobs.len()).max(1);
-        Ok(LoraRegion { groups, jobs, k, threads })
+        Ok(LoraRegion { lora: self, jobs, k, threads })
     }
 }
 
@@ -525,11 +525,11 @@ impl LoraRegion<'_> {
         if self.jobs.is_empty() {
             return Ok(());
         }
-        let (k, groups) = (self.k, &self.groups);
+        let k = self.k;
         let m = x.len() / k;
-        // The kernels below index rows without further checks.
-        let rows_fit = groups.iter().all(|(_, rows)| rows.as_ref().is_none_or(|rows| rows.iter().all(|&i| (i as usize) < m)));
-        if x.len() != m * k || y.len() < m * stride || !rows_fit {
+        // Every group's runs lie inside the batch's rows (by construction): the kernels
+        // below index rows without further checks.
+        if x.len() != m * k || y.len() < m * stride || m != self.lora.total_rows() {
             return Err(EngineError::Internal("LoRA rows do not match the batch".into()));
         }
         let out = OutPtr(y.as_mut_ptr());
@@ -537,7 +537,7 @@ impl LoraRegion<'_> {
         // Jobs (a group's product for one projection) write disjoint cells.
         let work = |tid: usize| {
             let (mut tmp, mut a32, mut b32) = (Vec::new(), Vec::new(), Vec::new());
-            for &LoraJob { group, col, rank: r, a: a_src, b: b_src } in self.jobs_of(tid) {
+            for &LoraJob { runs, col, rank: r, a: a_src, b: b_src } in self.jobs_of(tid) {
                 let n_out = b_src.len() / r;
                 if col + n_out > stride {
                     if let Ok(mut f) = failed.lock() {
@@ -545,22 +545,17 @@ impl LoraRegion<'_> {
                     }
                     continue;
                 }
-                let rows = groups[group].1;
-                let count = rows.as_ref().map_or(m, Vec::len);
+                let count: usize = runs.iter().map(|&(_, len)| len).sum();
                 if let (Values::F16(a), Values::F16(bv)) = (a_src, b_src) {
                     if count <= REGISTER_LORA_ROWS && lora_kernels::fused(r) {
                         // Decode: each pair byte is read once, widened in registers.
-                        let mut one = |i: usize| {
+                        for i in runs.iter().flat_map(|&(start, len)| start..start + len) {
                             let xr = &x[i * k..(i + 1) * k];
                             // SAFETY: row i (< m, checked above) belongs to this group alone;
                             // columns inside `stride`.
                             let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
                             let done = lora_kernels::row_f16(xr, a, bv, r, yr);
                             debug_assert!(done, "fused() admitted rank {r}");
-                        };
-                        match rows {
-                            None => (0..m).for_each(&mut one),
-                            Some(rows) => rows.iter().for_each(|&i| one(i as usize)),
                         }
                         continue;
                     }
@@ -569,29 +564,15 @@ impl LoraRegion<'_> {
                 // consecutive rows (a sequence's) goes through two small GEMMs.
                 let a = a_src.as_f32(&mut a32);
                 let bv = b_src.as_f32(&mut b32);
-                let mut run = |start: usize, len: usize| {
+                for &(start, len) in runs {
                     let t = sized(&mut tmp, len * r);
                     // SAFETY: runs lie inside 0..m (checked above), so x holds rows
-                    // start..start+len of k values; `a` is [k, r], `t`
-                    // [len, r], `bv` [r, n_out]; the output block lies in this group's rows
-                    // and the job's columns (checked against `stride` above).
+                    // start..start+len of k values; `a` is [k, r], `t` [len, r], `bv`
+                    // [r, n_out]; the output block lies in this group's rows and the job's
+                    // columns (checked against `stride` above).
                     unsafe {
                         matrixmultiply::sgemm(len, k, r, 1.0, x.as_ptr().add(start * k), k as isize, 1, a.as_ptr(), r as isize, 1, 0.0, t.as_mut_ptr(), r as isize, 1);
                         matrixmultiply::sgemm(len, r, n_out, 1.0, t.as_ptr(), r as isize, 1, bv.as_ptr(), n_out as isize, 1, 1.0, out.at(start * stride + col), stride as isize, 1);
-                    }
-                };
-                match rows {
-                    None => run(0, m),
-                    Some(rows) => {
-                        let mut i = 0;
-                        while i < rows.len() {
-                            let mut j = i + 1;
-                            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                                j += 1;
-                            }
-                            run(rows[i] as usize, j - i);
-                            i = j;
-                        }
                     }
                 }
             }

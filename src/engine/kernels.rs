@@ -35,6 +35,10 @@ pub struct ActBlock {
     pub qs: [i8; QK],
 }
 
+impl ActBlock {
+    const ZERO: Self = Self { d: 0.0, s: 0.0, qs: [0; QK] };
+}
+
 /// `m` activation rows of `k` values quantized to blocks (`k / 32` per row).
 #[derive(Default, Debug)]
 pub struct QActs {
@@ -65,10 +69,10 @@ impl QActs {
         self.per_row = nb;
         let n = x.len() / QK;
         self.blocks.clear();
-        self.blocks.resize(n, ActBlock { d: 0.0, s: 0.0, qs: [0; QK] });
+        self.blocks.resize(n, ActBlock::ZERO);
         match pool {
             Some(pool) if n >= PARALLEL_BLOCKS && pool.threads() > 1 => {
-                let out = BlockPtr(self.blocks.as_mut_ptr());
+                let out = OutPtr(self.blocks.as_mut_ptr());
                 let threads = pool.threads();
                 pool.run(&|tid| {
                     let (b0, b1) = super::pool::share(n, threads, tid);
@@ -96,6 +100,11 @@ fn quantize_blocks(x: &[f32], out: &mut [ActBlock]) {
             return;
         }
     }
+    quantize_blocks_portable(x, out);
+}
+
+/// The plain loop of [`quantize_blocks`] (what the vector version must equal).
+fn quantize_blocks_portable(x: &[f32], out: &mut [ActBlock]) {
     for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -107,19 +116,6 @@ fn quantize_blocks(x: &[f32], out: &mut [ActBlock]) {
             sum += i32::from(*q);
         }
         *block = ActBlock { d, s: d * sum as f32, qs };
-    }
-}
-
-/// Raw block pointer shared by the workers; each writes its own range.
-#[derive(Clone, Copy)]
-struct BlockPtr(*mut ActBlock);
-unsafe impl Send for BlockPtr {}
-unsafe impl Sync for BlockPtr {}
-
-impl BlockPtr {
-    /// A method, so closures capture the `Sync` wrapper.
-    fn at(self, i: usize) -> *mut ActBlock {
-        self.0.wrapping_add(i)
     }
 }
 
@@ -435,16 +431,22 @@ pub struct MatmulPart<'a> {
     pub col: usize,
 }
 
-/// Raw output pointer shared by the workers; each writes disjoint cells.
-#[derive(Clone, Copy)]
-pub struct OutPtr(pub *mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+/// Raw output pointer shared by the workers; each writes disjoint cells (f32 outputs, or
+/// quantized activation blocks).
+pub struct OutPtr<T = f32>(pub *mut T);
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
 
-impl OutPtr {
+impl<T> OutPtr<T> {
     /// The cell `i` past the start (a method, so closures capture the `Sync` wrapper).
     #[inline]
-    pub fn at(self, i: usize) -> *mut f32 {
+    pub fn at(self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }
@@ -1003,19 +1005,12 @@ mod tests {
         let mut fast = QActs::default();
         fast.quantize(&x, 64);
         // The scalar loop, as QActs::quantize runs it without AVX-512.
-        let mut want = Vec::new();
-        for chunk in x.chunks_exact(QK) {
-            let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let qs: Vec<i8> = chunk.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) as i8).collect();
-            let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
-            want.push((d, d * sum as f32, qs));
-        }
+        let mut want = vec![ActBlock::ZERO; x.len() / QK];
+        quantize_blocks_portable(&x, &mut want);
         assert_eq!(fast.blocks.len(), want.len());
         assert_eq!((fast.rows, fast.per_row), (20, 2));
-        for (i, (b, (d, s, qs))) in fast.blocks.iter().zip(&want).enumerate() {
-            assert_eq!((b.d.to_bits(), b.s.to_bits(), b.qs.to_vec()), (d.to_bits(), s.to_bits(), qs.clone()), "block {i}");
+        for (i, (b, w)) in fast.blocks.iter().zip(&want).enumerate() {
+            assert_eq!((b.d.to_bits(), b.s.to_bits(), b.qs), (w.d.to_bits(), w.s.to_bits(), w.qs), "block {i}");
         }
         // (Without AVX-512 both sides run the scalar loop and this checks nothing more.)
     }

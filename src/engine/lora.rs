@@ -232,13 +232,16 @@ struct Group<'a> {
     weights: &'a LoraWeights,
     /// Row indices of the group, or `None` when it covers every row (no gather needed).
     rows: Option<Tensor>,
-    /// The same indices as numbers (the serving kernels).
-    row_ids: Option<Vec<u32>>,
+    /// The same rows as runs of consecutive rows, `(start, len)` (the serving kernels):
+    /// one per sequence, or per neighbouring sequences on the same adapter.
+    runs: Vec<(usize, usize)>,
 }
 
 /// The adapter groups of one ragged batch.
 pub struct BatchLora<'a> {
     groups: Vec<Group<'a>>,
+    /// Rows in the batch (every group's rows lie below).
+    total: usize,
     /// LoRA dropout on the adapter's input (training only).
     dropout: f32,
 }
@@ -246,7 +249,7 @@ pub struct BatchLora<'a> {
 impl<'a> BatchLora<'a> {
     /// No adapters anywhere in the batch.
     pub fn none() -> Self {
-        Self { groups: Vec::new(), dropout: 0.0 }
+        Self { groups: Vec::new(), total: 0, dropout: 0.0 }
     }
 
     /// Applies dropout with probability `p` to the input of every low-rank product.
@@ -259,40 +262,48 @@ impl<'a> BatchLora<'a> {
     /// adapter (same allocation) form one group.
     pub fn new(seqs: &[(usize, Option<&'a LoraWeights>)]) -> Result<Self> {
         let total: usize = seqs.iter().map(|s| s.0).sum();
-        let mut groups: Vec<(&'a LoraWeights, Vec<u32>)> = Vec::new();
-        let mut off = 0u32;
+        let mut groups: Vec<(&'a LoraWeights, Vec<(usize, usize)>)> = Vec::new();
+        let mut off = 0;
         for &(n, w) in seqs {
-            if let Some(w) = w {
-                let rows = off..off + n as u32;
+            if let (Some(w), true) = (w, n > 0) {
                 match groups.iter_mut().find(|(g, _)| std::ptr::eq(*g, w)) {
-                    Some((_, v)) => v.extend(rows),
-                    None => groups.push((w, rows.collect())),
+                    Some((_, runs)) => match runs.last_mut() {
+                        Some((start, len)) if *start + *len == off => *len += n,
+                        _ => runs.push((off, n)),
+                    },
+                    None => groups.push((w, vec![(off, n)])),
                 }
             }
-            off += n as u32;
+            off += n;
         }
         let groups = groups
             .into_iter()
-            .map(|(weights, rows)| {
-                let (rows, row_ids) = if rows.len() == total {
-                    (None, None)
+            .map(|(weights, runs)| {
+                let rows = if runs == [(0, total)] {
+                    None
                 } else {
-                    let n = rows.len();
-                    (Some(Tensor::from_vec(rows.clone(), n, &Device::Cpu)?), Some(rows))
+                    let ids: Vec<u32> = runs.iter().flat_map(|&(s, n)| s as u32..(s + n) as u32).collect();
+                    let n = ids.len();
+                    Some(Tensor::from_vec(ids, n, &Device::Cpu)?)
                 };
-                Ok(Group { weights, rows, row_ids })
+                Ok(Group { weights, rows, runs })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { groups, dropout: 0.0 })
+        Ok(Self { groups, total, dropout: 0.0 })
     }
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }
 
-    /// Each group's weights and row indices (`None`: every row).
-    pub(crate) fn raw_groups(&self) -> Vec<(&LoraWeights, &Option<Vec<u32>>)> {
-        self.groups.iter().map(|g| (g.weights, &g.row_ids)).collect()
+    /// Rows in the batch.
+    pub(crate) fn total_rows(&self) -> usize {
+        self.total
+    }
+
+    /// Each group's weights and runs of rows, `(start, len)`.
+    pub(crate) fn serving_groups(&self) -> impl Iterator<Item = (&LoraWeights, &[(usize, usize)])> {
+        self.groups.iter().map(|g| (g.weights, g.runs.as_slice()))
     }
 
     /// Adds each group's `x·Aᵀ·s·Bᵀ` to its rows of `y` (`x` `[rows, in]`, `y` `[rows, out]`).
