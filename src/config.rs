@@ -261,17 +261,41 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
 }
 
+/// `[auth]`: the plain digest lists plus `[[auth.keys]]` entries. A key of the plain lists is
+/// a tenant of its own (named `key-<key id>`), so two client keys never see each other's
+/// objects unless an entry puts them in one tenant.
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     pub api_keys: Vec<KeyHash>,
     pub admin_keys: Vec<KeyHash>,
+    pub keys: Vec<KeyEntry>,
+    /// Extra `Host` names an open (keyless) server answers besides loopback names.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// One `[[auth.keys]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyEntry {
+    pub hash: KeyHash,
+    pub tenant: String,
+    pub admin: bool,
+    /// Models (base, aliases, fine-tuned names) the key may call; `None` = every model its
+    /// tenant can see.
+    pub models: Option<Vec<String>>,
+    /// Tasks whose approved logs the key may train on and whose alias its jobs may replace.
+    pub train_tasks: Vec<String>,
 }
 
 impl AuthConfig {
     /// No key of either scope: the server is open (and loopback only).
     pub fn is_open(&self) -> bool {
-        self.api_keys.is_empty() && self.admin_keys.is_empty()
+        self.api_keys.is_empty() && self.admin_keys.is_empty() && self.keys.is_empty()
     }
+}
+
+/// Tenant names: 1-64 of letters, digits, '-' and '_' (they name owners in records and files).
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 64 && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
 }
 
 #[derive(Debug, Clone)]
@@ -325,13 +349,33 @@ pub struct LimitsConfig {
     pub max_tokens: usize,
     /// Largest `n`.
     pub max_n: usize,
-    /// Requests one key may have in flight; 0 means no limit.
+    /// Sequences (prompts x `n`) one key may have in flight; 0 means no limit. On an open
+    /// server every caller counts as one key.
     pub max_concurrent_requests_per_key: usize,
+    /// Most sequences (prompts x `n`) one request may ask for.
+    pub max_sequences_per_request: usize,
+    /// Largest uploaded file (`/v1/files`), streamed to disk as it arrives.
+    pub max_upload_bytes: usize,
+    /// Uploads in progress at once (over the limit: 429).
+    pub max_concurrent_uploads: usize,
+    /// Fine-tuning jobs one tenant may have queued or running at once.
+    pub max_active_jobs_per_tenant: usize,
+    /// Seconds a request body may take to arrive (a slow body gets 408).
+    pub body_timeout_seconds: f64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_tokens: 4096, max_n: 8, max_concurrent_requests_per_key: 64 }
+        Self {
+            max_tokens: 4096,
+            max_n: 8,
+            max_concurrent_requests_per_key: 64,
+            max_sequences_per_request: 32,
+            max_upload_bytes: 256 * 1024 * 1024,
+            max_concurrent_uploads: 4,
+            max_active_jobs_per_tenant: 4,
+            body_timeout_seconds: 30.0,
+        }
     }
 }
 
@@ -377,6 +421,25 @@ impl Default for RawServer {
 struct RawAuth {
     api_keys: Vec<String>,
     admin_keys: Vec<String>,
+    keys: Vec<RawKey>,
+    allowed_hosts: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    hash: String,
+    tenant: String,
+    #[serde(default = "client_scope")]
+    scope: String,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    train_tasks: Vec<String>,
+}
+
+fn client_scope() -> String {
+    "client".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -541,7 +604,27 @@ impl RawConfig {
             decode_hashes(&self.auth.api_keys).map_err(|(i, m)| invalid(&format!("auth.api_keys[{i}]"), m))?;
         let admin_keys =
             decode_hashes(&self.auth.admin_keys).map_err(|(i, m)| invalid(&format!("auth.admin_keys[{i}]"), m))?;
-        let auth = AuthConfig { api_keys, admin_keys };
+        let mut keys = Vec::with_capacity(self.auth.keys.len());
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            let path = |f: &str| format!("auth.keys[{i}].{f}");
+            let hash = decode_hashes(std::slice::from_ref(&k.hash)).map_err(|(_, m)| invalid(&path("hash"), m))?;
+            let admin = match k.scope.as_str() {
+                "client" => false,
+                "admin" => true,
+                other => return Err(invalid(&path("scope"), format!("'{other}' is not 'client' or 'admin'"))),
+            };
+            if !valid_tenant(&k.tenant) {
+                return Err(invalid(&path("tenant"), "must be 1-64 letters, digits, '-' or '_'".into()));
+            }
+            keys.push(KeyEntry {
+                hash: hash[0],
+                tenant: k.tenant.clone(),
+                admin,
+                models: k.models.clone(),
+                train_tasks: k.train_tasks.clone(),
+            });
+        }
+        let auth = AuthConfig { api_keys, admin_keys, keys, allowed_hosts: self.auth.allowed_hosts.clone() };
         if auth.is_open() && !bind.ip().is_loopback() {
             return Err(invalid(
                 "server.bind",
@@ -565,10 +648,17 @@ impl RawConfig {
             ("adapters.max_rank", self.adapters.max_rank),
             ("limits.max_tokens", self.limits.max_tokens),
             ("limits.max_n", self.limits.max_n),
+            ("limits.max_sequences_per_request", self.limits.max_sequences_per_request),
+            ("limits.max_upload_bytes", self.limits.max_upload_bytes),
+            ("limits.max_concurrent_uploads", self.limits.max_concurrent_uploads),
+            ("limits.max_active_jobs_per_tenant", self.limits.max_active_jobs_per_tenant),
         ] {
             if v == 0 {
                 return Err(invalid(path, "must be at least 1".into()));
             }
+        }
+        if !(self.limits.body_timeout_seconds.is_finite() && self.limits.body_timeout_seconds > 0.0) {
+            return Err(invalid("limits.body_timeout_seconds", "must be a positive number".into()));
         }
         let watch_interval = duration(self.adapters.watch_interval_seconds)
             .filter(|d| !d.is_zero())

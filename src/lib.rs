@@ -6,6 +6,8 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod logs;
 pub mod metrics;
 pub mod router;

@@ -29,6 +29,13 @@ pub enum RouteError {
     ModelNotFound(String),
 }
 
+/// The tenant that owns an adapter: `owner` in its `tunegate.json`, written by a client
+/// key's fine-tuning job. `None`: the operator's adapter, callable by every key its
+/// `models` list allows.
+pub fn adapter_owner(meta: Option<&serde_json::Value>) -> Option<&str> {
+    meta?.get("owner")?.as_str()
+}
+
 /// What a model name refers to, without taking a lease (for `/v1/models/{id}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelRef {

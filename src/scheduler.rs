@@ -104,7 +104,7 @@ pub async fn check(
     state: &mut BTreeMap<String, TaskState>,
 ) -> anyhow::Result<bool> {
     let stats = logs.store.task_stats().await?;
-    let (recent, _) = jobs.list(None, 1000)?;
+    let (recent, _) = jobs.list(None, 1000, None)?;
     let mut queued = false;
     for s in stats {
         let policy = Policy::for_task(cfg, &s.task);
@@ -129,6 +129,8 @@ pub async fn check(
             batch_size: None,
             learning_rate_multiplier: None,
             metadata: Some([("scheduled_by".to_string(), "tunegate-scheduler".to_string())].into()),
+            owner: None,
+            private_adapter: false,
         };
         match jobs.create(req) {
             Ok(job) => {

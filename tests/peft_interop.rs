@@ -353,6 +353,7 @@ fn train_adapter(gguf: &Path, root: &Path) -> anyhow::Result<(PathBuf, LoraParam
         eval_examples: 0,
         distilled_prompt: None,
         eval: None,
+        owner: None,
         steps: out.steps,
         final_loss: Some(last),
         // Fixed, so that a retrain on the same machine rewrites identical bytes.

@@ -109,6 +109,10 @@ pub struct Prepared {
     pub weights: LoraWeights,
 }
 
+/// Largest `lora_alpha` accepted (PEFT's usual values are 8-128; 1e300 would turn every
+/// product into infinities).
+const MAX_ALPHA: f64 = 1e4;
+
 fn invalid(msg: impl Into<String>) -> AdapterError {
     AdapterError::Invalid(msg.into())
 }
@@ -124,6 +128,14 @@ pub fn load_adapter(dir: &Path, shape: &ModelShape, limits: &AdapterLimits) -> R
     let started = Instant::now();
     if !dir.is_dir() {
         return Err(AdapterError::Io(format!("{} is not a folder", dir.display())));
+    }
+    // The folder was checked to lie inside the adapters root; its files must be regular
+    // files of that folder, not links that could read (and echo, for tunegate.json) any
+    // file the process can open.
+    for f in [CONFIG_FILE, WEIGHTS_FILE, META_FILE] {
+        if std::fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(invalid(format!("{f} is a symbolic link; adapter files must be regular files")));
+        }
     }
     let cfg = read_config(dir)?;
     if !cfg.peft_type.eq_ignore_ascii_case("LORA") {
@@ -150,6 +162,9 @@ pub fn load_adapter(dir: &Path, shape: &ModelShape, limits: &AdapterLimits) -> R
     let tensors = candle_core::safetensors::load(&wpath, &Device::Cpu)
         .map_err(|e| invalid(format!("{}: {e}", wpath.display())))?;
     let scale = cfg.scale();
+    if !(cfg.lora_alpha.is_finite() && cfg.lora_alpha > 0.0 && cfg.lora_alpha <= MAX_ALPHA && scale.is_finite()) {
+        return Err(invalid(format!("lora_alpha {} is outside (0, {MAX_ALPHA}]", cfg.lora_alpha)));
+    }
     let mut weights = LoraWeights::new(shape.num_layers);
     let mut pairs: HashMap<(usize, Proj), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (name, t) in &tensors {
@@ -164,6 +179,14 @@ pub fn load_adapter(dir: &Path, shape: &ModelShape, limits: &AdapterLimits) -> R
         }
         let entry = pairs.entry((layer, proj)).or_default();
         let t = t.to_dtype(DType::F32).map_err(|e| invalid(format!("tensor {name}: {e}")))?;
+        let finite = t
+            .flatten_all()
+            .and_then(|f| f.to_vec1::<f32>())
+            .map(|v| v.iter().all(|x| x.is_finite()))
+            .map_err(|e| invalid(format!("tensor {name}: {e}")))?;
+        if !finite {
+            return Err(invalid(format!("tensor {name} holds NaN or infinite values")));
+        }
         if is_a {
             entry.0 = Some(t);
         } else {

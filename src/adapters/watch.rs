@@ -270,7 +270,8 @@ fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out: Vec<(String, PathBuf)> = entries
         .flatten()
-        .filter(|e| e.path().is_dir())
+        // `file_type` does not follow links: a symlinked folder could lead out of the root.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().to_str().map(|n| (n.to_string(), e.path())))
         .filter(|(n, _)| !n.starts_with('.'))
         .collect();

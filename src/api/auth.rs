@@ -1,12 +1,14 @@
 //! API keys. The config stores SHA-256 digests of keys, never keys; a bearer token is hashed
 //! and compared with every stored digest in constant time. Two scopes: client keys may call
-//! `/v1/*`, admin keys may also call the admin routes. With no key configured the server is
+//! `/v1/*`, admin keys may also call the admin routes. Each key belongs to a tenant
+//! (`[[auth.keys]]`; a key of the plain lists is a tenant of its own). With no key configured the server is
 //! open: any or no token is accepted (config validation keeps such a server on loopback).
 //!
 //! The middlewares put the resolved [`Caller`] into the request's extensions; handlers take
 //! it as an extractor.
 
 use std::future::{ready, Ready};
+use std::sync::Arc;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
@@ -19,19 +21,82 @@ use super::error::{ApiError, ErrorKind};
 use super::AppState;
 use crate::config::{AuthConfig, KeyHash};
 
-/// Who is calling, as far as limits and logs need to know.
+/// Who is calling: the key, its tenant and what the key may do. Every object a client
+/// creates is stamped with `tenant`; a client key sees and changes only its tenant's
+/// objects, an admin key sees all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// A short, non-secret id of the key (first 12 hex digits of its digest), or
     /// `anonymous` on an open server without a token.
     pub key_id: String,
+    pub tenant: String,
     pub admin: bool,
+    /// Models the key may call; `None` = any its tenant can see.
+    pub models: Option<Arc<[String]>>,
+    /// Tasks the key may train on (their approved logs) and whose alias its jobs may replace.
+    pub train_tasks: Arc<[String]>,
+}
+
+/// The tenant of every caller on an open (keyless) server: one operator, on loopback.
+pub const OPEN_TENANT: &str = "local";
+
+impl Caller {
+    /// Whether this caller may see or change an object owned by `owner` (`None`: made
+    /// before tenancy existed, or by the operator: admins only).
+    pub fn owns(&self, owner: Option<&str>) -> bool {
+        self.admin || owner == Some(self.tenant.as_str())
+    }
+
+    /// The tenant to filter lists by: `None` (everything) for admins.
+    pub fn tenant_filter(&self) -> Option<String> {
+        (!self.admin).then(|| self.tenant.clone())
+    }
+
+    /// Whether the key's `models` list allows calling `model` (checked before the router
+    /// looks at adapter owners).
+    pub fn may_call(&self, model: &str) -> bool {
+        self.admin || self.models.as_ref().is_none_or(|m| m.iter().any(|x| x == model))
+    }
+
+    /// Whether the key may train on `task`'s logs and replace its alias.
+    pub fn may_train(&self, task: &str) -> bool {
+        self.admin || self.train_tasks.iter().any(|t| t == task)
+    }
+
+    /// The key the per-key limits count under. On an open server every caller is one
+    /// (a fresh bearer token per request must not be a fresh budget).
+    pub fn limit_key(&self) -> &str {
+        if self.tenant == OPEN_TENANT {
+            OPEN_TENANT
+        } else {
+            &self.key_id
+        }
+    }
+
+    #[cfg(test)]
+    pub fn test(tenant: &str, admin: bool) -> Self {
+        Caller {
+            key_id: tenant.into(),
+            tenant: tenant.into(),
+            admin,
+            models: None,
+            train_tasks: Arc::from(Vec::new()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Key {
+    hash: KeyHash,
+    tenant: String,
+    admin: bool,
+    models: Option<Arc<[String]>>,
+    train_tasks: Arc<[String]>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Auth {
-    api_keys: Vec<KeyHash>,
-    admin_keys: Vec<KeyHash>,
+    keys: Vec<Key>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,11 +107,27 @@ pub enum Scope {
 
 impl Auth {
     pub fn new(cfg: &AuthConfig) -> Self {
-        Self { api_keys: cfg.api_keys.clone(), admin_keys: cfg.admin_keys.clone() }
+        let plain = |hash: &KeyHash, admin: bool| Key {
+            hash: *hash,
+            tenant: format!("key-{}", key_id(hash)),
+            admin,
+            models: None,
+            train_tasks: Arc::from(Vec::new()),
+        };
+        let mut keys: Vec<Key> = cfg.keys.iter().map(|k| Key {
+            hash: k.hash,
+            tenant: k.tenant.clone(),
+            admin: k.admin,
+            models: k.models.clone().map(Arc::from),
+            train_tasks: Arc::from(k.train_tasks.clone()),
+        }).collect();
+        keys.extend(cfg.admin_keys.iter().map(|h| plain(h, true)));
+        keys.extend(cfg.api_keys.iter().map(|h| plain(h, false)));
+        Self { keys }
     }
 
     pub fn is_open(&self) -> bool {
-        self.api_keys.is_empty() && self.admin_keys.is_empty()
+        self.keys.is_empty()
     }
 
     /// Checks an `Authorization` header value for a scope.
@@ -54,7 +135,13 @@ impl Auth {
         let token = authorization.and_then(bearer);
         if self.is_open() {
             let key_id = token.map(|t| key_id(&digest(t))).unwrap_or_else(|| "anonymous".into());
-            return Ok(Caller { key_id, admin: true });
+            return Ok(Caller {
+                key_id,
+                tenant: OPEN_TENANT.into(),
+                admin: true,
+                models: None,
+                train_tasks: Arc::from(Vec::new()),
+            });
         }
         let Some(token) = token else {
             return Err(ApiError::new(
@@ -64,18 +151,22 @@ impl Auth {
             ));
         };
         let d = digest(token);
-        let admin = matches_any(&d, &self.admin_keys);
-        let client = matches_any(&d, &self.api_keys);
-        if !admin && !client {
+        let Some(key) = find(&d, &self.keys) else {
             return Err(ApiError::new(ErrorKind::InvalidApiKey, "Incorrect API key provided."));
-        }
-        if scope == Scope::Admin && !admin {
+        };
+        if scope == Scope::Admin && !key.admin {
             return Err(ApiError::new(
                 ErrorKind::InsufficientScope,
                 "This route needs an admin key (auth.admin_keys); the key provided is a client key.",
             ));
         }
-        Ok(Caller { key_id: key_id(&d), admin })
+        Ok(Caller {
+            key_id: key_id(&d),
+            tenant: key.tenant.clone(),
+            admin: key.admin,
+            models: key.models.clone(),
+            train_tasks: key.train_tasks.clone(),
+        })
     }
 }
 
@@ -90,9 +181,16 @@ fn digest(token: &str) -> KeyHash {
 }
 
 /// Compares with every stored digest, without an early exit, so timing says nothing about
-/// which (or whether any) key matched.
-fn matches_any(d: &KeyHash, keys: &[KeyHash]) -> bool {
-    keys.iter().fold(subtle::Choice::from(0u8), |acc, k| acc | k.ct_eq(d)).into()
+/// which (or whether any) key matched. The first matching entry wins.
+fn find<'a>(d: &KeyHash, keys: &'a [Key]) -> Option<&'a Key> {
+    let mut found = None;
+    for k in keys {
+        let hit: bool = k.hash.ct_eq(d).into();
+        if hit && found.is_none() {
+            found = Some(k);
+        }
+    }
+    found
 }
 
 fn key_id(d: &KeyHash) -> String {
@@ -143,7 +241,11 @@ mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        Auth::new(&AuthConfig { api_keys: vec![digest("client-key")], admin_keys: vec![digest("admin-key")] })
+        Auth::new(&AuthConfig {
+            api_keys: vec![digest("client-key")],
+            admin_keys: vec![digest("admin-key")],
+            ..AuthConfig::default()
+        })
     }
 
     fn kind(r: Result<Caller, ApiError>) -> Option<ErrorKind> {

@@ -58,6 +58,21 @@ pub enum ErrorKind {
     IllegalReviewTransition,
     LogsDisabled,
     LogStoreUnavailable,
+    /// A body route got a body that is not `application/json` (cross-site form posts).
+    UnsupportedMediaType,
+    /// The request body did not arrive within `limits.body_timeout_seconds`.
+    RequestTimeout,
+    /// An open server got a `Host` it does not answer (DNS rebinding).
+    HostNotAllowed,
+    /// A client key asked for something only an admin or a grant allows (another task's
+    /// alias or logs).
+    PermissionDenied,
+    /// A tenant has `limits.max_active_jobs_per_tenant` jobs queued or running.
+    TooManyJobs,
+    /// Too many uploads in progress (`limits.max_concurrent_uploads`).
+    TooManyUploads,
+    /// The log store cannot take more records (disk full): failing fast instead of waiting.
+    LogStoreFull,
     Internal,
 }
 
@@ -82,7 +97,11 @@ impl ErrorKind {
             | AdapterLimitReached
             | InvalidFile => StatusCode::BAD_REQUEST,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
-            InsufficientScope => StatusCode::FORBIDDEN,
+            InsufficientScope | PermissionDenied | HostNotAllowed => StatusCode::FORBIDDEN,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            TooManyJobs | TooManyUploads => StatusCode::TOO_MANY_REQUESTS,
+            LogStoreFull => StatusCode::INSUFFICIENT_STORAGE,
             ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl | FileNotFound | JobNotFound
             | LogNotFound => {
                 StatusCode::NOT_FOUND
@@ -141,6 +160,13 @@ impl ErrorKind {
             IllegalReviewTransition => "illegal_review_transition",
             LogsDisabled => "logs_disabled",
             LogStoreUnavailable => "log_store_unavailable",
+            UnsupportedMediaType => "unsupported_media_type",
+            RequestTimeout => "request_timeout",
+            HostNotAllowed => "host_not_allowed",
+            PermissionDenied => "permission_denied",
+            TooManyJobs => "too_many_fine_tuning_jobs",
+            TooManyUploads => "too_many_uploads",
+            LogStoreFull => "log_store_full",
             Internal => "internal_error",
         }
     }
@@ -159,7 +185,10 @@ impl ErrorKind {
     /// Seconds a client should wait before retrying, where retrying makes sense.
     fn retry_after(self) -> Option<u32> {
         match self {
-            ErrorKind::TooManyConcurrentRequests | ErrorKind::AdapterBusy | ErrorKind::EngineOverloaded => Some(1),
+            ErrorKind::TooManyConcurrentRequests
+            | ErrorKind::AdapterBusy
+            | ErrorKind::EngineOverloaded
+            | ErrorKind::TooManyUploads => Some(1),
             ErrorKind::ModelNotReady | ErrorKind::LogStoreUnavailable => Some(5),
             _ => None,
         }
@@ -288,6 +317,7 @@ impl From<crate::training::jobs::JobsError> for ApiError {
         use crate::training::jobs::JobsError as J;
         let kind = match &e {
             J::Invalid(_) => ErrorKind::InvalidValue,
+            J::Limit(_) => ErrorKind::TooManyJobs,
             J::NotFound(_) => ErrorKind::JobNotFound,
             J::Conflict(_) => ErrorKind::JobFinished,
             J::Io(_) => ErrorKind::Internal,

@@ -3,6 +3,10 @@
 //! malformed JSON is `invalid_json`, a wrong type `invalid_type`, a missing field
 //! `missing_required_parameter`, a body over `server.max_body_bytes` `413 request_too_large`.
 //! Unknown fields are ignored, as OpenAI does.
+//!
+//! The body must be declared JSON (`application/json` or `*/*+json`, else `415`): a web page
+//! can send a cross-site `text/plain` or form POST without a preflight, never a JSON one. A
+//! body that takes longer than `limits.body_timeout_seconds` to arrive gets `408`.
 
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
@@ -15,6 +19,16 @@ use super::error::{ApiError, ErrorKind};
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+/// How long a body may take to arrive, as app data.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
+/// Whether a `Content-Type` value declares JSON.
+pub fn is_json_content_type(value: &str) -> bool {
+    let mime = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
@@ -23,9 +37,25 @@ impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let limit = req.app_data::<BodyLimit>().map(|l| l.0);
+        let timeout = req.app_data::<BodyTimeout>().map_or(std::time::Duration::from_secs(30), |t| t.0);
+        let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let json = content_type.is_some_and(is_json_content_type);
+        let shown = content_type.unwrap_or("none").chars().take(100).collect::<String>();
         let body = web::Bytes::from_request(req, payload);
         Box::pin(async move {
-            let body = body.await.map_err(|e| {
+            if !json {
+                return Err(ApiError::new(
+                    ErrorKind::UnsupportedMediaType,
+                    format!("The request body must be JSON with 'Content-Type: application/json' (got {shown})."),
+                ));
+            }
+            let body = tokio::time::timeout(timeout, body).await.map_err(|_| {
+                ApiError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("The request body did not arrive within {} s (limits.body_timeout_seconds).", timeout.as_secs_f64()),
+                )
+            })?;
+            let body = body.map_err(|e| {
                 if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
                     let limit = limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
                     ApiError::new(
@@ -131,5 +161,15 @@ mod tests {
         let e = err("[]");
         assert_eq!((e.kind, e.param), (ErrorKind::InvalidType, None));
         assert!(parse::<Req>(b"{\"model\": \"m\", \"messages\": [], \"unknown\": {\"a\": 1}}").is_ok());
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ok in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/merge-patch+json"] {
+            assert!(is_json_content_type(ok), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "", "text/json+x"] {
+            assert!(!is_json_content_type(bad), "{bad}");
+        }
     }
 }

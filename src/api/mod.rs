@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod json;
 pub mod limits;
@@ -34,6 +35,10 @@ pub struct AppState {
     pub router: Router,
     pub auth: auth::Auth,
     pub limiter: Arc<limits::ConcurrencyLimiter>,
+    /// Held while the task overview is computed (one at a time).
+    pub overview_lock: tokio::sync::Mutex<()>,
+    /// Upload slots (`limits.max_concurrent_uploads`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
     /// Unix seconds; the base model's `created` in `/v1/models`.
     pub started_at: u64,
     /// `system_fingerprint`: changes when the model or the gateway's version does.
@@ -46,6 +51,29 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Request logs and review; `None` when `[logs] enabled = false`.
     pub logs: Option<Arc<crate::logs::Logs>>,
+}
+
+impl AppState {
+    /// Routes `model` for `caller`: a model outside the key's `models` list, or an adapter
+    /// another tenant owns, is "not found" (a client cannot tell it from a name that does not
+    /// exist).
+    pub fn route_for(
+        &self,
+        caller: &auth::Caller,
+        model: &str,
+        metadata_task: Option<&str>,
+    ) -> Result<crate::router::Routed, ApiError> {
+        let hidden = || ApiError::from(crate::router::RouteError::ModelNotFound(model.to_string()));
+        if !caller.may_call(model) {
+            return Err(hidden());
+        }
+        let routed = self.router.route(model, metadata_task)?;
+        let owner = routed.adapter.as_ref().and_then(|a| crate::router::adapter_owner(a.meta.as_ref()));
+        if owner.is_some() && !caller.owns(owner) {
+            return Err(hidden());
+        }
+        Ok(routed)
+    }
 }
 
 /// The route table.

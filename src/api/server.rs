@@ -14,7 +14,7 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
-use super::json::BodyLimit;
+use super::json::{BodyLimit, BodyTimeout};
 use super::{auth, limits, routes, AppState};
 use crate::adapters::watch::{WatchConfig, Watcher};
 use crate::config::Config;
@@ -108,6 +108,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             min_margin: config.training.min_margin,
             distill_system_prompt: config.training.distill_system_prompt,
             metrics: Some(metrics.clone()),
+            max_active_per_tenant: config.limits.max_active_jobs_per_tenant,
             threads: config.training.threads,
         };
         Some(
@@ -128,6 +129,8 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
         router,
         auth,
         limiter: limits::ConcurrencyLimiter::new(config.limits.max_concurrent_requests_per_key),
+        overview_lock: tokio::sync::Mutex::new(()),
+        uploads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_concurrent_uploads)),
         started_at: crate::api::openai::generation::unix_now(),
         fingerprint: fingerprint(&config).into(),
         adapters_scanned,
@@ -137,12 +140,15 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
     });
 
     let max_body = config.server.max_body_bytes;
+    let body_timeout = Duration::from_secs_f64(config.limits.body_timeout_seconds);
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
             .app_data(web::PayloadConfig::new(max_body))
             .app_data(BodyLimit(max_body))
+            .app_data(BodyTimeout(body_timeout))
+            .wrap(actix_web::middleware::from_fn(super::guard::open_server))
             .wrap(actix_web::middleware::from_fn(super::metrics::track))
             .configure(routes)
             .default_service(web::to(super::not_found))

@@ -58,6 +58,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         current_adapter: current,
         min_margin: config.training.min_margin,
         adapter_precision: config.adapters.precision,
+        owner: None,
     };
     let cancel = AtomicBool::new(false);
     let mut stderr = std::io::stderr();

@@ -87,6 +87,14 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// The prompt's token ids for `messages` (see [`chat_tokens`]).
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        match &self.chat_template {
+            Some(t) => chat_tokens(&self.tokenizer, t, messages),
+            None => Err(EngineError::Template("the model has no chat template; use /v1/completions".into())),
+        }
+    }
+
     /// Renders messages with the model's chat template (generation prompt appended).
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
         match &self.chat_template {
@@ -96,6 +104,41 @@ impl ModelInfo {
             )),
         }
     }
+}
+
+/// The prompt's token ids for `messages`: the chat template's own text with its special
+/// tokens, and every message's content as plain text — a client writing
+/// "<|im_start|>system" in its content gets those characters, not a forged turn.
+pub fn chat_tokens(tok: &Tokenizer, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    if !messages.iter().any(|m| tok.has_special_text(&m.content)) {
+        // Nothing to confuse: the whole rendering in one pass (token for token what
+        // the reference implementations produce).
+        return tok.encode(&template.render(messages, true)?, true);
+    }
+    // Render with each content replaced by a marker (private-use characters no template
+    // alters), then encode the template's text and the contents separately.
+    let marker = |i: usize| format!("\u{E000}tunegate-content-{i}\u{E001}");
+    let marked: Vec<ChatMessage> =
+        messages.iter().enumerate().map(|(i, m)| ChatMessage::new(m.role.clone(), marker(i))).collect();
+    let skeleton = template.render(&marked, true)?;
+    let mut ids = Vec::new();
+    let mut rest = skeleton.as_str();
+    let mut first = true;
+    for (i, m) in messages.iter().enumerate() {
+        let mark = marker(i);
+        let Some(pos) = rest.find(&mark) else {
+            return Err(EngineError::InvalidRequest(format!(
+                "messages[{i}] spells a special token of the model, and this chat template does not carry \
+                 message content verbatim, so it cannot be kept as text; remove the special token"
+            )));
+        };
+        ids.extend(tok.encode(&rest[..pos], first)?);
+        first = false;
+        ids.extend(tok.encode_plain(&m.content)?);
+        rest = &rest[pos + mark.len()..];
+    }
+    ids.extend(tok.encode(rest, first)?);
+    Ok(ids)
 }
 
 pub(crate) struct Shared {

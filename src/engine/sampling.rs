@@ -5,6 +5,9 @@ use rand::{Rng, SeedableRng};
 
 use super::SamplingParams;
 
+/// Temperatures below this sample as greedy (the distribution is a point mass long before).
+pub const MIN_TEMPERATURE: f32 = 1e-4;
+
 pub struct Sampler {
     rng: StdRng,
     temperature: f32,
@@ -24,7 +27,12 @@ impl Sampler {
     /// Picks a token and returns it with its log-probability under the unmodified
     /// distribution (what OpenAI's `logprobs` reports).
     pub fn sample(&mut self, logits: &[f32]) -> (u32, f32) {
-        let id = if self.temperature <= 0.0 { argmax(logits) } else { self.sample_tempered(logits) };
+        // Below MIN_TEMPERATURE, 1/t overflows the logits to infinities: that is greedy.
+        let id = if self.temperature < MIN_TEMPERATURE || !self.temperature.is_finite() {
+            argmax(logits)
+        } else {
+            self.sample_tempered(logits)
+        };
         (id as u32, log_softmax_at(logits, id))
     }
 
@@ -100,6 +108,16 @@ mod tests {
         assert_eq!(id, 1);
         let expect = 2.0 - (1f32 + 2f32.exp() + 1f32.exp()).ln();
         assert!((lp - expect).abs() < 1e-5);
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 10.0).collect();
+        let best = argmax(&logits) as u32;
+        for t in [1e-38f32, 1e-30, 1e-6, f32::MIN_POSITIVE] {
+            let mut s = Sampler::new(&params(t, 0.9, 0, 5));
+            assert!((0..20).all(|_| s.sample(&logits).0 == best), "temperature {t}");
+        }
     }
 
     #[test]

@@ -41,6 +41,10 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 #[derive(Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens' text treated as text, for untrusted content.
+    plain: tokenizers::Tokenizer,
+    /// The text of every special token (`<|im_start|>`, …).
+    special_texts: Vec<String>,
     eos_ids: Vec<u32>,
     bos: Option<String>,
     eos: Option<String>,
@@ -87,13 +91,7 @@ impl Tokenizer {
         ];
         let eos_ids = end_of_generation_ids(stop.into_iter().flatten(), &inner);
         let vocab_size = v.tokens.len().max(inner.get_vocab_size(true));
-        Ok(Self {
-            inner,
-            eos_ids,
-            bos,
-            eos,
-            vocab_size,
-        })
+        Ok(Self::assemble(inner, eos_ids, bos, eos, vocab_size))
     }
 
     /// A Hugging Face folder: `tokenizer.json`, with `tokenizer_config.json` for the bos/eos
@@ -136,15 +134,37 @@ impl Tokenizer {
         let eos_ids = end_of_generation_ids(stop, &inner);
         let vocab_size = inner.get_vocab_size(true);
         Ok((
-            Self {
-                inner,
-                eos_ids,
-                bos,
-                eos,
-                vocab_size,
-            },
+            Self::assemble(inner, eos_ids, bos, eos, vocab_size),
             template,
         ))
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        eos_ids: Vec<u32>,
+        bos: Option<String>,
+        eos: Option<String>,
+        vocab_size: usize,
+    ) -> Self {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut special_texts: Vec<String> =
+            inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+        special_texts.sort();
+        Self { inner, plain, special_texts, eos_ids, bos, eos, vocab_size }
+    }
+
+    /// Whether `text` spells any special token (which [`Tokenizer::encode`] would turn into
+    /// its id).
+    pub fn has_special_text(&self, text: &str) -> bool {
+        self.special_texts.iter().any(|t| !t.is_empty() && text.contains(t.as_str()))
+    }
+
+    /// Encodes untrusted text: special tokens written in it stay text ("<|im_start|>" is
+    /// several ordinary tokens), and nothing is added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.plain.encode_fast(text, false).map_err(|e| tok_err(format!("cannot encode text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Special tokens written in `text` (e.g. "<|im_start|>") become their single ids.

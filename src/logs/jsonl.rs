@@ -84,6 +84,7 @@ pub async fn import_jsonl<R: BufRead>(
             latency_ms: 0,
             status: STATUS_OK.into(),
             api_key_id: None,
+            tenant: None,
             client_disconnected: false,
             metadata: Default::default(),
             store: false,

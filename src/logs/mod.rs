@@ -43,7 +43,7 @@ pub use redact::{Redactor, REDACTED};
 pub use redis::{RedisConfig, RedisStore};
 pub use service::{open_store, Logs};
 pub use sqlite::{SqliteOptions, SqliteStore};
-pub use writer::{LogWriter, WriterConfig, WriterStats, WriterStatsSnapshot};
+pub use writer::{read_spool, LogWriter, WriterConfig, WriterStats, WriterStatsSnapshot};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LogError {

@@ -43,6 +43,10 @@ pub struct LogRecord {
     pub status: String,
     /// Id of the API key used (never the key itself).
     pub api_key_id: Option<String>,
+    /// The tenant of the key (see `api::auth`); `None` for records made before tenancy or
+    /// imported by an operator: only admins see those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// The client went away before the stream ended; `response` holds what was generated.
     pub client_disconnected: bool,
     pub metadata: BTreeMap<String, String>,
@@ -268,6 +272,8 @@ pub struct LogFilter {
     pub metadata: BTreeMap<String, String>,
     /// Only OpenAI stored completions (`store: true`).
     pub stored_only: bool,
+    /// Only records of this tenant (a client key's view).
+    pub tenant: Option<String>,
     pub order: Order,
 }
 
@@ -291,6 +297,7 @@ impl LogFilter {
             && self.model.as_ref().is_none_or(|m| *m == r.model)
             && self.status.as_ref().is_none_or(|s| *s == r.status)
             && (!self.stored_only || r.store)
+            && self.tenant.as_ref().is_none_or(|t| r.tenant.as_ref() == Some(t))
             && self.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v))
             && self.needle().is_none_or(|n| search_text(r).contains(&n))
     }

@@ -86,7 +86,10 @@ impl Logs {
     /// committed (or after [`DURABLE_WAIT`], logging why); never fails the request.
     pub async fn record(&self, record: LogRecord) {
         let id = record.id.clone();
-        let res = if self.durable {
+        // Degraded (store and spool both failing, e.g. a full disk): the record waits in
+        // memory and is retried, but the response does not hang on it.
+        let degraded = self.writer.stats().degraded.load(std::sync::atomic::Ordering::Relaxed);
+        let res = if self.durable && !degraded {
             match tokio::time::timeout(DURABLE_WAIT, self.writer.send_durable(record)).await {
                 Ok(r) => r,
                 Err(_) => Err(LogError::Unavailable(format!(

@@ -440,6 +440,9 @@ fn select(
     if filter.stored_only {
         cond("stored = 1", vec![]);
     }
+    if let Some(t) = &filter.tenant {
+        cond("json_extract(record, '$.tenant') = ?", vec![t.clone().into()]);
+    }
     for (k, v) in &filter.metadata {
         cond(
             "EXISTS (SELECT 1 FROM json_each(logs.metadata) AS m WHERE m.key = ? AND m.value = ?)",

@@ -65,6 +65,10 @@ pub struct WriterStats {
     pub spool_errors: AtomicU64,
     /// Unreadable spool lines skipped on replay (a torn last write before a crash).
     pub spool_corrupt_lines: AtomicU64,
+    /// Set while neither the store nor the spool takes records (disk full and store down):
+    /// records wait in memory, and durable requests stop waiting for a commit that cannot
+    /// come soon (they would each hang for the durable wait).
+    pub degraded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -332,7 +336,10 @@ impl Worker {
         if !self.store_down {
             for chunk in self.batch.chunks(self.batch_size) {
                 match self.store.insert_batch(chunk).await {
-                    Ok(_) => add(&self.stats.written, chunk.len()),
+                    Ok(_) => {
+                        add(&self.stats.written, chunk.len());
+                        self.stats.degraded.store(false, Ordering::Relaxed);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "log store write failed; spooling");
                         self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -353,10 +360,12 @@ impl Worker {
             Ok(n) => {
                 add(&self.stats.spooled, n);
                 add(&self.stats.spool_pending, n);
+                self.stats.degraded.store(false, Ordering::Relaxed);
             }
             Err((e, batch)) => {
                 tracing::error!(error = %e, spool = %self.cfg.spool_path.display(), "cannot append to the log spool");
                 self.stats.spool_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.degraded.store(true, Ordering::Relaxed);
                 self.batch = batch;
                 // Maybe the store is back; let the next flush try it before the spool.
                 self.store_down = false;
@@ -380,8 +389,9 @@ impl Worker {
         let path = self.cfg.spool_path.clone();
         let batch_size = self.batch_size;
         let stats = self.stats.clone();
-        let reader =
-            tokio::task::spawn_blocking(move || read_spool(&path, batch_size, &stats, &tx));
+        let reader = tokio::task::spawn_blocking(move || {
+            read_spool(&path, batch_size, &stats, &mut |chunk| tx.blocking_send(chunk).is_ok())
+        });
         let mut replayed = 0;
         while let Some(chunk) = rx.recv().await {
             if let Err(e) = self.store.insert_batch(&chunk).await {
@@ -424,7 +434,12 @@ async fn append_spool(
     let n = batch.len();
     let res = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let existed = path.exists();
-        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut f = OpenOptions::new().create(true).append(true).read(true).open(&path)?;
+        // A torn earlier write (disk full, crash) may have left a line without its newline:
+        // start on a fresh line so this batch's first record is not glued to it.
+        if ends_mid_line(&mut f)? {
+            f.write_all(b"\n")?;
+        }
         f.write_all(&buf)?;
         f.sync_data()?;
         if !existed {
@@ -441,6 +456,18 @@ async fn append_spool(
 }
 
 /// A new file's directory entry is durable only once the directory is synced.
+fn ends_mid_line(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
@@ -449,11 +476,13 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 }
 
 /// Streams the spool in chunks to `tx`; stops early when the receiver goes away.
-fn read_spool(
+/// Reads the spool at `path` in chunks of `batch_size` records, handing each to `sink`
+/// (which returns false to stop). Public for the fuzz targets (`crate::fuzz`).
+pub fn read_spool(
     path: &Path,
     batch_size: usize,
     stats: &WriterStats,
-    tx: &mpsc::Sender<Vec<LogRecord>>,
+    sink: &mut dyn FnMut(Vec<LogRecord>) -> bool,
 ) -> std::io::Result<()> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -461,24 +490,30 @@ fn read_spool(
         Err(e) => return Err(e),
     };
     let mut chunk = Vec::with_capacity(batch_size);
-    for line in BufReader::new(file).lines() {
+    // Byte lines, not `lines()`: a torn write can cut a UTF-8 character in half, and one such
+    // line must not hide every record after it. Unreadable lines are kept aside in
+    // `<spool>.corrupt` for an operator, never silently dropped.
+    for line in BufReader::new(file).split(b'\n') {
         let line = line?;
-        if line.trim().is_empty() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_str::<LogRecord>(&line) {
+        match serde_json::from_slice::<LogRecord>(&line) {
             Ok(r) => chunk.push(r),
             Err(e) => {
-                tracing::warn!(error = %e, "skipping an unreadable log spool line");
+                tracing::warn!(error = %e, "skipping an unreadable log spool line (kept in the .corrupt file)");
                 stats.spool_corrupt_lines.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = keep_corrupt(path, &line) {
+                    tracing::error!(error = %e, "cannot keep an unreadable spool line aside");
+                }
             }
         }
-        if chunk.len() >= batch_size && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+        if chunk.len() >= batch_size.max(1) && !sink(std::mem::take(&mut chunk)) {
             return Ok(());
         }
     }
     if !chunk.is_empty() {
-        let _ = tx.blocking_send(chunk);
+        sink(chunk);
     }
     Ok(())
 }
@@ -494,12 +529,22 @@ fn truncate(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Appends an unreadable spool line to `<spool>.corrupt`.
+fn keep_corrupt(spool: &Path, line: &[u8]) -> std::io::Result<()> {
+    let mut name = spool.as_os_str().to_owned();
+    name.push(".corrupt");
+    let mut f = OpenOptions::new().create(true).append(true).open(PathBuf::from(name))?;
+    f.write_all(line)?;
+    f.write_all(b"\n")?;
+    f.sync_data()
+}
+
 async fn count_lines(path: PathBuf) -> std::io::Result<u64> {
     tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
         Ok(f) => {
             let mut n = 0;
-            for line in BufReader::new(f).lines() {
-                if !line?.trim().is_empty() {
+            for line in BufReader::new(f).split(b'\n') {
+                if !line?.iter().all(u8::is_ascii_whitespace) {
                     n += 1;
                 }
             }

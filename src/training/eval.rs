@@ -173,13 +173,29 @@ fn cross_entropy(row: &[f32], target: usize) -> f32 {
 }
 
 /// The candidate passes when it matches or beats the baseline by `margin` on exact match
-/// and on token F1.
+/// and on token F1, and is not useless: a candidate that scores zero on both never passes
+/// (a tie at zero is no evidence), and an exact tie is decided by the teacher-forced answer
+/// loss (the candidate's must be no higher).
 pub fn gate(baseline: Scores, candidate: Scores, margin: f64) -> GateReport {
     let em_ok = candidate.exact_match + 1e-9 >= baseline.exact_match + margin;
     let f1_ok = candidate.token_f1 + 1e-9 >= baseline.token_f1 + margin;
-    let passed = candidate.examples > 0 && em_ok && f1_ok;
+    let useless = candidate.exact_match <= 1e-9 && candidate.token_f1 <= 1e-9;
+    let tie = (candidate.exact_match - baseline.exact_match).abs() <= 1e-9
+        && (candidate.token_f1 - baseline.token_f1).abs() <= 1e-9;
+    let loss_ok = candidate.loss.is_finite() && candidate.loss <= baseline.loss + 1e-9;
+    let passed = candidate.examples > 0 && em_ok && f1_ok && !useless && (!tie || loss_ok);
     let reason = if candidate.examples == 0 {
         "no held-out examples to evaluate on".to_string()
+    } else if em_ok && f1_ok && useless {
+        format!(
+            "candidate answered no held-out example (exact match {:.3}, F1 {:.3}): a tie at zero is not a pass",
+            candidate.exact_match, candidate.token_f1
+        )
+    } else if em_ok && f1_ok && tie && !loss_ok {
+        format!(
+            "candidate ties what serves today (exact match {:.3}, F1 {:.3}) with a higher answer loss ({:.4} vs {:.4})",
+            candidate.exact_match, candidate.token_f1, candidate.loss, baseline.loss
+        )
     } else if passed {
         format!(
             "candidate exact match {:.3} / F1 {:.3} vs serving {:.3} / {:.3} (margin {margin})",
@@ -206,7 +222,16 @@ mod tests {
         let good = Scores { examples: 4, exact_match: 0.75, token_f1: 0.8, ..Default::default() };
         let bad = Scores { examples: 4, exact_match: 0.25, token_f1: 0.3, ..Default::default() };
         assert!(gate(bad.clone(), good.clone(), 0.0).passed);
-        let r = gate(good, bad, 0.0);
+        let r = gate(good.clone(), bad, 0.0);
         assert!(!r.passed && r.reason.contains("worse"), "{}", r.reason);
+        // A tie at zero never passes, whatever the losses say.
+        let zero = Scores { examples: 4, loss: 1.0, ..Default::default() };
+        let r = gate(Scores { loss: 9.0, ..zero.clone() }, zero.clone(), 0.0);
+        assert!(!r.passed && r.reason.contains("tie at zero"), "{}", r.reason);
+        // An exact tie above zero: the answer loss decides.
+        let worse_loss = Scores { loss: 2.0, ..good.clone() };
+        let better_loss = Scores { loss: 0.5, ..good.clone() };
+        assert!(!gate(better_loss.clone(), worse_loss.clone(), 0.0).passed);
+        assert!(gate(worse_loss, better_loss, 0.0).passed);
     }
 }

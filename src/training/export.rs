@@ -27,6 +27,9 @@ pub struct AdapterMeta {
     pub final_loss: Option<f32>,
     pub train_seconds: f64,
     pub hyperparameters: TrainConfig,
+    /// The tenant that owns the adapter (a client key's job); absent: the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Unix seconds.
     pub created_at: u64,
 }

@@ -16,6 +16,9 @@ pub struct FileObject {
     pub filename: String,
     pub purpose: String,
     pub status: String,
+    /// The tenant that uploaded it (tunegate's field); only it and admins see the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -85,6 +88,14 @@ impl FileStore {
     pub fn open(data_dir: &Path) -> Result<Self, FileError> {
         let dir = data_dir.join("files");
         std::fs::create_dir_all(&dir).map_err(|e| FileError::Io(format!("{}: {e}", dir.display())))?;
+        // Uploads a crash cut off.
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".part") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Self { dir })
     }
 
@@ -95,27 +106,45 @@ impl FileStore {
         Ok(self.dir.join(format!("{id}.json")))
     }
 
-    /// Validates and stores an upload.
+    /// Validates and stores an upload held in memory (tests, the CLI).
     pub fn create(&self, filename: &str, purpose: &str, bytes: &[u8]) -> Result<FileObject, FileError> {
+        let tmp = self.upload_path();
+        std::fs::write(&tmp, bytes).map_err(|e| FileError::Io(e.to_string()))?;
+        let r = self.create_from(None, filename, purpose, &tmp);
+        let _ = std::fs::remove_file(&tmp);
+        r
+    }
+
+    /// A fresh path in the files folder for an upload being received (`*.part`: never
+    /// listed; [`FileStore::create_from`] renames it into place or the caller removes it).
+    pub fn upload_path(&self) -> PathBuf {
+        self.dir.join(format!("upload-{}.part", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Validates the upload at `tmp` (written by the caller, e.g. streamed from a request)
+    /// and moves it into place, owned by `owner`.
+    pub fn create_from(&self, owner: Option<&str>, filename: &str, purpose: &str, tmp: &Path) -> Result<FileObject, FileError> {
         if purpose != "fine-tune" {
             return Err(FileError::Invalid(format!("purpose '{purpose}' is not supported; use 'fine-tune'")));
         }
-        parse_jsonl(bytes)?;
+        let io = |e: std::io::Error| FileError::Io(e.to_string());
+        let bytes = std::fs::read(tmp).map_err(io)?;
+        parse_jsonl(&bytes)?;
         let id = format!("file-{}", uuid::Uuid::new_v4().simple());
+        let filename: String = filename.chars().filter(|c| !c.is_control()).take(255).collect();
         let obj = FileObject {
             id: id.clone(),
             object: "file".into(),
             bytes: bytes.len() as u64,
             created_at: now(),
-            filename: filename.to_string(),
+            filename,
             purpose: purpose.to_string(),
             status: "processed".into(),
+            owner: owner.map(str::to_string),
         };
-        let io = |e: std::io::Error| FileError::Io(e.to_string());
+        drop(bytes);
         let data = self.dir.join(format!("{id}.jsonl"));
-        let tmp = self.dir.join(format!("{id}.jsonl.tmp"));
-        std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, &data).map_err(io)?;
+        std::fs::rename(tmp, &data).map_err(io)?;
         let meta = serde_json::to_vec(&obj).map_err(|e| FileError::Io(e.to_string()))?;
         let tmp = self.dir.join(format!("{id}.json.tmp"));
         std::fs::write(&tmp, meta).map_err(io)?;

@@ -35,6 +35,9 @@ pub struct JobSpec {
     pub min_margin: f64,
     /// How the gateway serves adapters (`adapters.precision`): the gate scores both sides so.
     pub adapter_precision: LoraPrecision,
+    /// The tenant whose adapter this is (written to `tunegate.json`; only it and admins may
+    /// call it). `None`: the operator's.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -214,6 +217,7 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
         final_loss: outcome.losses.last().copied(),
         train_seconds: outcome.seconds,
         hyperparameters: spec.hyper.clone(),
+        owner: spec.owner.clone(),
         created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     };
     let path = export::publish(&spec.adapters_root, &spec.task, &version, &params, &model.shape, &spec.hyper, &meta)?;

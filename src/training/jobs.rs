@@ -63,6 +63,13 @@ pub struct FineTuningJob {
     pub eval: Option<serde_json::Value>,
     /// The full tunegate hyper-parameters used.
     pub tunegate_hyperparameters: TrainConfig,
+    /// The tenant that created the job (tunegate's field; `organization_id` says the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The tenant that owns the trained adapter (a client key's own fine-tuned model);
+    /// `None`: the operator's (admin jobs, granted tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -102,12 +109,20 @@ pub struct CreateJob {
     pub batch_size: Option<usize>,
     pub learning_rate_multiplier: Option<f64>,
     pub metadata: Option<HashMap<String, String>>,
+    /// The creating tenant (owns the job object).
+    pub owner: Option<String>,
+    /// A client key's job without a granted `task`: its adapter is that tenant's own, under
+    /// a name of its own (`<suffix>-<job id>`), never an existing alias.
+    pub private_adapter: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum JobsError {
     #[error("{0}")]
     Invalid(String),
+    /// The tenant has `limits.max_active_jobs_per_tenant` jobs queued or running.
+    #[error("{0}")]
+    Limit(String),
     #[error("No such fine-tuning job: {0}")]
     NotFound(String),
     #[error("{0}")]
@@ -130,6 +145,8 @@ pub struct JobsConfig {
     pub distill_system_prompt: bool,
     /// Where job results, progress and promotions are counted; `None` records nothing.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Jobs one tenant may have queued or running (0: no limit).
+    pub max_active_per_tenant: usize,
     /// Threads of the training kernels' own pool (the fused ops and the frozen-weight
     /// matmuls, most of a step); 0 = rayon's default. Candle's remaining CPU ops use the
     /// process-wide pool sized by `[model] threads`.
@@ -229,21 +246,50 @@ impl JobManager {
             (None, Some(_)) => return Err(JobsError::Invalid("training from logs needs the log store".into())),
             (None, None) => return Err(JobsError::Invalid("training_file is required".into())),
         };
+        for (param, v) in [("task", &req.task), ("suffix", &req.suffix)] {
+            if let Some(v) = v.as_deref().filter(|v| !valid_name(v)) {
+                return Err(JobsError::Invalid(format!(
+                    "{param} '{v}' must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit, \
+                     without '..'"
+                )));
+            }
+        }
+        if let Some(n) = req.n_epochs.filter(|n| !(1..=MAX_EPOCHS).contains(n)) {
+            return Err(JobsError::Invalid(format!("hyperparameters.n_epochs must be 1..={MAX_EPOCHS}, not {n}")));
+        }
+        if let Some(b) = req.batch_size.filter(|b| !(1..=MAX_BATCH).contains(b)) {
+            return Err(JobsError::Invalid(format!("hyperparameters.batch_size must be 1..={MAX_BATCH}, not {b}")));
+        }
+        let max_active = i.cfg.max_active_per_tenant;
+        if max_active > 0 {
+            let active = self
+                .all()?
+                .iter()
+                .filter(|j| j.owner == req.owner && matches!(j.status.as_str(), "queued" | "running" | "validating_files"))
+                .count();
+            if active >= max_active {
+                return Err(JobsError::Limit(format!(
+                    "{active} fine-tuning jobs of this tenant are queued or running (limits.max_active_jobs_per_tenant = \
+                     {max_active}); wait for one to finish or cancel one"
+                )));
+            }
+        }
         let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
-        let task = req
-            .task
-            .clone()
-            .or_else(|| req.suffix.clone())
-            .unwrap_or_else(|| format!("ft-{}", &id[6..14]));
-        if !task.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || task.is_empty() || task.len() > 64 {
-            return Err(JobsError::Invalid("task/suffix must be 1-64 letters, digits, '-', '_' or '.'".into()));
+        let short = &id[6..14];
+        let task = match (&req.task, req.private_adapter) {
+            (Some(t), _) => t.clone(),
+            (None, false) => req.suffix.clone().unwrap_or_else(|| format!("ft-{short}")),
+            (None, true) => format!("{}-{short}", req.suffix.as_deref().unwrap_or("ft")),
+        };
+        if !valid_name(&task) {
+            return Err(JobsError::Invalid(format!("the adapter name '{task}' is not valid; use a shorter suffix")));
         }
         let mut hyper = i.cfg.defaults.clone();
         if let Some(n) = req.n_epochs {
-            hyper.epochs = n.clamp(1, 100);
+            hyper.epochs = n;
         }
         if let Some(b) = req.batch_size {
-            hyper.batch_size = b.clamp(1, 256);
+            hyper.batch_size = b;
             hyper.micro_batch = hyper.micro_batch.min(hyper.batch_size);
         }
         if let Some(m) = req.learning_rate_multiplier {
@@ -260,7 +306,7 @@ impl JobManager {
             finished_at: None,
             model: req.model,
             fine_tuned_model: None,
-            organization_id: "tunegate".into(),
+            organization_id: req.owner.clone().unwrap_or_else(|| "tunegate".into()),
             status: "queued".into(),
             hyperparameters: Hyperparameters {
                 n_epochs: hyper.epochs.into(),
@@ -280,6 +326,8 @@ impl JobManager {
             promoted: None,
             eval: None,
             tunegate_hyperparameters: hyper,
+            adapter_owner: req.private_adapter.then(|| req.owner.clone()).flatten(),
+            owner: req.owner,
         };
         std::fs::create_dir_all(i.dir.join(&id)).map_err(|e| JobsError::Io(e.to_string()))?;
         self.save(&job)?;
@@ -309,9 +357,12 @@ impl JobManager {
             .collect())
     }
 
-    /// Newest first, OpenAI cursor paging (`after` = a job id).
-    pub fn list(&self, after: Option<&str>, limit: usize) -> Result<(Vec<FineTuningJob>, bool), JobsError> {
+    /// Newest first, OpenAI cursor paging (`after` = a job id); only `owner`'s jobs when given.
+    pub fn list(&self, after: Option<&str>, limit: usize, owner: Option<&str>) -> Result<(Vec<FineTuningJob>, bool), JobsError> {
         let mut all = self.all()?;
+        if let Some(o) = owner {
+            all.retain(|j| j.owner.as_deref() == Some(o));
+        }
         all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         let start = match after {
             Some(a) => all.iter().position(|j| j.id == a).map_or(all.len(), |p| p + 1),
@@ -486,6 +537,7 @@ impl JobManager {
             current_adapter: current.as_ref().map(|c| c.path.clone()),
             min_margin: i.cfg.min_margin,
             adapter_precision: i.registry.limits().precision,
+            owner: job.adapter_owner.clone(),
         };
         let id = job.id.clone();
         let mut emit = |e: JobEvent| {
@@ -599,6 +651,19 @@ fn worker_loop(inner: Arc<Inner>) {
             }
         }
     }
+}
+
+/// Largest `n_epochs` and `batch_size` a job may ask for (beyond: 400, never clamped).
+pub const MAX_EPOCHS: usize = 100;
+pub const MAX_BATCH: usize = 256;
+
+/// Task, suffix and adapter names become folder names under the adapters root: letters,
+/// digits, '-', '_' and '.', starting with a letter or digit, no '..', at most 64.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.contains("..")
 }
 
 /// Where a job's files live (for tests and the CLI).

@@ -238,7 +238,7 @@ fn distilled_adapter_learns_the_task_and_serves_identically() -> R {
         job_id: None, task: "labels".into(), base_model: "tiny".into(), data_sha256: "x".into(),
         train_examples: 12, eval_examples: 0, distilled_prompt: Some(distilled), eval: None,
         steps: out.steps, final_loss: out.losses.last().copied(), train_seconds: out.seconds,
-        hyperparameters: cfg.clone(), created_at: 0,
+        hyperparameters: cfg.clone(), owner: None, created_at: 0,
     };
     let published = export::publish(&dir.path().join("adapters"), "labels", "v1", &params, &m.shape, &cfg, &meta)?;
     assert!(published.join("adapter_config.json").exists() && published.join("tunegate.json").exists());
@@ -331,6 +331,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
         current_adapter: None,
         min_margin: 0.0,
         adapter_precision: Default::default(),
+        owner: None,
     };
     let mut events = Vec::new();
     let good = job::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
@@ -385,6 +386,7 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
         min_margin: 0.0,
         distill_system_prompt: true,
         metrics: None,
+        max_active_per_tenant: 4,
         threads: 2,
     };
     let files = Arc::new(FileStore::open(&dir.path().join("data"))?);

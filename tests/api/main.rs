@@ -10,4 +10,5 @@ mod metrics;
 mod logs;
 mod python;
 mod real_model;
+mod security;
 mod ui;

@@ -15,8 +15,12 @@ use crate::logs::readiness::{self, Readiness};
 use crate::logs::{now_ms, LogError, LogFilter, ReviewState, TaskStats};
 use crate::scheduler::Policy;
 
-/// Newest records per task the readiness is computed from.
+/// Newest records per task the readiness is computed from, read [`PAGE`] at a time and
+/// stopped early past [`SAMPLE_BYTES`] of text: records can be megabytes each, and the
+/// overview must stay small whatever clients sent.
 pub const SAMPLE: usize = 1000;
+const PAGE: usize = 25;
+const SAMPLE_BYTES: usize = 8 << 20;
 /// Tasks that may become metric labels through the overview (the busiest first), so that
 /// client-chosen task names cannot grow the label set without bound.
 pub const MAX_LABELLED_TASKS: usize = 64;
@@ -73,17 +77,29 @@ fn last_job_of(jobs: &[crate::training::jobs::FineTuningJob], task: &str) -> Opt
 pub async fn compute(state: &AppState) -> Result<Vec<TaskOverview>, LogError> {
     let Some(logs) = state.logs.as_ref() else { return Ok(Vec::new()) };
     let stats = logs.store.task_stats().await?;
-    let jobs = state.jobs.as_ref().and_then(|j| j.list(None, 1000).ok()).map(|(j, _)| j).unwrap_or_default();
+    let jobs = state.jobs.as_ref().and_then(|j| j.list(None, 1000, None).ok()).map(|(j, _)| j).unwrap_or_default();
     let info = state.engine.info().ok();
-    let count = |p: &str| info.as_ref().and_then(|i| i.tokenizer.encode(p, false).ok()).map(|t| t.len() as u64);
     let now = now_ms();
 
+    // One computation at a time: concurrent page loads and the refresh share its cost.
+    let _one = state.overview_lock.lock().await;
+    // Readiness is sampled for the busiest tasks only (client-chosen task names are unbounded).
+    let mut by_volume: Vec<(u64, String)> = stats.iter().map(|s| (s.total, s.task.clone())).collect();
+    by_volume.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let sampled: std::collections::HashSet<String> =
+        by_volume.into_iter().take(MAX_LABELLED_TASKS).map(|(_, t)| t).collect();
     let mut out = Vec::with_capacity(stats.len());
     for s in stats {
-        let filter = LogFilter { task: Some(s.task.clone()), ..LogFilter::default() };
-        let records = logs.store.list(&filter, None, SAMPLE).await?.records;
+        let records = if sampled.contains(&s.task) { sample(logs, &s.task).await? } else { Vec::new() };
         let threshold = Policy::for_task(&state.config.scheduler, &s.task).min_new_approved;
-        let readiness = readiness::assess(&records, s.approved, threshold, now, count);
+        // Off the runtime: counting a system prompt's tokens can take a while for a huge one.
+        let (info, approved) = (info.clone(), s.approved);
+        let readiness = tokio::task::spawn_blocking(move || {
+            let count = |p: &str| info.as_ref().and_then(|i| i.tokenizer.encode(p, false).ok()).map(|t| t.len() as u64);
+            readiness::assess(&records, approved, threshold, now, count)
+        })
+        .await
+        .map_err(|e| LogError::Storage(format!("the readiness task failed: {e}")))?;
         out.push(TaskOverview {
             adapter: adapter_of(state, &s.task),
             last_job: last_job_of(&jobs, &s.task),
@@ -93,6 +109,34 @@ pub async fn compute(state: &AppState) -> Result<Vec<TaskOverview>, LogError> {
     }
     publish(state, &out);
     Ok(out)
+}
+
+/// The newest records of `task`, at most [`SAMPLE`] and about [`SAMPLE_BYTES`] of text.
+async fn sample(logs: &crate::logs::Logs, task: &str) -> Result<Vec<crate::logs::LogRecord>, LogError> {
+    let filter = LogFilter { task: Some(task.to_string()), ..LogFilter::default() };
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut cursor: Option<String> = None;
+    while out.len() < SAMPLE && bytes < SAMPLE_BYTES {
+        let page = logs.store.list(&filter, cursor.as_deref(), PAGE.min(SAMPLE - out.len())).await?;
+        bytes += page.records.iter().map(|r| r.response.len() + json_bytes(&r.request.messages)).sum::<usize>();
+        out.extend(page.records);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// About how many bytes of text a JSON value holds.
+fn json_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(json_bytes).sum(),
+        Value::Object(o) => o.iter().map(|(k, v)| k.len() + json_bytes(v)).sum(),
+        _ => 8,
+    }
 }
 
 /// Sets the per-task gauges. Configured tasks and the busiest tasks become labels.

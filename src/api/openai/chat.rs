@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
-use super::generation::{collect_all, prefix_scope, submit_all, token_logprob, total_usage, Meta, RequestRecord};
+use super::generation::{chat_prompt, collect_all, prefix_scope, submit_all, token_logprob, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, Held};
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
@@ -17,7 +17,7 @@ use crate::api::auth::Caller;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::json::Json;
 use crate::api::AppState;
-use crate::engine::{FinishReason, ModelInfo, Prompt};
+use crate::engine::{FinishReason, ModelInfo};
 use crate::logs::{now_ms, AdapterRef, LogRecord, RequestLog, Review, STATUS_OK};
 use crate::router::Routed;
 use serde_json::Value;
@@ -30,20 +30,22 @@ pub async fn create(
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::chat(&req, &state.config.limits)?;
     plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
-    let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
-    let permit = state.limiter.acquire(&caller.key_id)?;
+    let permit = state.limiter.acquire_n(caller.limit_key(), plan.common.n)?;
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
     let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
     record.measure(&state.metrics);
-    record.log_to(state.logs.as_ref(), || log_draft(&meta, &req, &routed, &state.config.model.name, &caller.key_id));
+    record.log_to(state.logs.as_ref(), || log_draft(&meta, &req, &routed, &state.config.model.name, &caller));
     let saved = state.router.distill(&routed, &mut plan.messages);
     record.set_saved(saved);
-    let submitted = (|| -> ApiResult<_> {
+    let submitted = async {
         let info = state.engine.info()?;
-        let prompt = Prompt::Text(info.render_chat(&plan.messages)?);
-        Ok((info, submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?))
-    })();
+        let prompt = chat_prompt(&info, std::mem::take(&mut plan.messages)).await?;
+        let streams = submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?;
+        ApiResult::Ok((info, streams))
+    }
+    .await;
     let (info, streams) = match submitted {
         Ok(s) => s,
         Err(e) => return Err(failed(record, e).await),
@@ -115,7 +117,7 @@ async fn failed(mut record: RequestRecord, e: impl Into<ApiError>) -> ApiError {
 }
 
 /// The log record as known before generation: who asked what, routed where.
-fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &str, key_id: &str) -> LogRecord {
+fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &str, caller: &Caller) -> LogRecord {
     let mut params = serde_json::Map::new();
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v.filter(|v| !v.is_null()) {
@@ -155,7 +157,8 @@ fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &s
         ttft_ms: None,
         latency_ms: 0,
         status: STATUS_OK.to_string(),
-        api_key_id: Some(key_id.to_string()),
+        api_key_id: Some(caller.key_id.clone()),
+        tenant: Some(caller.tenant.clone()),
         client_disconnected: false,
         metadata: req.metadata.clone().unwrap_or_default().into_iter().collect(),
         store: req.store.unwrap_or(false),

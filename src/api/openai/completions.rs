@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
-use super::generation::{collect_all, prefix_scope, submit_all, total_usage, Meta, RequestRecord};
+use super::generation::{tokenize, collect_all, prefix_scope, submit_all, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, Held};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
@@ -25,11 +25,12 @@ pub async fn create(
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::completion(&req, &state.config.limits)?;
     plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
-    let routed = state.router.route(&req.model, plan.common.task.as_deref())?;
+    let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
-    let permit = state.limiter.acquire(&caller.key_id)?;
+    let permit = state.limiter.acquire_n(caller.limit_key(), plan.prompts.len() * plan.common.n)?;
     let info = state.engine.info()?;
     let echoes = if plan.echo { prompt_texts(&info, &plan.prompts)? } else { vec![String::new(); plan.prompts.len()] };
+    plan.prompts = tokenize(&info, std::mem::take(&mut plan.prompts)).await?;
     let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
     record.measure(&state.metrics);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());

@@ -57,6 +57,7 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         .with_param("messages"));
     }
     let messages = req.messages.iter().enumerate().map(|(i, m)| message(i, m)).collect::<ApiResult<Vec<_>>>()?;
+    check_metadata(req.metadata.as_ref())?;
     // Tools the model is told not to call change nothing, so only callable ones are refused.
     let none = |choice: &Option<serde_json::Value>| choice.as_ref().is_some_and(|c| c == "none");
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) && !none(&req.tool_choice) {
@@ -205,6 +206,20 @@ pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<C
         task: req.metadata.as_ref().and_then(|m| m.get("task")).cloned(),
         limits,
     })?;
+    check_metadata(req.metadata.as_ref())?;
+    let sequences = prompts.len().saturating_mul(common.n);
+    if sequences > limits.max_sequences_per_request {
+        return Err(ApiError::invalid_value(
+            "prompt",
+            format!(
+                "This request asks for {sequences} sequences ({} prompts x n = {}); the limit is {} \
+                 (limits.max_sequences_per_request).",
+                prompts.len(),
+                common.n,
+                limits.max_sequences_per_request
+            ),
+        ));
+    }
     Ok(CompletionPlan { prompts, common, logprobs: req.logprobs.is_some(), echo: req.echo.unwrap_or(false) })
 }
 
@@ -373,6 +388,23 @@ fn decimal_range(param: &str, v: f64, min: f64, max: f64) -> ApiResult<f64> {
     }
 }
 
+/// OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512
+/// (the log record keeps it, so it must stay small).
+pub fn check_metadata<'a>(m: Option<impl IntoIterator<Item = (&'a String, &'a String)>>) -> ApiResult<()> {
+    let Some(m) = m else { return Ok(()) };
+    let mut n = 0;
+    for (k, v) in m {
+        n += 1;
+        if n > 16 || k.chars().count() > 64 || v.chars().count() > 512 {
+            return Err(ApiError::invalid_value(
+                "metadata",
+                "'metadata' holds at most 16 pairs, keys up to 64 characters and values up to 512.",
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,3 +526,4 @@ mod tests {
         Ok(())
     }
 }
+

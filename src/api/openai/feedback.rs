@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::api::admin::logs::logs;
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::Json;
+use crate::api::auth::Caller;
 use crate::api::AppState;
 use crate::logs::{now_ms, Feedback, LogError, ReviewAction, ReviewState};
 
@@ -21,7 +22,7 @@ pub struct FeedbackBody {
     comment: Option<String>,
 }
 
-pub async fn create(state: web::Data<AppState>, Json(body): Json<FeedbackBody>) -> ApiResult<HttpResponse> {
+pub async fn create(state: web::Data<AppState>, caller: Caller, Json(body): Json<FeedbackBody>) -> ApiResult<HttpResponse> {
     let logs = logs(&state)?;
     let score = match (body.score, body.thumbs.as_deref()) {
         (Some(s), None) if (-1.0..=1.0).contains(&s) => s,
@@ -38,6 +39,12 @@ pub async fn create(state: web::Data<AppState>, Json(body): Json<FeedbackBody>) 
     let not_found = || {
         ApiError::new(ErrorKind::LogNotFound, format!("No logged completion with id '{id}'.")).with_param("completion_id")
     };
+    // Only the tenant that received a completion may rate it (another tenant's id is
+    // indistinguishable from an unknown one).
+    match logs.store.get(&id).await? {
+        Some(r) if caller.owns(r.tenant.as_deref()) => {}
+        _ => return Err(not_found()),
+    }
     let feedback = Feedback { score: Some(score), comment: body.comment, at_ms: now_ms() };
     let mut record = logs.store.set_feedback(&id, feedback).await.map_err(|e| match e {
         LogError::NotFound(_) => not_found(),

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::Json;
+use crate::api::auth::Caller;
 use crate::api::AppState;
 use crate::training::jobs::{CreateJob, JobManager};
 
@@ -69,8 +70,25 @@ pub struct HyperIn {
     pub learning_rate_multiplier: Option<AutoOr<f64>>,
 }
 
-pub async fn create(state: web::Data<AppState>, Json(req): Json<CreateRequest>) -> ApiResult<HttpResponse> {
+pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<CreateRequest>) -> ApiResult<HttpResponse> {
     let jobs = jobs(&state)?.clone();
+    // A client key trains only on its own files, and on a task's logs (replacing that task's
+    // alias) only where `train_tasks` grants it; otherwise its adapter is its own.
+    for (param, file) in [("training_file", &req.training_file), ("validation_file", &req.validation_file)] {
+        if let Some(id) = file {
+            let owner = jobs.files().get(id).map_err(|e| ApiError::from(e).with_param(param))?.owner;
+            if !caller.owns(owner.as_deref()) {
+                return Err(ApiError::from(crate::training::files::FileError::NotFound(id.clone())).with_param(param));
+            }
+        }
+    }
+    if let Some(task) = req.task.as_deref().filter(|t| !caller.may_train(t)) {
+        return Err(ApiError::new(
+            ErrorKind::PermissionDenied,
+            format!("This key may not train task '{task}' (auth.keys train_tasks); omit 'task' to train a model of your own."),
+        )
+        .with_param("task"));
+    }
     // `method.supervised.hyperparameters` (the newer shape) wins over the legacy field.
     let method_hyper: Option<HyperIn> = req
         .method
@@ -93,6 +111,7 @@ pub async fn create(state: web::Data<AppState>, Json(req): Json<CreateRequest>) 
         return Err(ApiError::new(ErrorKind::MissingRequiredParameter, "Missing required parameter: 'training_file'.")
             .with_param("training_file"));
     }
+    let private_adapter = !caller.admin && req.task.is_none();
     let create = CreateJob {
         model: req.model,
         training_file: req.training_file,
@@ -104,6 +123,8 @@ pub async fn create(state: web::Data<AppState>, Json(req): Json<CreateRequest>) 
         batch_size,
         learning_rate_multiplier,
         metadata: req.metadata,
+        owner: Some(caller.tenant.clone()),
+        private_adapter,
     };
     let job = web::block(move || jobs.create(create)).await.map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(HttpResponse::Ok().json(job))
@@ -117,25 +138,49 @@ pub struct Page {
     pub limit: Option<usize>,
 }
 
-pub async fn list(state: web::Data<AppState>, q: web::Query<Page>) -> ApiResult<HttpResponse> {
-    let (data, has_more) = jobs(&state)?.list(q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100))?;
+/// The job `id` if the caller may see it (another tenant's answers 404 like an unknown id).
+fn owned(jobs: &JobManager, caller: &Caller, id: &str) -> ApiResult<crate::training::jobs::FineTuningJob> {
+    let job = jobs.get(id)?;
+    if !caller.owns(job.owner.as_deref()) {
+        return Err(crate::training::jobs::JobsError::NotFound(id.to_string()).into());
+    }
+    Ok(job)
+}
+
+pub async fn list(state: web::Data<AppState>, caller: Caller, q: web::Query<Page>) -> ApiResult<HttpResponse> {
+    let owner = caller.tenant_filter();
+    let (data, has_more) = jobs(&state)?.list(q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100), owner.as_deref())?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more })))
 }
 
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(jobs(&state)?.get(&id)?))
+pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    Ok(HttpResponse::Ok().json(owned(jobs(&state)?, &caller, &id)?))
 }
 
-pub async fn cancel(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(jobs(&state)?.cancel(&id)?))
+pub async fn cancel(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let jobs = jobs(&state)?;
+    owned(jobs, &caller, &id)?;
+    Ok(HttpResponse::Ok().json(jobs.cancel(&id)?))
 }
 
-pub async fn events(state: web::Data<AppState>, id: web::Path<String>, q: web::Query<Page>) -> ApiResult<HttpResponse> {
+pub async fn events(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+    q: web::Query<Page>,
+) -> ApiResult<HttpResponse> {
+    owned(jobs(&state)?, &caller, &id)?;
     let (data, has_more) = jobs(&state)?.events(&id, q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 1000))?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more })))
 }
 
-pub async fn checkpoints(state: web::Data<AppState>, id: web::Path<String>, q: web::Query<Page>) -> ApiResult<HttpResponse> {
+pub async fn checkpoints(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+    q: web::Query<Page>,
+) -> ApiResult<HttpResponse> {
+    owned(jobs(&state)?, &caller, &id)?;
     let all = jobs(&state)?.checkpoints(&id)?;
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
     let start = match &q.after {

@@ -10,8 +10,8 @@ use futures_util::future::try_join_all;
 use super::convert::Common;
 use super::types::{TokenLogprob, UsageOut};
 use crate::adapters::AdapterLease;
-use crate::api::error::ApiResult;
-use crate::engine::{Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
+use crate::api::error::{ApiError, ApiResult};
+use crate::engine::{ChatMessage, Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
 use crate::logs::{LogRecord, Logs, STATUS_OK};
 use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
@@ -22,6 +22,38 @@ pub fn prefix_scope(key_id: &str) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     key_id.hash(&mut h);
     h.finish()
+}
+
+/// Tokenizes text prompts on a blocking thread (a multi-megabyte prompt takes seconds, which
+/// must not stall an HTTP worker), each prompt once whatever `n` is. Text keeps its special
+/// tokens: a legacy completion prompt is raw model input.
+pub async fn tokenize(info: &Arc<ModelInfo>, prompts: Vec<Prompt>) -> ApiResult<Vec<Prompt>> {
+    if prompts.iter().all(|p| matches!(p, Prompt::Tokens(_))) {
+        return Ok(prompts);
+    }
+    let info = info.clone();
+    let encoded = actix_web::web::block(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                Prompt::Text(t) => info.tokenizer.encode(&t, true).map(Prompt::Tokens),
+                p => Ok(p),
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(encoded?)
+}
+
+/// A chat's prompt as token ids, rendered and tokenized on a blocking thread; message
+/// contents are tokenized as text ([`ModelInfo::chat_tokens`]).
+pub async fn chat_prompt(info: &Arc<ModelInfo>, messages: Vec<ChatMessage>) -> ApiResult<Prompt> {
+    let info = info.clone();
+    let ids = actix_web::web::block(move || info.chat_tokens(&messages))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Prompt::Tokens(ids?))
 }
 
 /// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one

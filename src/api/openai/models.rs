@@ -5,30 +5,49 @@ use actix_web::{web, HttpResponse};
 
 use super::types::{Model, ModelList};
 use crate::adapters::AdapterInfo;
+use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
 use crate::api::AppState;
 use crate::router::ModelRef;
 
 const OWNER: &str = "tunegate";
 
-pub async fn list(state: web::Data<AppState>) -> HttpResponse {
-    let mut data = vec![base(&state, state.router.base_name())];
-    data.extend(state.router.registry().list().iter().map(|a| adapter(&state, &a.alias, a)));
+/// Whether `caller` may see the model `id` (an adapter's owner from its metadata).
+fn visible(caller: &Caller, id: &str, a: Option<&AdapterInfo>) -> bool {
+    let owner = a.and_then(|a| crate::router::adapter_owner(a.meta.as_ref()));
+    caller.may_call(id) && (owner.is_none() || caller.owns(owner))
+}
+
+pub async fn list(state: web::Data<AppState>, caller: Caller) -> HttpResponse {
+    let base_name = state.router.base_name();
+    let mut data = Vec::new();
+    if visible(&caller, base_name, None) {
+        data.push(base(&state, base_name));
+    }
+    data.extend(
+        state.router.registry().list().iter().filter(|a| visible(&caller, &a.alias, Some(a))).map(|a| adapter(&state, &a.alias, a)),
+    );
     HttpResponse::Ok().json(ModelList { object: "list", data })
 }
 
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
-    let model = match state.router.resolve(&id)? {
+    let hidden = || crate::router::RouteError::ModelNotFound(id.clone());
+    let resolved = state.router.resolve(&id)?;
+    let info = match &resolved {
+        ModelRef::Adapter(alias) => state.router.registry().list().into_iter().find(|a| &a.alias == alias),
+        ModelRef::Base => None,
+    };
+    if !visible(&caller, &id, info.as_ref()) {
+        return Err(hidden().into());
+    }
+    let model = match resolved {
         ModelRef::Base => base(&state, &id),
-        ModelRef::Adapter(alias) => {
-            let info = state.router.registry().list().into_iter().find(|a| a.alias == alias);
-            match info {
-                Some(a) => adapter(&state, &id, &a),
-                // Unloaded between resolve and list.
-                None => return Err(crate::router::RouteError::ModelNotFound(id).into()),
-            }
-        }
+        ModelRef::Adapter(_) => match info {
+            Some(a) => adapter(&state, &id, &a),
+            // Unloaded between resolve and list.
+            None => return Err(hidden().into()),
+        },
     };
     Ok(HttpResponse::Ok().json(model))
 }

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use crate::api::admin::logs::{logs, metadata_key, query_pairs};
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::Json;
+use crate::api::auth::Caller;
 use crate::api::AppState;
 use crate::logs::{cursor_after, LogError, LogFilter, LogRecord, Order};
 
@@ -24,10 +25,11 @@ fn not_found(id: &str) -> ApiError {
         .with_param("completion_id")
 }
 
-/// The stored completion `id`, or 404 (also for a logged completion made without `store`).
-async fn stored(state: &AppState, id: &str) -> ApiResult<LogRecord> {
+/// The stored completion `id`, or 404 (also for a logged completion made without `store`,
+/// and for another tenant's: a client cannot tell those from ids that do not exist).
+async fn stored(state: &AppState, caller: &Caller, id: &str) -> ApiResult<LogRecord> {
     match logs(state)?.store.get(id).await? {
-        Some(r) if r.store => Ok(r),
+        Some(r) if r.store && caller.owns(r.tenant.as_deref()) => Ok(r),
         _ => Err(not_found(id)),
     }
 }
@@ -99,9 +101,9 @@ fn list_body(data: Vec<Value>, has_more: bool) -> Value {
 }
 
 /// `GET /v1/chat/completions`
-pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+pub async fn list(state: web::Data<AppState>, caller: Caller, req: HttpRequest) -> ApiResult<HttpResponse> {
     let logs = logs(&state)?;
-    let mut filter = LogFilter { stored_only: true, ..LogFilter::default() };
+    let mut filter = LogFilter { stored_only: true, tenant: caller.tenant_filter(), ..LogFilter::default() };
     let mut q = ListQuery { limit: DEFAULT_LIMIT, after: None, order: Order::OldestFirst };
     for (k, v) in query_pairs(&req)? {
         if list_query(&k, &v, &mut q)? {
@@ -118,7 +120,7 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
     filter.order = q.order;
     let cursor = match &q.after {
         Some(after) => {
-            let r = stored(&state, after).await.map_err(|_| {
+            let r = stored(&state, &caller, after).await.map_err(|_| {
                 ApiError::invalid_value("after", format!("'after' names no stored completion: '{after}'."))
             })?;
             Some(cursor_after(&r, q.order))
@@ -131,8 +133,8 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
 }
 
 /// `GET /v1/chat/completions/{id}`
-pub async fn retrieve(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
-    let r = stored(&state, &id).await?;
+pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let r = stored(&state, &caller, &id).await?;
     Ok(HttpResponse::Ok().json(completion_object(&r, &state.fingerprint)))
 }
 
@@ -141,26 +143,16 @@ pub struct UpdateBody {
     metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
-/// OpenAI's limits on `metadata`: 16 pairs, keys up to 64 characters, values up to 512.
-fn check_metadata(m: &std::collections::BTreeMap<String, String>) -> ApiResult<()> {
-    if m.len() > 16 || m.iter().any(|(k, v)| k.chars().count() > 64 || v.chars().count() > 512) {
-        return Err(ApiError::invalid_value(
-            "metadata",
-            "'metadata' holds at most 16 pairs, keys up to 64 characters and values up to 512.",
-        ));
-    }
-    Ok(())
-}
-
 /// `POST /v1/chat/completions/{id}` `{"metadata": {...}}`: replaces the metadata.
 pub async fn update(
     state: web::Data<AppState>,
+    caller: Caller,
     id: web::Path<String>,
     Json(body): Json<UpdateBody>,
 ) -> ApiResult<HttpResponse> {
     let metadata = body.metadata.unwrap_or_default();
-    check_metadata(&metadata)?;
-    stored(&state, &id).await?;
+    crate::api::openai::convert::check_metadata(Some(&metadata))?;
+    stored(&state, &caller, &id).await?;
     let r = logs(&state)?.store.update_metadata(&id, metadata).await.map_err(|e| match e {
         LogError::NotFound(_) => not_found(&id),
         e => e.into(),
@@ -169,8 +161,8 @@ pub async fn update(
 }
 
 /// `DELETE /v1/chat/completions/{id}`: deletes the record (its review and training use too).
-pub async fn delete(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
-    stored(&state, &id).await?;
+pub async fn delete(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    stored(&state, &caller, &id).await?;
     let deleted = logs(&state)?.store.delete(&id).await?;
     if !deleted {
         return Err(not_found(&id));
@@ -180,8 +172,13 @@ pub async fn delete(state: web::Data<AppState>, id: web::Path<String>) -> ApiRes
 }
 
 /// `GET /v1/chat/completions/{id}/messages`: the request's messages, ids `<id>-<index>`.
-pub async fn messages(state: web::Data<AppState>, id: web::Path<String>, req: HttpRequest) -> ApiResult<HttpResponse> {
-    let r = stored(&state, &id).await?;
+pub async fn messages(
+    state: web::Data<AppState>,
+    caller: Caller,
+    id: web::Path<String>,
+    req: HttpRequest,
+) -> ApiResult<HttpResponse> {
+    let r = stored(&state, &caller, &id).await?;
     let mut q = ListQuery { limit: DEFAULT_LIMIT, after: None, order: Order::OldestFirst };
     for (k, v) in query_pairs(&req)? {
         if !list_query(&k, &v, &mut q)? {

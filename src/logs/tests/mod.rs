@@ -37,6 +37,7 @@ pub fn rec(id: &str, task: &str, created_ms: i64) -> LogRecord {
         latency_ms: 40,
         status: "ok".into(),
         api_key_id: Some("key-1".into()),
+        tenant: Some("tenant-1".into()),
         client_disconnected: false,
         metadata: Default::default(),
         store: false,

@@ -148,3 +148,45 @@ async fn replays_a_spool_left_by_an_earlier_run() -> TestResult {
     assert_eq!(writer.stats().snapshot().replayed, 5);
     Ok(())
 }
+
+/// A torn write (a UTF-8 character cut in half, no newline: what a full disk leaves) costs
+/// only that line: the records before and after it are replayed, the torn bytes are kept
+/// in `<spool>.corrupt`, and a later append starts on a fresh line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_spool_line_loses_no_other_record() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool.jsonl");
+    let good = |id: &str| -> Result<Vec<u8>, serde_json::Error> {
+        let mut line = serde_json::to_vec(&rec(id, "support", 1))?;
+        line.push(b'\n');
+        Ok(line)
+    };
+    let mut bytes = good("before")?;
+    let torn = serde_json::to_vec(&rec("torn", "support", 2))?;
+    let cut = torn.len() / 2;
+    bytes.extend_from_slice(&torn[..cut]);
+    bytes.extend_from_slice(&"é".as_bytes()[..1]);
+    std::fs::write(&spool, &bytes)?;
+    // An append after the tear (store down: the batch goes to the spool).
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dead: LogStore = RedisStore::connect(&RedisConfig::new(format!("redis://127.0.0.1:{dead_port}/")))?.into();
+    let (writer, handle) = LogWriter::spawn(dead, config(dir.path()));
+    writer.send(rec("after", "support", 3)).await?;
+    assert!(matches!(writer.shutdown().await, Err(LogError::Unavailable(_))));
+    handle.await?;
+
+    let f = sqlite_store()?;
+    let (writer, handle) = LogWriter::spawn(f.store.clone(), config(dir.path()));
+    writer.flush().await?;
+    writer.shutdown().await?;
+    handle.await?;
+    for id in ["before", "after"] {
+        assert!(f.store.get(id).await?.is_some(), "{id} was lost");
+    }
+    assert_eq!(writer.stats().snapshot().spool_corrupt_lines, 1);
+    let mut corrupt_path = spool.into_os_string();
+    corrupt_path.push(".corrupt");
+    let corrupt = std::fs::read(corrupt_path)?;
+    assert!(corrupt.starts_with(&torn[..cut]), "the torn line is kept aside");
+    Ok(())
+}
