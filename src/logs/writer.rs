@@ -317,12 +317,22 @@ impl Worker {
     }
 
     /// Writes the current batch (see [`Self::write_batch`]) and, once it is out of memory,
-    /// answers the durable senders waiting on it.
+    /// answers the durable senders waiting on it. When neither the store nor the spool took
+    /// it (degraded), they are answered at once with the reason: the records stay queued
+    /// for the next try, and no response hangs on a commit that cannot come soon.
     async fn flush_batch(&mut self) {
         self.write_batch().await;
         if self.batch.is_empty() {
             for ack in self.waiters.drain(..) {
                 let _ = ack.send(Ok(()));
+            }
+        } else if self.stats.degraded.load(Ordering::Relaxed) {
+            let why = LogError::Unavailable(format!(
+                "neither the log store nor the spool takes records; {} wait in memory",
+                self.batch.len()
+            ));
+            for ack in self.waiters.drain(..) {
+                let _ = ack.send(Err(why.clone()));
             }
         }
     }

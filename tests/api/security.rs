@@ -159,6 +159,7 @@ fn matrix() -> Vec<(Method, &'static str, Option<Value>, [u16; 5])> {
         (get.clone(), "/health", None, [200, 200, 200, 200, 200]),
         (get.clone(), "/ready", None, [200, 200, 200, 200, 200]),
         (get.clone(), "/ui", None, [200, 200, 200, 200, 200]),
+        (get.clone(), "/ui/app.js", None, [200, 200, 200, 200, 200]),
         (get.clone(), "/metrics", None, [200, 200, 200, 200, 200]),
         (get.clone(), "/v1/models", None, [401, 401, 200, 200, 200]),
         (get.clone(), "/v1/models/{m}", None, [401, 401, 200, 404, 200]),
@@ -180,6 +181,7 @@ fn matrix() -> Vec<(Method, &'static str, Option<Value>, [u16; 5])> {
             [401, 401, 200, 404, 200],
         ),
         (get.clone(), "/v1/files", None, [401, 401, 200, 200, 200]),
+        (post.clone(), "/v1/files", Some(json!({"purpose": "fine-tune"})), [401, 401, 400, 400, 400]),
         (get.clone(), "/v1/files/{f}", None, [401, 401, 200, 404, 200]),
         (get.clone(), "/v1/files/{f}/content", None, [401, 401, 200, 404, 200]),
         (get.clone(), "/v1/fine_tuning/jobs", None, [401, 401, 200, 200, 200]),
@@ -629,5 +631,30 @@ async fn a_tiny_temperature_is_greedy() -> anyhow::Result<()> {
     for t in [1e-38, 1e-30, 1e-9] {
         assert_eq!(text(t).await?, greedy, "temperature {t}");
     }
+    Ok(())
+}
+
+/// Probe 11: with the log store down and the spool unwritable (a full disk), responses do
+/// not wait out the durable commit; the records wait in memory and are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_spool_does_not_hold_responses() -> anyhow::Result<()> {
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let gw = start(|c, d| {
+        c.logs.store = tunegate::config::LogBackend::Redis;
+        c.logs.redis_url = format!("redis://127.0.0.1:{dead_port}/");
+        // A folder where the spool file should be: every append fails, as on a full disk.
+        let _ = std::fs::create_dir_all(d.join("data/logs.spool.jsonl"));
+    })
+    .await?;
+    for i in 0..3 {
+        let t = Instant::now();
+        let mut body = chat_body(MODEL, false);
+        body["messages"][1]["content"] = json!(format!("request {i}"));
+        let (status, text) = call(&gw, Some(KEY_A), Method::POST, "/v1/chat/completions", Some(&body)).await?;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        assert!(t.elapsed() < Duration::from_secs(5), "request {i} took {:?}", t.elapsed());
+    }
+    let stats = gw.handle.state.logs.as_ref().map(|l| l.writer.stats().snapshot());
+    assert!(stats.is_some_and(|s| s.spool_errors > 0), "{stats:?}");
     Ok(())
 }
