@@ -193,13 +193,30 @@ pub struct TrainingSection {
     pub enabled: bool,
     pub rank: usize,
     pub alpha: f64,
+    /// The base learning rate (multiplier 1).
     pub learning_rate: f64,
-    pub epochs: usize,
+    /// Fixed epochs for every job that does not ask; unset (the default): the `auto` rule.
+    pub epochs: Option<usize>,
+    /// The largest batch the `auto` rule picks.
     pub batch_size: usize,
     pub micro_batch: usize,
     pub target_modules: Vec<String>,
+    /// The `auto` rule (see `training::auto`): optimizer steps a job gets at least ...
+    pub min_steps: usize,
+    /// ... through at most this many epochs ...
+    pub max_epochs: usize,
+    /// ... at `learning_rate` times this when the job gives no multiplier ...
+    pub auto_learning_rate_multiplier: f64,
+    /// ... with at most this many warm-up steps (and never more than a tenth of the run).
+    pub warmup_steps: usize,
     /// Held-out share of the examples for the quality gate.
     pub eval_fraction: f64,
+    /// Fewer distinct examples than this (and no validation file): train on all of them and
+    /// score the gate in-sample (the events say so).
+    pub min_examples_for_holdout: usize,
+    /// A scheduled job promotes only when its gate scored at least this many held-out
+    /// examples.
+    pub scheduler_min_eval_examples: usize,
     /// The candidate must beat what serves today by this much (exact match and F1).
     pub min_margin: f64,
     /// Drop a system prompt shared by every example (context distillation).
@@ -215,16 +232,23 @@ pub struct TrainingSection {
 impl Default for TrainingSection {
     fn default() -> Self {
         let t = crate::training::trainer::TrainConfig::default();
+        let auto = crate::training::auto::AutoRule::default();
         Self {
             enabled: true,
             rank: t.rank,
             alpha: t.alpha,
             learning_rate: t.learning_rate,
-            epochs: t.epochs,
+            epochs: None,
             batch_size: t.batch_size,
             micro_batch: t.micro_batch,
             target_modules: t.target_modules,
+            min_steps: auto.min_steps,
+            max_epochs: auto.max_epochs,
+            auto_learning_rate_multiplier: auto.learning_rate_multiplier,
+            warmup_steps: auto.warmup_steps,
             eval_fraction: 0.1,
+            min_examples_for_holdout: 50,
+            scheduler_min_eval_examples: 20,
             min_margin: 0.0,
             distill_system_prompt: true,
             checkpoint_every: t.checkpoint_every,
@@ -235,12 +259,24 @@ impl Default for TrainingSection {
 }
 
 impl TrainingSection {
+    /// The `auto` rule's knobs.
+    pub fn auto_rule(&self) -> crate::training::auto::AutoRule {
+        crate::training::auto::AutoRule {
+            min_steps: self.min_steps,
+            max_epochs: self.max_epochs,
+            max_batch: self.batch_size,
+            learning_rate_multiplier: self.auto_learning_rate_multiplier,
+            warmup_steps: self.warmup_steps,
+        }
+    }
+
     pub fn train_config(&self) -> crate::training::trainer::TrainConfig {
         crate::training::trainer::TrainConfig {
             rank: self.rank,
             alpha: self.alpha,
             learning_rate: self.learning_rate,
-            epochs: self.epochs,
+            epochs: self.epochs.unwrap_or(crate::training::trainer::TrainConfig::default().epochs),
+            warmup_steps: self.warmup_steps,
             batch_size: self.batch_size,
             micro_batch: self.micro_batch.min(self.batch_size),
             target_modules: self.target_modules.clone(),
@@ -673,8 +709,17 @@ impl RawConfig {
         if !(0.0..=0.5).contains(&t.eval_fraction) {
             return Err(invalid("training.eval_fraction", "must be between 0 and 0.5".into()));
         }
-        if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) || t.epochs == 0 || t.batch_size == 0 {
+        if !(t.learning_rate > 0.0 && t.learning_rate < 1.0) || t.epochs == Some(0) || t.batch_size == 0 {
             return Err(invalid("training", "learning_rate must be in (0, 1), epochs and batch_size at least 1".into()));
+        }
+        if t.min_steps == 0 || t.max_epochs == 0 {
+            return Err(invalid("training", "min_steps and max_epochs must be at least 1".into()));
+        }
+        if !(t.auto_learning_rate_multiplier > 0.0 && t.auto_learning_rate_multiplier * t.learning_rate < 1.0) {
+            return Err(invalid(
+                "training.auto_learning_rate_multiplier",
+                "must be positive, with learning_rate times it below 1".into(),
+            ));
         }
         let sch = &self.scheduler;
         let bad_secs = |v: f64| !(v.is_finite() && v >= 0.0);

@@ -109,6 +109,10 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<ServerH
             distill_system_prompt: config.training.distill_system_prompt,
             metrics: Some(metrics.clone()),
             max_active_per_tenant: config.limits.max_active_jobs_per_tenant,
+            auto: config.training.auto_rule(),
+            fixed_epochs: config.training.epochs,
+            min_examples_for_holdout: config.training.min_examples_for_holdout,
+            scheduler_min_eval: config.training.scheduler_min_eval_examples,
             threads: config.training.threads,
         };
         Some(

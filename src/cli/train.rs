@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::training::auto::Requested;
 use crate::training::dataset::DatasetOptions;
 use crate::training::files::parse_jsonl;
 use crate::training::job::{self, JobSpec};
@@ -31,11 +32,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let examples = read(&args.file)?;
     let validation = args.validation.as_ref().map(read).transpose()?;
     let mut hyper = config.training.train_config();
-    if let Some(e) = args.epochs {
-        hyper.epochs = e;
-    }
+    // As an API job: what is not given is chosen by the auto rule from the data.
+    let mut requested = Requested { n_epochs: args.epochs.or(config.training.epochs), ..Requested::default() };
     if let Some(lr) = args.learning_rate {
         hyper.learning_rate = lr;
+        requested.learning_rate_multiplier = Some(1.0);
     }
     let id = format!("ftjob-{}", uuid::Uuid::new_v4().simple());
     let current = config.adapters.root.join(&args.task);
@@ -51,6 +52,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         dataset: DatasetOptions {
             distill_system_prompt: config.training.distill_system_prompt,
             eval_fraction: config.training.eval_fraction,
+            min_examples_for_holdout: config.training.min_examples_for_holdout,
             ..Default::default()
         },
         adapters_root: config.adapters.root.clone(),
@@ -59,6 +61,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         min_margin: config.training.min_margin,
         adapter_precision: config.adapters.precision,
         owner: None,
+        auto: Some((config.training.auto_rule(), requested)),
     };
     let cancel = AtomicBool::new(false);
     let mut stderr = std::io::stderr();

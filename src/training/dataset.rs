@@ -46,6 +46,9 @@ pub struct DatasetReport {
     pub dropped_too_long: usize,
     pub train: usize,
     pub eval: usize,
+    /// Too few distinct examples to hold any out: the gate scored training examples.
+    #[serde(default)]
+    pub eval_in_sample: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,13 +66,23 @@ pub struct DatasetOptions {
     /// Fraction of examples held out for evaluation (at least `min_eval` when possible).
     pub eval_fraction: f64,
     pub min_eval: usize,
+    /// Below this many distinct examples nothing is held out: every example trains and the
+    /// gate scores them in-sample (a hold-out of 4 of 8 examples starves training).
+    pub min_examples_for_holdout: usize,
     pub max_seq_len: usize,
     pub seed: u64,
 }
 
 impl Default for DatasetOptions {
     fn default() -> Self {
-        Self { distill_system_prompt: true, eval_fraction: 0.1, min_eval: 4, max_seq_len: 1024, seed: 0 }
+        Self {
+            distill_system_prompt: true,
+            eval_fraction: 0.1,
+            min_eval: 4,
+            min_examples_for_holdout: 50,
+            max_seq_len: 1024,
+            seed: 0,
+        }
     }
 }
 
@@ -174,7 +187,15 @@ pub fn build(info: &ModelInfo, examples: &[Example], opts: &DatasetOptions) -> c
     if opts.eval_fraction > 0.0 {
         n_eval = n_eval.max(opts.min_eval.min(n / 2));
     }
-    let eval: Vec<Example> = keyed[..n_eval].iter().map(|(_, e)| e.clone()).collect();
+    let in_sample = opts.eval_fraction > 0.0 && n < opts.min_examples_for_holdout;
+    if in_sample {
+        n_eval = 0;
+    }
+    let eval: Vec<Example> = if in_sample {
+        keyed.iter().map(|(_, e)| e.clone()).collect()
+    } else {
+        keyed[..n_eval].iter().map(|(_, e)| e.clone()).collect()
+    };
     let mut train = Vec::new();
     for (_, e) in &keyed[n_eval..] {
         let e = match &shared {
@@ -195,5 +216,6 @@ pub fn build(info: &ModelInfo, examples: &[Example], opts: &DatasetOptions) -> c
     }
     report.train = train.len();
     report.eval = eval.len();
+    report.eval_in_sample = in_sample;
     Ok(Dataset { train, eval, distilled, report })
 }

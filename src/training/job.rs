@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+use super::auto::{self, AutoRule, Chosen, Requested};
 use super::dataset::{self, DatasetOptions, DatasetReport, DistilledPrompt, Example};
 use super::eval::{self, GateReport, Variant};
 use super::export::{self, AdapterMeta};
@@ -38,6 +39,10 @@ pub struct JobSpec {
     /// The tenant whose adapter this is (written to `tunegate.json`; only it and admins may
     /// call it). `None`: the operator's.
     pub owner: Option<String>,
+    /// The `auto` rule and what the client fixed: `hyper`'s epochs, batch size, learning
+    /// rate (as `hyper.learning_rate` × multiplier) and warm-up are chosen from the data.
+    /// `None`: `hyper` as given.
+    pub auto: Option<(AutoRule, Requested)>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -79,6 +84,12 @@ pub struct JobResult {
     pub train_tokens_per_second: f64,
     pub final_loss: Option<f32>,
     pub checkpoints: Vec<usize>,
+    /// The hyper-parameters the run used (after the `auto` rule).
+    pub hyper: TrainConfig,
+    /// What the `auto` rule chose, when it ran.
+    pub chosen: Option<Chosen>,
+    /// Tokens trained on, exactly (every epoch counted).
+    pub train_tokens: u64,
 }
 
 /// Loads model, tokenizer and template the way the engine does (for a job that runs
@@ -129,6 +140,7 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     if let Some(v) = &spec.validation {
         data.eval = v.clone();
         data.report.eval = v.len();
+        data.report.eval_in_sample = false;
     }
     emit(JobEvent::info(
         format!(
@@ -147,16 +159,52 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     if data.train.is_empty() {
         return Err(JobError::Failed("no training examples left after the split".into()));
     }
-    let params = LoraParams::init(&model.shape, &spec.hyper)?;
-    let mut opt = AdamW::new(&params, spec.hyper.weight_decay)?;
+    if data.report.eval_in_sample {
+        emit(JobEvent::info(
+            format!(
+                "only {} distinct examples (fewer than {}): trained on all of them, and the quality gate scores \
+                 them in-sample, which shows the adapter learned them but not that it generalises; give a \
+                 validation_file for a held-out score",
+                data.report.train, spec.dataset.min_examples_for_holdout
+            ),
+            None,
+        ));
+    }
+    let mut hyper = spec.hyper.clone();
+    let chosen = spec.auto.as_ref().map(|(rule, req)| {
+        let c = auto::choose(rule, data.train.len(), req);
+        hyper.epochs = c.n_epochs;
+        hyper.batch_size = c.batch_size;
+        hyper.micro_batch = hyper.micro_batch.clamp(1, c.batch_size);
+        hyper.learning_rate = spec.hyper.learning_rate * c.learning_rate_multiplier;
+        hyper.warmup_steps = c.warmup_steps;
+        c
+    });
+    if let Some(c) = &chosen {
+        emit(JobEvent::info(
+            format!(
+                "hyperparameters: n_epochs {}, batch_size {}, learning_rate_multiplier {} (learning rate {:.1e}), \
+                 {} warm-up steps, {} optimizer steps over {} training examples",
+                c.n_epochs, c.batch_size, c.learning_rate_multiplier, hyper.learning_rate, c.warmup_steps, c.steps,
+                data.train.len()
+            ),
+            Some(serde_json::json!({"hyperparameters": {
+                "n_epochs": c.n_epochs,
+                "batch_size": c.batch_size,
+                "learning_rate_multiplier": c.learning_rate_multiplier,
+            }})),
+        ));
+    }
+    let params = LoraParams::init(&model.shape, &hyper)?;
+    let mut opt = AdamW::new(&params, hyper.weight_decay)?;
     let ckpt_dir = spec.job_dir.join("checkpoint");
     let resume = trainer::load_checkpoint(&ckpt_dir, &params, &mut opt)?.map(|step| {
         emit(JobEvent::info(format!("resuming from the checkpoint at step {step}"), None));
         Resume { start_step: step }
     });
     let mut checkpoints = Vec::new();
-    let every = spec.hyper.checkpoint_every.max(1);
-    let outcome = trainer::train(&dense, &params, &mut opt, &data.train, &spec.hyper, resume, cancel, &mut |p, params, opt| {
+    let every = hyper.checkpoint_every.max(1);
+    let outcome = trainer::train(&dense, &params, &mut opt, &data.train, &hyper, resume, cancel, &mut |p, params, opt| {
         if p.step % every == 0 || p.step == p.total_steps {
             trainer::save_checkpoint(&ckpt_dir, params, opt, p.step)?;
             checkpoints.push(p.step);
@@ -216,11 +264,11 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
         steps: outcome.steps,
         final_loss: outcome.losses.last().copied(),
         train_seconds: outcome.seconds,
-        hyperparameters: spec.hyper.clone(),
+        hyperparameters: hyper.clone(),
         owner: spec.owner.clone(),
         created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     };
-    let path = export::publish(&spec.adapters_root, &spec.task, &version, &params, &model.shape, &spec.hyper, &meta)?;
+    let path = export::publish(&spec.adapters_root, &spec.task, &version, &params, &model.shape, &hyper, &meta)?;
     emit(JobEvent::info(format!("published {}", path.display()), None));
     Ok(JobResult {
         version,
@@ -233,5 +281,8 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
         train_tokens_per_second: outcome.train_tokens as f64 / outcome.seconds.max(1e-9),
         final_loss: outcome.losses.last().copied(),
         checkpoints,
+        hyper,
+        chosen,
+        train_tokens: outcome.train_tokens as u64,
     })
 }

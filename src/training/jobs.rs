@@ -16,6 +16,7 @@ use parking_lot::{Condvar, Mutex};
 use super::dataset::{DatasetOptions, Example};
 use super::files::FileStore;
 use super::job::{self, JobError, JobEvent, JobSpec};
+use super::auto::{AutoRule, Requested};
 use super::trainer::TrainConfig;
 use crate::adapters::{AdapterRegistry, LoadOptions};
 
@@ -61,8 +62,11 @@ pub struct FineTuningJob {
     pub task: String,
     pub promoted: Option<bool>,
     pub eval: Option<serde_json::Value>,
-    /// The full tunegate hyper-parameters used.
+    /// The full tunegate hyper-parameters used (final once the job has run).
     pub tunegate_hyperparameters: TrainConfig,
+    /// What the client fixed; the rest is chosen by the `auto` rule when the job runs.
+    #[serde(default)]
+    pub requested_hyperparameters: Requested,
     /// The tenant that created the job (tunegate's field; `organization_id` says the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -147,6 +151,14 @@ pub struct JobsConfig {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Jobs one tenant may have queued or running (0: no limit).
     pub max_active_per_tenant: usize,
+    /// The `auto` rule for what a job leaves unset.
+    pub auto: AutoRule,
+    /// `[training] epochs`, when set: the epochs of a job that gives none.
+    pub fixed_epochs: Option<usize>,
+    /// Fewer distinct examples than this: no hold-out (see `DatasetOptions`).
+    pub min_examples_for_holdout: usize,
+    /// A scheduled job promotes only on a gate over at least this many held-out examples.
+    pub scheduler_min_eval: usize,
     /// Threads of the training kernels' own pool (the fused ops and the frozen-weight
     /// matmuls, most of a step); 0 = rayon's default. Candle's remaining CPU ops use the
     /// process-wide pool sized by `[model] threads`.
@@ -284,21 +296,23 @@ impl JobManager {
         if !valid_name(&task) {
             return Err(JobsError::Invalid(format!("the adapter name '{task}' is not valid; use a shorter suffix")));
         }
-        let mut hyper = i.cfg.defaults.clone();
-        if let Some(n) = req.n_epochs {
-            hyper.epochs = n;
-        }
-        if let Some(b) = req.batch_size {
-            hyper.batch_size = b;
-            hyper.micro_batch = hyper.micro_batch.min(hyper.batch_size);
-        }
         if let Some(m) = req.learning_rate_multiplier {
-            if !(m > 0.0 && m <= 100.0) {
-                return Err(JobsError::Invalid("learning_rate_multiplier must be in (0, 100]".into()));
+            if !(m > 0.0 && m <= 100.0 && m * i.cfg.defaults.learning_rate < 1.0) {
+                return Err(JobsError::Invalid(format!(
+                    "hyperparameters.learning_rate_multiplier must be in (0, 100] with learning rate {} x it below 1",
+                    i.cfg.defaults.learning_rate
+                )));
             }
-            hyper.learning_rate *= m;
         }
+        // What the client left unset is chosen from the data when the job runs.
+        let mut hyper = i.cfg.defaults.clone();
         hyper.seed = req.seed.unwrap_or(hyper.seed);
+        let requested = Requested {
+            n_epochs: req.n_epochs.or(i.cfg.fixed_epochs),
+            batch_size: req.batch_size,
+            learning_rate_multiplier: req.learning_rate_multiplier,
+        };
+        let shown = |v: Option<serde_json::Value>| v.unwrap_or_else(|| "auto".into());
         let job = FineTuningJob {
             id: id.clone(),
             object: "fine_tuning.job".into(),
@@ -309,9 +323,9 @@ impl JobManager {
             organization_id: req.owner.clone().unwrap_or_else(|| "tunegate".into()),
             status: "queued".into(),
             hyperparameters: Hyperparameters {
-                n_epochs: hyper.epochs.into(),
-                batch_size: hyper.batch_size.into(),
-                learning_rate_multiplier: req.learning_rate_multiplier.unwrap_or(1.0).into(),
+                n_epochs: shown(requested.n_epochs.map(Into::into)),
+                batch_size: shown(requested.batch_size.map(Into::into)),
+                learning_rate_multiplier: shown(requested.learning_rate_multiplier.map(Into::into)),
             },
             training_file,
             validation_file: req.validation_file,
@@ -326,6 +340,7 @@ impl JobManager {
             promoted: None,
             eval: None,
             tunegate_hyperparameters: hyper,
+            requested_hyperparameters: requested,
             adapter_owner: req.private_adapter.then(|| req.owner.clone()).flatten(),
             owner: req.owner,
         };
@@ -529,6 +544,7 @@ impl JobManager {
             dataset: DatasetOptions {
                 distill_system_prompt: i.cfg.distill_system_prompt,
                 eval_fraction: i.cfg.eval_fraction,
+                min_examples_for_holdout: i.cfg.min_examples_for_holdout,
                 seed: job.seed,
                 ..Default::default()
             },
@@ -538,6 +554,7 @@ impl JobManager {
             min_margin: i.cfg.min_margin,
             adapter_precision: i.registry.limits().precision,
             owner: job.adapter_owner.clone(),
+            auto: Some((i.cfg.auto.clone(), job.requested_hyperparameters)),
         };
         let id = job.id.clone();
         let mut emit = |e: JobEvent| {
@@ -560,6 +577,14 @@ impl JobManager {
                     let _ = self.update(&id, |j| j.estimated_finish = Some(now() + eta as u64));
                 }
             }
+            if let Some(h) = e.data.as_ref().and_then(|d| d.get("hyperparameters")) {
+                let chosen = Hyperparameters {
+                    n_epochs: h["n_epochs"].clone(),
+                    batch_size: h["batch_size"].clone(),
+                    learning_rate_multiplier: h["learning_rate_multiplier"].clone(),
+                };
+                let _ = self.update(&id, |j| j.hyperparameters = chosen);
+            }
             if let (Some(m), Some(d)) = (&i.cfg.metrics, e.data.as_ref()) {
                 let number = |k: &str| d.get(k).and_then(|v| v.as_f64());
                 m.training_progress(&job.task, number("loss"), number("tokens_per_second"));
@@ -577,7 +602,23 @@ impl JobManager {
         }
         let mut promoted = false;
         let mut promotion = "gate_failed";
-        if res.gate.passed {
+        let scheduled = job.metadata.as_ref().and_then(|m| m.get("scheduled_by")).is_some();
+        let min_eval = i.cfg.scheduler_min_eval;
+        let eval_too_small = scheduled && (res.dataset.eval_in_sample || res.dataset.eval < min_eval);
+        if res.gate.passed && eval_too_small {
+            promotion = "eval_too_small";
+            self.event(
+                &id,
+                "warn",
+                format!(
+                    "Not promoted: a scheduled job promotes only on a gate over at least {min_eval} held-out examples \
+                     (this one: {}{}); '{name}' serves under its own name",
+                    res.dataset.eval,
+                    if res.dataset.eval_in_sample { ", scored in-sample" } else { "" }
+                ),
+                None,
+            );
+        } else if res.gate.passed {
             let expected = Some(current.as_ref().map_or(0, |c| c.generation));
             match i.registry.load(&job.task, &res.adapter_path, LoadOptions { replace: true, expected_generation: expected }) {
                 Ok(g) => {
@@ -601,8 +642,10 @@ impl JobManager {
             m.promotion(&job.task, promotion);
         }
         self.event(&id, "info", format!("The job has successfully completed; fine-tuned model: {name}"), None);
-        let tokens = (res.train_tokens_per_second * res.train_seconds) as u64;
+        let tokens = res.train_tokens;
+        let used = res.hyper.clone();
         self.update(&id, |j| {
+            j.tunegate_hyperparameters = used;
             j.status = "succeeded".into();
             j.finished_at = Some(now());
             j.fine_tuned_model = Some(name.clone());

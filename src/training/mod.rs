@@ -3,6 +3,7 @@
 //! Hugging Face PEFT layout. Serving and HTTP live elsewhere.
 
 pub mod dataset;
+pub mod auto;
 pub mod eval;
 pub mod job;
 pub mod jobs;

@@ -332,6 +332,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
         min_margin: 0.0,
         adapter_precision: Default::default(),
         owner: None,
+        auto: None,
     };
     let mut events = Vec::new();
     let good = job::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
@@ -365,6 +366,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
 /// picked up by the next manager.
 #[test]
 fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
+    use super::auto::AutoRule;
     use super::files::FileStore;
     use super::jobs::{CreateJob, JobManager, JobsConfig};
     use std::sync::Arc;
@@ -387,6 +389,11 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
         distill_system_prompt: true,
         metrics: None,
         max_active_per_tenant: 4,
+        // The defaults above as the rule's knobs: 40 epochs, batches of 6, learning rate x1.
+        auto: AutoRule { max_batch: 6, learning_rate_multiplier: 1.0, ..AutoRule::default() },
+        fixed_epochs: Some(40),
+        min_examples_for_holdout: 0,
+        scheduler_min_eval: 0,
         threads: 2,
     };
     let files = Arc::new(FileStore::open(&dir.path().join("data"))?);

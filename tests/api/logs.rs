@@ -279,7 +279,7 @@ async fn scheduler_trains_a_task_from_its_approved_logs() -> anyhow::Result<()> 
         c.scheduler.check_interval_seconds = 0.2;
         c.training.rank = 4;
         c.training.alpha = 8.0;
-        c.training.epochs = 2;
+        c.training.epochs = Some(2);
         c.training.eval_fraction = 0.0;
     })
     .await?;
