@@ -204,8 +204,6 @@ class Gateway:
         self.work = work
         self.log_path = work / "gateway.log"
         model = Path(args.model).resolve()
-        batch = f"batch_size = {args.batch_size}\nmicro_batch = {min(8, args.batch_size)}\n" if args.batch_size else ""
-        lr = f"learning_rate = {2e-4 * args.learning_rate_multiplier:g}\n" if args.learning_rate_multiplier else ""
         toml = f"""
 [server]
 bind = "127.0.0.1:{self.port}"
@@ -220,10 +218,9 @@ fetch_if_missing = false
 root = "{work / 'adapters'}"
 
 [training]
-epochs = {args.epochs}
 eval_fraction = {args.gate_fraction}
 distill_system_prompt = true
-{batch}{lr}
+
 [logs]
 enabled = true
 
@@ -368,10 +365,12 @@ def phase_train(gw, base_model, args):
                     raise RuntimeError(f"no scheduler job after {args.scheduler_wait}s")
                 time.sleep(2)
     else:
-        # epochs, batch size and learning rate are in the gateway's [training] config, as the
-        # scheduler's jobs would have them
+        # By default no hyper-parameters: the gateway's auto rule chooses them, as for the
+        # scheduler's jobs; --epochs, --batch-size, --learning-rate-multiplier override it.
+        hyper = {k: v for k, v in (("n_epochs", args.epochs), ("batch_size", args.batch_size),
+                                   ("learning_rate_multiplier", args.learning_rate_multiplier)) if v is not None}
         job = http("POST", f"{gw.base}/v1/fine_tuning/jobs",
-                   {"model": base_model, "task": TASK, "hyperparameters": {"n_epochs": args.epochs}, "seed": args.seed})
+                   {"model": base_model, "task": TASK, "hyperparameters": hyper, "seed": args.seed})
     log(f"  job {job['id']} ({'scheduler' if args.scheduler else 'triggered by the benchmark'})")
     seen = 0
     last_step_log = 0.0
@@ -692,10 +691,10 @@ def main():
     p.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     p.add_argument("--train-examples", type=int, default=500)
     p.add_argument("--eval-examples", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--learning-rate-multiplier", type=float, default=5.0,
-                   help="times the default 2e-4 (500 examples, 1 epoch: 56 steps at 1e-3 learn the task)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default: the config's 8)")
+    p.add_argument("--epochs", type=int, default=None, help="n_epochs (default: the gateway's auto rule)")
+    p.add_argument("--learning-rate-multiplier", type=float, default=None,
+                   help="times [training] learning_rate (default: the auto rule's; 5, i.e. 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (default: the auto rule's)")
     p.add_argument("--shots-per-label", type=int, default=2, help="labelled examples per label in the system prompt")
     p.add_argument("--words", type=int, default=40, help="article words after the headline, per input")
     p.add_argument("--shot-words", type=int, default=40, help="article words per example inside the system prompt")
@@ -716,7 +715,7 @@ def main():
     p.add_argument("--label", default=None, help="what to call this run in the report")
     args = p.parse_args()
     if args.quick:
-        args.train_examples, args.eval_examples, args.epochs = 15, 6, 1
+        args.train_examples, args.eval_examples = 15, 6
 
     import openai
 

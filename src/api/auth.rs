@@ -1,8 +1,9 @@
 //! API keys. The config stores SHA-256 digests of keys, never keys; a bearer token is hashed
 //! and compared with every stored digest in constant time. Two scopes: client keys may call
 //! `/v1/*`, admin keys may also call the admin routes. Each key belongs to a tenant
-//! (`[[auth.keys]]`; a key of the plain lists is a tenant of its own). With no key configured the server is
-//! open: any or no token is accepted (config validation keeps such a server on loopback).
+//! (`[[auth.keys]]`; a key of the plain lists is a tenant of its own). With no key
+//! configured the server is open: any or no token is accepted (config validation keeps such
+//! a server on loopback).
 //!
 //! The middlewares put the resolved [`Caller`] into the request's extensions; handlers take
 //! it as an extractor.
@@ -35,6 +36,9 @@ pub struct Caller {
     pub models: Option<Arc<[String]>>,
     /// Tasks the key may train on (their approved logs) and whose alias its jobs may replace.
     pub train_tasks: Arc<[String]>,
+    /// What the per-key limits count under: the key id, or one shared name on an open server
+    /// (a fresh bearer token per request must not be a fresh budget).
+    pub limit_key: String,
 }
 
 /// The tenant of every caller on an open (keyless) server: one operator, on loopback.
@@ -63,26 +67,6 @@ impl Caller {
         self.admin || self.train_tasks.iter().any(|t| t == task)
     }
 
-    /// The key the per-key limits count under. On an open server every caller is one
-    /// (a fresh bearer token per request must not be a fresh budget).
-    pub fn limit_key(&self) -> &str {
-        if self.tenant == OPEN_TENANT {
-            OPEN_TENANT
-        } else {
-            &self.key_id
-        }
-    }
-
-    #[cfg(test)]
-    pub fn test(tenant: &str, admin: bool) -> Self {
-        Caller {
-            key_id: tenant.into(),
-            tenant: tenant.into(),
-            admin,
-            models: None,
-            train_tasks: Arc::from(Vec::new()),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -114,13 +98,14 @@ impl Auth {
             models: None,
             train_tasks: Arc::from(Vec::new()),
         };
-        let mut keys: Vec<Key> = cfg.keys.iter().map(|k| Key {
+        let named = cfg.keys.iter().map(|k| Key {
             hash: k.hash,
             tenant: k.tenant.clone(),
             admin: k.admin,
             models: k.models.clone().map(Arc::from),
             train_tasks: Arc::from(k.train_tasks.clone()),
-        }).collect();
+        });
+        let mut keys: Vec<Key> = named.collect();
         keys.extend(cfg.admin_keys.iter().map(|h| plain(h, true)));
         keys.extend(cfg.api_keys.iter().map(|h| plain(h, false)));
         Self { keys }
@@ -141,6 +126,7 @@ impl Auth {
                 admin: true,
                 models: None,
                 train_tasks: Arc::from(Vec::new()),
+                limit_key: OPEN_TENANT.into(),
             });
         }
         let Some(token) = token else {
@@ -160,8 +146,10 @@ impl Auth {
                 "This route needs an admin key (auth.admin_keys); the key provided is a client key.",
             ));
         }
+        let id = key_id(&d);
         Ok(Caller {
-            key_id: key_id(&d),
+            limit_key: id.clone(),
+            key_id: id,
             tenant: key.tenant.clone(),
             admin: key.admin,
             models: key.models.clone(),

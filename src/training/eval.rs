@@ -28,9 +28,37 @@ pub struct Scores {
 pub struct GateReport {
     pub baseline: Scores,
     pub candidate: Scores,
+    /// The constant answer: the most frequent training answer given to every eval example
+    /// (what a model that learned only the label frequencies scores).
+    #[serde(default)]
+    pub constant: Scores,
     pub margin: f64,
     pub passed: bool,
     pub reason: String,
+}
+
+/// Scores of answering every example of `eval` with the most frequent of `answers` (ties:
+/// the first in sorted order).
+pub fn constant_scores(answers: &[String], eval: &[Example]) -> Scores {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.trim()).or_default() += 1;
+    }
+    let Some((answer, _)) = counts.iter().fold(None::<(&str, usize)>, |best, (a, &n)| match best {
+        Some((_, m)) if m >= n => best,
+        _ => Some((a, n)),
+    }) else {
+        return Scores::default();
+    };
+    let golds: Vec<String> =
+        eval.iter().map(|e| e.messages.last().map(|m| m.content.trim().to_string()).unwrap_or_default()).collect();
+    let n = golds.len().max(1) as f64;
+    Scores {
+        examples: golds.len(),
+        exact_match: golds.iter().filter(|g| g.as_str() == answer).count() as f64 / n,
+        token_f1: golds.iter().map(|g| token_f1(answer, g)).sum::<f64>() / n,
+        ..Scores::default()
+    }
 }
 
 /// What is evaluated: an adapter (or none) and whether the distilled prompt is dropped.
@@ -172,66 +200,107 @@ fn cross_entropy(row: &[f32], target: usize) -> f32 {
     max + sum.ln() - row.get(target).copied().unwrap_or(f32::NEG_INFINITY)
 }
 
-/// The candidate passes when it matches or beats the baseline by `margin` on exact match
-/// and on token F1, and is not useless: a candidate that scores zero on both never passes
-/// (a tie at zero is no evidence), and an exact tie is decided by the teacher-forced answer
-/// loss (the candidate's must be no higher).
-pub fn gate(baseline: Scores, candidate: Scores, margin: f64) -> GateReport {
+/// The candidate passes when
+/// - it matches or beats what serves today by `margin` on exact match and on token F1;
+/// - it is not useless: a candidate that scores zero on both never passes (a tie at zero is
+///   no evidence);
+/// - it learned more than the label frequencies: it beats the constant answer (the most
+///   frequent training answer for every example) by more than sampling noise, `1/√n` on
+///   exact match or on F1 — a model trained on shuffled labels does not;
+/// - on an exact tie with what serves, its teacher-forced answer loss is no higher.
+///
+/// The reason names the criterion that decided.
+pub fn gate(baseline: Scores, candidate: Scores, constant: Scores, margin: f64) -> GateReport {
     let em_ok = candidate.exact_match + 1e-9 >= baseline.exact_match + margin;
     let f1_ok = candidate.token_f1 + 1e-9 >= baseline.token_f1 + margin;
     let useless = candidate.exact_match <= 1e-9 && candidate.token_f1 <= 1e-9;
+    let noise = 1.0 / (candidate.examples.max(1) as f64).sqrt();
+    let beats_constant = constant.examples == 0
+        || candidate.exact_match > constant.exact_match + noise
+        || candidate.token_f1 > constant.token_f1 + noise;
     let tie = (candidate.exact_match - baseline.exact_match).abs() <= 1e-9
         && (candidate.token_f1 - baseline.token_f1).abs() <= 1e-9;
     let loss_ok = candidate.loss.is_finite() && candidate.loss <= baseline.loss + 1e-9;
-    let passed = candidate.examples > 0 && em_ok && f1_ok && !useless && (!tie || loss_ok);
+    let passed = candidate.examples > 0 && em_ok && f1_ok && !useless && beats_constant && (!tie || loss_ok);
     let reason = if candidate.examples == 0 {
         "no held-out examples to evaluate on".to_string()
-    } else if em_ok && f1_ok && useless {
-        format!(
-            "candidate answered no held-out example (exact match {:.3}, F1 {:.3}): a tie at zero is not a pass",
-            candidate.exact_match, candidate.token_f1
-        )
-    } else if em_ok && f1_ok && tie && !loss_ok {
-        format!(
-            "candidate ties what serves today (exact match {:.3}, F1 {:.3}) with a higher answer loss ({:.4} vs {:.4})",
-            candidate.exact_match, candidate.token_f1, candidate.loss, baseline.loss
-        )
-    } else if passed {
-        format!(
-            "candidate exact match {:.3} / F1 {:.3} vs serving {:.3} / {:.3} (margin {margin})",
-            candidate.exact_match, candidate.token_f1, baseline.exact_match, baseline.token_f1
-        )
-    } else {
+    } else if !(em_ok && f1_ok) {
         format!(
             "candidate is worse than what serves today: exact match {:.3} vs {:.3}, F1 {:.3} vs {:.3} (margin {margin})",
             candidate.exact_match, baseline.exact_match, candidate.token_f1, baseline.token_f1
         )
+    } else if useless {
+        format!(
+            "candidate answered no held-out example (exact match {:.3}, F1 {:.3}): a tie at zero is not a pass",
+            candidate.exact_match, candidate.token_f1
+        )
+    } else if !beats_constant {
+        format!(
+            "candidate does no better than always giving the most frequent training answer: exact match {:.3} vs \
+             {:.3}, F1 {:.3} vs {:.3} (needs more than {noise:.3} above it on {} examples)",
+            candidate.exact_match, constant.exact_match, candidate.token_f1, constant.token_f1, candidate.examples
+        )
+    } else if tie && !loss_ok {
+        format!(
+            "candidate ties what serves today (exact match {:.3}, F1 {:.3}) with a higher answer loss ({:.4} vs {:.4})",
+            candidate.exact_match, candidate.token_f1, candidate.loss, baseline.loss
+        )
+    } else {
+        format!(
+            "candidate exact match {:.3} / F1 {:.3} vs serving {:.3} / {:.3} (margin {margin}) and vs the constant \
+             answer {:.3} / {:.3}{}",
+            candidate.exact_match,
+            candidate.token_f1,
+            baseline.exact_match,
+            baseline.token_f1,
+            constant.exact_match,
+            constant.token_f1,
+            if tie { "; the tie decided by the answer loss" } else { "" }
+        )
     };
-    GateReport { baseline, candidate, margin, passed, reason }
+    GateReport { baseline, candidate, constant, margin, passed, reason }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::engine::ChatMessage;
+
     #[test]
     fn f1_and_gate() {
         assert_eq!(token_f1("a b c", "a b c"), 1.0);
         assert_eq!(token_f1("x", "a"), 0.0);
+        // The constant answer: a label-frequency learner (shuffled labels) is refused.
+        let eval: Vec<Example> = ["a", "a", "b", "c"]
+            .iter()
+            .map(|g| Example { messages: vec![ChatMessage::new("user", "q"), ChatMessage::new("assistant", *g)] })
+            .collect();
+        let answers: Vec<String> = ["b", "a", "a", "c", "a"].iter().map(|s| s.to_string()).collect();
+        let c = constant_scores(&answers, &eval);
+        assert_eq!((c.examples, c.exact_match), (4, 0.5));
+        let base = Scores { examples: 50, ..Default::default() };
+        let constant = Scores { examples: 50, exact_match: 0.3, token_f1: 0.3, ..Default::default() };
+        let shuffled = Scores { examples: 50, exact_match: 0.34, token_f1: 0.34, loss: 1.0, ..Default::default() };
+        let r = gate(base.clone(), shuffled, constant.clone(), 0.0);
+        assert!(!r.passed && r.reason.contains("most frequent"), "{}", r.reason);
+        let learned = Scores { examples: 50, exact_match: 0.8, token_f1: 0.8, loss: 1.0, ..Default::default() };
+        assert!(gate(base, learned, constant, 0.0).passed);
         assert!((token_f1("a b", "a c") - 0.5).abs() < 1e-9);
         let good = Scores { examples: 4, exact_match: 0.75, token_f1: 0.8, ..Default::default() };
         let bad = Scores { examples: 4, exact_match: 0.25, token_f1: 0.3, ..Default::default() };
-        assert!(gate(bad.clone(), good.clone(), 0.0).passed);
-        let r = gate(good.clone(), bad, 0.0);
+        let none = Scores::default();
+        assert!(gate(bad.clone(), good.clone(), none.clone(), 0.0).passed);
+        let r = gate(good.clone(), bad, none.clone(), 0.0);
         assert!(!r.passed && r.reason.contains("worse"), "{}", r.reason);
         // A tie at zero never passes, whatever the losses say.
         let zero = Scores { examples: 4, loss: 1.0, ..Default::default() };
-        let r = gate(Scores { loss: 9.0, ..zero.clone() }, zero.clone(), 0.0);
+        let r = gate(Scores { loss: 9.0, ..zero.clone() }, zero.clone(), none.clone(), 0.0);
         assert!(!r.passed && r.reason.contains("tie at zero"), "{}", r.reason);
         // An exact tie above zero: the answer loss decides.
         let worse_loss = Scores { loss: 2.0, ..good.clone() };
         let better_loss = Scores { loss: 0.5, ..good.clone() };
-        assert!(!gate(better_loss.clone(), worse_loss.clone(), 0.0).passed);
-        assert!(gate(worse_loss, better_loss, 0.0).passed);
+        assert!(!gate(better_loss.clone(), worse_loss.clone(), none.clone(), 0.0).passed);
+        assert!(gate(worse_loss, better_loss, none, 0.0).passed);
     }
 }

@@ -249,7 +249,17 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
         &data.eval,
         &Variant { lora: current.as_ref().map(|c| &c.weights), strip_prompt: current_strips.as_deref() },
     )?;
-    let gate = eval::gate(baseline, candidate, spec.min_margin);
+    // The eval examples' own answers are not the training answers (unless scored in-sample).
+    let eval_set: std::collections::HashSet<String> =
+        data.eval.iter().map(|e| serde_json::to_string(&e.messages).unwrap_or_default()).collect();
+    let train_answers: Vec<String> = spec
+        .examples
+        .iter()
+        .filter(|e| data.report.eval_in_sample || !eval_set.contains(&serde_json::to_string(&e.messages).unwrap_or_default()))
+        .filter_map(|e| e.messages.last().map(|m| m.content.clone()))
+        .collect();
+    let constant = eval::constant_scores(&train_answers, &data.eval);
+    let gate = eval::gate(baseline, candidate, constant, spec.min_margin);
     emit(JobEvent::info(format!("eval: {}", gate.reason), serde_json::to_value(&gate).ok()));
     let version = next_version(&spec.adapters_root, &spec.task);
     let meta = AdapterMeta {

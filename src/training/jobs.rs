@@ -618,6 +618,21 @@ impl JobManager {
                 ),
                 None,
             );
+        } else if res.gate.passed && res.dataset.eval_in_sample && current.is_some() {
+            // An in-sample score shows memory, not skill: it may start an alias, never
+            // replace the adapter serving one.
+            promotion = "eval_too_small";
+            self.event(
+                &id,
+                "warn",
+                format!(
+                    "Not promoted: '{}' already serves an adapter, and this job's gate scored its training \
+                     examples (too few to hold any out); give a validation_file to replace it. '{name}' serves \
+                     under its own name",
+                    job.task
+                ),
+                None,
+            );
         } else if res.gate.passed {
             let expected = Some(current.as_ref().map_or(0, |c| c.generation));
             match i.registry.load(&job.task, &res.adapter_path, LoadOptions { replace: true, expected_generation: expected }) {

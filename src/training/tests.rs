@@ -356,6 +356,31 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
     assert_eq!(bad.gate.baseline.exact_match, 1.0, "baseline should be the current adapter");
     assert_eq!(bad.version, "v2");
 
+    // Shuffled labels (each item takes the answer two places on: half stay right by chance):
+    // the candidate learns them and beats the prompted base, but not the constant answer.
+    let shuffled: Vec<Example> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            let other = &examples[(i + 2) % examples.len()];
+            if let (Some(m), Some(o)) = (e.messages.last_mut(), other.messages.last()) {
+                m.content = o.content.clone();
+            }
+            e
+        })
+        .collect();
+    let shuffled_spec = JobSpec {
+        id: "ftjob-4".into(),
+        task: "shuffled".into(),
+        examples: shuffled,
+        job_dir: dir.path().join("jobs/4"),
+        ..spec.clone()
+    };
+    let useless = job::run(&shuffled_spec, &AtomicBool::new(false), &mut |_| {})?;
+    assert!(!useless.gate.passed && useless.gate.reason.contains("most frequent"), "{}", useless.gate.reason);
+    assert!(useless.gate.candidate.exact_match >= useless.gate.baseline.exact_match, "{:?}", useless.gate);
+
     let cancelled = job::run(&JobSpec { job_dir: dir.path().join("jobs/3"), ..spec }, &AtomicBool::new(true), &mut |_| {});
     assert!(matches!(cancelled, Err(JobError::Cancelled)));
     Ok(())

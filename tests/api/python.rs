@@ -10,11 +10,11 @@ use anyhow::Context;
 
 use crate::common::{self, CLIENT_KEY, MODEL};
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn venv_bin(tool: &str) -> anyhow::Result<PathBuf> {
+pub fn venv_bin(tool: &str) -> anyhow::Result<PathBuf> {
     let venv = std::env::var_os("TUNEGATE_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"));
     let bin = venv.join("bin").join(tool);
     anyhow::ensure!(
@@ -26,7 +26,7 @@ fn venv_bin(tool: &str) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-fn report(what: &str, out: &Output) -> anyhow::Result<()> {
+pub fn report(what: &str, out: &Output) -> anyhow::Result<()> {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
     anyhow::ensure!(out.status.success(), "{what} failed ({}):\n{text}", out.status);

@@ -32,7 +32,7 @@ pub async fn create(
     plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
     let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
-    let permit = state.limiter.acquire_n(caller.limit_key(), plan.common.n)?;
+    let permit = state.limiter.acquire_n(&caller.limit_key, plan.common.n)?;
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
     let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
     record.measure(&state.metrics);

@@ -27,7 +27,7 @@ pub async fn create(
     plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
     let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
-    let permit = state.limiter.acquire_n(caller.limit_key(), plan.prompts.len() * plan.common.n)?;
+    let permit = state.limiter.acquire_n(&caller.limit_key, plan.prompts.len() * plan.common.n)?;
     let info = state.engine.info()?;
     let echoes = if plan.echo { prompt_texts(&info, &plan.prompts)? } else { vec![String::new(); plan.prompts.len()] };
     plan.prompts = tokenize(&info, std::mem::take(&mut plan.prompts)).await?;
