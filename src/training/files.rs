@@ -45,43 +45,85 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<Vec<Example>, FileError> {
     let text = std::str::from_utf8(bytes).map_err(|e| FileError::Invalid(format!("the file is not UTF-8: {e}")))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
+        if let Some(e) = parse_line(i + 1, line)? {
+            out.push(e);
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| FileError::Invalid(format!("line {n}: invalid JSON: {e}")))?;
-        let msgs = v
-            .get("messages")
-            .and_then(|m| m.as_array())
-            .ok_or_else(|| FileError::Invalid(format!("line {n}: expected an object with a \"messages\" array")))?;
-        let mut messages = Vec::with_capacity(msgs.len());
-        for (j, m) in msgs.iter().enumerate() {
-            let role = m.get("role").and_then(|r| r.as_str()).unwrap_or_default();
-            if !matches!(role, "system" | "user" | "assistant" | "developer") {
-                return Err(FileError::Invalid(format!("line {n}: messages[{j}] has an invalid role '{role}'")));
-            }
-            let content = match m.get("content") {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(""),
-                _ => return Err(FileError::Invalid(format!("line {n}: messages[{j}].content must be a string"))),
-            };
-            let role = if role == "developer" { "system" } else { role };
-            messages.push(ChatMessage::new(role, content));
-        }
-        if messages.last().map(|m| m.role.as_str()) != Some("assistant") {
-            return Err(FileError::Invalid(format!("line {n}: the last message must be from the assistant")));
-        }
-        out.push(Example { messages });
     }
     if out.is_empty() {
         return Err(FileError::Invalid("the file holds no examples".into()));
     }
     Ok(out)
+}
+
+/// Longest line of an uploaded file (one example), so that validation holds one line at a
+/// time, never the whole upload.
+pub const MAX_LINE_BYTES: usize = 4 << 20;
+
+/// Validates the JSONL file at `path` line by line, holding at most one line in memory.
+/// Returns the number of examples.
+pub fn check_jsonl_file(path: &Path) -> Result<usize, FileError> {
+    use std::io::{BufRead, Read};
+    let file = std::fs::File::open(path).map_err(|e| FileError::Io(e.to_string()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    let (mut n, mut examples) = (0usize, 0usize);
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| FileError::Io(e.to_string()))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if line.len() > MAX_LINE_BYTES {
+            return Err(FileError::Invalid(format!("line {n}: longer than {MAX_LINE_BYTES} bytes")));
+        }
+        let text = std::str::from_utf8(&line).map_err(|e| FileError::Invalid(format!("line {n}: not UTF-8: {e}")))?;
+        if parse_line(n, text.trim_end_matches(['\n', '\r']))?.is_some() {
+            examples += 1;
+        }
+    }
+    if examples == 0 {
+        return Err(FileError::Invalid("the file holds no examples".into()));
+    }
+    Ok(examples)
+}
+
+/// One line of chat fine-tuning JSONL: `None` for a blank line.
+fn parse_line(n: usize, line: &str) -> Result<Option<Example>, FileError> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| FileError::Invalid(format!("line {n}: invalid JSON: {e}")))?;
+    let msgs = v
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .ok_or_else(|| FileError::Invalid(format!("line {n}: expected an object with a \"messages\" array")))?;
+    let mut messages = Vec::with_capacity(msgs.len());
+    for (j, m) in msgs.iter().enumerate() {
+        let role = m.get("role").and_then(|r| r.as_str()).unwrap_or_default();
+        if !matches!(role, "system" | "user" | "assistant" | "developer") {
+            return Err(FileError::Invalid(format!("line {n}: messages[{j}] has an invalid role '{role}'")));
+        }
+        let content = match m.get("content") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => return Err(FileError::Invalid(format!("line {n}: messages[{j}].content must be a string"))),
+        };
+        let role = if role == "developer" { "system" } else { role };
+        messages.push(ChatMessage::new(role, content));
+    }
+    if messages.last().map(|m| m.role.as_str()) != Some("assistant") {
+        return Err(FileError::Invalid(format!("line {n}: the last message must be from the assistant")));
+    }
+    Ok(Some(Example { messages }))
 }
 
 impl FileStore {
@@ -128,21 +170,20 @@ impl FileStore {
             return Err(FileError::Invalid(format!("purpose '{purpose}' is not supported; use 'fine-tune'")));
         }
         let io = |e: std::io::Error| FileError::Io(e.to_string());
-        let bytes = std::fs::read(tmp).map_err(io)?;
-        parse_jsonl(&bytes)?;
+        check_jsonl_file(tmp)?;
+        let size = std::fs::metadata(tmp).map_err(io)?.len();
         let id = format!("file-{}", uuid::Uuid::new_v4().simple());
         let filename: String = filename.chars().filter(|c| !c.is_control()).take(255).collect();
         let obj = FileObject {
             id: id.clone(),
             object: "file".into(),
-            bytes: bytes.len() as u64,
+            bytes: size,
             created_at: now(),
             filename,
             purpose: purpose.to_string(),
             status: "processed".into(),
             owner: owner.map(str::to_string),
         };
-        drop(bytes);
         let data = self.dir.join(format!("{id}.jsonl"));
         std::fs::rename(tmp, &data).map_err(io)?;
         let meta = serde_json::to_vec(&obj).map_err(|e| FileError::Io(e.to_string()))?;

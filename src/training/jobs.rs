@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::auto::{AutoRule, Requested};
 use super::dataset::{DatasetOptions, Example};
 use super::files::FileStore;
 use super::job::{self, JobError, JobEvent, JobSpec};
-use super::auto::{AutoRule, Requested};
 use super::trainer::TrainConfig;
 use crate::adapters::{AdapterRegistry, LoadOptions};
 

@@ -658,3 +658,52 @@ async fn an_unwritable_spool_does_not_hold_responses() -> anyhow::Result<()> {
     assert!(stats.is_some_and(|s| s.spool_errors > 0), "{stats:?}");
     Ok(())
 }
+
+/// Probe 9 (memory): a large upload is streamed to disk and validated a line at a time, so
+/// resident memory does not grow with it (before: the whole file was held, twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_does_not_grow_memory() -> anyhow::Result<()> {
+    let gw = start(|_, _| {}).await?;
+    let line = json!({"messages": [{"role": "user", "content": "x".repeat(400)}, {"role": "assistant", "content": "y"}]})
+        .to_string()
+        + "\n";
+    let lines = (64usize << 20) / line.len();
+    let boundary = "tunegate-big-upload";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n\r\n"
+    );
+    let tail = format!("\r\n--{boundary}--\r\n");
+    // The body is generated as it is sent: the client holds one chunk at a time.
+    let chunk = line.repeat(256);
+    let chunks = lines / 256;
+    let body = futures_util::stream::iter(
+        std::iter::once(head.into_bytes())
+            .chain(std::iter::repeat_n(chunk.into_bytes(), chunks))
+            .chain(std::iter::once(tail.into_bytes()))
+            .map(|b| Ok::<_, std::io::Error>(bytes::Bytes::from(b))),
+    );
+    let rss = || -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .unwrap_or(0)
+    };
+    let before = rss();
+    let res = gw
+        .http
+        .post(gw.url("/v1/files"))
+        .bearer_auth(KEY_A)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await?;
+    let status = res.status();
+    let text = res.text().await?;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let file: Value = serde_json::from_str(&text)?;
+    assert!(file["bytes"].as_u64().is_some_and(|b| b > 60 << 20), "{file}");
+    let grown_mib = rss().saturating_sub(before) / 1024;
+    assert!(grown_mib < 24, "resident memory grew {grown_mib} MiB for a 64 MiB upload");
+    Ok(())
+}

@@ -98,6 +98,7 @@ pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<
         .transpose()
         .map_err(|e| ApiError::invalid_value("method", e.to_string()))?;
     let hyper = method_hyper.or(req.hyperparameters);
+    crate::api::openai::convert::check_metadata(req.metadata.as_ref())?;
     let get = |h: &Option<HyperIn>| -> ApiResult<(Option<usize>, Option<usize>, Option<f64>)> {
         let Some(h) = h else { return Ok((None, None, None)) };
         Ok((
