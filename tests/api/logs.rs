@@ -114,6 +114,30 @@ async fn a_stream_the_client_abandons_is_logged_as_disconnected() -> anyhow::Res
     Ok(())
 }
 
+/// A stored completion cut short by a disconnect does not claim to have finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_completion_cut_short_reports_length() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let body = chat("drop", "Tell me a long story", json!({"stream": true, "max_tokens": 200, "ignore_eos": true, "store": true}));
+    let res = gw.post_raw("/v1/chat/completions", body).await?;
+    let mut reader = common::SseReader::new(res);
+    let first = reader.next().await?.unwrap_or_default();
+    let id = first["id"].as_str().unwrap_or_default().to_string();
+    reader.next().await?;
+    drop(reader);
+    let mut found = Value::Null;
+    for _ in 0..200 {
+        let (status, r) = gw.get(&format!("/v1/chat/completions/{id}")).await?;
+        if status == StatusCode::OK {
+            found = r;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(found["choices"][0]["finish_reason"], "length", "{found}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_routes_page_filter_and_refuse_illegal_transitions() -> anyhow::Result<()> {
     let gw = common::start_with(|c, _| {

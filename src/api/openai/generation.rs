@@ -151,6 +151,8 @@ pub struct RequestRecord {
     engine_time: Option<std::time::Duration>,
     choices: Vec<ChoiceTiming>,
     metrics: Option<Arc<Metrics>>,
+    /// The error code the client got, when the request failed.
+    failed: Option<String>,
 }
 
 impl RequestRecord {
@@ -171,6 +173,7 @@ impl RequestRecord {
             engine_time: None,
             choices: Vec::new(),
             metrics: None,
+            failed: None,
         }
     }
 
@@ -239,6 +242,7 @@ impl RequestRecord {
 
     /// Marks the request failed with the error `code` the client got.
     pub fn fail(&mut self, code: &str) {
+        self.failed = Some(code.to_string());
         if let Some((_, r)) = self.log.as_mut() {
             r.status = code.to_string();
         }
@@ -286,7 +290,11 @@ impl Drop for RequestRecord {
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
             seconds = self.started.elapsed().as_secs_f64(),
-            outcome = if self.completed { "ok" } else { "cancelled" },
+            outcome = match (&self.failed, self.completed) {
+                (Some(code), _) => code.as_str(),
+                (None, true) => "ok",
+                (None, false) => "cancelled",
+            },
             "request finished"
         );
         if let Some(m) = &self.metrics {

@@ -45,7 +45,14 @@ fn completion_object(r: &LogRecord, fingerprint: &str) -> Value {
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": r.response, "refusal": null},
-            "finish_reason": r.finish_reason.as_deref().filter(|f| *f != "cancelled").unwrap_or("stop"),
+            // A generation cut short (the client went away) ended before the model stopped:
+            // of OpenAI's reasons, "length" says that; "stop" would claim a finished answer.
+            "finish_reason": match r.finish_reason.as_deref() {
+                Some("cancelled") => "length",
+                Some(f) => f,
+                None if r.client_disconnected => "length",
+                None => "stop",
+            },
             "logprobs": null,
         }],
         "usage": {
