@@ -182,6 +182,7 @@ fn matmul_probe() -> Result<()> {
         let cpu = cpu_seconds();
         for _ in 0..5 {
             // c = a · bᵀ with b stored [n, k].
+            // SAFETY: a is m×k, b is n×k, c is m×n, with the strides given.
             unsafe {
                 matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
             }

@@ -11,13 +11,15 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(request chat_template gguf peft_adapter jsonl spool)
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
+# Run the built binaries directly: `cargo fuzz run` would rebuild whenever a source changed.
+bin="target/$(rustc -vV | sed -n 's/^host: //p')/release"
 mkdir -p logs
 run() {
     local t="$1"
-    mkdir -p "corpus/$t"
+    mkdir -p "corpus/$t" "artifacts/$t"
     local status=clean
-    if ! cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=3072 -max_len=65536 \
-        -timeout=10 >"logs/$t.log" 2>&1; then
+    if ! "$bin/$t" "corpus/$t" -max_total_time="$secs" -rss_limit_mb=3072 -max_len=65536 -timeout=10 \
+        -artifact_prefix="artifacts/$t/" >"logs/$t.log" 2>&1; then
         status="FINDING (see fuzz/artifacts/$t and fuzz/logs/$t.log)"
     fi
     local runs

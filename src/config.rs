@@ -1,6 +1,6 @@
 //! Configuration: `config/tunegate.toml` plus environment overrides → a validated [`Config`].
 //!
-//! Two layers, as STYLE.md asks: raw serde structs (`deny_unknown_fields`, documented
+//! Two layers: raw serde structs (`deny_unknown_fields`, documented
 //! defaults) are read from the file after the environment has been folded into it, then
 //! `validate` turns them into the runtime `Config` (parsed addresses, decoded key hashes).
 //! Nothing here holds global state; callers pass the `Config` around.

@@ -1,5 +1,6 @@
 //! tunegate: an OpenAI-compatible inference gateway that fine-tunes itself.
-//! This file only lists the modules; see `DESIGN.md` for what each one owns.
+//! This file only lists the modules; the README's sections and each module's header say
+//! what each one owns.
 
 pub mod adapters;
 pub mod api;

@@ -123,14 +123,14 @@ mod tests {
     use super::*;
 
     #[derive(Debug, serde::Deserialize)]
-    #[allow(dead_code)]
+    #[expect(dead_code, reason = "fields exist to be deserialized, not read")]
     struct Msg {
         role: String,
         content: String,
     }
 
     #[derive(Debug, serde::Deserialize)]
-    #[allow(dead_code)]
+    #[expect(dead_code, reason = "fields exist to be deserialized, not read")]
     struct Req {
         model: String,
         messages: Vec<Msg>,

@@ -312,7 +312,7 @@ impl Model {
 
     /// Causal attention of every sequence's new rows over its cache, heads split over the
     /// pool. Writes `attn` rows `[m, heads * head_dim]`.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(clippy::too_many_arguments, reason = "one argument per operand of the region")]
     fn attention_rows(
         &self,
         pool: &Pool,
@@ -378,6 +378,10 @@ impl Model {
                             kernels::softmax(&mut row[..visible]);
                             row[visible..].fill(0.0);
                         }
+                        // SAFETY: `scores` holds `sp.len × total` values; `vc` holds `total`
+                        // cached rows of `kv_dim` from this head's offset; the output block
+                        // (this head's columns of this sequence's rows of `out`) is written
+                        // by this task alone.
                         unsafe {
                             matrixmultiply::sgemm(
                                 sp.len,

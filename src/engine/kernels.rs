@@ -1,7 +1,8 @@
 //! CPU kernels of the serving forward pass, on plain slices.
 //!
 //! Quantized projections are Q8_0 weights (GGML's layout: per 32 values an f16 scale and
-//! 32 `i8`, 34 bytes, read in place from candle's storage) times activations quantized
+//! 32 `i8`, 34 bytes) or Q4_1 weights (an f16 scale and minimum and 32 4-bit values, 20
+//! bytes), read in place from candle's storage, times activations quantized
 //! once per input to the same 32-value blocks ([`QActs`], f32 scales). The integer dot
 //! product of a block pair is exact; only the activation rounding (< 0.4% per value)
 //! differs from an f32 product, as in llama.cpp. Each weight row is multiplied with up to
@@ -237,6 +238,11 @@ mod x86 {
 
     macro_rules! q8_0_impl {
         ($name:ident, $features:literal, $dot:ident) => {
+            /// `R` Q8_0 weight rows against `N` activation rows: the dot products.
+            ///
+            /// # Safety
+            /// The CPU has `$features`; every `ws[r]` holds at least `ws[0].len()` bytes, a
+            /// whole number of Q8_0 blocks; every `xs[t]` holds at least that many blocks.
             #[target_feature(enable = $features)]
             pub unsafe fn $name<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
                 let nb = ws[0].len() / Q8_0_BYTES;
@@ -275,6 +281,11 @@ mod x86 {
 
     macro_rules! q4_1_impl {
         ($name:ident, $features:literal, $dot:ident) => {
+            /// `R` Q4_1 weight rows against `N` activation rows: the dot products.
+            ///
+            /// # Safety
+            /// The CPU has `$features`; every `ws[r]` holds at least `ws[0].len()` bytes, a
+            /// whole number of Q4_1 blocks; every `xs[t]` holds at least that many blocks.
             #[target_feature(enable = $features)]
             pub unsafe fn $name<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
                 let nb = ws[0].len() / Q4_1_BYTES;
@@ -320,6 +331,9 @@ mod x86 {
     /// pair, one `vpdpbusd` of 64 values, a convert and two multiply-adds, against a
     /// convert, a scalar product, a broadcast and a multiply-add per block with 256 bits. A
     /// row with an odd block count ends with the 256-bit kernel on its last block.
+    ///
+    /// # Safety
+    /// The CPU has the features enabled below; the slices are as for the Q4_1 kernels.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub unsafe fn q4_1_vnni512_pairs<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
         let nb = ws[0].len() / Q4_1_BYTES;
@@ -384,18 +398,28 @@ mod x86 {
         out
     }
 
+    // The four helpers below need only their instructions' CPU features (AVX2; AVX-512
+    // VNNI + VL; AVX-VNNI; AVX): they are inlined into kernels that enable them.
+    /// # Safety
+    /// The CPU has AVX2.
     #[inline(always)]
     unsafe fn dot_maddubs(a: __m256i, b: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
     }
+    /// # Safety
+    /// The CPU has AVX-512 VNNI and VL.
     #[inline(always)]
     unsafe fn dot_vnni512(a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     }
+    /// # Safety
+    /// The CPU has AVX-VNNI.
     #[inline(always)]
     unsafe fn dot_vnni256(a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
     }
+    /// # Safety
+    /// The CPU has AVX.
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -440,7 +464,10 @@ impl<T> Clone for OutPtr<T> {
     }
 }
 impl<T> Copy for OutPtr<T> {}
+// SAFETY: an `OutPtr` is only dereferenced through `at`, whose callers write disjoint cells
+// from each thread (each owns its rows or columns) while the buffer outlives the region.
 unsafe impl<T> Send for OutPtr<T> {}
+// SAFETY: as for `Send`: shared between the pool's threads, written at disjoint cells.
 unsafe impl<T> Sync for OutPtr<T> {}
 
 impl<T> OutPtr<T> {
@@ -540,7 +567,7 @@ fn tile_calls(rows: usize, m: usize) -> usize {
 /// `k` (`xq` its quantized copy when any part is Q8_0). Output rows are split over the
 /// pool's threads: every thread handles all `m` activation rows for its weight rows, and
 /// warms its part of `prefetch` meanwhile.
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one argument per operand of the kernel")]
 pub fn matmul(
     pool: &super::pool::Pool,
     x: &[f32],
@@ -610,7 +637,7 @@ impl Tile for Q41Tile {
 /// Rows `r0..r1` of a block-quantized weight (`row_bytes` per row) times every activation
 /// row: tiles of 2 weight rows × 4 activation rows, and of 4 weight rows × 1 activation
 /// row for the rest (decode).
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one argument per operand of the kernel")]
 fn quant_rows<T: Tile>(
     isa: Isa,
     w: &[u8],
@@ -625,8 +652,9 @@ fn quant_rows<T: Tile>(
 ) {
     let m = xq.rows;
     let wrow = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
-    // SAFETY (writes below): row i < m, column col + r < stride; cells are disjoint across
-    // threads (each owns its weight rows).
+    // Writes below: row i < m, column col + r < stride; cells are disjoint across threads
+    // (each owns its weight rows).
+    // SAFETY: see above; `out` covers `m × stride` cells.
     let put = |i: usize, r: usize, v: f32| unsafe { *out.at(i * stride + col + r) = v };
     let full = m / 4 * 4;
     let mut r = r0;
@@ -672,7 +700,7 @@ fn quant_rows<T: Tile>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one argument per operand of the kernel")]
 fn f32_rows(w: &[f32], k: usize, x: &[f32], m: usize, r0: usize, r1: usize, out: OutPtr, stride: usize, col: usize) {
     let n = r1 - r0;
     // SAFETY: A is `x` [m, k]; B = W[r0..r1]ᵀ read with strides (1, k); C is the output block.
@@ -786,7 +814,7 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// Decode attention of the `group` query heads that share one kv head: `q` holds their
 /// `group * hd` values (contiguous), `k`/`v` the cached rows (`stride` apart, this head's
 /// values at `off`), of which the first `visible` count. Writes `group * hd` values to `out`.
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one argument per operand of the kernel")]
 pub fn attend_group(
     q: &[f32],
     group: usize,
@@ -843,6 +871,9 @@ mod x86_quant {
     /// loop's exact results: the same scale and `f32::round` (half away from zero, done as
     /// truncate, then add the sign where the dropped fraction is at least one half), and
     /// the scalar casts' treatment of NaN (ignored by the maximum, quantized to 0).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x` holds exactly `out.len()` blocks of `QK` values.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock]) {
         let half = _mm512_set1_ps(0.5);
@@ -882,7 +913,13 @@ mod x86_quant {
 mod x86_attend {
     use std::arch::x86_64::*;
 
-    #[allow(clippy::too_many_arguments)]
+    /// [`super::attend_group`] on AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; as [`super::attend_group`] checks: `hd` is a multiple of 16 and
+    /// at most 256, `visible ≥ 1` and `(visible - 1) · stride + off + hd` is within `k` and
+    /// `v`; `q` and `out` hold `group × hd` values, `scores` `group × visible`.
+    #[expect(clippy::too_many_arguments, reason = "the portable kernel's signature, one pointer per operand")]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn attend_group_avx512(
         q: &[f32],

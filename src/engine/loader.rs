@@ -49,3 +49,22 @@ fn dir_bytes(dir: &Path) -> u64 {
         .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0)
 }
+
+impl Loaded {
+    /// The model and its [`ModelInfo`] (prompts up to `context_length`, capped by the
+    /// model's own limit; `None`: the model's limit).
+    pub fn into_model_info(self, name: &str, context_length: Option<usize>) -> (Model, super::ModelInfo) {
+        let limit = self.model.max_positions();
+        let context_length = context_length.map_or(limit, |c| c.min(limit).max(2));
+        let info = super::ModelInfo {
+            name: name.to_string(),
+            architecture: self.model.shape.architecture.clone(),
+            context_length,
+            shape: self.model.shape.clone(),
+            tokenizer: self.tokenizer,
+            chat_template: self.chat_template,
+            file_bytes: self.file_bytes,
+        };
+        (self.model, info)
+    }
+}

@@ -70,12 +70,18 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Eight f16 at `p` as f32.
+    ///
+    /// # Safety
+    /// The CPU has F16C; `p` points at eight readable f16 values.
     #[inline(always)]
     unsafe fn load8(p: *const f16) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
 
     /// `t[..8C] = x·A`, `A` `[k, 8C]`; `L` interleaved chains (input `j` in chain `j mod L`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `a` holds `x.len() × 8C` values and `t` at least `8C`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn shrink<const C: usize, const L: usize>(x: &[f32], a: &[f16], t: &mut [f32]) {
         let r = 8 * C;
@@ -111,6 +117,9 @@ mod x86 {
     }
 
     /// `y += t·B`, `B` `[t.len(), y.len()]`: 32 outputs at a time in registers, rank by rank.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `b` holds `t.len() × y.len()` values.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn expand(t: &[f32], b: &[f16], y: &mut [f32]) {
         let n = y.len();

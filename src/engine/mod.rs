@@ -12,7 +12,7 @@ mod counters;
 pub mod gguf;
 pub mod grad_ops;
 pub mod hf;
-pub(crate) mod loader;
+pub mod loader;
 pub mod lora;
 pub(crate) mod lora_kernels;
 pub mod model;

@@ -11,7 +11,8 @@
 //! forward ([`Model::forward_train`]), which runs the same arithmetic through candle's
 //! autograd.
 //!
-//! Base projections stay quantized (Q8_0 blocks, or dense f32); activations are f32.
+//! Base projections stay quantized (Q4_1 or Q8_0 blocks as the file has them; other block
+//! types are re-quantized to Q8_0 at load) or dense f32; activations are f32.
 //! Tensor names follow the Hugging Face state dict; GGUF names are mapped in `gguf.rs`.
 
 use candle_core::quantized::{QMatMul, QTensor};

@@ -35,6 +35,7 @@ struct Inner {
 // SAFETY: `job` is only written while no region runs (the caller holds `busy`) and only
 // read by workers between the epoch bump and their decrement of `pending`.
 unsafe impl Sync for Inner {}
+// SAFETY: as for `Sync`; the workers own nothing else of it.
 unsafe impl Send for Inner {}
 
 pub struct Pool {
@@ -87,6 +88,7 @@ impl Pool {
         // SAFETY: the lifetime is erased for the hand-off; we wait below until every worker
         // is done with `f` before returning.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
+        // SAFETY: no region runs (we hold `busy`), so no worker reads `job` now.
         unsafe { *inner.job.get() = Some(job) };
         inner.pending.store(n - 1, Ordering::SeqCst);
         inner.epoch.fetch_add(1, Ordering::SeqCst);
@@ -104,6 +106,7 @@ impl Pool {
                 std::hint::spin_loop();
             }
         }
+        // SAFETY: `pending` is zero: every worker is done reading `job`.
         unsafe { *inner.job.get() = None };
         let theirs = inner.panicked.swap(false, Ordering::SeqCst);
         drop(guard);
@@ -144,6 +147,7 @@ fn worker(inner: &Inner, tid: usize) {
         seen = now;
         // SAFETY: see `Inner`; the caller keeps `f` alive until `pending` is zero.
         if let Some(job) = unsafe { *inner.job.get() } {
+            // SAFETY: the caller keeps `f` alive until `pending` is zero, after this call.
             let f: &(dyn Fn(usize) + Sync) = unsafe { &*job };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(tid))).is_err() {
                 inner.panicked.store(true, Ordering::SeqCst);

@@ -81,18 +81,10 @@ fn run(ctx: Context) {
         Ok(l) => l,
         Err(e) => return fail_load(&ctx, e),
     };
-    let model = loaded.model;
-    let context_length = ctx.config.context_length.min(model.max_positions()).max(2);
+    let (model, info) = loaded.into_model_info(&ctx.config.model_name, Some(ctx.config.context_length));
+    let context_length = info.context_length;
     ctx.registry.set_model(model.shape.clone());
-    let info = Arc::new(ModelInfo {
-        name: ctx.config.model_name.clone(),
-        architecture: model.shape.architecture.clone(),
-        context_length,
-        shape: model.shape.clone(),
-        tokenizer: loaded.tokenizer,
-        chat_template: loaded.chat_template,
-        file_bytes: loaded.file_bytes,
-    });
+    let info = Arc::new(info);
     tracing::info!(
         model = %ctx.config.model_path.display(),
         arch = %info.architecture,

@@ -12,10 +12,8 @@ use super::eval::{self, GateReport, Variant};
 use super::export::{self, AdapterMeta};
 use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig};
 use crate::adapters::{peft, AdapterLimits};
-use crate::engine::gguf::GgufFile;
-use crate::engine::hf::SafetensorsDir;
 use crate::engine::lora::LoraPrecision;
-use crate::engine::{ChatTemplate, EngineError, Model, ModelInfo, Tokenizer};
+use crate::engine::{EngineError, Model, ModelInfo};
 
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -92,32 +90,10 @@ pub struct JobResult {
     pub train_tokens: u64,
 }
 
-/// Loads model, tokenizer and template the way the engine does (for a job that runs
-/// outside the serving engine).
+/// Loads model, tokenizer and template with the engine's own loader (one model code for
+/// serving and training), for a job that runs outside the serving engine.
 pub fn load_model(path: &Path, name: &str) -> Result<(Model, ModelInfo), JobError> {
-    let (model, tokenizer, template) = if path.is_dir() {
-        let mut src = SafetensorsDir::open(path)?;
-        let (tok, tpl) = Tokenizer::from_hf_dir(path)?;
-        let tpl = tpl.map(|t| ChatTemplate::new(&t, tok.bos_token(), tok.eos_token())).transpose()?;
-        let (cfg, arch) = (src.config.clone(), src.architecture.clone());
-        (Model::new(cfg, &mut src, &arch, name, false)?, tok, tpl)
-    } else {
-        let mut f = GgufFile::open(path)?;
-        let tok = Tokenizer::from_gguf(f.metadata())?;
-        let tpl = ChatTemplate::from_gguf(f.metadata(), tok.bos_token(), tok.eos_token())?;
-        let (cfg, arch, il) = (f.config()?, f.architecture.clone(), f.rope_interleaved());
-        (Model::new(cfg, &mut f, &arch, name, il)?, tok, tpl)
-    };
-    let info = ModelInfo {
-        name: name.to_string(),
-        architecture: model.shape.architecture.clone(),
-        context_length: model.max_positions(),
-        shape: model.shape.clone(),
-        tokenizer,
-        chat_template: template,
-        file_bytes: 0,
-    };
-    Ok((model, info))
+    Ok(crate::engine::loader::load(path, name)?.into_model_info(name, None))
 }
 
 /// The next free `vN` under `root/task`.

@@ -309,7 +309,7 @@ pub struct Resume {
 /// Trains `params` on `data`. `model` must be dense (`Model::to_dense`). Calls `on_step`
 /// after each optimizer step (for progress, checkpoints); stops within one step when
 /// `cancel` is set.
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "independent borrows: model, parameters, optimizer, data, settings, resume point, cancel flag, progress sink")]
 pub fn train(
     model: &Model,
     params: &LoraParams,
