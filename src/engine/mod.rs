@@ -18,6 +18,8 @@ pub(crate) mod lora_kernels;
 pub mod model;
 pub mod sampling;
 mod scheduler;
+#[doc(hidden)]
+pub use scheduler::stream_text;
 pub mod tokenizer;
 pub mod testing;
 pub mod types;

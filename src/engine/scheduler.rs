@@ -355,35 +355,77 @@ impl Sequence {
 
 /// Incremental detokenisation with stop sequences: text is emitted only once it can no
 /// longer turn out to be the start of a stop sequence or an incomplete UTF-8 character.
+///
+/// Each step decodes a short window, not the whole output: the tokens from `prefix` on,
+/// against the decoding of `prefix..read`. Both start at the same token, so a tokenizer's
+/// start-of-text handling (SentencePiece drops the first token's leading space) cancels and
+/// the difference is exactly the new text; then the window moves on. A window whose text
+/// ends in an incomplete character (U+FFFD) waits for more tokens. Stop sequences are
+/// searched in the text not yet emitted. Each token is decoded a bounded number of times, so
+/// the work is linear in the output's length (it was quadratic: the whole output was
+/// decoded again at every token).
 struct TextState {
     stop: Vec<String>,
+    /// The output's text so far (complete characters only, until `flush`).
+    text: String,
+    /// Bytes of `text` already sent.
     emitted: usize,
+    /// Where the decode window starts, and the tokens whose text is in `text`.
+    prefix: usize,
+    read: usize,
     stopped: bool,
 }
 
 impl TextState {
     fn new(stop: &[String]) -> Self {
-        Self { stop: stop.iter().filter(|s| !s.is_empty()).cloned().collect(), emitted: 0, stopped: false }
+        Self {
+            stop: stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            text: String::new(),
+            emitted: 0,
+            prefix: 0,
+            read: 0,
+            stopped: false,
+        }
+    }
+
+    /// Appends the text of tokens past `read`, when it ends in a complete character (or,
+    /// with `partial`, in any case).
+    fn decode_new(&mut self, tok: &Tokenizer, generated: &[u32], partial: bool) -> Result<()> {
+        if generated.len() <= self.read {
+            return Ok(());
+        }
+        let before = tok.decode(&generated[self.prefix..self.read], true)?;
+        let now = tok.decode(&generated[self.prefix..], true)?;
+        if !partial && now.ends_with('\u{FFFD}') {
+            return Ok(());
+        }
+        match now.strip_prefix(before.as_str()) {
+            Some(new) => self.text.push_str(new),
+            // A tokenizer whose window decodes differently: fall back to the whole output.
+            None => {
+                let all = tok.decode(generated, true)?;
+                if !all.starts_with(&self.text[..self.emitted]) {
+                    return Err(super::EngineError::Tokenizer("incremental decoding went out of step".into()));
+                }
+                self.text = all;
+            }
+        }
+        self.prefix = self.read;
+        self.read = generated.len();
+        Ok(())
     }
 
     /// Returns the newly final text and whether a stop sequence was hit.
     fn advance(&mut self, tok: &Tokenizer, generated: &[u32]) -> Result<(String, bool)> {
-        let text = tok.decode(generated, true)?;
-        if let Some(at) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        self.decode_new(tok, generated, false)?;
+        // Emitted text never holds the start of a stop sequence, so a match starts later.
+        let pending = &self.text[self.emitted..];
+        if let Some(at) = self.stop.iter().filter_map(|s| pending.find(s.as_str())).min() {
             self.stopped = true;
-            return Ok((self.take(&text, at), true));
+            return Ok((self.take(self.emitted + at), true));
         }
-        let mut end = text.len();
-        while text[..end].ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
-        let hold = self
-            .stop
-            .iter()
-            .map(|s| longest_suffix_prefix(&text[..end], s))
-            .max()
-            .unwrap_or(0);
-        Ok((self.take(&text, end - hold), false))
+        let hold = self.stop.iter().map(|s| longest_suffix_prefix(pending, s)).max().unwrap_or(0);
+        Ok((self.take(self.text.len() - hold), false))
     }
 
     /// Everything not yet emitted (generation ended without a stop sequence).
@@ -391,11 +433,12 @@ impl TextState {
         if self.stopped {
             return Ok(String::new());
         }
-        let text = tok.decode(generated, true)?;
-        Ok(self.take(&text, text.len()))
+        self.decode_new(tok, generated, true)?;
+        Ok(self.take(self.text.len()))
     }
 
-    fn take(&mut self, text: &str, end: usize) -> String {
+    fn take(&mut self, end: usize) -> String {
+        let text = &self.text;
         if end <= self.emitted || !text.is_char_boundary(self.emitted) || !text.is_char_boundary(end) {
             return String::new();
         }
@@ -403,6 +446,23 @@ impl TextState {
         self.emitted = end;
         s
     }
+}
+
+/// The text a stream of `ids` sends, token by token, as the engine does (for the
+/// detokenization bench and tests).
+#[doc(hidden)]
+pub fn stream_text(tok: &Tokenizer, ids: &[u32], stop: &[String]) -> Result<String> {
+    let mut state = TextState::new(stop);
+    let mut out = String::new();
+    for n in 1..=ids.len() {
+        let (delta, stopped) = state.advance(tok, &ids[..n])?;
+        out.push_str(&delta);
+        if stopped {
+            return Ok(out);
+        }
+    }
+    out.push_str(&state.flush(tok, ids)?);
+    Ok(out)
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`.
@@ -415,7 +475,59 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::longest_suffix_prefix;
+    use super::{longest_suffix_prefix, TextState};
+    use crate::engine::tokenizer::tiny_gguf_vocab;
+    use crate::engine::Tokenizer;
+
+    /// What the text of a stream must be: the whole output decoded at once, cut at the first
+    /// stop sequence.
+    fn reference(tok: &Tokenizer, ids: &[u32], stop: &[String]) -> String {
+        let full = tok.decode(ids, true).unwrap_or_default();
+        match stop.iter().filter(|s| !s.is_empty()).filter_map(|s| full.find(s.as_str())).min() {
+            Some(at) => full[..at].to_string(),
+            None => full,
+        }
+    }
+
+    fn streamed(tok: &Tokenizer, ids: &[u32], stop: &[String]) -> String {
+        let mut state = TextState::new(stop);
+        let mut out = String::new();
+        for n in 1..=ids.len() {
+            let Ok((delta, stopped)) = state.advance(tok, &ids[..n]) else { return "error".into() };
+            out.push_str(&delta);
+            if stopped {
+                return out;
+            }
+        }
+        out.push_str(&state.flush(tok, ids).unwrap_or_default());
+        out
+    }
+
+    #[test]
+    fn incremental_text_equals_decoding_everything() -> Result<(), Box<dyn std::error::Error>> {
+        let tok = Tokenizer::from_gguf(&tiny_gguf_vocab().gguf_metadata())?;
+        let vocab = tok.vocab_size() as u64;
+        // Random outputs (byte tokens included, so characters split across tokens) and
+        // the encodings of real text with multi-byte characters.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut cases: Vec<Vec<u32>> = (0..200).map(|_| (0..(next() % 40)).map(|_| (next() % vocab) as u32).collect()).collect();
+        for text in ["héllo wörld — ünïcode ✓ 日本語", "Hello, world! How are you? I am fine.", "stop here END and more"] {
+            cases.push(tok.encode(text, false)?);
+        }
+        let stops: [Vec<String>; 4] = [vec![], vec!["END".into()], vec!["o w".into(), "!".into()], vec!["é".into()]];
+        for ids in &cases {
+            for stop in &stops {
+                assert_eq!(streamed(&tok, ids, stop), reference(&tok, ids, stop), "{ids:?} {stop:?}");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn suffix_prefix() {
