@@ -514,7 +514,9 @@ async fn a_huge_prompt_does_not_stall_other_requests() -> anyhow::Result<()> {
     }
     let status = big.await??;
     assert_eq!(status, StatusCode::BAD_REQUEST, "the prompt is beyond the context length");
-    assert!(worst < Duration::from_millis(500), "/health took {worst:?} while a huge prompt was tokenized");
+    // Tokenizing the prompt takes seconds; an HTTP worker that did it would stall /health
+    // for all of that.
+    assert!(worst < Duration::from_millis(800), "/health took {worst:?} while a huge prompt was tokenized");
     Ok(())
 }
 
