@@ -224,6 +224,8 @@ fn adapter_loads(engine: &Engine, dir: &Path) -> Result<(Vec<f64>, usize)> {
 
 fn main() -> Result<()> {
     let s = settings()?;
+    // As `tunegate serve` does, before any thread starts.
+    tunegate::engine::size_thread_pools(s.threads);
     let began = Instant::now();
     let load_start = report::loadavg();
     eprintln!("bench: model {}, {} threads, {} rounds, budget {:?}", s.model.display(), s.threads, s.runs, s.budget);

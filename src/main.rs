@@ -178,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Generate { model, adapter, prompt, max_tokens, temperature, seed, raw, threads } => {
+            tunegate::engine::size_thread_pools(threads);
             generate::run(generate::GenerateArgs {
                 model,
                 adapter,
@@ -229,6 +230,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    // Before any thread starts (the runtime below, the engine): see the function.
+    tunegate::engine::size_thread_pools(config.model.threads);
     let model = &config.model.path;
     if !model.exists() && config.model.fetch_if_missing && model.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
         let dir = model.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));

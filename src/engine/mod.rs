@@ -143,6 +143,21 @@ pub fn chat_tokens(tok: &Tokenizer, template: &ChatTemplate, messages: &[ChatMes
     Ok(ids)
 }
 
+/// Sizes the CPU thread pools of candle and rayon (the training ops and candle's own kernels)
+/// to `threads`, unless `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` are set. Both read the
+/// environment once, when first used, so this must run before any other thread starts:
+/// changing the environment while threads may read it is undefined behaviour (an `unsafe`
+/// call from Rust 2024 on). The `tunegate` binary calls it first thing; a library user that
+/// does not gets the libraries' defaults (one thread per core).
+pub fn size_thread_pools(threads: usize) {
+    let threads = threads.max(1).to_string();
+    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, &threads);
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) info: OnceLock<Arc<ModelInfo>>,
     pub(crate) load_error: OnceLock<EngineError>,

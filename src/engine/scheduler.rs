@@ -47,16 +47,18 @@ pub(crate) struct Context {
 }
 
 pub(crate) fn spawn(ctx: Context) {
-    // candle sizes its CPU worker pools once per process from these variables; the engine
-    // thread itself is one of the workers, so no pool of ours sits on top (two pools
-    // spinning on two cores starve each other).
-    let threads = ctx.config.threads.max(1).to_string();
-    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
-        if std::env::var_os(var).is_none() {
-            std::env::set_var(var, &threads);
-        }
+    // The kernel pool is process-wide: a second engine with another size shares the first
+    // one's (said, not silently). candle's and rayon's pools are sized at process start
+    // (`engine::size_thread_pools`), never from here: the environment must not change while
+    // other threads may read it.
+    let pool = super::pool::init(ctx.config.threads);
+    if pool.threads() != ctx.config.threads.max(1) {
+        tracing::warn!(
+            requested = ctx.config.threads,
+            running = pool.threads(),
+            "the process already runs a kernel pool of another size; this engine shares it"
+        );
     }
-    super::pool::init(ctx.config.threads);
     let spawned = std::thread::Builder::new().name("tunegate-engine".into()).spawn(move || run(ctx));
     if let Err(e) = spawned {
         tracing::error!("could not start the engine thread: {e}");
