@@ -88,25 +88,33 @@ async fn completions_are_logged_before_the_response_arrives() -> anyhow::Result<
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_the_client_abandons_is_logged_as_disconnected() -> anyhow::Result<()> {
-    let gw = common::start().await?;
-    let body = chat("drop", "Tell me a long story", json!({"stream": true, "max_tokens": 200, "ignore_eos": true}));
-    let res = gw.post_raw("/v1/chat/completions", body).await?;
+/// Starts a long stream, reads two chunks and goes away; then polls `path` (with `{id}`
+/// standing for the completion's id) until it answers 200, and returns that body.
+async fn abandon_stream(gw: &common::Gateway, extra: Value, path: &str) -> anyhow::Result<Value> {
+    let mut params = json!({"stream": true, "max_tokens": 200, "ignore_eos": true});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        params[k] = v.clone();
+    }
+    let res = gw.post_raw("/v1/chat/completions", chat("drop", "Tell me a long story", params)).await?;
     let mut reader = common::SseReader::new(res);
     let first = reader.next().await?.unwrap_or_default();
     let id = first["id"].as_str().unwrap_or_default().to_string();
     reader.next().await?;
     drop(reader);
-    let mut found = Value::Null;
     for _ in 0..200 {
-        let (status, r) = gw.get(&format!("/admin/logs/{id}")).await?;
+        let (status, r) = gw.get(&path.replace("{id}", &id)).await?;
         if status == StatusCode::OK {
-            found = r;
-            break;
+            return Ok(r);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    Ok(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_abandons_is_logged_as_disconnected() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let found = abandon_stream(&gw, json!({}), "/admin/logs/{id}").await?;
     assert_eq!(found["client_disconnected"], true, "{found}");
     assert_eq!(found["finish_reason"], "cancelled", "{found}");
     assert!(found["completion_tokens"].as_u64().unwrap_or(999) < 200, "{found}");
@@ -118,22 +126,7 @@ async fn a_stream_the_client_abandons_is_logged_as_disconnected() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_completion_cut_short_reports_length() -> anyhow::Result<()> {
     let gw = common::start().await?;
-    let body = chat("drop", "Tell me a long story", json!({"stream": true, "max_tokens": 200, "ignore_eos": true, "store": true}));
-    let res = gw.post_raw("/v1/chat/completions", body).await?;
-    let mut reader = common::SseReader::new(res);
-    let first = reader.next().await?.unwrap_or_default();
-    let id = first["id"].as_str().unwrap_or_default().to_string();
-    reader.next().await?;
-    drop(reader);
-    let mut found = Value::Null;
-    for _ in 0..200 {
-        let (status, r) = gw.get(&format!("/v1/chat/completions/{id}")).await?;
-        if status == StatusCode::OK {
-            found = r;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let found = abandon_stream(&gw, json!({"store": true}), "/v1/chat/completions/{id}").await?;
     assert_eq!(found["choices"][0]["finish_reason"], "length", "{found}");
     Ok(())
 }
