@@ -66,18 +66,18 @@ impl<'a> F32View<'a> {
 }
 
 /// A projection weight held for a step.
-enum Held<'a> {
+enum ProjWeight<'a> {
     Q8(Cow<'a, [u8]>),
     Q41(Cow<'a, [u8]>),
     Dense(F32View<'a>),
 }
 
-impl<'a> Held<'a> {
+impl<'a> ProjWeight<'a> {
     fn new(l: &'a Linear) -> Result<Self> {
         match &l.weight {
-            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 => Ok(Held::Q8(q.data()?)),
-            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => Ok(Held::Q41(q.data()?)),
-            QMatMul::Tensor(t) => Ok(Held::Dense(F32View::new(t)?)),
+            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 => Ok(ProjWeight::Q8(q.data()?)),
+            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => Ok(ProjWeight::Q41(q.data()?)),
+            QMatMul::Tensor(t) => Ok(ProjWeight::Dense(F32View::new(t)?)),
             QMatMul::QTensor(q) => {
                 Err(EngineError::Internal(format!("{:?} weights reach the serving kernels (the loader converts them)", q.dtype())))
             }
@@ -87,14 +87,14 @@ impl<'a> Held<'a> {
 
     fn weight(&self) -> Result<WeightRef<'_>> {
         Ok(match self {
-            Held::Q8(b) => WeightRef::Q8_0(b),
-            Held::Q41(b) => WeightRef::Q4_1(b),
-            Held::Dense(v) => WeightRef::F32(v.slice()?),
+            ProjWeight::Q8(b) => WeightRef::Q8_0(b),
+            ProjWeight::Q41(b) => WeightRef::Q4_1(b),
+            ProjWeight::Dense(v) => WeightRef::F32(v.slice()?),
         })
     }
 
     fn is_quantized(&self) -> bool {
-        matches!(self, Held::Q8(_) | Held::Q41(_))
+        matches!(self, ProjWeight::Q8(_) | ProjWeight::Q41(_))
     }
 }
 
@@ -198,7 +198,7 @@ impl Model {
             let att = &layer.self_attn;
             let ln1 = F32View::new(&layer.input_layernorm.weight)?;
             kernels::rms_norm(&b.x, ln1.slice()?, layer.input_layernorm.eps, sized(&mut b.h, m * hidden));
-            let (wq, wk, wv) = (Held::new(&att.q_proj)?, Held::new(&att.k_proj)?, Held::new(&att.v_proj)?);
+            let (wq, wk, wv) = (ProjWeight::new(&att.q_proj)?, ProjWeight::new(&att.k_proj)?, ProjWeight::new(&att.v_proj)?);
             if wq.is_quantized() || wk.is_quantized() || wv.is_quantized() {
                 b.xq.quantize_par(pool, &b.h, hidden);
             }
@@ -233,7 +233,7 @@ impl Model {
             }
             let attn = sized(&mut b.attn, m * q_dim);
             self.attention_rows(pool, li, &spans, seqs, qkv, qkv_w, attn)?;
-            let wo = Held::new(&att.o_proj)?;
+            let wo = ProjWeight::new(&att.o_proj)?;
             if wo.is_quantized() {
                 b.xq.quantize_par(pool, attn, q_dim);
             }
@@ -246,7 +246,7 @@ impl Model {
             let mlp = &layer.mlp;
             let ln2 = F32View::new(&layer.post_attention_layernorm.weight)?;
             kernels::rms_norm(&b.x, ln2.slice()?, layer.post_attention_layernorm.eps, sized(&mut b.h, m * hidden));
-            let (wg, wu) = (Held::new(&mlp.gate_proj)?, Held::new(&mlp.up_proj)?);
+            let (wg, wu) = (ProjWeight::new(&mlp.gate_proj)?, ProjWeight::new(&mlp.up_proj)?);
             if wg.is_quantized() || wu.is_quantized() {
                 b.xq.quantize_par(pool, &b.h, hidden);
             }
@@ -260,7 +260,7 @@ impl Model {
             lr.apply(pool, &b.h, gu, 2 * inter)?;
             let act = sized(&mut b.act, m * inter);
             kernels::silu_mul_par(pool, gu, inter, act);
-            let wd = Held::new(&mlp.down_proj)?;
+            let wd = ProjWeight::new(&mlp.down_proj)?;
             if wd.is_quantized() {
                 b.xq.quantize_par(pool, act, inter);
             }
@@ -285,7 +285,7 @@ impl Model {
         }
         let lnf = F32View::new(&self.norm.weight)?;
         kernels::rms_norm(last, lnf.slice()?, self.norm.eps, sized(&mut b.h, n * hidden));
-        let head = Held::new(&self.lm_head)?;
+        let head = ProjWeight::new(&self.lm_head)?;
         if head.is_quantized() {
             b.xq.quantize_par(pool, &b.h, hidden);
         }

@@ -8,7 +8,7 @@ use actix_web_lab::sse;
 
 use super::convert;
 use super::generation::{chat_prompt, collect_all, prefix_scope, submit_all, token_logprob, total_usage, Meta, RequestRecord};
-use super::stream::{self, data, finish_reason, ChunkFormat, Held};
+use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
     ResponseMessage, UsageOut,
@@ -60,7 +60,7 @@ pub async fn create(
             include_usage: plan.common.include_usage,
             saved,
         };
-        let held = Held { permit, record };
+        let held = StreamResources { permit, record };
         let mut resp = stream::respond(streams, plan.common.n, plan.common.include_usage, format, held);
         saved_header(&mut resp, saved);
         return Ok(resp);

@@ -9,7 +9,7 @@ use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
 use super::generation::{tokenize, collect_all, prefix_scope, submit_all, total_usage, Meta, RequestRecord};
-use super::stream::{self, data, finish_reason, ChunkFormat, Held};
+use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
@@ -44,7 +44,7 @@ pub async fn create(
         let streams = submit_all(&state.engine, &plan.prompts, &plan.common, routed.adapter.as_ref())?;
         if plan.common.stream {
             format.offsets = (0..streams.len()).map(|i| format.echo(i).chars().count()).collect();
-            let held = Held { permit, record };
+            let held = StreamResources { permit, record };
             return Ok(stream::respond(streams, n, plan.common.include_usage, format, held));
         }
         let completions = collect_all(streams).await?;

@@ -42,7 +42,7 @@ pub fn data(value: &impl Serialize) -> sse::Data {
 }
 
 /// What the body keeps alive until the stream ends.
-pub struct Held {
+pub struct StreamResources {
     pub permit: Permit,
     pub record: RequestRecord,
 }
@@ -54,7 +54,7 @@ struct State<F> {
     usages: Vec<(usize, Usage)>,
     n: usize,
     include_usage: bool,
-    held: Held,
+    held: StreamResources,
     ended: bool,
 }
 
@@ -64,7 +64,7 @@ pub fn respond<F: ChunkFormat>(
     n: usize,
     include_usage: bool,
     mut format: F,
-    held: Held,
+    held: StreamResources,
 ) -> HttpResponse {
     let merged = stream::select_all(streams.into_iter().enumerate().map(|(i, s)| per_choice(i, s)));
     let pending = format.opening().into();
