@@ -19,6 +19,14 @@ const KEY_SCOPED: &str = "sk-only-support";
 /// In every object A creates; must never reach B.
 const SECRET: &str = "SECRET-OF-TENANT-A-7f3c";
 
+/// This process's resident memory in KiB (each nextest test runs in its own process).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
 fn hash(k: &str) -> [u8; 32] {
     Sha256::digest(k.as_bytes()).into()
 }
@@ -383,13 +391,7 @@ async fn compressed_bodies_are_not_inflated() -> anyhow::Result<()> {
     }
     let bomb = enc.finish()?;
     assert!(bomb.len() < 1 << 20, "{}", bomb.len());
-    let rss = || -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-            .unwrap_or(0)
-    };
-    let before = rss();
+    let before = rss_kib();
     let sends = (0..4).map(|_| {
         gw.http
             .post(gw.url("/v1/chat/completions"))
@@ -405,7 +407,7 @@ async fn compressed_bodies_are_not_inflated() -> anyhow::Result<()> {
         let body: Value = res.json().await?;
         assert!(body["error"]["code"].is_string(), "{body}");
     }
-    let grown_mib = rss().saturating_sub(before) / 1024;
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
     assert!(grown_mib < 64, "resident memory grew {grown_mib} MiB for 4 compressed bodies");
     Ok(())
 }
@@ -685,13 +687,7 @@ async fn a_large_upload_does_not_grow_memory() -> anyhow::Result<()> {
             .chain(std::iter::once(tail.into_bytes()))
             .map(|b| Ok::<_, std::io::Error>(bytes::Bytes::from(b))),
     );
-    let rss = || -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-            .unwrap_or(0)
-    };
-    let before = rss();
+    let before = rss_kib();
     let res = gw
         .http
         .post(gw.url("/v1/files"))
@@ -705,7 +701,7 @@ async fn a_large_upload_does_not_grow_memory() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::OK, "{text}");
     let file: Value = serde_json::from_str(&text)?;
     assert!(file["bytes"].as_u64().is_some_and(|b| b > 60 << 20), "{file}");
-    let grown_mib = rss().saturating_sub(before) / 1024;
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
     assert!(grown_mib < 24, "resident memory grew {grown_mib} MiB for a 64 MiB upload");
     Ok(())
 }
