@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tunegate::adapters::{AdapterLease, AdapterLimits, LoadOptions};
+use tunegate::adapters::{lora_handle, AdapterLease, AdapterLimits, AdapterRegistry, LoadOptions};
 use peer::PeerRound;
 use tunegate::engine::{Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams};
 
@@ -116,11 +116,8 @@ fn random_tokens(rng: &mut StdRng, n: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn request(tokens: Vec<u32>, max_tokens: usize, adapter: Option<AdapterLease>) -> GenerateRequest {
-    GenerateRequest {
-        prompt: Prompt::Tokens(tokens),
-        params: SamplingParams { max_tokens, temperature: 0.0, stop_at_eos: false, ..Default::default() },
-        adapter,
-    }
+    let params = SamplingParams { max_tokens, temperature: 0.0, stop_at_eos: false, ..Default::default() };
+    GenerateRequest::new(Prompt::Tokens(tokens), params).with_adapter(adapter.as_ref().map(lora_handle))
 }
 
 /// Time to first token and decode speed of one request run alone.
@@ -208,16 +205,16 @@ fn wait_quiet(max_wait: Duration) -> Option<f64> {
 }
 
 /// Loads of one rank-16 adapter under fresh aliases, each unloaded again: wall seconds.
-fn adapter_loads(engine: &Engine, dir: &Path) -> Result<(Vec<f64>, usize)> {
+fn adapter_loads(registry: &AdapterRegistry, dir: &Path) -> Result<(Vec<f64>, usize)> {
     let mut secs = Vec::new();
     let mut bytes = 0;
     for i in 0..ADAPTER_LOADS {
         let alias = format!("bench-load-{i}");
         let t = Instant::now();
-        let info = engine.registry().load(&alias, dir, LoadOptions::default())?;
+        let info = registry.load(&alias, dir, LoadOptions::default())?;
         secs.push(t.elapsed().as_secs_f64());
         bytes = info.bytes;
-        engine.registry().unload(&alias, None)?;
+        registry.unload(&alias, None)?;
     }
     Ok((secs, bytes))
 }
@@ -252,8 +249,8 @@ fn main() -> Result<()> {
         max_queue: 64,
         // Every figure here is about running tokens; repeated prompts must not skip work.
         prefix_cache_bytes: 0,
-        adapter_limits: AdapterLimits::default(),
     })?;
+    let registry = AdapterRegistry::for_engine(&engine, AdapterLimits::default());
     let engine_load_seconds = t.elapsed().as_secs_f64();
     let info = engine.info()?;
     let vocab = info.shape.vocab_size;
@@ -274,12 +271,12 @@ fn main() -> Result<()> {
     let mut leases = Vec::new();
     for i in 0..STREAMS {
         let dir = tmp.path().join(format!("adapter-{i}"));
-        tunegate::engine::testing::write_random_adapter(&dir, &info.shape, ADAPTER_RANK, 1000 + i as u64)?;
+        tunegate::testing::write_random_adapter(&dir, &info.shape, ADAPTER_RANK, 1000 + i as u64)?;
         let alias = format!("bench-{i}");
-        engine.registry().load(&alias, &dir, LoadOptions::default())?;
-        leases.push(Some(engine.registry().lease(&alias).context("adapter lease")?));
+        registry.load(&alias, &dir, LoadOptions::default())?;
+        leases.push(Some(registry.lease(&alias).context("adapter lease")?));
     }
-    let (adapter_load_seconds, adapter_bytes) = adapter_loads(&engine, &tmp.path().join("adapter-0"))?;
+    let (adapter_load_seconds, adapter_bytes) = adapter_loads(&registry, &tmp.path().join("adapter-0"))?;
 
     // Warm-up: first-touch page faults, thread pool start, lazy buffers.
     single(&engine, random_tokens(&mut rng, 32, vocab), 8)?;
@@ -317,9 +314,9 @@ fn main() -> Result<()> {
         }
     }
     let swap_dir = tmp.path().join("adapter-swap");
-    tunegate::engine::testing::write_random_adapter(&swap_dir, &info.shape, ADAPTER_RANK, 999)?;
+    tunegate::testing::write_random_adapter(&swap_dir, &info.shape, ADAPTER_RANK, 999)?;
     wait_quiet(s.quiet_wait);
-    let hot_swap = under_load::hot_swap(&engine, &mut rng, vocab, &leases, "bench-0", &swap_dir)?;
+    let hot_swap = under_load::hot_swap(&engine, &registry, &mut rng, vocab, &leases, "bench-0", &swap_dir)?;
     eprintln!("bench: hot swap {hot_swap:?}");
     let soak = if s.soak_seconds > 0 {
         let r = under_load::soak(&engine, &mut rng, vocab, &leases, s.soak_seconds)?;

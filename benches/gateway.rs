@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use tunegate::api::start_server;
+use tunegate::gateway::start_server;
 use tunegate::config::{Config, DEFAULT_MODEL_FILE};
 use tunegate::engine::{ChatMessage, GenerateRequest, Prompt, SamplingParams};
 
@@ -61,7 +61,7 @@ async fn run(real: bool) -> anyhow::Result<()> {
     let (model, name) = if real {
         (root.join("models").join(DEFAULT_MODEL_FILE), "smollm2-135m-instruct")
     } else {
-        (tunegate::engine::testing::write_tiny_llama_gguf(dir.path())?, "tiny")
+        (tunegate::testing::write_tiny_llama_gguf(dir.path())?, "tiny")
     };
     anyhow::ensure!(model.exists(), "{} is missing: run `tunegate model fetch`", model.display());
     let text = format!(
@@ -85,7 +85,7 @@ async fn run(real: bool) -> anyhow::Result<()> {
     let start = Instant::now();
     for _ in 0..SEQUENTIAL {
         let t = Instant::now();
-        let req = GenerateRequest { prompt: Prompt::Text(prompt.clone()), params: params.clone(), adapter: None };
+        let req = GenerateRequest::new(Prompt::Text(prompt.clone()), params.clone());
         gw.engine.submit(req)?.collect().await?;
         direct.push(t.elapsed());
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use tunegate::api::start_server;
+use tunegate::gateway::start_server;
 use tunegate::config::{Config, DEFAULT_MODEL_FILE};
 
 const ROUNDS: usize = 3;
@@ -75,7 +75,7 @@ async fn run(real: bool) -> anyhow::Result<()> {
     let (model, name, max_tokens, requests) = if real {
         (root.join("models").join(DEFAULT_MODEL_FILE), "smollm2-135m-instruct", 8, 400)
     } else {
-        (tunegate::engine::testing::write_tiny_llama_gguf(dir.path())?, "tiny", 4, 1500)
+        (tunegate::testing::write_tiny_llama_gguf(dir.path())?, "tiny", 4, 1500)
     };
     anyhow::ensure!(model.exists(), "{} is missing: run `tunegate model fetch`", model.display());
     let redis = start_redis(dir.path())?;

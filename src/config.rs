@@ -231,57 +231,31 @@ pub struct TrainingSection {
 
 impl Default for TrainingSection {
     fn default() -> Self {
-        let t = crate::training::trainer::TrainConfig::default();
-        let auto = crate::training::auto::AutoRule::default();
+        // The trainer's and the auto rule's own defaults (a test in `training` keeps them
+        // equal).
         Self {
             enabled: true,
-            rank: t.rank,
-            alpha: t.alpha,
-            learning_rate: t.learning_rate,
+            rank: 16,
+            alpha: 32.0,
+            learning_rate: 2e-4,
             epochs: None,
-            batch_size: t.batch_size,
-            micro_batch: t.micro_batch,
-            target_modules: t.target_modules,
-            min_steps: auto.min_steps,
-            max_epochs: auto.max_epochs,
-            auto_learning_rate_multiplier: auto.learning_rate_multiplier,
-            warmup_steps: auto.warmup_steps,
+            batch_size: 8,
+            micro_batch: 8,
+            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+            min_steps: 50,
+            max_epochs: 30,
+            auto_learning_rate_multiplier: 5.0,
+            warmup_steps: 5,
             eval_fraction: 0.1,
             min_examples_for_holdout: 50,
             scheduler_min_eval_examples: 20,
             min_margin: 0.0,
             distill_system_prompt: true,
-            checkpoint_every: t.checkpoint_every,
+            checkpoint_every: 50,
             max_examples: 5000,
             threads: 1,
-        }
-    }
-}
-
-impl TrainingSection {
-    /// The `auto` rule's knobs.
-    pub fn auto_rule(&self) -> crate::training::auto::AutoRule {
-        crate::training::auto::AutoRule {
-            min_steps: self.min_steps,
-            max_epochs: self.max_epochs,
-            max_batch: self.batch_size,
-            learning_rate_multiplier: self.auto_learning_rate_multiplier,
-            warmup_steps: self.warmup_steps,
-        }
-    }
-
-    pub fn train_config(&self) -> crate::training::trainer::TrainConfig {
-        crate::training::trainer::TrainConfig {
-            rank: self.rank,
-            alpha: self.alpha,
-            learning_rate: self.learning_rate,
-            epochs: self.epochs.unwrap_or(crate::training::trainer::TrainConfig::default().epochs),
-            warmup_steps: self.warmup_steps,
-            batch_size: self.batch_size,
-            micro_batch: self.micro_batch.min(self.batch_size),
-            target_modules: self.target_modules.clone(),
-            checkpoint_every: self.checkpoint_every,
-            ..Default::default()
         }
     }
 }
@@ -554,25 +528,6 @@ impl Config {
         })?;
         raw.validate(origin)
     }
-
-    /// The engine's settings, as `Engine::spawn` takes them.
-    pub fn engine_config(&self) -> crate::engine::EngineConfig {
-        crate::engine::EngineConfig {
-            model_path: self.model.path.clone(),
-            model_name: self.model.name.clone(),
-            context_length: self.model.context_length,
-            threads: self.model.threads,
-            max_batch: self.engine.max_batch,
-            max_queue: self.engine.max_queue,
-            prefix_cache_bytes: self.engine.prefix_cache_mib.saturating_mul(1 << 20),
-            adapter_limits: crate::adapters::AdapterLimits {
-                max_loaded: self.adapters.max_loaded,
-                max_rank: self.adapters.max_rank,
-                max_bytes: self.adapters.max_bytes,
-                precision: self.adapters.precision,
-            },
-        }
-    }
 }
 
 /// Folds `TUNEGATE_<SECTION>_<KEY>` (and the short forms) into the table. A value is read
@@ -700,8 +655,11 @@ impl RawConfig {
             .filter(|d| !d.is_zero())
             .ok_or_else(|| invalid("adapters.watch_interval_seconds", "must be a positive number".into()))?;
         let t = &self.training;
-        if let Err(e) = t.train_config().targets() {
-            return Err(invalid("training.target_modules", e.to_string()));
+        if let Some(m) = t.target_modules.iter().find(|m| crate::engine::lora::Proj::from_name(m).is_none()) {
+            return Err(invalid(
+                "training.target_modules",
+                format!("unknown target module '{m}' (use q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+            ));
         }
         if t.rank == 0 || t.rank > self.adapters.max_rank {
             return Err(invalid("training.rank", format!("must be 1..={} (adapters.max_rank)", self.adapters.max_rank)));
@@ -730,8 +688,8 @@ impl RawConfig {
             return Err(invalid(&format!("scheduler.tasks.{task}.min_interval_seconds"), "must not be negative".into()));
         }
         let l = &self.logs;
-        if let Err(e) = crate::logs::Redactor::new(&l.redact) {
-            return Err(invalid("logs.redact", e.to_string()));
+        if let Some((p, e)) = l.redact.iter().find_map(|p| regex::Regex::new(p).err().map(|e| (p, e))) {
+            return Err(invalid("logs.redact", format!("invalid redaction pattern '{p}': {e}")));
         }
         if l.batch_size == 0 || l.queue_capacity == 0 || l.flush_interval_ms == 0 {
             return Err(invalid("logs", "batch_size, queue_capacity and flush_interval_ms must be at least 1".into()));

@@ -46,7 +46,7 @@ impl Harness {
         let tokenizer = Tokenizer::from_gguf(&md)?;
         let template = ChatTemplate::from_gguf(&md, tokenizer.bos_token(), tokenizer.eos_token())?
             .ok_or_else(|| anyhow::anyhow!("the tiny vocabulary has no chat template"))?;
-        let shape = crate::engine::testing::TinySpec::llama(tokenizer.vocab_size()).shape();
+        let shape = crate::testing::TinySpec::llama(tokenizer.vocab_size()).shape();
         Ok(Self { tokenizer, template, shape, limits: LimitsConfig::default(), dir: tempfile_dir::Dir::new()? })
     }
 
@@ -120,7 +120,7 @@ impl Harness {
         if std::fs::create_dir_all(&dir).is_err() {
             return;
         }
-        let lora = crate::engine::testing::TinyLora::random(&self.shape, 2, &[crate::engine::lora::Proj::Q], 1);
+        let lora = crate::testing::TinyLora::random(&self.shape, 2, &[crate::engine::lora::Proj::Q], 1);
         if lora.write_peft(&dir, &self.shape).is_err() {
             return;
         }

@@ -7,10 +7,14 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod fuzz;
+pub mod gateway;
 pub mod logs;
 pub mod metrics;
 pub mod router;
 pub mod scheduler;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod training;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tunegate::api::{server, StartOptions};
+use tunegate::gateway::{self, StartOptions};
 use tunegate::cli::{fetch, generate, train};
 use tunegate::config::{Config, DEFAULT_MODEL_FILE};
 
@@ -239,7 +239,7 @@ fn serve(config_path: &std::path::Path) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
-        let handle = server::start(config, StartOptions { handle_signals: true }).await?;
+        let handle = gateway::start(config, StartOptions { handle_signals: true }).await?;
         handle.run_until_stopped().await
     })
 }

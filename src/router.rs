@@ -7,9 +7,8 @@
 
 use std::sync::Arc;
 
-use crate::adapters::{AdapterLease, AdapterRegistry};
+use crate::adapters::{prompt_hash, AdapterLease, AdapterRegistry};
 use crate::engine::ChatMessage;
-use crate::training::dataset::prompt_hash;
 
 /// The outcome of routing one request.
 #[derive(Debug, Clone)]

@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use tunegate::adapters::AdapterLimits;
 use tunegate::engine::{ChatMessage, Engine, EngineConfig, FinishReason, GenerateRequest, Prompt, SamplingParams};
 
 fn model_path() -> PathBuf {
@@ -22,7 +21,7 @@ fn smollm2_answers_a_simple_question() -> anyhow::Result<()> {
         path.display()
     );
     let t0 = std::time::Instant::now();
-    let engine = Engine::start(EngineConfig { model_path: path, threads: 2, adapter_limits: AdapterLimits::default(), ..Default::default() })?;
+    let engine = Engine::start(EngineConfig { model_path: path, threads: 2, ..Default::default() })?;
     let info = engine.info()?;
     eprintln!("loaded in {:?}", t0.elapsed());
     assert_eq!(info.architecture, "llama");
@@ -31,7 +30,7 @@ fn smollm2_answers_a_simple_question() -> anyhow::Result<()> {
     let ask = |q: &str| -> anyhow::Result<String> {
         let prompt = info.render_chat(&[ChatMessage::new("user", q)])?;
         let params = SamplingParams { max_tokens: 48, ..Default::default() };
-        let c = engine.submit(GenerateRequest { prompt: Prompt::Text(prompt), params, adapter: None })?.collect_blocking()?;
+        let c = engine.submit(GenerateRequest::new(Prompt::Text(prompt), params))?.collect_blocking()?;
         assert!(matches!(c.finish_reason, FinishReason::Stop | FinishReason::Length));
         eprintln!("{} prompt tokens, {} completion tokens, ttft {:?}, total {:?}", c.usage.prompt_tokens, c.usage.completion_tokens, c.timings.time_to_first_token, c.timings.total);
         Ok(c.text)

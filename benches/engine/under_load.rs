@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use rand::rngs::StdRng;
-use tunegate::adapters::{AdapterLease, LoadOptions};
+use tunegate::adapters::{AdapterLease, AdapterRegistry, LoadOptions};
 use tunegate::engine::{Engine, StreamEvent};
 
 use super::{random_tokens, request};
@@ -75,7 +75,7 @@ pub struct HotSwap {
 
 /// 8 streams on 8 adapters decode; once each has 16 tokens, a new generation of the first
 /// stream's alias is loaded from `new_dir` (the alias swaps; running leases keep theirs).
-pub fn hot_swap(engine: &Engine, rng: &mut StdRng, vocab: usize, leases: &[Option<AdapterLease>], alias: &str, new_dir: &Path) -> Result<HotSwap> {
+pub fn hot_swap(engine: &Engine, registry: &AdapterRegistry, rng: &mut StdRng, vocab: usize, leases: &[Option<AdapterLease>], alias: &str, new_dir: &Path) -> Result<HotSwap> {
     let start = Instant::now();
     let progress = Arc::new(AtomicUsize::new(0));
     let handles = run_streams(engine, rng, vocab, leases, 32, 160, start, &progress)?;
@@ -84,7 +84,7 @@ pub fn hot_swap(engine: &Engine, rng: &mut StdRng, vocab: usize, leases: &[Optio
         std::thread::sleep(Duration::from_millis(2));
     }
     let t0 = start.elapsed();
-    engine.registry().load(alias, new_dir, LoadOptions { replace: true, ..Default::default() })?;
+    registry.load(alias, new_dir, LoadOptions { replace: true, ..Default::default() })?;
     let t1 = start.elapsed();
     let a = join(handles)?;
     let mut all_gaps = Vec::new();

@@ -6,6 +6,8 @@ pub mod paths;
 pub mod peft;
 mod registry;
 pub mod watch;
+#[cfg(test)]
+mod tests;
 
 pub use registry::{
     AdapterEvent, AdapterInfo, AdapterObserver, AdapterOutcome, AdapterRegistry, LoadOptions, RetiredInfo,
@@ -14,7 +16,14 @@ pub use registry::{
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::lora::{LoraPrecision, LoraWeights};
+use crate::engine::lora::{LoraHandle, LoraPrecision, LoraSource, LoraWeights};
+
+/// The hash `tunegate.json` records for a distilled system prompt (and for training data):
+/// hex SHA-256 of the text. Training writes it, the router compares requests against it.
+pub fn prompt_hash(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
 
 /// Limits on what the registry holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,3 +83,19 @@ pub struct AdapterGeneration {
 
 /// A request's hold on one generation.
 pub type AdapterLease = Arc<AdapterGeneration>;
+
+impl LoraSource for AdapterGeneration {
+    fn weights(&self) -> &LoraWeights {
+        &self.weights
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// The engine's view of a lease: the same allocation, so the generation stays alive (and
+/// counted by the registry's retired list) for as long as the engine holds it.
+pub fn lora_handle(lease: &AdapterLease) -> LoraHandle {
+    lease.clone()
+}

@@ -136,8 +136,20 @@ impl AdapterRegistry {
         }
     }
 
-    /// Called once by the engine when the base model is loaded; adapters are checked
-    /// against this shape.
+    /// A registry for `engine`'s model: it learns the model's shape when the engine has
+    /// loaded it (before the engine says it is ready), and refuses loads until then.
+    pub fn for_engine(engine: &crate::engine::Engine, limits: AdapterLimits) -> Arc<Self> {
+        let registry = Arc::new(Self::new(limits));
+        let weak = Arc::downgrade(&registry);
+        engine.when_ready(move |info| {
+            if let Some(r) = weak.upgrade() {
+                r.set_model(info.shape.clone());
+            }
+        });
+        registry
+    }
+
+    /// Sets the base model's shape, once; adapters are checked against it.
     pub fn set_model(&self, shape: ModelShape) {
         let _ = self.shape.set(shape);
     }

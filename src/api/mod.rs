@@ -21,8 +21,6 @@ use std::sync::Arc;
 use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 
-pub use server::{start_server, ServerHandle, StartOptions};
-
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::router::Router;

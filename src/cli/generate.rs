@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::adapters::LoadOptions;
+use crate::adapters::{lora_handle, AdapterLimits, AdapterRegistry, LoadOptions};
 use crate::engine::{
     ChatMessage, Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams, StreamEvent, Timings, Usage,
 };
@@ -37,11 +37,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let info = engine.info()?;
     let adapter = match &args.adapter {
         Some(path) => {
-            engine
-                .registry()
-                .load("cli", path, LoadOptions::default())
-                .with_context(|| format!("loading {}", path.display()))?;
-            engine.registry().lease("cli")
+            let registry = AdapterRegistry::for_engine(&engine, AdapterLimits::default());
+            registry.load("cli", path, LoadOptions::default()).with_context(|| format!("loading {}", path.display()))?;
+            registry.lease("cli").as_ref().map(lora_handle)
         }
         None => None,
     };
@@ -52,6 +50,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut stream = engine.submit(GenerateRequest {
         prompt: Prompt::Text(prompt),
+        cache_scope: 0,
         params: SamplingParams {
             max_tokens: args.max_tokens,
             temperature: args.temperature,

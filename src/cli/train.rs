@@ -31,7 +31,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     };
     let examples = read(&args.file)?;
     let validation = args.validation.as_ref().map(read).transpose()?;
-    let mut hyper = config.training.train_config();
+    let mut hyper = crate::training::trainer::TrainConfig::from_section(&config.training);
     // As an API job: what is not given is chosen by the auto rule from the data.
     let mut requested = Requested { n_epochs: args.epochs.or(config.training.epochs), ..Requested::default() };
     if let Some(lr) = args.learning_rate {
@@ -61,7 +61,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         min_margin: config.training.min_margin,
         adapter_precision: config.adapters.precision,
         owner: None,
-        auto: Some((config.training.auto_rule(), requested)),
+        auto: Some((crate::training::auto::AutoRule::from_section(&config.training), requested)),
     };
     let cancel = AtomicBool::new(false);
     let mut stderr = std::io::stderr();

@@ -113,6 +113,18 @@ pub enum LoraPrecision {
     F32,
 }
 
+/// What a sequence needs of an adapter: its weights, and a number naming this version of
+/// them (the prefix cache keys cached positions by it; never 0, which is the base model).
+/// Whoever owns the adapter (the registry) implements it; the engine holds the handle for
+/// the sequence's whole life, which keeps that version alive.
+pub trait LoraSource: Send + Sync + std::fmt::Debug {
+    fn weights(&self) -> &LoraWeights;
+    fn generation(&self) -> u64;
+}
+
+/// A request's hold on one adapter version.
+pub type LoraHandle = std::sync::Arc<dyn LoraSource>;
+
 type ServingLayers = Vec<[Option<ServingPair>; 7]>;
 
 /// An adapter's weights in the model's own row order, per layer and projection.

@@ -1,6 +1,7 @@
 //! The inference engine: model families, tokenizer, chat template, sampling, continuous
 //! batching and per-sequence LoRA. It runs on its own threads and talks through channels.
-//! It knows nothing of HTTP, logs or tasks: callers hand it prompts and adapter leases.
+//! It knows nothing of HTTP, logs, tasks or the adapter registry: callers hand it prompts
+//! and adapter weights through [`lora::LoraHandle`].
 
 mod error;
 mod forward;
@@ -17,18 +18,17 @@ pub mod lora;
 pub(crate) mod lora_kernels;
 pub mod model;
 pub mod sampling;
-mod scheduler;
+mod batcher;
 #[doc(hidden)]
-pub use scheduler::stream_text;
+pub use batcher::stream_text;
 pub mod tokenizer;
-pub mod testing;
 pub mod types;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use chat_template::ChatTemplate;
 pub use counters::EngineCounters;
@@ -36,8 +36,6 @@ pub use error::{EngineError, Result};
 pub use model::{Model, ModelShape};
 pub use tokenizer::Tokenizer;
 pub use types::*;
-
-use crate::adapters::{AdapterLimits, AdapterRegistry};
 
 /// What the engine needs to start.
 #[derive(Debug, Clone)]
@@ -58,7 +56,6 @@ pub struct EngineConfig {
     /// Bytes of finished sequences' keys and values kept for prompts that start the same
     /// way (a shared system prompt is prefilled once); 0 turns prefix caching off.
     pub prefix_cache_bytes: usize,
-    pub adapter_limits: AdapterLimits,
 }
 
 impl Default for EngineConfig {
@@ -71,7 +68,6 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_queue: 256,
             prefix_cache_bytes: 512 << 20,
-            adapter_limits: AdapterLimits::default(),
         }
     }
 }
@@ -163,6 +159,31 @@ pub(crate) struct Shared {
     pub(crate) load_error: OnceLock<EngineError>,
     pub(crate) counters: Arc<EngineCounters>,
     pub(crate) shutting_down: AtomicBool,
+    pub(crate) ready_hooks: Mutex<ReadyHooks>,
+}
+
+/// Called once with the loaded model, before `is_ready` turns true.
+pub type ReadyHook = Box<dyn FnOnce(&Arc<ModelInfo>) + Send>;
+
+/// The hooks waiting for the model, or the model once they have run.
+pub(crate) enum ReadyHooks {
+    Waiting(Vec<ReadyHook>),
+    Loaded(Arc<ModelInfo>),
+}
+
+impl Shared {
+    /// Runs the waiting hooks (under the lock, so a hook added meanwhile sees `Loaded`),
+    /// then publishes `info`.
+    pub(crate) fn set_loaded(&self, info: Arc<ModelInfo>) {
+        let mut hooks = self.ready_hooks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let ReadyHooks::Waiting(waiting) = std::mem::replace(&mut *hooks, ReadyHooks::Loaded(info.clone())) {
+            for hook in waiting {
+                hook(&info);
+            }
+        }
+        drop(hooks);
+        let _ = self.info.set(info);
+    }
 }
 
 /// A handle on the running engine. Cheap to clone; the engine thread stops when the last
@@ -170,8 +191,7 @@ pub(crate) struct Shared {
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
-    submit_tx: std::sync::mpsc::SyncSender<scheduler::Command>,
-    registry: Arc<AdapterRegistry>,
+    submit_tx: std::sync::mpsc::SyncSender<batcher::Command>,
     config: Arc<EngineConfig>,
 }
 
@@ -184,18 +204,17 @@ impl Engine {
             load_error: OnceLock::new(),
             counters: Arc::new(EngineCounters::new(config.max_batch)),
             shutting_down: AtomicBool::new(false),
+            ready_hooks: Mutex::new(ReadyHooks::Waiting(Vec::new())),
         });
-        let registry = Arc::new(AdapterRegistry::new(config.adapter_limits.clone()));
         // The channel itself is unbounded in practice; admission control is `queued`.
         let (submit_tx, submit_rx) = std::sync::mpsc::sync_channel(config.max_queue + config.max_batch + 16);
         let config = Arc::new(config);
-        scheduler::spawn(scheduler::Context {
+        batcher::spawn(batcher::Context {
             config: config.clone(),
             shared: shared.clone(),
-            registry: registry.clone(),
             rx: submit_rx,
         });
-        Engine { shared, submit_tx, registry, config }
+        Engine { shared, submit_tx, config }
     }
 
     /// Loads the model and waits until the engine is ready (tests, CLI).
@@ -239,8 +258,19 @@ impl Engine {
         &self.config
     }
 
-    pub fn registry(&self) -> &Arc<AdapterRegistry> {
-        &self.registry
+    /// Runs `hook` with the loaded model: at once if it is loaded, else on the engine thread
+    /// right after loading and before [`Engine::is_ready`] turns true (so whatever the hook
+    /// sets up, such as the adapter registry's model shape, is in place for every request).
+    pub fn when_ready(&self, hook: impl FnOnce(&Arc<ModelInfo>) + Send + 'static) {
+        let mut hooks = self.shared.ready_hooks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &mut *hooks {
+            ReadyHooks::Waiting(waiting) => waiting.push(Box::new(hook)),
+            ReadyHooks::Loaded(info) => {
+                let info = info.clone();
+                drop(hooks);
+                hook(&info);
+            }
+        }
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -288,10 +318,11 @@ impl Engine {
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let prompt_tokens = tokens.len();
-        let cmd = scheduler::Command::Generate(Box::new(scheduler::Pending {
+        let cmd = batcher::Command::Generate(Box::new(batcher::Pending {
             tokens,
             params: req.params,
             adapter: req.adapter,
+            cache_scope: req.cache_scope,
             tx,
             submitted: std::time::Instant::now(),
         }));
@@ -306,7 +337,7 @@ impl Engine {
     /// every handle is gone.
     pub fn shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::Relaxed);
-        let _ = self.submit_tx.try_send(scheduler::Command::Wake);
+        let _ = self.submit_tx.try_send(batcher::Command::Wake);
     }
 }
 

@@ -3,7 +3,7 @@
 //! `tokenizers::Tokenizer`, so splitting, merging and decoding are the Hugging Face library's; this
 //! module only translates a vocabulary into that library's parts, marks special tokens, and works
 //! out which ids end a generation. Chat formatting belongs in `chat_template`; incremental
-//! (streaming) detokenization belongs with the scheduler.
+//! (streaming) detokenization belongs with the batcher (`batcher.rs`).
 
 mod gguf;
 mod tiny;

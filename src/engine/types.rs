@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::adapters::AdapterLease;
+use super::lora::LoraHandle;
 
 /// One chat turn as the chat template sees it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,10 +34,6 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Stop at the model's end-of-sequence tokens (false only for benchmarks).
     pub stop_at_eos: bool,
-    /// Prefix-cache partition: a request reuses cached prompt positions only from requests
-    /// of the same scope (the gateway gives each API key its own, so one client cannot learn
-    /// from `cached_tokens` or timing what another's prompts began with). 0 = shared.
-    pub prefix_scope: u64,
 }
 
 impl Default for SamplingParams {
@@ -50,7 +46,6 @@ impl Default for SamplingParams {
             seed: None,
             stop: Vec::new(),
             stop_at_eos: true,
-            prefix_scope: 0,
         }
     }
 }
@@ -63,13 +58,29 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
-/// A generation request. `adapter` is a lease taken when the request started: the request
-/// runs on that generation to its end, whatever happens to the alias meanwhile.
+/// A generation request. `adapter` is held from when the request started: the request runs
+/// on those weights to its end, whatever happens to the adapter's name meanwhile.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
     pub params: SamplingParams,
-    pub adapter: Option<AdapterLease>,
+    pub adapter: Option<LoraHandle>,
+    /// Prefix-cache partition: a request reuses cached prompt positions only from requests
+    /// of the same scope (the gateway gives each API key its own, so one client cannot learn
+    /// from `cached_tokens` or timing what another's prompts began with). 0 = shared.
+    pub cache_scope: u64,
+}
+
+impl GenerateRequest {
+    /// A request on the base model in the shared cache scope.
+    pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
+        Self { prompt, params, adapter: None, cache_scope: 0 }
+    }
+
+    pub fn with_adapter(mut self, adapter: Option<LoraHandle>) -> Self {
+        self.adapter = adapter;
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -8,7 +8,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::LogError;
-use crate::engine::ChatMessage;
+
+/// One turn of a logged conversation as training reads it: a role and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+}
+
+impl Turn {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+}
 
 /// The `status` of a completion that succeeded. Anything else is an error code.
 pub const STATUS_OK: &str = "ok";
@@ -327,8 +339,8 @@ impl LogRecord {
     /// The conversation to train on: the request's messages as the engine saw them (text
     /// and refusal parts joined by newlines, `developer` as `system`) and then the approved
     /// answer, the reviewer's correction where there is one.
-    pub fn training_messages(&self) -> Vec<ChatMessage> {
-        let mut out: Vec<ChatMessage> = self
+    pub fn training_messages(&self) -> Vec<Turn> {
+        let mut out: Vec<Turn> = self
             .request
             .messages
             .as_array()
@@ -337,11 +349,11 @@ impl LogRecord {
             .map(|m| {
                 let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
                 let role = if role == "developer" { "system" } else { role };
-                ChatMessage::new(role, content_texts(m).join("\n"))
+                Turn::new(role, content_texts(m).join("\n"))
             })
             .collect();
         let answer = self.review.corrected_response.as_deref().unwrap_or(&self.response);
-        out.push(ChatMessage::new("assistant", answer));
+        out.push(Turn::new("assistant", answer));
         out
     }
 }

@@ -31,6 +31,19 @@ pub struct AutoRule {
     pub warmup_steps: usize,
 }
 
+impl AutoRule {
+    /// The rule's knobs from `[training]`.
+    pub fn from_section(t: &crate::config::TrainingSection) -> Self {
+        Self {
+            min_steps: t.min_steps,
+            max_epochs: t.max_epochs,
+            max_batch: t.batch_size,
+            learning_rate_multiplier: t.auto_learning_rate_multiplier,
+            warmup_steps: t.warmup_steps,
+        }
+    }
+}
+
 impl Default for AutoRule {
     fn default() -> Self {
         Self { min_steps: 50, max_epochs: 30, max_batch: 8, learning_rate_multiplier: 5.0, warmup_steps: 5 }
@@ -73,6 +86,21 @@ pub fn choose(rule: &AutoRule, n_train: usize, req: &Requested) -> Chosen {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TrainingSection;
+    use crate::training::trainer::TrainConfig;
+
+    /// `[training]`'s documented defaults are the trainer's and the rule's own.
+    #[test]
+    fn config_defaults_are_the_trainers_and_the_rules() {
+        let section = TrainingSection::default();
+        assert_eq!(AutoRule::from_section(&section), AutoRule::default());
+        let (from, own) = (TrainConfig::from_section(&section), TrainConfig::default());
+        assert_eq!(
+            (from.rank, from.alpha, from.learning_rate, from.epochs, from.batch_size, from.micro_batch),
+            (own.rank, own.alpha, own.learning_rate, own.epochs, own.batch_size, own.micro_batch)
+        );
+        assert_eq!((&from.target_modules, from.warmup_steps, from.checkpoint_every), (&own.target_modules, own.warmup_steps, own.checkpoint_every));
+    }
 
     #[test]
     fn small_sets_get_enough_steps_and_large_ones_one_epoch() {

@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 
-use sha2::{Digest, Sha256};
 
 use crate::engine::{ChatMessage, ModelInfo};
 
@@ -34,9 +33,7 @@ pub struct DistilledPrompt {
     pub tokens: usize,
 }
 
-pub fn prompt_hash(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
-}
+pub use crate::adapters::prompt_hash;
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatasetReport {

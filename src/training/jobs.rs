@@ -19,6 +19,7 @@ use super::files::FileStore;
 use super::job::{self, JobError, JobEvent, JobSpec};
 use super::trainer::TrainConfig;
 use crate::adapters::{AdapterRegistry, LoadOptions};
+use crate::engine::ChatMessage;
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -135,8 +136,35 @@ pub enum JobsError {
     Io(String),
 }
 
-/// Approved examples of a task (from the log store), for jobs that train from logs.
-pub type TaskExamples = Arc<dyn Fn(&str) -> Result<Vec<Example>, String> + Send + Sync>;
+/// Where jobs that name a task instead of a file read its examples: the task's approved log
+/// records (the reviewer's correction where there is one), the newest `max_examples`.
+pub struct TaskLogs {
+    logs: Arc<crate::logs::Logs>,
+    /// The runtime the store's connections live on; the job worker (a thread of its own,
+    /// never a runtime thread) blocks on it.
+    runtime: tokio::runtime::Handle,
+    max_examples: usize,
+}
+
+impl TaskLogs {
+    pub fn new(logs: Arc<crate::logs::Logs>, runtime: tokio::runtime::Handle, max_examples: usize) -> Self {
+        Self { logs, runtime, max_examples: max_examples.max(1) }
+    }
+
+    fn examples(&self, task: &str) -> Result<Vec<Example>, String> {
+        let records = self.runtime.block_on(self.logs.store.approved_examples(task)).map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            return Err(format!("task '{task}' has no approved examples"));
+        }
+        let skip = records.len().saturating_sub(self.max_examples);
+        Ok(records[skip..]
+            .iter()
+            .map(|r| Example {
+                messages: r.training_messages().into_iter().map(|t| ChatMessage::new(t.role, t.content)).collect(),
+            })
+            .collect())
+    }
+}
 
 pub struct JobsConfig {
     pub data_dir: PathBuf,
@@ -170,7 +198,7 @@ struct Inner {
     dir: PathBuf,
     files: Arc<FileStore>,
     registry: Arc<AdapterRegistry>,
-    task_examples: Option<TaskExamples>,
+    task_logs: Option<TaskLogs>,
     queue: Mutex<VecDeque<String>>,
     wake: Condvar,
     cancel: Mutex<HashMap<String, Arc<AtomicBool>>>,
@@ -190,7 +218,7 @@ impl JobManager {
         cfg: JobsConfig,
         files: Arc<FileStore>,
         registry: Arc<AdapterRegistry>,
-        task_examples: Option<TaskExamples>,
+        task_logs: Option<TaskLogs>,
     ) -> Result<Self, JobsError> {
         let dir = cfg.data_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(|e| JobsError::Io(e.to_string()))?;
@@ -199,7 +227,7 @@ impl JobManager {
             dir,
             files,
             registry,
-            task_examples,
+            task_logs,
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             cancel: Mutex::new(HashMap::new()),
@@ -254,7 +282,7 @@ impl JobManager {
         check_file(&req.validation_file)?;
         let training_file = match (&req.training_file, &req.task) {
             (Some(f), _) => f.clone(),
-            (None, Some(t)) if i.task_examples.is_some() => format!("task:{t}"),
+            (None, Some(t)) if i.task_logs.is_some() => format!("task:{t}"),
             (None, Some(_)) => return Err(JobsError::Invalid("training from logs needs the log store".into())),
             (None, None) => return Err(JobsError::Invalid("training_file is required".into())),
         };
@@ -522,8 +550,8 @@ impl JobManager {
         let i = &self.inner;
         let fail = |e: String| JobError::Failed(e);
         let examples = match job.training_file.strip_prefix("task:") {
-            Some(task) => match &i.task_examples {
-                Some(f) => f(task).map_err(fail)?,
+            Some(task) => match &i.task_logs {
+                Some(logs) => logs.examples(task).map_err(fail)?,
                 None => return Err(fail("no log store".into())),
             },
             None => i.files.examples(&job.training_file).map_err(|e| fail(e.to_string()))?,

@@ -10,11 +10,11 @@ use candle_core::Tensor;
 use super::dataset::{self, DatasetOptions, Example};
 use super::export::{self, AdapterMeta};
 use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig};
-use crate::adapters::{peft, AdapterLimits};
+use crate::adapters::{lora_handle, peft, AdapterLimits, AdapterRegistry};
 use crate::engine::gguf::GgufFile;
 use crate::engine::lora::BatchLora;
 use crate::engine::model::{KvCache, Model, SeqBatch};
-use crate::engine::testing::{TinySpec, TinyWeights};
+use crate::testing::{TinySpec, TinyWeights};
 use crate::engine::tokenizer::tiny_gguf_vocab;
 use crate::engine::{ChatMessage, Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams};
 
@@ -255,12 +255,13 @@ fn distilled_adapter_learns_the_task_and_serves_identically() -> R {
     let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     anyhow::ensure!(d < 1e-4, "reloaded adapter differs by {d}");
     // Served by the engine without the instruction, it answers like the instruction said.
-    engine.registry().load("labels", &published, Default::default())?;
+    let registry = AdapterRegistry::for_engine(&engine, AdapterLimits::default());
+    registry.load("labels", &published, Default::default())?;
     for ex in &examples {
         let prompt = info.render_chat(&ex.messages[1..2])?;
         let params = SamplingParams { max_tokens: 8, ..Default::default() };
         let c = engine
-            .submit(GenerateRequest { prompt: Prompt::Text(prompt), params, adapter: engine.registry().lease("labels") })?
+            .submit(GenerateRequest::new(Prompt::Text(prompt), params).with_adapter(registry.lease("labels").as_ref().map(lora_handle)))?
             .collect_blocking()?;
         assert_eq!(c.text, ex.messages[2].content, "input {}", ex.messages[1].content);
     }
@@ -398,6 +399,7 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     let dir = tempfile::tempdir()?;
     let (path, _) = tiny_model(dir.path())?;
     let engine = Engine::start(EngineConfig { model_path: path.clone(), model_name: "tiny".into(), threads: 1, ..Default::default() })?;
+    let registry = AdapterRegistry::for_engine(&engine, AdapterLimits::default());
     let mut jsonl = String::new();
     for e in task_examples() {
         jsonl.push_str(&serde_json::to_string(&serde_json::json!({ "messages": e.messages }))?);
@@ -423,7 +425,7 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     };
     let files = Arc::new(FileStore::open(&dir.path().join("data"))?);
     let file = files.create("labels.jsonl", "fine-tune", jsonl.as_bytes())?;
-    let a = JobManager::start(cfg(), files.clone(), engine.registry().clone(), None)?;
+    let a = JobManager::start(cfg(), files.clone(), registry.clone(), None)?;
     let bad = a.create(CreateJob { model: "other".into(), training_file: Some(file.id.clone()), ..Default::default() });
     assert!(bad.is_err());
     let job = a.create(CreateJob {
@@ -442,7 +444,7 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     a.shutdown();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(matches!(a.get(&job.id)?.status.as_str(), "running" | "queued"));
-    let b = JobManager::start(cfg(), files, engine.registry().clone(), None)?;
+    let b = JobManager::start(cfg(), files, registry.clone(), None)?;
     let t = std::time::Instant::now();
     let done = loop {
         let j = b.get(&job.id)?;
@@ -455,8 +457,8 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     assert_eq!(done.status, "succeeded", "{:?}", done.error);
     assert_eq!(done.fine_tuned_model.as_deref(), Some("labels-v1"));
     assert_eq!(done.promoted, Some(true));
-    assert!(engine.registry().lease("labels-v1").is_some());
-    assert!(engine.registry().lease("labels").is_some());
+    assert!(registry.lease("labels-v1").is_some());
+    assert!(registry.lease("labels").is_some());
     let (events, _) = b.events(&job.id, None, 1000)?;
     assert!(events.iter().any(|e| e.message.starts_with("resuming from the checkpoint")), "no resume event");
     assert!(!b.checkpoints(&job.id)?.is_empty());

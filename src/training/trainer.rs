@@ -71,6 +71,23 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The trainer's settings from `[training]`; an unset `epochs` keeps the default (the
+    /// `auto` rule decides a job's epochs before training starts).
+    pub fn from_section(t: &crate::config::TrainingSection) -> Self {
+        Self {
+            rank: t.rank,
+            alpha: t.alpha,
+            learning_rate: t.learning_rate,
+            epochs: t.epochs.unwrap_or(Self::default().epochs),
+            warmup_steps: t.warmup_steps,
+            batch_size: t.batch_size,
+            micro_batch: t.micro_batch.min(t.batch_size),
+            target_modules: t.target_modules.clone(),
+            checkpoint_every: t.checkpoint_every,
+            ..Default::default()
+        }
+    }
+
     pub fn targets(&self) -> Result<Vec<Proj>> {
         self.target_modules
             .iter()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tunegate::engine::testing::write_random_adapter;
+use tunegate::testing::write_random_adapter;
 use tunegate::engine::ModelShape;
 
 use crate::common::{self, assert_error, Gateway, MODEL};
@@ -161,8 +161,8 @@ async fn replace_and_unload_during_a_stream() -> anyhow::Result<()> {
     assert_ne!(replaced, expected, "new requests got the new generation");
 
     // Once the stream is over nothing holds the old generations.
-    let freed = common::eventually(Duration::from_secs(5), || gw.handle.engine.registry().retired().is_empty()).await;
-    assert!(freed, "retired generations are freed: {:?}", gw.handle.engine.registry().retired());
+    let freed = common::eventually(Duration::from_secs(5), || gw.handle.registry.retired().is_empty()).await;
+    assert!(freed, "retired generations are freed: {:?}", gw.handle.registry.retired());
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tunegate::api::{start_server, ServerHandle};
+use tunegate::gateway::start_server;
 use tunegate::config::Config;
 use tunegate::engine::ModelShape;
 
@@ -19,7 +19,7 @@ pub const CLIENT_KEY: &str = "sk-client-test";
 pub const ADMIN_KEY: &str = "sk-admin-test";
 
 pub struct Gateway {
-    pub handle: ServerHandle,
+    pub handle: tunegate::gateway::Gateway,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     /// The bearer token sent by the helpers (`None`: no Authorization header).
@@ -73,7 +73,7 @@ max_concurrent_requests_per_key = 16
 pub async fn start_with(edit: impl FnOnce(&mut Config, &Path)) -> anyhow::Result<Gateway> {
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("adapters"))?;
-    let model = tunegate::engine::testing::write_tiny_llama_gguf(dir.path())?;
+    let model = tunegate::testing::write_tiny_llama_gguf(dir.path())?;
     let mut cfg = config(dir.path(), &model)?;
     edit(&mut cfg, dir.path());
     let key = if cfg.auth.is_open() { None } else { Some(ADMIN_KEY.to_string()) };

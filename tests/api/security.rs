@@ -293,13 +293,13 @@ async fn lists_show_each_tenant_its_own_and_the_admin_everything() -> anyhow::Re
 async fn a_client_job_never_replaces_an_alias_it_does_not_own() -> anyhow::Result<()> {
     let gw = start(|_, _| {}).await?;
     let shape = gw.shape()?;
-    let lora = tunegate::engine::testing::TinyLora::random(&shape, 4, &tunegate::engine::lora::Proj::ALL, 7);
+    let lora = tunegate::testing::TinyLora::random(&shape, 4, &tunegate::engine::lora::Proj::ALL, 7);
     lora.write_peft(&gw.adapters_root().join("support/v1"), &shape)?;
     anyhow::ensure!(
-        common::eventually(Duration::from_secs(10), || gw.handle.engine.registry().lease("support").is_some()).await,
+        common::eventually(Duration::from_secs(10), || gw.handle.registry.lease("support").is_some()).await,
         "the operator's adapter did not load"
     );
-    let before = gw.handle.engine.registry().lease("support").map(|l| l.generation);
+    let before = gw.handle.registry.lease("support").map(|l| l.generation);
     let (status, text) = upload(&gw, KEY_A, &train_jsonl()).await?;
     anyhow::ensure!(status == StatusCode::OK, "{text}");
     let file = serde_json::from_str::<Value>(&text)?["id"].as_str().unwrap_or_default().to_string();
@@ -323,7 +323,7 @@ async fn a_client_job_never_replaces_an_alias_it_does_not_own() -> anyhow::Resul
     assert_eq!(done["status"], "succeeded", "{done}");
     let name = done["fine_tuned_model"].as_str().unwrap_or_default().to_string();
     assert!(name.starts_with("support-") && name != "support", "{name}");
-    assert_eq!(gw.handle.engine.registry().lease("support").map(|l| l.generation), before, "the alias was replaced");
+    assert_eq!(gw.handle.registry.lease("support").map(|l| l.generation), before, "the alias was replaced");
     assert_eq!(tunegate::adapters::watch::read_pin(&gw.adapters_root(), "support"), None);
     // A's model is A's: B and the model-scoped key cannot call it or see it.
     let body = json!({"model": name, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
@@ -550,7 +550,7 @@ async fn adapters_with_links_or_non_finite_values_are_refused() -> anyhow::Resul
     let shape = gw.shape()?;
     let root = gw.adapters_root();
     let outside = gw.dir.path().join("outside");
-    let lora = tunegate::engine::testing::TinyLora::random(&shape, 4, &tunegate::engine::lora::Proj::ALL, 3);
+    let lora = tunegate::testing::TinyLora::random(&shape, 4, &tunegate::engine::lora::Proj::ALL, 3);
     lora.write_peft(&outside.join("v1"), &shape)?;
     std::fs::write(outside.join("secret.json"), format!("{{\"leak\": \"{SECRET}\"}}"))?;
     // A version folder that is a link out of the root: never loaded by the watcher.
@@ -574,7 +574,7 @@ async fn adapters_with_links_or_non_finite_values_are_refused() -> anyhow::Resul
     std::fs::write(&cfg_path, cfg.to_string())?;
 
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let loaded = gw.handle.engine.registry().aliases();
+    let loaded = gw.handle.registry.aliases();
     for name in ["linked", "meta", "nan", "alpha"] {
         assert!(!loaded.iter().any(|a| a == name), "{name} was loaded: {loaded:?}");
     }
@@ -605,10 +605,10 @@ async fn adapters_with_links_or_non_finite_values_are_refused() -> anyhow::Resul
 async fn ready_names_adapters_only_to_admins() -> anyhow::Result<()> {
     let gw = start(|_, _| {}).await?;
     let shape = gw.shape()?;
-    tunegate::engine::testing::TinyLora::random(&shape, 4, &tunegate::engine::lora::Proj::ALL, 1)
+    tunegate::testing::TinyLora::random(&shape, 4, &tunegate::engine::lora::Proj::ALL, 1)
         .write_peft(&gw.adapters_root().join("acme-private/v1"), &shape)?;
     anyhow::ensure!(
-        common::eventually(Duration::from_secs(10), || gw.handle.engine.registry().lease("acme-private").is_some()).await,
+        common::eventually(Duration::from_secs(10), || gw.handle.registry.lease("acme-private").is_some()).await,
         "not loaded"
     );
     let (_, anon) = call(&gw, None, Method::GET, "/ready", None).await?;

@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
-use super::generation::{chat_prompt, collect_all, prefix_scope, submit_all, token_logprob, total_usage, Meta, RequestRecord};
+use super::generation::{chat_prompt, collect_all, cache_scope, submit_all, token_logprob, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
@@ -29,7 +29,7 @@ pub async fn create(
     Json(req): Json<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::chat(&req, &state.config.limits)?;
-    plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
+    plan.common.cache_scope = cache_scope(&caller.key_id);
     let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire_n(&caller.limit_key, plan.common.n)?;

@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
-use super::generation::{tokenize, collect_all, prefix_scope, submit_all, total_usage, Meta, RequestRecord};
+use super::generation::{tokenize, collect_all, cache_scope, submit_all, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
@@ -24,7 +24,7 @@ pub async fn create(
     Json(req): Json<CompletionRequest>,
 ) -> ApiResult<HttpResponse> {
     let mut plan = convert::completion(&req, &state.config.limits)?;
-    plan.common.params.prefix_scope = prefix_scope(&caller.key_id);
+    plan.common.cache_scope = cache_scope(&caller.key_id);
     let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
     crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire_n(&caller.limit_key, plan.prompts.len() * plan.common.n)?;

@@ -17,6 +17,8 @@ pub struct Common {
     pub stream: bool,
     pub include_usage: bool,
     pub task: Option<String>,
+    /// The prefix-cache partition of the caller's requests, set by the handler from the key.
+    pub cache_scope: u64,
 }
 
 impl Common {
@@ -335,12 +337,12 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
             seed: c.seed.map(seed).transpose()?,
             stop,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
-            prefix_scope: 0, // set by the handler from the caller's key
         },
         n,
         stream: c.stream.unwrap_or(false),
         include_usage: c.include_usage.unwrap_or(false),
         task: c.task,
+        cache_scope: 0, // set by the handler from the caller's key
     })
 }
 

@@ -9,7 +9,7 @@ use futures_util::future::try_join_all;
 
 use super::convert::Common;
 use super::types::{TokenLogprob, UsageOut};
-use crate::adapters::AdapterLease;
+use crate::adapters::{lora_handle, AdapterLease};
 use crate::api::error::{ApiError, ApiResult};
 use crate::engine::{ChatMessage, Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
 use crate::logs::{LogRecord, Logs, STATUS_OK};
@@ -17,7 +17,7 @@ use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
 /// The prefix-cache scope of a caller's requests: one per API key, so cached prompt
 /// positions (and what `cached_tokens` or timing would reveal of them) never cross keys.
-pub fn prefix_scope(key_id: &str) -> u64 {
+pub fn cache_scope(key_id: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     key_id.hash(&mut h);
@@ -70,7 +70,8 @@ pub fn submit_all(
             streams.push(engine.submit(GenerateRequest {
                 prompt: prompt.clone(),
                 params: common.params_for(i),
-                adapter: adapter.cloned(),
+                adapter: adapter.map(lora_handle),
+                cache_scope: common.cache_scope,
             })?);
         }
     }

@@ -171,7 +171,7 @@ fn record_serde_round_trips() -> TestResult {
 }
 
 #[test]
-fn training_messages_follow_the_engine_view() -> TestResult {
+fn training_messages_flatten_content_parts() -> TestResult {
     let mut r = rec("a", "t", 1);
     r.request.messages = json!([
         {"role": "developer", "content": "Be brief."},
@@ -179,8 +179,8 @@ fn training_messages_follow_the_engine_view() -> TestResult {
         {"role": "assistant", "content": null, "tool_calls": []},
     ]);
     r.response = "three".into();
-    let ex = crate::training::dataset::Example { messages: r.training_messages() };
-    let pairs: Vec<_> = ex.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+    let turns = r.training_messages();
+    let pairs: Vec<_> = turns.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
     assert_eq!(
         pairs,
         [("system", "Be brief."), ("user", "one\ntwo"), ("assistant", ""), ("assistant", "three")]

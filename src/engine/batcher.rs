@@ -20,7 +20,7 @@ use super::{
     loader, EngineConfig, EngineError, FinishReason, Model, ModelInfo, Result, SamplingParams, Shared, StreamEvent,
     Timings, Tokenizer, Usage,
 };
-use crate::adapters::{AdapterLease, AdapterRegistry};
+use super::lora::LoraHandle;
 
 /// Most prompt tokens fed in one step across all prefilling sequences, so a long prompt
 /// arriving does not stall running streams for its whole prefill.
@@ -34,7 +34,8 @@ pub(crate) enum Command {
 pub(crate) struct Pending {
     pub tokens: Vec<u32>,
     pub params: SamplingParams,
-    pub adapter: Option<AdapterLease>,
+    pub adapter: Option<LoraHandle>,
+    pub cache_scope: u64,
     pub tx: UnboundedSender<StreamEvent>,
     pub submitted: Instant,
 }
@@ -42,7 +43,6 @@ pub(crate) struct Pending {
 pub(crate) struct Context {
     pub config: Arc<EngineConfig>,
     pub shared: Arc<Shared>,
-    pub registry: Arc<AdapterRegistry>,
     pub rx: Receiver<Command>,
 }
 
@@ -85,7 +85,6 @@ fn run(ctx: Context) {
     };
     let (model, info) = loaded.into_model_info(&ctx.config.model_name, Some(ctx.config.context_length));
     let context_length = info.context_length;
-    ctx.registry.set_model(model.shape.clone());
     let info = Arc::new(info);
     tracing::info!(
         model = %ctx.config.model_path.display(),
@@ -96,7 +95,7 @@ fn run(ctx: Context) {
         "model loaded in {:.2}s",
         started.elapsed().as_secs_f64()
     );
-    let _ = ctx.shared.info.set(info.clone());
+    ctx.shared.set_loaded(info.clone());
     let prefix_cache = PrefixCache::new(ctx.config.prefix_cache_bytes);
     Loop { ctx: &ctx, model: &model, info: &info, waiting: VecDeque::new(), running: Vec::new(), prefix_cache }.run();
 }
@@ -225,7 +224,7 @@ impl Loop<'_> {
         for (s, n) in self.running.iter_mut().zip(&chosen) {
             let Some(n) = *n else { continue };
             let start = s.cache.len();
-            adapters.push((n, s.adapter.as_deref().map(|a| &a.weights)));
+            adapters.push((n, s.adapter.as_deref().map(|a| a.weights())));
             batch.push(SeqBatch { tokens: &s.tokens[start..start + n], cache: &mut s.cache });
         }
         let lora = BatchLora::new(&adapters)?;
@@ -251,7 +250,9 @@ struct Sequence {
     cache: KvCache,
     sampler: Sampler,
     params: SamplingParams,
-    adapter: Option<AdapterLease>,
+    adapter: Option<LoraHandle>,
+    /// Prefix-cache partition (see [`super::GenerateRequest::cache_scope`]).
+    cache_scope: u64,
     tx: UnboundedSender<StreamEvent>,
     submitted: Instant,
     admitted: Instant,
@@ -275,6 +276,7 @@ impl Sequence {
             cache: KvCache::new(num_layers),
             params: p.params,
             adapter: p.adapter,
+            cache_scope: p.cache_scope,
             tx: p.tx,
             submitted: p.submitted,
             admitted: Instant::now(),
@@ -288,7 +290,7 @@ impl Sequence {
     /// What the prefix cache keys this sequence's keys and values by: the adapter generation
     /// that made them (0 = base) and the request's scope.
     fn cache_key(&self) -> (u64, u64) {
-        (self.adapter.as_ref().map_or(0, |a| a.generation), self.params.prefix_scope)
+        (self.adapter.as_ref().map_or(0, |a| a.generation()), self.cache_scope)
     }
 
     fn generated(&self) -> &[u32] {

@@ -1,4 +1,5 @@
-//! Test support, public so integration tests and benches can use it: writes tiny random
+//! Test support, compiled only for tests, benches and the fuzz targets (the `testing`
+//! feature, which the crate's own dev-dependency on itself turns on): writes tiny random
 //! Llama/Qwen2 models as GGUF or safetensors, random PEFT adapters, and computes reference
 //! logits with a plain f32 re-implementation of the forward pass (loops over `Vec<f32>`,
 //! no candle), against which the engine is checked.
@@ -12,10 +13,10 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::lora::Proj;
-use super::model::ModelShape;
-use super::tokenizer::{tiny_gguf_vocab, TinyVocab};
 use crate::adapters::peft;
+use crate::engine::lora::Proj;
+use crate::engine::model::ModelShape;
+use crate::engine::tokenizer::{tiny_gguf_vocab, TinyVocab};
 
 /// Dimensions of a tiny model.
 #[derive(Debug, Clone)]
@@ -141,13 +142,13 @@ impl TinyWeights {
             let mut t = self.tensor(name)?;
             if !spec.qwen2 {
                 if name.ends_with("q_proj.weight") {
-                    t = super::model::permute_qk_rows(&t, spec.heads, false)?;
+                    t = crate::engine::model::permute_qk_rows(&t, spec.heads, false)?;
                 } else if name.ends_with("k_proj.weight") {
-                    t = super::model::permute_qk_rows(&t, spec.kv_heads, false)?;
+                    t = crate::engine::model::permute_qk_rows(&t, spec.kv_heads, false)?;
                 }
             }
             let q = if t.rank() == 2 { QTensor::quantize(&t, dtype)? } else { QTensor::quantize(&t, GgmlDType::F32)? };
-            qt.push((super::gguf::gguf_name(name), q));
+            qt.push((crate::engine::gguf::gguf_name(name), q));
         }
         use gguf_file::Value as V;
         let k = |s: &str| format!("{arch}.{s}");
@@ -378,7 +379,7 @@ pub fn reference_greedy(w: &TinyWeights, prompt: &[u32], n: usize) -> anyhow::Re
     for _ in 0..n {
         let logits = reference_logits(w, &toks)?;
         let last = logits.last().context("no logits")?;
-        let id = super::sampling::argmax(last) as u32;
+        let id = crate::engine::sampling::argmax(last) as u32;
         out.push(id);
         toks.push(id);
     }
