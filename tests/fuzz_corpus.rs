@@ -96,9 +96,9 @@ fn write_seeds() -> anyhow::Result<()> {
     candle_core::quantized::gguf_file::write(&mut gguf, &pairs, &[])?;
     put("gguf", "tiny-vocab", gguf.get_ref())?;
     // A tiny adapter's two files.
-    let spec = tunegate::engine::testing::TinySpec::llama(tunegate::engine::tokenizer::tiny_gguf_vocab().tokens.len());
+    let spec = tunegate::testing::TinySpec::llama(tunegate::engine::tokenizer::tiny_gguf_vocab().tokens.len());
     let dir = std::env::temp_dir().join(format!("tunegate-seed-{}", std::process::id()));
-    tunegate::engine::testing::TinyLora::random(&spec.shape(), 2, &[tunegate::engine::lora::Proj::Q], 1)
+    tunegate::testing::TinyLora::random(&spec.shape(), 2, &[tunegate::engine::lora::Proj::Q], 1)
         .write_peft(&dir, &spec.shape())?;
     put("peft_adapter", "config", &[&[0u8][..], &std::fs::read(dir.join("adapter_config.json"))?].concat())?;
     put("peft_adapter", "weights", &[&[1u8][..], &std::fs::read(dir.join("adapter_model.safetensors"))?].concat())?;

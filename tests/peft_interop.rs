@@ -29,7 +29,7 @@ use tunegate::engine::gguf::GgufFile;
 use tunegate::engine::hf::SafetensorsDir;
 use tunegate::engine::lora::{BatchLora, LoraWeights, Proj};
 use tunegate::engine::model::{permute_qk_rows, KvCache, Model, SeqBatch};
-use tunegate::engine::testing::{TinyLora, TinySpec, TinyWeights};
+use tunegate::testing::{TinyLora, TinySpec, TinyWeights};
 use tunegate::training::dataset::Sequence;
 use tunegate::training::export::{self, AdapterMeta};
 use tunegate::training::trainer::{self, AdamW, LoraParams, TrainConfig};

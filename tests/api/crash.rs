@@ -53,7 +53,7 @@ async fn spawn(config: &Path, port: u16, log: &Path) -> anyhow::Result<Child> {
 /// Writes the tiny model and a config listening on `port`; returns the config's path.
 fn setup(dir: &Path, port: u16) -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir.join("adapters"))?;
-    let model = tunegate::engine::testing::write_tiny_llama_gguf(dir)?;
+    let model = tunegate::testing::write_tiny_llama_gguf(dir)?;
     let text = common::config_text(dir, &model).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let path = dir.join("tunegate.toml");
     std::fs::write(&path, text)?;
@@ -223,7 +223,7 @@ async fn adapters_cli_promotes_and_rolls_back_without_restart() -> anyhow::Resul
     for (v, seed) in [("v1", 1), ("v2", 2)] {
         let tmp = root.join(format!(".tmp-{v}"));
         std::fs::create_dir_all(&tmp)?;
-        tunegate::engine::testing::write_random_adapter(&tmp, &shape, 4, seed)?;
+        tunegate::testing::write_random_adapter(&tmp, &shape, 4, seed)?;
         std::fs::create_dir_all(root.join("pinned"))?;
         std::fs::rename(&tmp, root.join("pinned").join(v))?;
     }
@@ -252,7 +252,7 @@ async fn adapters_cli_promotes_and_rolls_back_without_restart() -> anyhow::Resul
     // A new version does not replace the pinned one; it loads beside it.
     let tmp = root.join(".tmp-v3");
     std::fs::create_dir_all(&tmp)?;
-    tunegate::engine::testing::write_random_adapter(&tmp, &shape, 4, 3)?;
+    tunegate::testing::write_random_adapter(&tmp, &shape, 4, 3)?;
     std::fs::rename(&tmp, root.join("pinned/v3"))?;
     wait_served(&gw, "pinned.v3", "pinned/v3").await?;
     assert!(served_path(&gw, "pinned").await?.ends_with("pinned/v1"));

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use tunegate::engine::testing::write_random_adapter;
+use tunegate::testing::write_random_adapter;
 use tunegate::training::dataset::prompt_hash;
 
 use crate::common::{self, assert_error, Gateway, MODEL};
