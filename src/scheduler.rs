@@ -114,7 +114,7 @@ pub async fn check(
         }
         let busy = recent
             .iter()
-            .any(|j| j.task == s.task && matches!(j.status.as_str(), "validating_files" | "queued" | "running"));
+            .any(|j| j.task == s.task && j.status.is_active());
         if busy {
             continue;
         }

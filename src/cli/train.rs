@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::training::auto::Requested;
 use crate::training::dataset::DatasetOptions;
 use crate::training::files::parse_jsonl;
-use crate::training::job::{self, JobSpec};
+use crate::training::pipeline::{self, JobSpec};
 
 pub struct TrainArgs {
     pub config: PathBuf,
@@ -67,7 +67,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut stderr = std::io::stderr();
     // The terminal job has the machine to itself: every core unless `[training] threads` says.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(config.training.threads.max(config.model.threads)).build()?;
-    let result = pool.install(|| job::run(&spec, &cancel, &mut |e| {
+    let result = pool.install(|| pipeline::run(&spec, &cancel, &mut |e| {
         if let Some(d) = &e.data {
             if let (Some(step), Some(total)) = (d.get("step").and_then(|v| v.as_u64()), d.get("total_steps").and_then(|v| v.as_u64())) {
                 let width = 30;

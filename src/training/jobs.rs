@@ -16,13 +16,53 @@ use parking_lot::{Condvar, Mutex};
 use super::auto::{AutoRule, Requested};
 use super::dataset::{DatasetOptions, Example};
 use super::files::FileStore;
-use super::job::{self, JobError, JobEvent, JobSpec};
+use super::pipeline::{self, JobError, JobEvent, JobSpec};
 use super::trainer::TrainConfig;
 use crate::adapters::{AdapterRegistry, LoadOptions};
 use crate::engine::ChatMessage;
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Where a job is in its life, as OpenAI names the states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    ValidatingFiles,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Queued or running: counts against the tenant's limit, resumes after a restart.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobStatus::ValidatingFiles | JobStatus::Queued | JobStatus::Running)
+    }
+
+    pub fn is_finished(self) -> bool {
+        !self.is_active()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::ValidatingFiles => "validating_files",
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -49,7 +89,7 @@ pub struct FineTuningJob {
     pub model: String,
     pub fine_tuned_model: Option<String>,
     pub organization_id: String,
-    pub status: String,
+    pub status: JobStatus,
     pub hyperparameters: Hyperparameters,
     pub training_file: String,
     pub validation_file: Option<String>,
@@ -236,7 +276,7 @@ impl JobManager {
         });
         let mgr = JobManager { inner };
         let mut unfinished: Vec<FineTuningJob> =
-            mgr.all()?.into_iter().filter(|j| matches!(j.status.as_str(), "queued" | "running" | "validating_files")).collect();
+            mgr.all()?.into_iter().filter(|j| j.status.is_active()).collect();
         unfinished.sort_by_key(|j| j.created_at);
         for j in unfinished {
             tracing::info!(job = %j.id, "re-queueing an unfinished fine-tuning job");
@@ -305,7 +345,7 @@ impl JobManager {
             let active = self
                 .all()?
                 .iter()
-                .filter(|j| j.owner == req.owner && matches!(j.status.as_str(), "queued" | "running" | "validating_files"))
+                .filter(|j| j.owner == req.owner && j.status.is_active())
                 .count();
             if active >= max_active {
                 return Err(JobsError::Limit(format!(
@@ -349,7 +389,7 @@ impl JobManager {
             model: req.model,
             fine_tuned_model: None,
             organization_id: req.owner.clone().unwrap_or_else(|| "tunegate".into()),
-            status: "queued".into(),
+            status: JobStatus::Queued,
             hyperparameters: Hyperparameters {
                 n_epochs: shown(requested.n_epochs.map(Into::into)),
                 batch_size: shown(requested.batch_size.map(Into::into)),
@@ -418,14 +458,14 @@ impl JobManager {
 
     pub fn cancel(&self, id: &str) -> Result<FineTuningJob, JobsError> {
         let mut job = self.get(id)?;
-        if matches!(job.status.as_str(), "succeeded" | "failed" | "cancelled") {
+        if job.status.is_finished() {
             return Err(JobsError::Conflict(format!("job {id} has already {}", job.status)));
         }
         if let Some(c) = self.inner.cancel.lock().get(id) {
             c.store(true, Ordering::Relaxed);
         }
         self.inner.queue.lock().retain(|q| q != id);
-        job.status = "cancelled".into();
+        job.status = JobStatus::Cancelled;
         job.finished_at = Some(now());
         self.save(&job)?;
         self.event(id, "info", "Job cancelled".into(), None);
@@ -501,12 +541,12 @@ impl JobManager {
     fn run_one(&self, id: &str) {
         let i = &self.inner;
         let Ok(job) = self.get(id) else { return };
-        if job.status == "cancelled" {
+        if job.status == JobStatus::Cancelled {
             return;
         }
         let cancel = Arc::new(AtomicBool::new(false));
         i.cancel.lock().insert(id.to_string(), cancel.clone());
-        let _ = self.update(id, |j| j.status = "running".into());
+        let _ = self.update(id, |j| j.status = JobStatus::Running);
         let result = match rayon::ThreadPoolBuilder::new().num_threads(i.cfg.threads).thread_name(|n| format!("tunegate-train-{n}")).build() {
             Ok(pool) => pool.install(|| self.execute(&job, &cancel)),
             Err(e) => {
@@ -530,7 +570,7 @@ impl JobManager {
             Ok(()) => {}
             Err(JobError::Cancelled) => {
                 let _ = self.update(id, |j| {
-                    j.status = "cancelled".into();
+                    j.status = JobStatus::Cancelled;
                     j.finished_at.get_or_insert(now());
                 });
             }
@@ -538,7 +578,7 @@ impl JobManager {
                 tracing::warn!(job = id, "fine-tuning job failed: {msg}");
                 self.event(id, "error", format!("Job failed: {msg}"), None);
                 let _ = self.update(id, |j| {
-                    j.status = "failed".into();
+                    j.status = JobStatus::Failed;
                     j.finished_at = Some(now());
                     j.error = Some(JobErrorObject { code: "training_failed".into(), message: msg, param: None });
                 });
@@ -619,7 +659,7 @@ impl JobManager {
             }
             self.event(&id, e.level, e.message, e.data);
         };
-        let res = job::run(&spec, cancel, &mut emit)?;
+        let res = pipeline::run(&spec, cancel, &mut emit)?;
         let name = format!("{}-{}", job.task, res.version);
         i.registry
             .load(&name, &res.adapter_path, LoadOptions { replace: true, expected_generation: None })
@@ -689,7 +729,7 @@ impl JobManager {
         let used = res.hyper.clone();
         self.update(&id, |j| {
             j.tunegate_hyperparameters = used;
-            j.status = "succeeded".into();
+            j.status = JobStatus::Succeeded;
             j.finished_at = Some(now());
             j.fine_tuned_model = Some(name.clone());
             j.trained_tokens = Some(tokens);
@@ -704,7 +744,7 @@ impl JobManager {
 
 /// The quality gate's scores: the candidate under its fine-tuned name, what served the
 /// task before under the task's name; final loss and throughput of the run.
-fn observe_gate(m: &crate::metrics::Metrics, task: &str, candidate: &str, res: &job::JobResult) {
+fn observe_gate(m: &crate::metrics::Metrics, task: &str, candidate: &str, res: &pipeline::JobResult) {
     for (adapter, s) in [(candidate, &res.gate.candidate), (task, &res.gate.baseline)] {
         for (metric, v) in [("exact_match", s.exact_match), ("token_f1", s.token_f1), ("loss", s.loss)] {
             m.eval_score(task, adapter, metric, v);
@@ -731,7 +771,7 @@ fn worker_loop(inner: Arc<Inner>) {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mgr.run_one(&id)));
             if r.is_err() {
                 let _ = mgr.update(&id, |j| {
-                    j.status = "failed".into();
+                    j.status = JobStatus::Failed;
                     j.error = Some(JobErrorObject { code: "internal".into(), message: "the trainer panicked".into(), param: None });
                 });
             }

@@ -5,7 +5,7 @@
 pub mod dataset;
 pub mod auto;
 pub mod eval;
-pub mod job;
+pub mod pipeline;
 pub mod jobs;
 pub mod export;
 pub mod files;

@@ -314,7 +314,7 @@ fn resume_from_checkpoint_is_exact() -> R {
 /// undertrained candidate fails it against that adapter and says why.
 #[test]
 fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
-    use super::job::{self, JobError, JobSpec};
+    use super::pipeline::{self, JobError, JobSpec};
     let dir = tempfile::tempdir()?;
     let (path, _) = tiny_model(dir.path())?;
     let examples = task_examples();
@@ -336,7 +336,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
         auto: None,
     };
     let mut events = Vec::new();
-    let good = job::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
+    let good = pipeline::run(&spec, &AtomicBool::new(false), &mut |e| events.push(e.message))?;
     assert!(good.gate.passed, "{}", good.gate.reason);
     assert_eq!(good.gate.candidate.exact_match, 1.0);
     assert!(good.gate.candidate.prompt_tokens < good.gate.baseline.prompt_tokens / 2.0);
@@ -351,7 +351,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
         current_adapter: Some(good.adapter_path.clone()),
         ..spec.clone()
     };
-    let bad = job::run(&bad_spec, &AtomicBool::new(false), &mut |_| {})?;
+    let bad = pipeline::run(&bad_spec, &AtomicBool::new(false), &mut |_| {})?;
     assert!(!bad.gate.passed);
     assert!(bad.gate.reason.contains("worse"), "{}", bad.gate.reason);
     assert_eq!(bad.gate.baseline.exact_match, 1.0, "baseline should be the current adapter");
@@ -378,11 +378,11 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
         job_dir: dir.path().join("jobs/4"),
         ..spec.clone()
     };
-    let useless = job::run(&shuffled_spec, &AtomicBool::new(false), &mut |_| {})?;
+    let useless = pipeline::run(&shuffled_spec, &AtomicBool::new(false), &mut |_| {})?;
     assert!(!useless.gate.passed && useless.gate.reason.contains("most frequent"), "{}", useless.gate.reason);
     assert!(useless.gate.candidate.exact_match >= useless.gate.baseline.exact_match, "{:?}", useless.gate);
 
-    let cancelled = job::run(&JobSpec { job_dir: dir.path().join("jobs/3"), ..spec }, &AtomicBool::new(true), &mut |_| {});
+    let cancelled = pipeline::run(&JobSpec { job_dir: dir.path().join("jobs/3"), ..spec }, &AtomicBool::new(true), &mut |_| {});
     assert!(matches!(cancelled, Err(JobError::Cancelled)));
     Ok(())
 }
@@ -394,7 +394,7 @@ fn job_gate_promotes_good_and_refuses_bad_candidates() -> R {
 fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     use super::auto::AutoRule;
     use super::files::FileStore;
-    use super::jobs::{CreateJob, JobManager, JobsConfig};
+    use super::jobs::{CreateJob, JobManager, JobStatus, JobsConfig};
     use std::sync::Arc;
     let dir = tempfile::tempdir()?;
     let (path, _) = tiny_model(dir.path())?;
@@ -443,18 +443,18 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     }
     a.shutdown();
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(matches!(a.get(&job.id)?.status.as_str(), "running" | "queued"));
+    assert!(matches!(a.get(&job.id)?.status, JobStatus::Running | JobStatus::Queued));
     let b = JobManager::start(cfg(), files, registry.clone(), None)?;
     let t = std::time::Instant::now();
     let done = loop {
         let j = b.get(&job.id)?;
-        if matches!(j.status.as_str(), "succeeded" | "failed" | "cancelled") {
+        if j.status.is_finished() {
             break j;
         }
         anyhow::ensure!(t.elapsed().as_secs() < 120, "job did not finish");
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    assert_eq!(done.status, "succeeded", "{:?}", done.error);
+    assert_eq!(done.status, JobStatus::Succeeded, "{:?}", done.error);
     assert_eq!(done.fine_tuned_model.as_deref(), Some("labels-v1"));
     assert_eq!(done.promoted, Some(true));
     assert!(registry.lease("labels-v1").is_some());

@@ -7,14 +7,14 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
-use super::generation::{chat_prompt, collect_all, cache_scope, submit_all, token_logprob, total_usage, Meta, RequestRecord};
+use super::generation::{chat_prompt, collect_all, cache_scope, failed, submit_all, token_logprob, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
     ResponseMessage, UsageOut,
 };
 use crate::api::auth::Caller;
-use crate::api::error::{ApiError, ApiResult};
+use crate::api::error::ApiResult;
 use crate::api::json::Json;
 use crate::api::AppState;
 use crate::engine::{FinishReason, ModelInfo};
@@ -103,17 +103,10 @@ pub async fn create(
     };
     // The response goes out only once its log record is committed (`[logs] durable`).
     record.commit().await;
+    record.finish();
     let mut resp = HttpResponse::Ok().json(body);
     saved_header(&mut resp, saved);
     Ok(resp)
-}
-
-/// Logs a request that failed after routing with the error the client gets.
-async fn failed(mut record: RequestRecord, e: impl Into<ApiError>) -> ApiError {
-    let e = e.into();
-    record.fail(e.kind.code());
-    record.commit().await;
-    e
 }
 
 /// The log record as known before generation: who asked what, routed where.

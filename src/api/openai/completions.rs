@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
-use super::generation::{tokenize, collect_all, cache_scope, submit_all, total_usage, Meta, RequestRecord};
+use super::generation::{cache_scope, collect_all, failed, submit_all, tokenize, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
@@ -41,13 +41,19 @@ pub async fn create(
     let completions = if plan.common.params.max_tokens == 0 {
         without_generation(&info, &plan)?
     } else {
-        let streams = submit_all(&state.engine, &plan.prompts, &plan.common, routed.adapter.as_ref())?;
+        let streams = match submit_all(&state.engine, &plan.prompts, &plan.common, routed.adapter.as_ref()) {
+            Ok(s) => s,
+            Err(e) => return Err(failed(record, e).await),
+        };
         if plan.common.stream {
             format.offsets = (0..streams.len()).map(|i| format.echo(i).chars().count()).collect();
             let held = StreamResources { permit, record };
             return Ok(stream::respond(streams, n, plan.common.include_usage, format, held));
         }
-        let completions = collect_all(streams).await?;
+        let completions = match collect_all(streams).await {
+            Ok(c) => c,
+            Err(e) => return Err(failed(record, e).await),
+        };
         for c in &completions {
             record.choice_done(&c.timings, c.usage.completion_tokens);
         }
@@ -56,6 +62,7 @@ pub async fn create(
     drop(permit);
     let usage = total_usage(n, completions.iter().map(|c| &c.usage).enumerate());
     record.complete(usage);
+    record.finish();
     if plan.common.stream {
         // Nothing was generated (max_tokens 0): the whole stream is known now.
         let mut events: Vec<sse::Data> = format.opening();

@@ -154,6 +154,8 @@ pub struct RequestRecord {
     metrics: Option<Arc<Metrics>>,
     /// The error code the client got, when the request failed.
     failed: Option<String>,
+    /// `finish` has run.
+    finished: bool,
 }
 
 impl RequestRecord {
@@ -175,6 +177,7 @@ impl RequestRecord {
             choices: Vec::new(),
             metrics: None,
             failed: None,
+            finished: false,
         }
     }
 
@@ -276,8 +279,14 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-impl Drop for RequestRecord {
-    fn drop(&mut self) {
+impl RequestRecord {
+    /// Ends the request's accounting, once: the log record (if `commit` has not written it
+    /// already), the "request finished" trace line and the metrics. Handlers call it when the
+    /// response is decided (after `commit`, so the record is durable first).
+    pub fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         if let Some((logs, record)) = self.take_log() {
             logs.record_detached(record);
         }
@@ -311,6 +320,25 @@ impl Drop for RequestRecord {
                 choices: &self.choices,
             });
         }
+    }
+}
+
+/// Finishes a request that failed after routing, with the error the client gets: its log
+/// record is committed with that error's code first.
+pub async fn failed(mut record: RequestRecord, e: impl Into<ApiError>) -> ApiError {
+    let e = e.into();
+    record.fail(e.kind.code());
+    record.commit().await;
+    record.finish();
+    e
+}
+
+/// The one path no handler code runs to its end: the client went away, so actix dropped the
+/// handler's future or the response stream mid-way. The request is finished here, as
+/// cancelled; every other path has called `finish` already and this does nothing.
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

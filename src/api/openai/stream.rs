@@ -86,6 +86,7 @@ pub fn respond<F: ChunkFormat>(
             if st.ended {
                 // The last chunks wait until the log record is committed.
                 st.held.record.commit().await;
+                st.held.record.finish();
             }
         }
     });
