@@ -788,7 +788,10 @@ def write_report(res, path):
         L.append(f"### {task.title} (`{tname}`)\n")
         L.append(f"System prompt **{t.get('system_prompt_tokens', '?')} tokens** ({t['shots']} examples in it); "
                  f"{t['held_out']} held-out inputs, training sizes {', '.join(str(j['examples']) for j in t['jobs'])}; "
-                 f"max_tokens {task.max_tokens}. Metric: {task.metric}"
+                 f"max_tokens {task.max_tokens}"
+                 + (f"; {t['held_out_duplicates']} held-out inputs have an identical copy (a duplicate in the data "
+                    "set) among the training pool or prompt examples" if t.get("held_out_duplicates") else "")
+                 + f". Metric: {task.metric}"
                  + (f" ({task.secondary[1]})" if task.secondary else "") + ".\n")
         if "eval" not in t:
             L.append("_Not evaluated (the run stopped before this task's eval)._\n")
@@ -832,7 +835,9 @@ def write_report(res, path):
     L.append("")
     L.append("![suite chart](flywheel-suite.png)\n")
     L.append("## What ran\n")
-    L.append(f"- **Gateway**: `{s['binary']}` (release build), commit `{res['commit']}`; `tunegate serve --config` a "
+    L.append(f"- **Gateway**: `{s['binary']}` (release build"
+             + (f", copied from `target/release` at {res['binary_built']}" if res.get("binary_built") else "")
+             + f"), commit `{res['commit']}`; `tunegate serve --config` a "
              "temporary TOML with only `[server] bind/data_dir`, `[model] path` and `[adapters] root` (fresh folders): "
              "every other setting, training included, is the product's default.")
     L.append(f"- **Model**: SmolLM2-135M-Instruct Q4_1 (`{s['model_path']}`), base model id `{res.get('base_model')}`.")
@@ -883,6 +888,7 @@ def chart(res, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = [(k, v) for k, v in res["tasks"].items() if "eval" in v]
     if not tasks:
@@ -903,12 +909,13 @@ def chart(res, path):
             ax.axhline(100 * ev["base"][k], color="#c9c9c9", ls=":", label=f"base, {task.secondary[1]}")
         ax.axhline(85, color="#d9534f", lw=0.8, alpha=0.6)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_ylim(0, 100)
         ax.set_title(f"{tname}: {task.metric} (%)", fontsize=10)
         ax.set_xlabel("training examples", fontsize=8)
-        ax.legend(fontsize=6.5, loc="lower right")
+        ax.legend(fontsize=6.5, loc="best")
         ax.spines[["top", "right"]].set_visible(False)
         ax = axes[1][col]
         names = ["base"] + [str(n) for n in sizes]
@@ -935,6 +942,13 @@ def _common(rows, k=3):
 
 # --------------------------------------------------------------------------- main
 
+def split_overlap(shots, held_out, pool):
+    """Held-out inputs whose text is identical to a prompt example's or a training input's
+    (the data sets' own duplicates under different ids)."""
+    seen = {x["user"] for x in shots} | {x["user"] for x in pool}
+    return sum(x["user"] in seen for x in held_out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASK_NAMES), help="comma-separated, of: " + ", ".join(TASK_NAMES))
@@ -946,7 +960,21 @@ def main():
     p.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     p.add_argument("--out", default=None, help="results folder (default benches/results; --quick: /tmp/flywheel-suite-quick)")
     p.add_argument("--keep", action="store_true", help="keep the gateway's temporary folder")
+    p.add_argument("--report-from", metavar="JSON", help="only rewrite the .md and .png (next to JSON) from a run's JSON")
     args = p.parse_args()
+    if args.report_from:
+        src = Path(args.report_from)
+        res = json.loads(src.read_text())
+        st = res["settings"]
+        for n, t in res["tasks"].items():  # runs written before these fields existed
+            if "held_out_duplicates" not in t:
+                t["held_out_duplicates"] = split_overlap(*TASKS[n].split(st["seed"], st["eval_examples"], max(st["sizes"])))
+        if "binary_built" not in res and Path(st["binary"]).exists():
+            res["binary_built"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(Path(st["binary"]).stat().st_mtime))
+        write_report(res, src.with_suffix(".md"))
+        chart(res, src.with_suffix(".png"))
+        log(f"rewrote {src.with_suffix('.md')} and .png")
+        return
     sizes = [int(x) for x in (args.sizes or ("4,8" if args.quick else "20,100,500")).split(",")]
     n_eval = args.eval_examples or (4 if args.quick else 100)
     out = Path(args.out or ("/tmp/flywheel-suite-quick" if args.quick else REPO / "benches" / "results"))
@@ -970,8 +998,7 @@ def main():
             sys.exit(f"{n}: only {len(pool)} training / {len(held_out)} held-out inputs")
         ids = [set(x["id"] for x in xs) for xs in (shots, held_out, pool)]
         assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]), f"{n}: the split is not disjoint"
-        users = [set(x["user"] for x in xs) for xs in (shots, held_out, pool)]
-        overlap = len(users[1] & (users[0] | users[2]))
+        overlap = split_overlap(shots, held_out, pool)
         splits[n] = (shots, held_out, pool)
         log(f"{n}: {len(shots)} prompt examples, {len(held_out)} held-out, {len(pool)} training "
             f"({overlap} held-out inputs identical to a training/prompt input)")
@@ -984,6 +1011,7 @@ def main():
         "commit": fw.git("rev-parse", "--short", "HEAD") + (" (dirty)" if fw.git("status", "--porcelain", "--untracked-files=no") else ""),
         "machine": fw.machine(),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "binary_built": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(binary.stat().st_mtime)),
         "settings": {"binary": str(binary), "model_path": os.path.relpath(Path(args.model).absolute(), REPO),
                      "sizes": sizes, "eval_examples": n_eval, "seed": args.seed, "quick": args.quick,
                      "tasks": names, "config": gw.config.read_text()},
@@ -1008,6 +1036,7 @@ def main():
             shots, held_out, pool = splits[n]
             sysprompt = task.system_prompt(shots)
             t = res["tasks"][n] = {"shots": len(shots), "held_out": len(held_out), "pool": len(pool), "jobs": [],
+                                   "held_out_duplicates": split_overlap(shots, held_out, pool),
                                    "system_prompt": sysprompt, "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
             def ptoks(system):
