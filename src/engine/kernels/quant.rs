@@ -1,0 +1,278 @@
+//! Block-quantized weights and activations: GGML's Q8_0 and Q4_1 weight blocks read in
+//! place, activations quantized once per input to 32-value blocks ([`QActs`], f32 scales),
+//! and the dot kernels of a tile of weight rows × activation rows, one dispatcher for every
+//! format ([`tile`]) over each format's portable loop and its x86 variants (`super::x86`).
+//! The integer dot product of a block pair is exact; only the activation rounding (< 0.4%
+//! per value) differs from an f32 product, as in llama.cpp.
+
+use half::f16;
+
+use super::{Isa, OutPtr};
+#[cfg(target_arch = "x86_64")]
+use super::avx512f;
+
+/// Values per quantization block.
+pub const QK: usize = 32;
+/// Bytes of one GGML Q8_0 block.
+pub const Q8_0_BYTES: usize = 34;
+/// Bytes of one GGML Q4_1 block: f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles
+/// (low nibble of byte `j` is value `j`, high nibble value `j + 16`); value = q·d + m.
+pub const Q4_1_BYTES: usize = 20;
+
+/// One block of quantized activations.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(4))]
+pub struct ActBlock {
+    pub d: f32,
+    /// `d · Σ qs`: what a Q4_1 block's minimum multiplies.
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+impl ActBlock {
+    pub(super) const ZERO: Self = Self { d: 0.0, s: 0.0, qs: [0; QK] };
+}
+
+/// `m` activation rows of `k` values quantized to blocks (`k / 32` per row).
+#[derive(Default, Debug)]
+pub struct QActs {
+    pub blocks: Vec<ActBlock>,
+    pub rows: usize,
+    pub per_row: usize,
+}
+
+/// Blocks from this many on are quantized by every pool thread (a share each).
+pub(super) const PARALLEL_BLOCKS: usize = 96;
+
+impl QActs {
+    /// Quantizes `x` (`m` rows of `k`, `k` a multiple of 32), reusing the buffer.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        self.quantize_on(None, x, k);
+    }
+
+    /// The same, with the blocks shared over `pool`'s threads when there are many (a
+    /// batch's rows): the other threads would otherwise wait for this serial pass.
+    pub fn quantize_par(&mut self, pool: &crate::engine::pool::Pool, x: &[f32], k: usize) {
+        self.quantize_on(Some(pool), x, k);
+    }
+
+    fn quantize_on(&mut self, pool: Option<&crate::engine::pool::Pool>, x: &[f32], k: usize) {
+        let nb = k / QK;
+        let m = x.len() / k;
+        self.rows = m;
+        self.per_row = nb;
+        let n = x.len() / QK;
+        self.blocks.clear();
+        self.blocks.resize(n, ActBlock::ZERO);
+        match pool {
+            Some(pool) if n >= PARALLEL_BLOCKS && pool.threads() > 1 => {
+                let out = OutPtr(self.blocks.as_mut_ptr());
+                let threads = pool.threads();
+                pool.run(&|tid| {
+                    let (b0, b1) = crate::engine::pool::share(n, threads, tid);
+                    // SAFETY: shares are disjoint block ranges inside `blocks` (n long).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.at(b0), b1 - b0) };
+                    quantize_blocks(&x[b0 * QK..b1 * QK], dst);
+                });
+            }
+            _ => quantize_blocks(&x[..n * QK], &mut self.blocks),
+        }
+    }
+
+    pub(super) fn row(&self, r: usize) -> &[ActBlock] {
+        &self.blocks[r * self.per_row..(r + 1) * self.per_row]
+    }
+}
+
+/// `x.len() / 32` blocks into `out` (as long).
+fn quantize_blocks(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512f() {
+            // SAFETY: the CPU has AVX-512F; `x` holds `out.len()` whole blocks.
+            unsafe { x86_quant::quantize_avx512(x, out) };
+            return;
+        }
+    }
+    quantize_blocks_portable(x, out);
+}
+
+/// The plain loop of [`quantize_blocks`] (what the vector version must equal).
+pub(super) fn quantize_blocks_portable(x: &[f32], out: &mut [ActBlock]) {
+    for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut qs = [0i8; QK];
+        let mut sum = 0i32;
+        for (q, v) in qs.iter_mut().zip(chunk) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            sum += i32::from(*q);
+        }
+        *block = ActBlock { d, s: d * sum as f32, qs };
+    }
+}
+
+
+/// A weight block format the tile kernels read: its bytes per block and its dot kernels.
+pub(crate) trait BlockFormat {
+    const BYTES: usize;
+    /// One weight row against `N` activation rows, as plain loops (what every vector
+    /// variant must equal).
+    fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N];
+    /// The vector kernel for `isa`, or `None` for the portable loop.
+    ///
+    /// # Safety
+    /// `isa` is what [`super::isa`] detected (the CPU has its features); every `ws[r]` holds
+    /// the same whole number of blocks and every `xs[t]` at least that many.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn x86<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> Option<[[f32; N]; R]>;
+}
+
+/// GGML Q8_0: an f16 scale and 32 `i8` per block.
+pub(crate) struct Q8_0;
+/// GGML Q4_1: an f16 scale, an f16 minimum and 32 4-bit values per block.
+pub(crate) struct Q4_1;
+
+impl BlockFormat for Q8_0 {
+    const BYTES: usize = Q8_0_BYTES;
+    fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+        q8_0_portable(w, xs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn x86<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> Option<[[f32; N]; R]> {
+        use super::x86::*;
+        // SAFETY: the caller's contract (see the trait).
+        unsafe {
+            match isa {
+                Isa::Avx512Vnni => Some(q8_0_vnni512::<R, N>(ws, xs)),
+                Isa::AvxVnni => Some(q8_0_vnni256::<R, N>(ws, xs)),
+                Isa::Avx2 => Some(q8_0_avx2::<R, N>(ws, xs)),
+                Isa::Portable => None,
+            }
+        }
+    }
+}
+
+impl BlockFormat for Q4_1 {
+    const BYTES: usize = Q4_1_BYTES;
+    fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+        q4_1_portable(w, xs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn x86<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> Option<[[f32; N]; R]> {
+        use super::x86::*;
+        // SAFETY: the caller's contract (see the trait).
+        unsafe {
+            match isa {
+                Isa::Avx512Vnni => Some(q4_1_vnni512_pairs::<R, N>(ws, xs)),
+                Isa::AvxVnni => Some(q4_1_vnni256::<R, N>(ws, xs)),
+                Isa::Avx2 => Some(q4_1_avx2::<R, N>(ws, xs)),
+                Isa::Portable => None,
+            }
+        }
+    }
+}
+
+/// Dot products of `R` weight rows of format `F` (raw bytes, the same number of blocks
+/// each) with `N` activation rows: `R × N` independent accumulators, so neither decode (one
+/// activation row; several weight rows) nor prefill (one weight row; several activation
+/// rows) waits on one chain.
+#[inline]
+pub(crate) fn tile<F: BlockFormat, const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` comes from `isa()`, which checked the CPU features of each variant; the
+    // callers' shapes give every row the same whole number of blocks.
+    if let Some(out) = unsafe { F::x86::<R, N>(isa, ws, xs) } {
+        return out;
+    }
+    let _ = isa;
+    ws.map(|w| F::portable::<N>(w, xs))
+}
+
+fn f16_at(w: &[u8], o: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
+}
+
+pub(super) fn q4_1_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    let nb = w.len() / Q4_1_BYTES;
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let o = b * Q4_1_BYTES;
+        let (d, m) = (f16_at(w, o), f16_at(w, o + 2));
+        let qs = &w[o + 4..o + Q4_1_BYTES];
+        for (acc, x) in out.iter_mut().zip(&xs) {
+            let xb = &x[b];
+            let mut s = 0i32;
+            for (j, &q) in qs.iter().enumerate() {
+                s += i32::from(q & 0x0F) * i32::from(xb.qs[j]) + i32::from(q >> 4) * i32::from(xb.qs[j + 16]);
+            }
+            *acc += d * xb.d * s as f32 + m * xb.s;
+        }
+    }
+    out
+}
+
+pub(super) fn q8_0_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    let nb = w.len() / Q8_0_BYTES;
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let dw = f16_at(w, b * Q8_0_BYTES);
+        let wq = &w[b * Q8_0_BYTES + 2..(b + 1) * Q8_0_BYTES];
+        for (o, x) in out.iter_mut().zip(&xs) {
+            let xb = &x[b];
+            let s: i32 = wq.iter().zip(&xb.qs).map(|(&a, &c)| i32::from(a as i8) * i32::from(c)).sum();
+            *o += dw * xb.d * s as f32;
+        }
+    }
+    out
+}
+
+
+#[cfg(target_arch = "x86_64")]
+mod x86_quant {
+    use super::{ActBlock, QK};
+    use std::arch::x86_64::*;
+
+    /// [`super::QActs::quantize`]'s blocks, 16 values per instruction, with the scalar
+    /// loop's exact results: the same scale and `f32::round` (half away from zero, done as
+    /// truncate, then add the sign where the dropped fraction is at least one half), and
+    /// the scalar casts' treatment of NaN (ignored by the maximum, quantized to 0).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x` holds exactly `out.len()` blocks of `QK` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn quantize_avx512(x: &[f32], out: &mut [ActBlock]) {
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_set1_epi32(1.0f32.to_bits() as i32);
+        let sign = _mm512_set1_epi32(i32::MIN);
+        // NaN lanes as 0 (`f32::max` skips NaN; `NaN as i8` is 0).
+        let no_nan = |v: __m512| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), v);
+        for (chunk, block) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            let (a, b) = (_mm512_loadu_ps(chunk.as_ptr()), _mm512_loadu_ps(chunk.as_ptr().add(16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(no_nan(a)), _mm512_abs_ps(no_nan(b))));
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let mut qs = [0i8; QK];
+            let mut sum = 0i32;
+            for (h, v) in [a, b].into_iter().enumerate() {
+                // 0·inf (a tiny block's 1/d, or an infinite input's 0) is NaN here as in the
+                // scalar loop, and becomes 0 as there.
+                let y = no_nan(_mm512_mul_ps(v, id));
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let frac = _mm512_abs_ps(_mm512_sub_ps(y, t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+                // ±1 with y's sign where the fraction rounds away from zero (integer ops:
+                // AVX-512F alone).
+                let step = _mm512_castsi512_ps(_mm512_or_si512(one, _mm512_and_si512(_mm512_castps_si512(y), sign)));
+                let r = _mm512_mask_add_ps(t, up, t, step);
+                let r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.0)), _mm512_set1_ps(127.0));
+                let i = _mm512_cvttps_epi32(r);
+                sum += _mm512_reduce_add_epi32(i);
+                _mm_storeu_si128(qs.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(i));
+            }
+            *block = ActBlock { d, s: d * sum as f32, qs };
+        }
+    }
+}
+
