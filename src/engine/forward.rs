@@ -6,8 +6,8 @@
 //! serving pass runs the same arithmetic as a fixed sequence of kernels (`kernels.rs`) on
 //! buffers sized once per step: fused q/k/v and gate/up products over quantized weights
 //! read in place, RMSNorm/RoPE/SiLU loops, attention straight over the sequence's
-//! [`KvCache`] rows, and LoRA deltas per adapter group ([`LoraRegion`]: planned before
-//! the base product so that its pairs are prefetched meanwhile). Work is split over the engine's
+//! [`KvCache`] rows, and LoRA deltas per adapter group (`lora::apply`'s `LoraRegion`: planned
+//! before the base product so that its pairs are prefetched meanwhile). Work is split over the engine's
 //! [`pool`](super::pool) region by region (a matmul's output rows, attention heads, LoRA
 //! groups).
 //!
@@ -17,15 +17,12 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::sync::Mutex;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Storage, StorageRef, Tensor};
-use half::slice::HalfFloatSliceExt;
 
 use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
-use super::lora::{BatchLora, Proj, ServingPair};
-use super::lora_kernels;
+use super::lora::{BatchLora, Proj};
 use super::model::{Linear, Model, SeqBatch};
 use super::pool::{self, Pool};
 use super::{EngineError, Result};
@@ -33,10 +30,6 @@ use super::{EngineError, Result};
 /// Prefill attention switches from per-query loops to blocked products from this many
 /// query rows on.
 const GEMM_ATTENTION_ROWS: usize = 8;
-
-/// An adapter group with at most this many rows in a step reads its f16 pairs straight
-/// into registers (`lora_kernels`); larger groups widen each pair once and reuse it.
-const REGISTER_LORA_ROWS: usize = 4;
 
 /// A contiguous f32 CPU tensor's values, borrowed for the length of a step.
 pub(crate) struct F32View<'a> {
@@ -117,14 +110,14 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+pub(super) fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.clear();
     v.resize(n, 0.0);
     v
 }
 
 /// `n` values of room whose old contents the caller overwrites (no zeroing).
-fn room(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+pub(super) fn room(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.resize(n, 0.0);
     &mut v[..n]
 }
@@ -413,182 +406,6 @@ impl Model {
             })
         };
         pool.run(&work);
-        Ok(())
-    }
-}
-
-/// A serving pair's matrix as stored.
-#[derive(Clone, Copy)]
-enum Values<'a> {
-    F16(&'a [half::f16]),
-    F32(&'a [f32]),
-}
-
-impl<'a> Values<'a> {
-    fn len(&self) -> usize {
-        match self {
-            Values::F16(v) => v.len(),
-            Values::F32(v) => v.len(),
-        }
-    }
-
-    /// The stored bytes (what the cache holds).
-    fn bytes(&self) -> &'a [u8] {
-        let (p, n): (*const u8, usize) = match *self {
-            Values::F16(v) => (v.as_ptr().cast(), std::mem::size_of_val(v)),
-            Values::F32(v) => (v.as_ptr().cast(), std::mem::size_of_val(v)),
-        };
-        // SAFETY: the same live allocation viewed as bytes (every bit pattern is a valid u8).
-        unsafe { std::slice::from_raw_parts(p, n) }
-    }
-
-    /// The values as f32: borrowed, or widened into `buf`.
-    fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
-    where
-        'a: 'b,
-    {
-        match *self {
-            Values::F32(v) => v,
-            Values::F16(v) => {
-                let out = room(buf, v.len());
-                v.convert_to_f32_slice(out);
-                out
-            }
-        }
-    }
-}
-
-/// One LoRA product of a region: a group's pair for one projection.
-#[derive(Clone, Copy)]
-struct LoraJob<'a> {
-    /// The group's rows, as runs `(start, len)`.
-    runs: &'a [(usize, usize)],
-    /// Where the projection's outputs start in the region's output rows.
-    col: usize,
-    rank: usize,
-    a: Values<'a>,
-    b: Values<'a>,
-}
-
-/// The adapter products of one region (projections sharing an input), planned before the
-/// region's base matmul so that each thread can warm its pairs into its cache while that
-/// matmul runs ([`LoraRegion::prefetch`]), then added by [`LoraRegion::apply`]. Jobs are
-/// dealt to the pool's threads round-robin, the same way in both.
-pub(crate) struct LoraRegion<'a> {
-    lora: &'a BatchLora<'a>,
-    jobs: Vec<LoraJob<'a>>,
-    /// Input width.
-    k: usize,
-    threads: usize,
-}
-
-impl<'a> BatchLora<'a> {
-    /// The products for `layer`'s projections `projs` (each with the column where its
-    /// outputs start), whose input rows are `k` wide, over `threads` threads.
-    pub(crate) fn region(&'a self, threads: usize, layer: usize, projs: &[(Proj, usize)], k: usize) -> Result<LoraRegion<'a>> {
-        let mut jobs = Vec::new();
-        for (weights, runs) in self.serving_groups() {
-            let serving = weights.serving()?;
-            let Some(slots) = serving.get(layer) else { continue };
-            for &(p, col) in projs {
-                let Some(pair) = &slots[p as usize] else { continue };
-                let (a, b) = match pair {
-                    ServingPair::F16(a, b) => (Values::F16(a), Values::F16(b)),
-                    ServingPair::F32(a, b) => (Values::F32(a), Values::F32(b)),
-                };
-                let rank = a.len() / k;
-                if rank == 0 || a.len() != rank * k || b.len() % rank != 0 {
-                    return Err(EngineError::Internal("LoRA pair shape does not match its projection".into()));
-                }
-                jobs.push(LoraJob { runs, col, rank, a, b });
-            }
-        }
-        let threads = threads.min(jobs.len()).max(1);
-        Ok(LoraRegion { lora: self, jobs, k, threads })
-    }
-}
-
-impl LoraRegion<'_> {
-    fn jobs_of(&self, tid: usize) -> impl Iterator<Item = &LoraJob<'_>> {
-        self.jobs.iter().skip(tid).step_by(self.threads).take(if tid < self.threads { usize::MAX } else { 0 })
-    }
-
-    /// Each thread's pair bytes, for the matmul before [`LoraRegion::apply`] to warm.
-    pub(crate) fn prefetch(&self) -> kernels::Prefetch<'_> {
-        if self.jobs.is_empty() {
-            return kernels::Prefetch::default();
-        }
-        let per_thread = (0..self.threads)
-            .map(|tid| self.jobs_of(tid).flat_map(|j| [j.a.bytes(), j.b.bytes()]).collect())
-            .collect();
-        kernels::Prefetch { per_thread }
-    }
-
-    /// Adds each group's `x·Aᵀ·s·Bᵀ` to its rows of `y` (`stride` wide), at each job's columns.
-    pub(crate) fn apply(&self, pool: &Pool, x: &[f32], y: &mut [f32], stride: usize) -> Result<()> {
-        if self.jobs.is_empty() {
-            return Ok(());
-        }
-        let k = self.k;
-        let m = x.len() / k;
-        // Every group's runs lie inside the batch's rows (by construction): the kernels
-        // below index rows without further checks.
-        if x.len() != m * k || y.len() < m * stride || m != self.lora.total_rows() {
-            return Err(EngineError::Internal("LoRA rows do not match the batch".into()));
-        }
-        let out = OutPtr(y.as_mut_ptr());
-        let failed = Mutex::new(false);
-        // Jobs (a group's product for one projection) write disjoint cells.
-        let work = |tid: usize| {
-            let (mut tmp, mut a32, mut b32) = (Vec::new(), Vec::new(), Vec::new());
-            for &LoraJob { runs, col, rank: r, a: a_src, b: b_src } in self.jobs_of(tid) {
-                let n_out = b_src.len() / r;
-                if col + n_out > stride {
-                    if let Ok(mut f) = failed.lock() {
-                        *f = true;
-                    }
-                    continue;
-                }
-                let count: usize = runs.iter().map(|&(_, len)| len).sum();
-                if let (Values::F16(a), Values::F16(bv)) = (a_src, b_src) {
-                    if count <= REGISTER_LORA_ROWS && lora_kernels::fused(r) {
-                        // Decode: each pair byte is read once, widened in registers.
-                        for i in runs.iter().flat_map(|&(start, len)| start..start + len) {
-                            let xr = &x[i * k..(i + 1) * k];
-                            // SAFETY: row i (< m, checked above) belongs to this group alone;
-                            // columns inside `stride`.
-                            let yr = unsafe { std::slice::from_raw_parts_mut(out.at(i * stride + col), n_out) };
-                            let done = lora_kernels::row_f16(xr, a, bv, r, yr);
-                            debug_assert!(done, "fused() admitted rank {r}");
-                        }
-                        continue;
-                    }
-                }
-                // Many rows (prefill): the pair is widened once per job and each run of
-                // consecutive rows (a sequence's) goes through two small GEMMs.
-                let a = a_src.as_f32(&mut a32);
-                let bv = b_src.as_f32(&mut b32);
-                for &(start, len) in runs {
-                    let t = sized(&mut tmp, len * r);
-                    // SAFETY: runs lie inside 0..m (checked above), so x holds rows
-                    // start..start+len of k values; `a` is [k, r], `t` [len, r], `bv`
-                    // [r, n_out]; the output block lies in this group's rows and the job's
-                    // columns (checked against `stride` above).
-                    unsafe {
-                        matrixmultiply::sgemm(len, k, r, 1.0, x.as_ptr().add(start * k), k as isize, 1, a.as_ptr(), r as isize, 1, 0.0, t.as_mut_ptr(), r as isize, 1);
-                        matrixmultiply::sgemm(len, r, n_out, 1.0, t.as_ptr(), r as isize, 1, bv.as_ptr(), n_out as isize, 1, 1.0, out.at(start * stride + col), stride as isize, 1);
-                    }
-                }
-            }
-        };
-        if self.threads == 1 {
-            work(0);
-        } else {
-            pool.run(&work);
-        }
-        if failed.into_inner().unwrap_or(true) {
-            return Err(EngineError::Internal("LoRA output wider than its projection".into()));
-        }
         Ok(())
     }
 }

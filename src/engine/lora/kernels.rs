@@ -22,7 +22,7 @@ pub const MAX_RANK: usize = 64;
 pub fn fused(r: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        r > 0 && r.is_multiple_of(8) && r <= MAX_RANK && super::kernels::isa() != super::kernels::Isa::Portable
+        r > 0 && r.is_multiple_of(8) && r <= MAX_RANK && crate::engine::kernels::isa() != crate::engine::kernels::Isa::Portable
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

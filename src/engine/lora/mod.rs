@@ -10,6 +10,9 @@
 //! too (adapters in the model's 16-bit dtype); training and the Tensor path below keep f32.
 //! A loaded adapter keeps only its serving copy ([`LoraWeights::into_serving_only`]).
 
+pub(crate) mod apply;
+pub(crate) mod kernels;
+
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};

@@ -1,0 +1,172 @@
+//! The training forward: whole sequences from position 0, no cache, differentiable candle
+//! ops only (our fused kernels with hand-written backward passes in `grad_ops.rs`). Only
+//! training calls into this file; serving runs `forward.rs`. Tests check the two agree.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+
+use super::{Attention, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm};
+use crate::engine::grad_ops;
+use crate::engine::lora::{BatchLora, Proj};
+use crate::engine::{EngineError, Result};
+
+impl Linear {
+    /// Training forward: a dense weight goes through [`grad_ops::frozen_matmul`], whose
+    /// backward pass forms no gradient for the (frozen) weight.
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            QMatMul::Tensor(w) => grad_ops::frozen_matmul(x, w)?,
+            _ => self.weight.forward(x)?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+impl RmsNorm {
+    /// Training forward, through our differentiable fused kernel (serving normalises in
+    /// `forward.rs`; tests check the two paths agree and the gradients are right).
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(grad_ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+impl Model {
+    /// Training forward: whole sequences from position 0, no cache, differentiable ops
+    /// only. Returns the logits of the positions in `rows` (indices into the concatenated
+    /// sequences; all positions when `None`), `[rows, vocab]`. The base weights must be
+    /// dense (see [`Model::to_dense`]).
+    pub fn forward_train(&self, seqs: &[&[u32]], lora: &BatchLora, rows: Option<&Tensor>) -> Result<Tensor> {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let mut x = self.hidden_states(&ids, &lens, lora)?;
+        if let Some(r) = rows {
+            x = x.index_select(r, 0)?;
+        }
+        let x = self.norm.forward_train(&x)?;
+        self.lm_head.forward_train(&x)
+    }
+
+    /// Embedding and decoder layers over whole sequences (training); `[tokens, hidden]`.
+    fn hidden_states(&self, ids: &[u32], lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
+        if lens.is_empty() || lens.contains(&0) {
+            return Err(EngineError::Internal("empty sequence in batch".into()));
+        }
+        let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward_train(&x)?;
+            let attn = self.attention(li, layer, &h, lens, lora)?;
+            x = (x + attn)?;
+            let h = layer.post_attention_layernorm.forward_train(&x)?;
+            let mlp = self.mlp(li, layer, &h, lora)?;
+            x = (x + mlp)?;
+        }
+        Ok(x)
+    }
+
+    /// A copy whose projections and embedding are dense f32 (quantized blocks have no
+    /// backward pass). The weights themselves are unchanged: serving and training see
+    /// the same values.
+    pub fn to_dense(&self) -> Result<Model> {
+        let dense = |l: &Linear| -> Result<Linear> { Ok(Linear { weight: QMatMul::Tensor(l.dequantize()?), bias: l.bias.clone() }) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DecoderLayer {
+                    input_layernorm: l.input_layernorm.clone(),
+                    self_attn: Attention {
+                        q_proj: dense(&l.self_attn.q_proj)?,
+                        k_proj: dense(&l.self_attn.k_proj)?,
+                        v_proj: dense(&l.self_attn.v_proj)?,
+                        o_proj: dense(&l.self_attn.o_proj)?,
+                    },
+                    post_attention_layernorm: l.post_attention_layernorm.clone(),
+                    mlp: Mlp {
+                        gate_proj: dense(&l.mlp.gate_proj)?,
+                        up_proj: dense(&l.mlp.up_proj)?,
+                        down_proj: dense(&l.mlp.down_proj)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            cfg: self.cfg.clone(),
+            shape: self.shape.clone(),
+            embed_tokens: Embedding::Dense(self.embed_tokens.dequantize()?),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: dense(&self.lm_head)?,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            cos_rows: self.cos_rows.clone(),
+            sin_rows: self.sin_rows.clone(),
+            rope_interleaved: self.rope_interleaved,
+        })
+    }
+
+    fn proj(&self, li: usize, layer: &DecoderLayer, p: Proj, x: &Tensor, lora: &BatchLora) -> Result<Tensor> {
+        let y = layer.proj(p).forward_train(x)?;
+        lora.apply(li, p, x, y)
+    }
+
+    fn attention(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
+        let q = self.proj(li, layer, Proj::Q, h, lora)?;
+        let k = self.proj(li, layer, Proj::K, h, lora)?;
+        let v = self.proj(li, layer, Proj::V, h, lora)?;
+        let attn = self.attention_train(&q, &k, &v, lens)?;
+        self.proj(li, layer, Proj::O, &attn, lora)
+    }
+
+    /// Training attention over whole sequences (positions from 0, no cache). The ragged
+    /// rows are laid out as a padded `[sequences, longest]` grid so that one batched
+    /// product serves every sequence; padding follows each sequence's last token, where
+    /// the causal mask already hides it from real queries, and its rows are dropped on
+    /// the way out (so they get no gradient either).
+    fn attention_train(&self, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
+        let b = lens.len();
+        let t = lens.iter().copied().max().unwrap_or(0);
+        if t > self.cos.dim(0)? {
+            return Err(EngineError::Internal(format!("position {t} beyond the RoPE table ({})", self.cos.dim(0)?)));
+        }
+        let ragged = lens.iter().any(|&n| n != t);
+        let (mut to_grid, mut from_grid) = (Vec::with_capacity(b * t), Vec::new());
+        let mut off = 0u32;
+        for (i, &n) in lens.iter().enumerate() {
+            to_grid.extend((0..t as u32).map(|j| if (j as usize) < n { off + j } else { off }));
+            from_grid.extend((0..n as u32).map(|j| (i * t) as u32 + j));
+            off += n as u32;
+        }
+        let to_grid = Tensor::from_vec(to_grid, b * t, &Device::Cpu)?;
+        let grid = |x: &Tensor, heads: usize| -> Result<Tensor> {
+            let x = if ragged { x.index_select(&to_grid, 0)? } else { x.clone() };
+            Ok(x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let q = grad_ops::rope(&grid(q, nh)?, &cos, &sin, self.rope_interleaved)?;
+        let k = grad_ops::rope(&grid(k, nkv)?, &cos, &sin, self.rope_interleaved)?;
+        let v = grid(v, nkv)?;
+        // Query heads grouped onto their kv head, as in `attend`.
+        let q = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = grad_ops::causal_softmax(&scores, t, 1.0 / (hd as f32).sqrt())?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        Ok(if ragged {
+            let n = from_grid.len();
+            out.index_select(&Tensor::from_vec(from_grid, n, &Device::Cpu)?, 0)?
+        } else {
+            out
+        })
+    }
+
+    fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora) -> Result<Tensor> {
+        let gate = self.proj(li, layer, Proj::Gate, h, lora)?;
+        let up = self.proj(li, layer, Proj::Up, h, lora)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        self.proj(li, layer, Proj::Down, &act, lora)
+    }
+}
