@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tunegate::engine::lora::{BatchLora, LoraWeights};
 use tunegate::training::dataset::Sequence;
-use tunegate::training::job::load_model;
+use tunegate::training::pipeline::load_model;
 use tunegate::training::trainer::{self, AdamW, LoraParams, TrainConfig};
 
 /// Sequences per optimizer step (and per micro-batch), as in the PEFT peer.
@@ -124,7 +124,8 @@ fn main() -> Result<()> {
         let cancel = AtomicBool::new(false);
         let cpu0 = cpu_seconds();
         let rest = &data[BATCH..];
-        let outcome = trainer::train(&dense, &params, &mut opt, rest, &cfg, None, &cancel, &mut |_, _, _| {
+        let run = trainer::TrainRun { model: &dense, params: &params, opt: &mut opt, data: rest, cfg: &cfg, resume: None, cancel: &cancel };
+        let outcome = trainer::train(run, &mut |_, _, _| {
             times.push(last.elapsed().as_secs_f64());
             last = Instant::now();
             Ok(())

@@ -337,7 +337,9 @@ fn train_adapter(gguf: &Path, root: &Path) -> anyhow::Result<(PathBuf, LoraParam
     let params = LoraParams::init(&m.shape, &cfg)?;
     let mut opt = AdamW::new(&params, cfg.weight_decay)?;
     let data = training_data();
-    let out = trainer::train(&dense, &params, &mut opt, &data, &cfg, None, &AtomicBool::new(false), &mut |_, _, _| Ok(()))?;
+    let cancel = AtomicBool::new(false);
+    let run = trainer::TrainRun { model: &dense, params: &params, opt: &mut opt, data: &data, cfg: &cfg, resume: None, cancel: &cancel };
+    let out = trainer::train(run, &mut |_, _, _| Ok(()))?;
     let (first, last) = (out.losses.first().copied().unwrap_or(0.0), out.losses.last().copied().unwrap_or(0.0));
     eprintln!("trained {} steps, loss {first} -> {last}", out.steps);
     anyhow::ensure!(last < first * 0.5, "training did not learn (loss {first} -> {last})");

@@ -180,7 +180,8 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     });
     let mut checkpoints = Vec::new();
     let every = hyper.checkpoint_every.max(1);
-    let outcome = trainer::train(&dense, &params, &mut opt, &data.train, &hyper, resume, cancel, &mut |p, params, opt| {
+    let run = trainer::TrainRun { model: &dense, params: &params, opt: &mut opt, data: &data.train, cfg: &hyper, resume, cancel };
+    let outcome = trainer::train(run, &mut |p, params, opt| {
         if p.step % every == 0 || p.step == p.total_steps {
             trainer::save_checkpoint(&ckpt_dir, params, opt, p.step)?;
             checkpoints.push(p.step);

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::dataset::{self, DatasetOptions, Example};
 use super::export::{self, AdapterMeta};
-use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig};
+use super::trainer::{self, AdamW, LoraParams, Resume, TrainConfig, TrainRun};
 use crate::adapters::{lora_handle, peft, AdapterLimits, AdapterRegistry};
 use crate::engine::gguf::GgufFile;
 use crate::engine::lora::BatchLora;
@@ -225,7 +225,8 @@ fn distilled_adapter_learns_the_task_and_serves_identically() -> R {
     let params = LoraParams::init(&m.shape, &cfg)?;
     let mut opt = AdamW::new(&params, cfg.weight_decay)?;
     let mut seen = 0;
-    let out = trainer::train(&dense, &params, &mut opt, &data.train, &cfg, None, &AtomicBool::new(false), &mut |p, _, _| {
+    let run = TrainRun { model: &dense, params: &params, opt: &mut opt, data: &data.train, cfg: &cfg, resume: None, cancel: &AtomicBool::new(false) };
+    let out = trainer::train(run, &mut |p, _, _| {
         seen = p.step;
         Ok(())
     })?;
@@ -288,7 +289,8 @@ fn resume_from_checkpoint_is_exact() -> R {
         }
         let cancel = AtomicBool::new(false);
         let ckpt = dir.path().join("ckpt");
-        trainer::train(&dense, &params, &mut opt, &data.train, &cfg, resume, &cancel, &mut |p, params, opt| {
+        let run = TrainRun { model: &dense, params: &params, opt: &mut opt, data: &data.train, cfg: &cfg, resume, cancel: &cancel };
+        trainer::train(run, &mut |p, params, opt| {
             if Some(p.step) == stop_at {
                 trainer::save_checkpoint(&ckpt, params, opt, p.step)?;
                 cancel.store(true, std::sync::atomic::Ordering::Relaxed);

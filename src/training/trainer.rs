@@ -323,20 +323,26 @@ pub struct Resume {
     pub start_step: usize,
 }
 
-/// Trains `params` on `data`. `model` must be dense (`Model::to_dense`). Calls `on_step`
-/// after each optimizer step (for progress, checkpoints); stops within one step when
-/// `cancel` is set.
-#[expect(clippy::too_many_arguments, reason = "independent borrows: model, parameters, optimizer, data, settings, resume point, cancel flag, progress sink")]
+/// One training run: the dense model (`Model::to_dense`), the adapter it trains and its
+/// optimizer, the data, the settings, where it starts, and the flag that stops it.
+pub struct TrainRun<'a> {
+    pub model: &'a Model,
+    pub params: &'a LoraParams,
+    pub opt: &'a mut AdamW,
+    pub data: &'a [Sequence],
+    pub cfg: &'a TrainConfig,
+    pub resume: Option<Resume>,
+    /// Set: the run stops within one step.
+    pub cancel: &'a AtomicBool,
+}
+
+/// Trains `run.params` on `run.data`. Calls `on_step` after each optimizer step (for
+/// progress, checkpoints); stops within one step when `run.cancel` is set.
 pub fn train(
-    model: &Model,
-    params: &LoraParams,
-    opt: &mut AdamW,
-    data: &[Sequence],
-    cfg: &TrainConfig,
-    resume: Option<Resume>,
-    cancel: &AtomicBool,
+    run: TrainRun<'_>,
     on_step: &mut dyn FnMut(&Progress, &LoraParams, &AdamW) -> Result<()>,
 ) -> Result<TrainOutcome> {
+    let TrainRun { model, params, opt, data, cfg, resume, cancel } = run;
     if data.is_empty() {
         return Err(EngineError::InvalidRequest("the training set is empty".into()));
     }
