@@ -79,16 +79,16 @@ pub struct Hyperparameters {
     pub learning_rate_multiplier: serde_json::Value,
 }
 
-/// OpenAI's `fine_tuning.job`, plus tunegate's `task`, `promoted` and `eval` fields.
+/// A fine-tuning job as stored (`jobs/<id>/job.json`): what OpenAI's `fine_tuning.job`
+/// reports (the API layer adds the envelope, `api::openai::types::Job`), plus
+/// tunegate's `task`, `promoted`, `eval`, hyper-parameters and owners.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FineTuningJob {
+pub struct Job {
     pub id: String,
-    pub object: String,
     pub created_at: u64,
     pub finished_at: Option<u64>,
     pub model: String,
     pub fine_tuned_model: Option<String>,
-    pub organization_id: String,
     pub status: JobStatus,
     pub hyperparameters: Hyperparameters,
     pub training_file: String,
@@ -108,7 +108,7 @@ pub struct FineTuningJob {
     /// What the client fixed; the rest is chosen by the `auto` rule when the job runs.
     #[serde(default)]
     pub requested_hyperparameters: Requested,
-    /// The tenant that created the job (tunegate's field; `organization_id` says the same).
+    /// The tenant that created the job (reported as `organization_id` too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     /// The tenant that owns the trained adapter (a client key's own fine-tuned model);
@@ -117,10 +117,10 @@ pub struct FineTuningJob {
     pub adapter_owner: Option<String>,
 }
 
+/// One line of a job's event log (`events.jsonl`), reported as `fine_tuning.job.event`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct JobEventObject {
+pub struct JobEventRecord {
     pub id: String,
-    pub object: String,
     pub created_at: u64,
     pub level: String,
     pub message: String,
@@ -129,10 +129,11 @@ pub struct JobEventObject {
     pub kind: String,
 }
 
+/// One line of a job's checkpoint log (`checkpoints.jsonl`), reported as
+/// `fine_tuning.job.checkpoint`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointObject {
+pub struct CheckpointRecord {
     pub id: String,
-    pub object: String,
     pub created_at: u64,
     pub fine_tuned_model_checkpoint: String,
     pub fine_tuning_job_id: String,
@@ -275,7 +276,7 @@ impl JobManager {
             stop: AtomicBool::new(false),
         });
         let mgr = JobManager { inner };
-        let mut unfinished: Vec<FineTuningJob> =
+        let mut unfinished: Vec<Job> =
             mgr.all()?.into_iter().filter(|j| j.status.is_active()).collect();
         unfinished.sort_by_key(|j| j.created_at);
         for j in unfinished {
@@ -304,7 +305,7 @@ impl JobManager {
         self.inner.wake.notify_all();
     }
 
-    pub fn create(&self, req: CreateJob) -> Result<FineTuningJob, JobsError> {
+    pub fn create(&self, req: CreateJob) -> Result<Job, JobsError> {
         let i = &self.inner;
         if req.model != i.cfg.base_model {
             return Err(JobsError::Invalid(format!(
@@ -381,14 +382,12 @@ impl JobManager {
             learning_rate_multiplier: req.learning_rate_multiplier,
         };
         let shown = |v: Option<serde_json::Value>| v.unwrap_or_else(|| "auto".into());
-        let job = FineTuningJob {
+        let job = Job {
             id: id.clone(),
-            object: "fine_tuning.job".into(),
             created_at: now(),
             finished_at: None,
             model: req.model,
             fine_tuned_model: None,
-            organization_id: req.owner.clone().unwrap_or_else(|| "tunegate".into()),
             status: JobStatus::Queued,
             hyperparameters: Hyperparameters {
                 n_epochs: shown(requested.n_epochs.map(Into::into)),
@@ -427,12 +426,12 @@ impl JobManager {
         Ok(self.inner.dir.join(id))
     }
 
-    pub fn get(&self, id: &str) -> Result<FineTuningJob, JobsError> {
+    pub fn get(&self, id: &str) -> Result<Job, JobsError> {
         let raw = std::fs::read(self.job_path(id)?.join("job.json")).map_err(|_| JobsError::NotFound(id.to_string()))?;
         serde_json::from_slice(&raw).map_err(|e| JobsError::Io(e.to_string()))
     }
 
-    fn all(&self) -> Result<Vec<FineTuningJob>, JobsError> {
+    fn all(&self) -> Result<Vec<Job>, JobsError> {
         let rd = std::fs::read_dir(&self.inner.dir).map_err(|e| JobsError::Io(e.to_string()))?;
         Ok(rd
             .filter_map(|e| e.ok())
@@ -441,7 +440,7 @@ impl JobManager {
     }
 
     /// Newest first, OpenAI cursor paging (`after` = a job id); only `owner`'s jobs when given.
-    pub fn list(&self, after: Option<&str>, limit: usize, owner: Option<&str>) -> Result<(Vec<FineTuningJob>, bool), JobsError> {
+    pub fn list(&self, after: Option<&str>, limit: usize, owner: Option<&str>) -> Result<(Vec<Job>, bool), JobsError> {
         let mut all = self.all()?;
         if let Some(o) = owner {
             all.retain(|j| j.owner.as_deref() == Some(o));
@@ -452,11 +451,11 @@ impl JobManager {
             None => 0,
         };
         let rest = &all[start.min(all.len())..];
-        let page: Vec<FineTuningJob> = rest.iter().take(limit).cloned().collect();
+        let page: Vec<Job> = rest.iter().take(limit).cloned().collect();
         Ok((page, rest.len() > limit))
     }
 
-    pub fn cancel(&self, id: &str) -> Result<FineTuningJob, JobsError> {
+    pub fn cancel(&self, id: &str) -> Result<Job, JobsError> {
         let mut job = self.get(id)?;
         if job.status.is_finished() {
             return Err(JobsError::Conflict(format!("job {id} has already {}", job.status)));
@@ -473,9 +472,9 @@ impl JobManager {
     }
 
     /// Newest first.
-    pub fn events(&self, id: &str, after: Option<&str>, limit: usize) -> Result<(Vec<JobEventObject>, bool), JobsError> {
+    pub fn events(&self, id: &str, after: Option<&str>, limit: usize) -> Result<(Vec<JobEventRecord>, bool), JobsError> {
         let raw = std::fs::read_to_string(self.job_path(id)?.join("events.jsonl")).map_err(|_| JobsError::NotFound(id.to_string()))?;
-        let mut evs: Vec<JobEventObject> = raw.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let mut evs: Vec<JobEventRecord> = raw.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         evs.reverse();
         let start = match after {
             Some(a) => evs.iter().position(|e| e.id == a).map_or(evs.len(), |p| p + 1),
@@ -485,14 +484,14 @@ impl JobManager {
         Ok((rest.iter().take(limit).cloned().collect(), rest.len() > limit))
     }
 
-    pub fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointObject>, JobsError> {
+    pub fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointRecord>, JobsError> {
         let raw = std::fs::read_to_string(self.job_path(id)?.join("checkpoints.jsonl")).unwrap_or_default();
-        let mut v: Vec<CheckpointObject> = raw.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let mut v: Vec<CheckpointRecord> = raw.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         v.reverse();
         Ok(v)
     }
 
-    fn save(&self, job: &FineTuningJob) -> Result<(), JobsError> {
+    fn save(&self, job: &Job) -> Result<(), JobsError> {
         let _w = self.inner.write.lock();
         let dir = self.job_path(&job.id)?;
         let tmp = dir.join("job.json.tmp");
@@ -519,9 +518,8 @@ impl JobManager {
 
     fn event(&self, id: &str, level: &str, message: String, data: Option<serde_json::Value>) {
         let kind = if data.as_ref().is_some_and(|d| d.get("step").is_some()) { "metrics" } else { "message" };
-        let ev = JobEventObject {
+        let ev = JobEventRecord {
             id: format!("ftevent-{}", uuid::Uuid::new_v4().simple()),
-            object: "fine_tuning.job.event".into(),
             created_at: now(),
             level: level.into(),
             message,
@@ -531,7 +529,7 @@ impl JobManager {
         self.append(id, "events.jsonl", &ev);
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut FineTuningJob)) -> Result<FineTuningJob, JobsError> {
+    fn update(&self, id: &str, f: impl FnOnce(&mut Job)) -> Result<Job, JobsError> {
         let mut job = self.get(id)?;
         f(&mut job);
         self.save(&job)?;
@@ -586,7 +584,7 @@ impl JobManager {
         }
     }
 
-    fn execute(&self, job: &FineTuningJob, cancel: &AtomicBool) -> Result<(), JobError> {
+    fn execute(&self, job: &Job, cancel: &AtomicBool) -> Result<(), JobError> {
         let i = &self.inner;
         let fail = |e: String| JobError::Failed(e);
         let examples = match job.training_file.strip_prefix("task:") {
@@ -630,9 +628,8 @@ impl JobManager {
                 let every = job.tunegate_hyperparameters.checkpoint_every.max(1) as u64;
                 let total = e.data.as_ref().and_then(|d| d.get("total_steps")).and_then(|s| s.as_u64()).unwrap_or(0);
                 if step % every == 0 || step == total {
-                    let ck = CheckpointObject {
+                    let ck = CheckpointRecord {
                         id: format!("ftckpt-{}", uuid::Uuid::new_v4().simple()),
-                        object: "fine_tuning.job.checkpoint".into(),
                         created_at: now(),
                         fine_tuned_model_checkpoint: format!("{}:ckpt-step-{step}", id),
                         fine_tuning_job_id: id.clone(),

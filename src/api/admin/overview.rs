@@ -61,7 +61,7 @@ fn adapter_of(state: &AppState, task: &str) -> Option<Value> {
     }))
 }
 
-fn last_job_of(jobs: &[crate::training::jobs::FineTuningJob], task: &str) -> Option<Value> {
+fn last_job_of(jobs: &[crate::training::jobs::Job], task: &str) -> Option<Value> {
     let j = jobs.iter().find(|j| j.task == task)?;
     Some(json!({
         "id": j.id,

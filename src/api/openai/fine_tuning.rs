@@ -1,54 +1,17 @@
 //! `/v1/fine_tuning/jobs[/{id}[/events|/checkpoints|/cancel]]` in OpenAI's shapes, plus
 //! tunegate's extension: `training_file` may be omitted when `task` names a task whose
-//! approved logs to train on. Jobs themselves live in `training::jobs`.
-
-use std::collections::HashMap;
+//! approved logs to train on. Jobs themselves live in `training::jobs`; their wire shapes in
+//! `types.rs`.
 
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
-
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::Json;
 use crate::api::auth::Caller;
 use crate::api::AppState;
-use crate::training::jobs::{CreateJob, JobManager};
+use serde::Deserialize;
 
-fn jobs(state: &AppState) -> ApiResult<&JobManager> {
-    state
-        .jobs
-        .as_ref()
-        .ok_or_else(|| ApiError::new(ErrorKind::TrainingDisabled, "fine-tuning is disabled ([training] enabled = false)"))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct CreateRequest {
-    pub model: String,
-    #[serde(default)]
-    pub training_file: Option<String>,
-    #[serde(default)]
-    pub validation_file: Option<String>,
-    #[serde(default)]
-    pub hyperparameters: Option<HyperIn>,
-    #[serde(default)]
-    pub method: Option<serde_json::Value>,
-    #[serde(default)]
-    pub suffix: Option<String>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub metadata: Option<HashMap<String, String>>,
-    /// tunegate: the task (adapter alias) to train; with no `training_file`, its approved logs.
-    #[serde(default)]
-    pub task: Option<String>,
-}
-
-/// `"auto"` or a number, as OpenAI allows.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum AutoOr<T> {
-    Auto(String),
-    Value(T),
-}
+use super::types::{AutoOr, CreateFineTuningJob, HyperparametersIn, FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent};
+use crate::training::jobs::{CreateJob, Job, JobManager};
 
 impl<T: Copy> AutoOr<T> {
     fn get(&self, param: &str) -> ApiResult<Option<T>> {
@@ -60,17 +23,14 @@ impl<T: Copy> AutoOr<T> {
     }
 }
 
-#[derive(Debug, Deserialize)]
-pub struct HyperIn {
-    #[serde(default)]
-    pub n_epochs: Option<AutoOr<usize>>,
-    #[serde(default)]
-    pub batch_size: Option<AutoOr<usize>>,
-    #[serde(default)]
-    pub learning_rate_multiplier: Option<AutoOr<f64>>,
+fn jobs(state: &AppState) -> ApiResult<&JobManager> {
+    state
+        .jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::new(ErrorKind::TrainingDisabled, "fine-tuning is disabled ([training] enabled = false)"))
 }
 
-pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<CreateRequest>) -> ApiResult<HttpResponse> {
+pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<CreateFineTuningJob>) -> ApiResult<HttpResponse> {
     let jobs = jobs(&state)?.clone();
     // A client key trains only on its own files, and on a task's logs (replacing that task's
     // alias) only where `train_tasks` grants it; otherwise its adapter is its own.
@@ -90,7 +50,7 @@ pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<
         .with_param("task"));
     }
     // `method.supervised.hyperparameters` (the newer shape) wins over the legacy field.
-    let method_hyper: Option<HyperIn> = req
+    let method_hyper: Option<HyperparametersIn> = req
         .method
         .as_ref()
         .and_then(|m| m.get("supervised")?.get("hyperparameters").cloned())
@@ -99,7 +59,7 @@ pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<
         .map_err(|e| ApiError::invalid_value("method", e.to_string()))?;
     let hyper = method_hyper.or(req.hyperparameters);
     crate::api::openai::convert::check_metadata(req.metadata.as_ref())?;
-    let get = |h: &Option<HyperIn>| -> ApiResult<(Option<usize>, Option<usize>, Option<f64>)> {
+    let get = |h: &Option<HyperparametersIn>| -> ApiResult<(Option<usize>, Option<usize>, Option<f64>)> {
         let Some(h) = h else { return Ok((None, None, None)) };
         Ok((
             h.n_epochs.as_ref().map(|v| v.get("hyperparameters.n_epochs")).transpose()?.flatten(),
@@ -128,7 +88,7 @@ pub async fn create(state: web::Data<AppState>, caller: Caller, Json(req): Json<
         private_adapter,
     };
     let job = web::block(move || jobs.create(create)).await.map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(HttpResponse::Ok().json(job))
+    Ok(HttpResponse::Ok().json(FineTuningJob::from(&job)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,7 +100,7 @@ pub struct Page {
 }
 
 /// The job `id` if the caller may see it (another tenant's answers 404 like an unknown id).
-fn owned(jobs: &JobManager, caller: &Caller, id: &str) -> ApiResult<crate::training::jobs::FineTuningJob> {
+fn owned(jobs: &JobManager, caller: &Caller, id: &str) -> ApiResult<Job> {
     let job = jobs.get(id)?;
     if !caller.owns(job.owner.as_deref()) {
         return Err(crate::training::jobs::JobsError::NotFound(id.to_string()).into());
@@ -150,18 +110,19 @@ fn owned(jobs: &JobManager, caller: &Caller, id: &str) -> ApiResult<crate::train
 
 pub async fn list(state: web::Data<AppState>, caller: Caller, q: web::Query<Page>) -> ApiResult<HttpResponse> {
     let owner = caller.tenant_filter();
-    let (data, has_more) = jobs(&state)?.list(q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100), owner.as_deref())?;
+    let (jobs, has_more) = jobs(&state)?.list(q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100), owner.as_deref())?;
+    let data: Vec<_> = jobs.iter().map(FineTuningJob::from).collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more })))
 }
 
 pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
-    Ok(HttpResponse::Ok().json(owned(jobs(&state)?, &caller, &id)?))
+    Ok(HttpResponse::Ok().json(FineTuningJob::from(&owned(jobs(&state)?, &caller, &id)?)))
 }
 
 pub async fn cancel(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let jobs = jobs(&state)?;
     owned(jobs, &caller, &id)?;
-    Ok(HttpResponse::Ok().json(jobs.cancel(&id)?))
+    Ok(HttpResponse::Ok().json(FineTuningJob::from(&jobs.cancel(&id)?)))
 }
 
 pub async fn events(
@@ -171,7 +132,8 @@ pub async fn events(
     q: web::Query<Page>,
 ) -> ApiResult<HttpResponse> {
     owned(jobs(&state)?, &caller, &id)?;
-    let (data, has_more) = jobs(&state)?.events(&id, q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 1000))?;
+    let (events, has_more) = jobs(&state)?.events(&id, q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 1000))?;
+    let data: Vec<_> = events.iter().map(FineTuningJobEvent::from).collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data, "has_more": has_more })))
 }
 
@@ -189,12 +151,12 @@ pub async fn checkpoints(
         None => 0,
     };
     let rest = &all[start.min(all.len())..];
-    let data: Vec<_> = rest.iter().take(limit).cloned().collect();
+    let data: Vec<_> = rest.iter().take(limit).map(FineTuningJobCheckpoint::from).collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "object": "list",
         "data": data,
         "has_more": rest.len() > limit,
-        "first_id": data.first().map(|c| c.id.clone()),
-        "last_id": data.last().map(|c| c.id.clone()),
+        "first_id": data.first().map(|c| c.checkpoint.id.clone()),
+        "last_id": data.last().map(|c| c.checkpoint.id.clone()),
     })))
 }

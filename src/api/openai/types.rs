@@ -1,5 +1,5 @@
 //! OpenAI wire types, field for field, for the endpoints tunegate serves: chat completions,
-//! completions and models. Requests ignore unknown fields, as OpenAI does; every optional
+//! completions, models and fine-tuning jobs. Requests ignore unknown fields, as OpenAI does; every optional
 //! request field accepts `null`. Responses keep the fields OpenAI's schema requires even when
 //! they are `null` (`message.refusal`, `choices[].logprobs`). Nothing here converts or
 //! validates: `convert.rs` turns requests into engine types.
@@ -315,4 +315,94 @@ pub struct Model {
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<Model>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Fine-tuning jobs: the request, and the envelopes OpenAI's objects wear over the stored
+// records of `training::jobs` (whose fields are already OpenAI's, under the same names).
+
+/// `POST /v1/fine_tuning/jobs`.
+#[derive(Debug, Deserialize)]
+pub struct CreateFineTuningJob {
+    pub model: String,
+    #[serde(default)]
+    pub training_file: Option<String>,
+    #[serde(default)]
+    pub validation_file: Option<String>,
+    #[serde(default)]
+    pub hyperparameters: Option<HyperparametersIn>,
+    #[serde(default)]
+    pub method: Option<Value>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// tunegate: the task (adapter alias) to train; with no `training_file`, its approved logs.
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+/// `"auto"` or a number, as OpenAI allows.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AutoOr<T> {
+    Auto(String),
+    Value(T),
+}
+
+
+#[derive(Debug, Deserialize)]
+pub struct HyperparametersIn {
+    #[serde(default)]
+    pub n_epochs: Option<AutoOr<usize>>,
+    #[serde(default)]
+    pub batch_size: Option<AutoOr<usize>>,
+    #[serde(default)]
+    pub learning_rate_multiplier: Option<AutoOr<f64>>,
+}
+
+/// `fine_tuning.job`: the stored job with its envelope.
+#[derive(Debug, Serialize)]
+pub struct FineTuningJob<'a> {
+    pub object: &'static str,
+    /// The creating tenant (OpenAI's organisation), `tunegate` for the operator's jobs.
+    pub organization_id: &'a str,
+    #[serde(flatten)]
+    pub job: &'a crate::training::jobs::Job,
+}
+
+impl<'a> From<&'a crate::training::jobs::Job> for FineTuningJob<'a> {
+    fn from(job: &'a crate::training::jobs::Job) -> Self {
+        Self { object: "fine_tuning.job", organization_id: job.owner.as_deref().unwrap_or("tunegate"), job }
+    }
+}
+
+/// `fine_tuning.job.event`.
+#[derive(Debug, Serialize)]
+pub struct FineTuningJobEvent<'a> {
+    pub object: &'static str,
+    #[serde(flatten)]
+    pub event: &'a crate::training::jobs::JobEventRecord,
+}
+
+impl<'a> From<&'a crate::training::jobs::JobEventRecord> for FineTuningJobEvent<'a> {
+    fn from(event: &'a crate::training::jobs::JobEventRecord) -> Self {
+        Self { object: "fine_tuning.job.event", event }
+    }
+}
+
+/// `fine_tuning.job.checkpoint`.
+#[derive(Debug, Serialize)]
+pub struct FineTuningJobCheckpoint<'a> {
+    pub object: &'static str,
+    #[serde(flatten)]
+    pub checkpoint: &'a crate::training::jobs::CheckpointRecord,
+}
+
+impl<'a> From<&'a crate::training::jobs::CheckpointRecord> for FineTuningJobCheckpoint<'a> {
+    fn from(checkpoint: &'a crate::training::jobs::CheckpointRecord) -> Self {
+        Self { object: "fine_tuning.job.checkpoint", checkpoint }
+    }
 }
