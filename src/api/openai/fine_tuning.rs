@@ -4,13 +4,13 @@
 //! `types.rs`.
 
 use actix_web::{web, HttpResponse};
-use crate::api::error::{ApiError, ApiResult, ErrorKind};
-use crate::api::json::Json;
-use crate::api::auth::Caller;
-use crate::api::AppState;
 use serde::Deserialize;
 
-use super::types::{AutoOr, CreateFineTuningJob, HyperparametersIn, FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent};
+use super::types::{AutoOr, CreateFineTuningJob, FineTuningJob, FineTuningJobCheckpoint, FineTuningJobEvent, HyperparametersIn};
+use crate::api::auth::Caller;
+use crate::api::error::{ApiError, ApiResult, ErrorKind};
+use crate::api::json::Json;
+use crate::api::AppState;
 use crate::training::jobs::{CreateJob, Job, JobManager};
 
 impl<T: Copy> AutoOr<T> {
