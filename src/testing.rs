@@ -289,7 +289,7 @@ impl TinyLora {
 }
 
 /// Plain f32 forward pass over a whole token sequence; returns the logits of every
-/// position. Written independently of `model.rs` (half-split RoPE on HF-layout weights,
+/// position. Written independently of `engine/model/` (half-split RoPE on HF-layout weights,
 /// explicit loops, no candle kernels).
 pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<Vec<f32>>> {
     let s = &w.spec;

@@ -3,7 +3,7 @@
 //! Training needs candle's tensors for autograd (`Model::forward_train`); serving does not,
 //! and at a 135M model's sizes the per-op cost of a tensor graph (an allocation and a
 //! dispatch per op, a few hundred ops per token) is a large part of a decode step. So the
-//! serving pass runs the same arithmetic as a fixed sequence of kernels (`kernels.rs`) on
+//! serving pass runs the same arithmetic as a fixed sequence of kernels (`kernels/`) on
 //! buffers sized once per step: fused q/k/v and gate/up products over quantized weights
 //! read in place, RMSNorm/RoPE/SiLU loops, attention straight over the sequence's
 //! [`KvCache`] rows, and LoRA deltas per adapter group (`lora::apply`'s `LoraRegion`: planned
