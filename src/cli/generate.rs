@@ -51,6 +51,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stream = engine.submit(GenerateRequest {
         prompt: Prompt::Text(prompt),
         cache_scope: 0,
+        constraint: None,
         params: SamplingParams {
             max_tokens: args.max_tokens,
             temperature: args.temperature,

@@ -20,6 +20,7 @@ use super::{
     loader, EngineConfig, EngineError, FinishReason, Model, ModelInfo, Result, SamplingParams, Shared, StreamEvent,
     Timings, Tokenizer, Usage,
 };
+use super::grammar::Constraint;
 use super::lora::LoraHandle;
 
 /// Most prompt tokens fed in one step across all prefilling sequences, so a long prompt
@@ -36,6 +37,7 @@ pub(crate) struct Pending {
     pub params: SamplingParams,
     pub adapter: Option<LoraHandle>,
     pub cache_scope: u64,
+    pub constraint: Option<Constraint>,
     pub tx: UnboundedSender<StreamEvent>,
     pub submitted: Instant,
 }
@@ -209,8 +211,27 @@ impl Loop<'_> {
             if s.cache.len() < s.tokens.len() {
                 continue; // prompt not fully fed yet
             }
-            let (id, logprob) = s.sampler.sample(&logits[row]);
+            let (id, logprob) = match s.constraint.as_mut() {
+                None => s.sampler.sample(&logits[row]),
+                Some(c) => {
+                    // Sampled from the grammar's tokens; the logprob stays the model's own.
+                    let mut masked = logits[row].clone();
+                    let chosen = c.mask(&mut masked).map(|()| s.sampler.sample(&masked).0).and_then(|id| c.commit(id).map(|()| id));
+                    match chosen {
+                        Ok(id) => (id, super::sampling::log_softmax_at(&logits[row], id as usize)),
+                        Err(e) => {
+                            let _ = s.tx.send(StreamEvent::Error(e));
+                            s.finished = true;
+                            continue;
+                        }
+                    }
+                }
+            };
             s.push_token(id, logprob, &self.info.tokenizer, self.info.context_length);
+            if !s.finished && s.constraint.as_ref().is_some_and(Constraint::is_complete) {
+                // The grammar is satisfied and allows nothing more: end as if at EOS.
+                s.flush_and_finish(&self.info.tokenizer);
+            }
         }
     }
 
@@ -253,6 +274,8 @@ struct Sequence {
     adapter: Option<LoraHandle>,
     /// Prefix-cache partition (see [`super::GenerateRequest::cache_scope`]).
     cache_scope: u64,
+    /// The grammar its output must follow, if any.
+    constraint: Option<Constraint>,
     tx: UnboundedSender<StreamEvent>,
     submitted: Instant,
     admitted: Instant,
@@ -277,6 +300,7 @@ impl Sequence {
             params: p.params,
             adapter: p.adapter,
             cache_scope: p.cache_scope,
+            constraint: p.constraint,
             tx: p.tx,
             submitted: p.submitted,
             admitted: Instant::now(),
@@ -295,6 +319,17 @@ impl Sequence {
 
     fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
+    }
+
+    /// Ends the sequence normally, sending any text held back for a stop sequence.
+    fn flush_and_finish(&mut self, tok: &Tokenizer) {
+        if let Ok(rest) = self.text.flush(tok, &self.tokens[self.prompt_len..]) {
+            if !rest.is_empty() {
+                let id = self.tokens.last().copied().unwrap_or(0);
+                let _ = self.tx.send(StreamEvent::Token { text: rest, token_id: id, logprob: 0.0 });
+            }
+        }
+        self.finish(FinishReason::Stop);
     }
 
     fn push_token(&mut self, id: u32, logprob: f32, tok: &Tokenizer, context_length: usize) {

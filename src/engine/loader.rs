@@ -64,6 +64,7 @@ impl Loaded {
             tokenizer: self.tokenizer,
             chat_template: self.chat_template,
             file_bytes: self.file_bytes,
+            grammars: Default::default(),
         };
         (self.model, info)
     }

@@ -12,6 +12,7 @@ pub mod pool;
 pub mod chat_template;
 mod counters;
 pub mod gguf;
+pub mod grammar;
 pub mod grad_ops;
 pub mod hf;
 pub mod loader;
@@ -82,9 +83,21 @@ pub struct ModelInfo {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub file_bytes: u64,
+    /// The grammar compiler for structured outputs, built on first use.
+    pub grammars: OnceLock<Arc<grammar::Grammars>>,
 }
 
 impl ModelInfo {
+    /// The model's grammar compiler (built on the first call, tens of milliseconds: call it
+    /// off async workers).
+    pub fn grammars(&self) -> Result<Arc<grammar::Grammars>> {
+        if let Some(g) = self.grammars.get() {
+            return Ok(g.clone());
+        }
+        let built = Arc::new(grammar::Grammars::new(&self.tokenizer)?);
+        Ok(self.grammars.get_or_init(|| built).clone())
+    }
+
     /// The prompt's token ids for `messages` (see [`chat_tokens`]).
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         match &self.chat_template {
@@ -323,6 +336,7 @@ impl Engine {
             params: req.params,
             adapter: req.adapter,
             cache_scope: req.cache_scope,
+            constraint: req.constraint,
             tx,
             submitted: std::time::Instant::now(),
         }));

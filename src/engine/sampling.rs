@@ -87,7 +87,7 @@ pub fn argmax(xs: &[f32]) -> usize {
     best
 }
 
-fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+pub(crate) fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
     logits[i] - lse

@@ -38,7 +38,7 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 ];
 
 /// A text tokenizer plus what generation needs to know about its special tokens.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The same tokenizer with special tokens' text treated as text, for untrusted content.
@@ -216,6 +216,38 @@ impl Tokenizer {
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+
+    /// Each id's bytes as the model reads them (what a grammar matches generated text
+    /// against): byte-level BPE tokens respelled from GPT-2's byte alphabet, SentencePiece
+    /// pieces with `▁` as a space and `<0xNN>` as that byte, added tokens as their text, and
+    /// special tokens as their text behind 0xFF (toktrie's marker, which no text contains).
+    /// Ids without a token get no bytes.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let byte_level = self
+            .inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|d| d.contains("ByteLevel"));
+        let alphabet: HashMap<char, u8> = (0..=255u8).map(|b| (gguf::byte_level_char(b), b)).collect();
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size as u32)
+            .map(|id| {
+                if let Some(t) = added.get(&id) {
+                    let marker = if t.special { vec![0xFF] } else { Vec::new() };
+                    return [marker, t.content.as_bytes().to_vec()].concat();
+                }
+                let Some(tok) = self.inner.id_to_token(id) else { return Vec::new() };
+                if byte_level {
+                    return tok.chars().map(|c| alphabet.get(&c).copied()).collect::<Option<Vec<u8>>>().unwrap_or_else(|| tok.into_bytes());
+                }
+                let hex = tok.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).filter(|h| h.len() == 2);
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => vec![b],
+                    None => tok.replace('\u{2581}', " ").into_bytes(),
+                }
+            })
+            .collect()
     }
 }
 

@@ -69,12 +69,14 @@ pub struct GenerateRequest {
     /// of the same scope (the gateway gives each API key its own, so one client cannot learn
     /// from `cached_tokens` or timing what another's prompts began with). 0 = shared.
     pub cache_scope: u64,
+    /// The grammar the output must follow (structured outputs), compiled beforehand.
+    pub constraint: Option<super::grammar::Constraint>,
 }
 
 impl GenerateRequest {
     /// A request on the base model in the shared cache scope.
     pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
-        Self { prompt, params, adapter: None, cache_scope: 0 }
+        Self { prompt, params, adapter: None, cache_scope: 0, constraint: None }
     }
 
     pub fn with_adapter(mut self, adapter: Option<LoraHandle>) -> Self {

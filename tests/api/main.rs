@@ -11,4 +11,5 @@ mod logs;
 mod python;
 mod real_model;
 mod security;
+mod structured;
 mod ui;

@@ -88,6 +88,41 @@ def check_bad_request_raises():
     raise AssertionError("no BadRequestError")
 
 
+def check_structured_output_parse():
+    """The SDK's structured-output default: `.parse()` with a pydantic model sends a strict
+    json_schema and parses the answer into the model (the test model is random: only the
+    gateway's grammar makes the answer valid)."""
+    from enum import Enum
+    from typing import List
+
+    from pydantic import BaseModel
+
+    class Label(str, Enum):
+        spam = "spam"
+        ham = "ham"
+
+    class Verdict(BaseModel):
+        label: Label
+        urgent: bool
+        tags: List[Label]
+
+    r = client.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, response_format=Verdict, max_tokens=120, temperature=0,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert isinstance(choice.message.parsed, Verdict), choice.message
+    assert choice.message.parsed.label in (Label.spam, Label.ham)
+    # json_object mode: the content is a JSON object.
+    import json
+
+    j = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=120, temperature=0, response_format={"type": "json_object"},
+    )
+    if j.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(j.choices[0].message.content), dict), j.choices[0].message.content
+
+
 def check_wrong_key_raises_authentication_error():
     if KEY == "not-needed":
         return  # an open gateway accepts any key

@@ -7,7 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
-use super::generation::{chat_prompt, collect_all, cache_scope, failed, submit_all, token_logprob, total_usage, Meta, RequestRecord};
+use super::generation::{chat_prompt, collect_all, cache_scope, compile_grammar, failed, submit_all, token_logprob, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
@@ -42,6 +42,9 @@ pub async fn create(
     let submitted = async {
         let info = state.engine.info()?;
         let prompt = chat_prompt(&info, std::mem::take(&mut plan.messages)).await?;
+        if let Some(spec) = plan.common.grammar.clone() {
+            plan.common.constraint = Some(compile_grammar(&info, spec).await?);
+        }
         let streams = submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?;
         ApiResult::Ok((info, streams))
     }

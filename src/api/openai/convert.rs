@@ -5,9 +5,12 @@
 
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::config::LimitsConfig;
+use crate::engine::grammar::{Constraint, GrammarSpec};
 use crate::engine::{ChatMessage, Prompt, SamplingParams};
 
-use super::types::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptSpec, StopSpec};
+use super::types::{
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptSpec, ResponseFormat, StopSpec,
+};
 
 /// What the sampling parameters of both endpoints share once validated.
 #[derive(Debug, Clone)]
@@ -19,6 +22,10 @@ pub struct Common {
     pub task: Option<String>,
     /// The prefix-cache partition of the caller's requests, set by the handler from the key.
     pub cache_scope: u64,
+    /// The grammar every choice's output must follow (`response_format`).
+    pub grammar: Option<GrammarSpec>,
+    /// `grammar` compiled, set by the handler off the HTTP worker.
+    pub constraint: Option<Constraint>,
 }
 
 impl Common {
@@ -74,11 +81,7 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
             "the engine does not do function calling (function_call \"none\" is accepted)",
         ));
     }
-    if let Some(f) = &req.response_format {
-        if f.kind != "text" {
-            return Err(ApiError::unsupported("response_format", "only {\"type\": \"text\"} is available"));
-        }
-    }
+    let grammar = req.response_format.as_ref().map(response_format).transpose()?.flatten();
     if req.audio.as_ref().is_some_and(|a| !a.is_null()) {
         return Err(ApiError::unsupported("audio", "the models served are text only"));
     }
@@ -111,7 +114,39 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         task: req.metadata.as_ref().and_then(|m| m.get("task")).cloned(),
         limits,
     })?;
+    let common = Common { grammar, ..common };
     Ok(ChatPlan { messages, common, logprobs: req.logprobs.unwrap_or(false) })
+}
+
+/// `response_format` → the grammar the output must follow (`None` for plain text).
+fn response_format(f: &ResponseFormat) -> ApiResult<Option<GrammarSpec>> {
+    match f.kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(GrammarSpec::JsonObject)),
+        "json_schema" => {
+            let Some(js) = &f.json_schema else {
+                return Err(ApiError::invalid_value("response_format.json_schema", "is required when type is json_schema"));
+            };
+            let name_ok = js.name.as_deref().is_some_and(|n| {
+                (1..=64).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+            if !name_ok {
+                return Err(ApiError::invalid_value(
+                    "response_format.json_schema.name",
+                    "must be 1 to 64 letters, digits, '_' or '-'",
+                ));
+            }
+            match &js.schema {
+                None => Ok(Some(GrammarSpec::JsonSchema(serde_json::json!({})))),
+                Some(schema @ serde_json::Value::Object(_)) => Ok(Some(GrammarSpec::JsonSchema(schema.clone()))),
+                Some(_) => Err(ApiError::invalid_value("response_format.json_schema.schema", "must be a JSON object")),
+            }
+        }
+        other => Err(ApiError::invalid_value(
+            "response_format.type",
+            format!("'{other}' is not one of 'text', 'json_object', 'json_schema'"),
+        )),
+    }
 }
 
 fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
@@ -343,6 +378,8 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
         include_usage: c.include_usage.unwrap_or(false),
         task: c.task,
         cache_scope: 0, // set by the handler from the caller's key
+        grammar: None,
+        constraint: None,
     })
 }
 

@@ -11,7 +11,10 @@ use super::convert::Common;
 use super::types::{TokenLogprob, UsageOut};
 use crate::adapters::{lora_handle, AdapterLease};
 use crate::api::error::{ApiError, ApiResult};
-use crate::engine::{ChatMessage, Completion, Engine, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage};
+use crate::engine::grammar::{Constraint, GrammarSpec};
+use crate::engine::{
+    ChatMessage, Completion, Engine, EngineError, GenerateRequest, GenerationStream, ModelInfo, Prompt, Timings, Usage,
+};
 use crate::logs::{LogRecord, Logs, STATUS_OK};
 use crate::metrics::{ChoiceTiming, Metrics, RequestObservation};
 
@@ -56,6 +59,20 @@ pub async fn chat_prompt(info: &Arc<ModelInfo>, messages: Vec<ChatMessage>) -> A
     Ok(Prompt::Tokens(ids?))
 }
 
+/// Compiles a `response_format` grammar on a blocking thread (the first one per model also
+/// builds the vocabulary's token trie; a large schema takes milliseconds). A schema the
+/// grammar engine refuses is a 400 on `response_format`.
+pub async fn compile_grammar(info: &Arc<ModelInfo>, spec: GrammarSpec) -> ApiResult<Constraint> {
+    let info = info.clone();
+    let compiled = actix_web::web::block(move || info.grammars().and_then(|g| g.compile(&spec)))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    compiled.map_err(|e| match e {
+        EngineError::InvalidRequest(m) => ApiError::invalid_value("response_format", m),
+        e => ApiError::from(e),
+    })
+}
+
 /// Submits `n` requests per prompt. Choice `p * n + i` is prompt `p`'s `i`-th sample. If one
 /// submission fails, the ones already queued are dropped, which cancels them.
 pub fn submit_all(
@@ -72,6 +89,7 @@ pub fn submit_all(
                 params: common.params_for(i),
                 adapter: adapter.map(lora_handle),
                 cache_scope: common.cache_scope,
+                constraint: common.constraint.clone(),
             })?);
         }
     }

@@ -76,10 +76,20 @@ pub struct ContentPart {
     pub refusal: Option<String>,
 }
 
+/// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,0 +1,189 @@
+//! Constrained decoding: a sequence may carry a grammar, and then at every step only the
+//! tokens that keep its output inside the grammar can be sampled (structured outputs: JSON,
+//! or JSON that follows a schema). The grammar engine is `llguidance` (what vLLM's guidance
+//! backend and mistral.rs use): it compiles a JSON schema to a grammar and computes each
+//! step's token mask over a trie of the vocabulary's token bytes
+//! ([`Tokenizer::token_bytes`]), built once per model.
+//!
+//! Compiling happens off the engine thread ([`Grammars::compile`], called where a request is
+//! prepared) and is cached by the schema's hash; the engine thread only computes masks and
+//! commits sampled tokens ([`Constraint`]). A sequence whose grammar is complete can only
+//! end (its mask allows just the end-of-sequence tokens).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use sha2::{Digest, Sha256};
+
+use super::{EngineError, Result, Tokenizer};
+
+/// Compiled grammars kept per model, most recently used first out last.
+const CACHE_ENTRIES: usize = 64;
+
+/// What a sequence's output must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrammarSpec {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that follows this schema (the subset of JSON Schema llguidance implements; the
+    /// rest is refused at compile time, naming the keyword).
+    JsonSchema(serde_json::Value),
+}
+
+impl GrammarSpec {
+    fn key(&self) -> [u8; 32] {
+        let text = match self {
+            GrammarSpec::JsonObject => "json_object".to_string(),
+            GrammarSpec::JsonSchema(s) => format!("json_schema:{s}"),
+        };
+        Sha256::digest(text.as_bytes()).into()
+    }
+
+    /// The grammar, with JSON written compactly (`{"a":1,"b":[2]}`, as OpenAI's structured
+    /// outputs are): no whitespace between tokens, so a sequence cannot wander in blank space.
+    fn grammar(&self) -> TopLevelGrammar {
+        let mut schema = match self {
+            GrammarSpec::JsonObject => serde_json::json!({ "type": "object" }),
+            GrammarSpec::JsonSchema(s) => s.clone(),
+        };
+        if let Some(o) = schema.as_object_mut() {
+            o.insert(
+                "x-guidance".into(),
+                serde_json::json!({ "whitespace_flexible": false, "item_separator": ",", "key_separator": ":" }),
+            );
+        }
+        TopLevelGrammar::from_json_schema(schema)
+    }
+}
+
+/// The vocabulary as llguidance sees it: the trie of token bytes, and our tokenizer for
+/// the text it needs tokenized.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        match std::str::from_utf8(s).ok().map(|t| self.tokenizer.encode_plain(t)) {
+            Some(Ok(ids)) => ids,
+            _ => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+/// One model's grammar compiler and its cache of compiled grammars.
+pub struct Grammars {
+    factory: ParserFactory,
+    /// Fresh (nothing consumed) matchers by spec hash, with a use counter for eviction.
+    cache: Mutex<HashMap<[u8; 32], (u64, Matcher)>>,
+    uses: std::sync::atomic::AtomicU64,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Grammars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammars").field("vocab_size", &self.vocab_size).finish()
+    }
+}
+
+impl Grammars {
+    /// Builds the token trie (tens of milliseconds for a 50k vocabulary): call it off the
+    /// engine thread, once per model.
+    pub fn new(tokenizer: &Tokenizer) -> Result<Self> {
+        let eos = tokenizer.eos_token_ids();
+        let first_eos = *eos.first().ok_or_else(|| EngineError::Internal("the model has no end-of-sequence token".into()))?;
+        let vocab_size = tokenizer.vocab_size();
+        let info = TokRxInfo::new(vocab_size as u32, first_eos);
+        let trie = TokTrie::from(&info, &tokenizer.token_bytes()).with_eos_tokens(eos);
+        let env: llguidance::toktrie::TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| EngineError::Internal(format!("grammar engine: {e}")))?;
+        factory.quiet();
+        Ok(Self { factory, cache: Mutex::new(HashMap::new()), uses: Default::default(), vocab_size })
+    }
+
+    /// A fresh constraint for one sequence. Compiling a schema takes from microseconds to
+    /// tens of milliseconds; a spec seen before comes from the cache. A schema llguidance
+    /// cannot compile is an `InvalidRequest` naming what it refused.
+    pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint> {
+        let key = spec.key();
+        let n = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((used, m)) = self.lock().get_mut(&key) {
+            *used = n;
+            return Ok(Constraint { matcher: m.deep_clone(), vocab_size: self.vocab_size });
+        }
+        let parser = self.factory.create_parser(spec.grammar()).map_err(|e| invalid_schema(&e.to_string()))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(invalid_schema(&e));
+        }
+        let mut cache = self.lock();
+        if cache.len() >= CACHE_ENTRIES {
+            if let Some(oldest) = cache.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| *k) {
+                cache.remove(&oldest);
+            }
+        }
+        cache.insert(key, (n, matcher.deep_clone()));
+        Ok(Constraint { matcher, vocab_size: self.vocab_size })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (u64, Matcher)>> {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn invalid_schema(message: &str) -> EngineError {
+    // llguidance's messages name the keyword ("Unimplemented keys: [\"not\"]").
+    let first = message.lines().next().unwrap_or(message);
+    EngineError::InvalidRequest(format!("the response format's schema is not supported: {first}"))
+}
+
+/// One sequence's grammar state.
+pub struct Constraint {
+    matcher: Matcher,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("stopped", &self.matcher.is_stopped()).finish()
+    }
+}
+
+impl Clone for Constraint {
+    fn clone(&self) -> Self {
+        Self { matcher: self.matcher.deep_clone(), vocab_size: self.vocab_size }
+    }
+}
+
+impl Constraint {
+    /// Sets every token the grammar does not allow next to -inf in `logits`. An error (the
+    /// grammar cannot go on) ends the sequence.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| EngineError::Internal(format!("grammar: {e}")))?;
+        let n = logits.len().min(self.vocab_size);
+        for (id, l) in logits.iter_mut().enumerate() {
+            if id >= n || !allowed.is_allowed(id as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    /// The output is complete: nothing may follow but the end.
+    pub fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    /// Advances the grammar past a sampled token.
+    pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(|e| EngineError::Internal(format!("grammar: {e}")))
+    }
+}

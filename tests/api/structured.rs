@@ -1,0 +1,134 @@
+//! Structured outputs over HTTP: `response_format` json_schema and json_object constrain
+//! every choice (the tiny model is random, so only the grammar makes its output valid),
+//! streamed and not, with `n`, on an adapter; a cut-off reports `length`; schemas the
+//! grammar engine refuses, and malformed formats, are 400s on `response_format`.
+
+use serde_json::{json, Value};
+
+use crate::common::{self, assert_error, MODEL};
+
+fn schema() -> Value {
+    json!({
+        "type": "json_schema",
+        "json_schema": {
+            "name": "verdict",
+            "strict": true,
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "label": {"type": "string", "enum": ["spam", "ham"]},
+                    "score": {"type": "integer", "minimum": 0, "maximum": 9},
+                    "urgent": {"type": "boolean"}
+                },
+                "required": ["label", "score", "urgent"],
+                "additionalProperties": false
+            }
+        }
+    })
+}
+
+fn check_verdict(text: &str) -> anyhow::Result<()> {
+    let v: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{e}: {text:?}"))?;
+    assert!(matches!(v["label"].as_str(), Some("spam" | "ham")), "{v}");
+    assert!(v["score"].as_u64().is_some_and(|s| s <= 9), "{v}");
+    assert!(v["urgent"].is_boolean(), "{v}");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(3), "{v}");
+    Ok(())
+}
+
+fn messages() -> Value {
+    json!([{"role": "user", "content": "Classify: WIN A FREE CRUISE NOW"}])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_schema_constrains_every_choice_streamed_or_not() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let body = json!({"model": MODEL, "messages": messages(), "max_tokens": 60, "n": 3,
+        "temperature": 1.0, "seed": 5, "response_format": schema()});
+    let (status, whole) = gw.post("/v1/chat/completions", body.clone()).await?;
+    assert_eq!(status, 200, "{whole}");
+    let choices = whole["choices"].as_array().cloned().unwrap_or_default();
+    assert_eq!(choices.len(), 3);
+    for c in &choices {
+        assert_eq!(c["finish_reason"], "stop", "{c}");
+        check_verdict(c["message"]["content"].as_str().unwrap_or_default())?;
+    }
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let events = gw.sse("/v1/chat/completions", streamed).await?;
+    let mut texts = vec![String::new(); 3];
+    let mut finished = vec![Value::Null; 3];
+    for e in &events {
+        for c in e["choices"].as_array().into_iter().flatten() {
+            let i = c["index"].as_u64().unwrap_or(0) as usize;
+            texts[i].push_str(c["delta"]["content"].as_str().unwrap_or_default());
+            if !c["finish_reason"].is_null() {
+                finished[i] = c["finish_reason"].clone();
+            }
+        }
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(finished[i], "stop", "choice {i}");
+        check_verdict(t)?;
+        // The same seed gives the same choices streamed as not.
+        assert_eq!(Some(t.as_str()), choices[i]["message"]["content"].as_str());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_object_on_an_adapter_and_cut_offs_report_length() -> anyhow::Result<()> {
+    let gw = common::start_with(|c, _| c.adapters.watch = false).await?;
+    let shape = gw.shape()?;
+    tunegate::testing::write_random_adapter(&gw.adapters_root().join("acme/v1"), &shape, 8, 3)?;
+    let (s, b) = gw.load_adapter("acme", "acme/v1", false).await?;
+    assert_eq!(s, 200, "{b}");
+    for model in [MODEL, "acme"] {
+        let body = json!({"model": model, "messages": messages(), "max_tokens": 80,
+            "response_format": {"type": "json_object"}});
+        let (status, out) = gw.post("/v1/chat/completions", body).await?;
+        assert_eq!(status, 200, "{out}");
+        let c = &out["choices"][0];
+        let text = c["message"]["content"].as_str().unwrap_or_default();
+        if c["finish_reason"] == "stop" {
+            let v: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{model}: {e}: {text:?}"))?;
+            assert!(v.is_object(), "{model}: {v}");
+        } else {
+            assert_eq!(c["finish_reason"], "length", "{c}");
+            assert!(text.starts_with('{'), "{model}: {text:?}");
+        }
+    }
+    // Too few tokens for the schema's object: cut off, and said so.
+    let body = json!({"model": MODEL, "messages": messages(), "max_tokens": 3, "response_format": schema()});
+    let (status, out) = gw.post("/v1/chat/completions", body).await?;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["finish_reason"], "length", "{out}");
+    assert_eq!(out["usage"]["completion_tokens"], 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_response_formats_are_400_on_response_format() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let cases = [
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "$ref": "#/nowhere"}}}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"name": "no spaces allowed", "schema": {}}}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}),
+        json!({"type": "xml"}),
+    ];
+    for f in cases {
+        let (status, body) = gw
+            .post("/v1/chat/completions", json!({"model": MODEL, "messages": messages(), "response_format": f}))
+            .await?;
+        assert_error(status, &body, 400, "invalid_value");
+        assert!(body["error"]["param"].as_str().is_some_and(|p| p.starts_with("response_format")), "{f}: {body}");
+    }
+    // Text is the default and stays accepted.
+    let (status, body) = gw
+        .post("/v1/chat/completions", json!({"model": MODEL, "messages": messages(), "max_tokens": 2, "response_format": {"type": "text"}}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
