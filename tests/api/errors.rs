@@ -60,7 +60,8 @@ async fn bad_input_gets_its_own_status_and_code() -> anyhow::Result<()> {
     let (s, b) = gw
         .post("/v1/chat/completions", json!({"model": MODEL, "messages": user("x"), "tools": [{"type": "function"}]}))
         .await?;
-    assert_error(s, &b, 400, "unsupported_parameter");
+    assert_error(s, &b, 400, "invalid_value");
+    assert_eq!(b["error"]["param"], "tools[0].function.name");
 
     // Longer than the 512-token context.
     let long = "hello world ".repeat(600);

@@ -132,3 +132,110 @@ async fn bad_response_formats_are_400_on_response_format() -> anyhow::Result<()>
     assert_eq!(status, 200, "{body}");
     Ok(())
 }
+
+fn tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+            "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"], "additionalProperties": false}}}
+    ])
+}
+
+fn check_call(call: &Value, name: &str) -> anyhow::Result<Value> {
+    assert!(call["id"].as_str().is_some_and(|i| i.starts_with("call_")), "{call}");
+    assert_eq!(call["type"], "function", "{call}");
+    assert_eq!(call["function"]["name"], name, "{call}");
+    let args = call["function"]["arguments"].as_str().unwrap_or_default();
+    serde_json::from_str(args).map_err(|e| anyhow::anyhow!("{e}: {args:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tool_calls_follow_the_functions_schema_streamed_or_not() -> anyhow::Result<()> {
+    // The tiny model's byte-level vocabulary spends a token per character or two: room for
+    // the tool prompt.
+    let gw = common::start_with(|c, _| c.model.context_length = 1024).await?;
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 150, "temperature": 0,
+        "tools": tools(), "tool_choice": named});
+    let (status, out) = gw.post("/v1/chat/completions", body.clone()).await?;
+    assert_eq!(status, 200, "{out}");
+    let c = &out["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{c}");
+    assert!(c["message"]["content"].is_null(), "{c}");
+    let args = check_call(&c["message"]["tool_calls"][0], "get_weather")?;
+    assert!(args["city"].as_str().is_some_and(|s| s.chars().count() <= 12), "{args}");
+    assert!(matches!(args["unit"].as_str(), Some("c" | "f")), "{args}");
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let events = gw.sse("/v1/chat/completions", streamed).await?;
+    let last = events.iter().rev().find(|e| !e["choices"][0]["finish_reason"].is_null()).cloned().unwrap_or_default();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls", "{events:?}");
+    let call = &last["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!(call["index"], 0);
+    assert_eq!(check_call(call, "get_weather")?, args, "streamed and whole differ");
+
+    // `required` with two tools: one of them, with its own arguments.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Time?"}], "max_tokens": 150,
+        "tools": tools(), "tool_choice": "required", "temperature": 1.0, "seed": 3, "n": 2});
+    let (status, out) = gw.post("/v1/chat/completions", body).await?;
+    assert_eq!(status, 200, "{out}");
+    for c in out["choices"].as_array().into_iter().flatten() {
+        let call = &c["message"]["tool_calls"][0];
+        let name = call["function"]["name"].as_str().unwrap_or_default().to_string();
+        let args = check_call(call, &name)?;
+        match name.as_str() {
+            "get_time" => assert!(matches!(args["zone"].as_str(), Some("utc" | "cet")), "{args}"),
+            "get_weather" => assert!(args["city"].is_string(), "{args}"),
+            other => anyhow::bail!("unknown tool {other}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_history_auto_choice_and_bad_tools() -> anyhow::Result<()> {
+    let gw = common::start_with(|c, _| c.model.context_length = 1024).await?;
+    // A conversation that already called a tool and got its result.
+    let messages = json!([
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\",\"unit\":\"c\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "3C"}
+    ]);
+    let (status, out) = gw
+        .post("/v1/chat/completions", json!({"model": MODEL, "messages": messages, "tools": tools(), "max_tokens": 8}))
+        .await?;
+    assert_eq!(status, 200, "{out}");
+    let c = &out["choices"][0];
+    // The random model rarely writes a call; whichever it wrote comes back well formed.
+    if c["finish_reason"] == "tool_calls" {
+        let name = c["message"]["tool_calls"][0]["function"]["name"].as_str().unwrap_or_default().to_string();
+        check_call(&c["message"]["tool_calls"][0], &name)?;
+    } else {
+        assert!(c["message"]["content"].is_string(), "{c}");
+        assert!(c["message"].get("tool_calls").is_none(), "{c}");
+    }
+    // The prompt carried the tools: it is longer than without them.
+    let (_, plain) = gw.post("/v1/chat/completions", json!({"model": MODEL, "messages": messages, "max_tokens": 1})).await?;
+    assert!(out["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64().map(|n| n + 50));
+
+    let cases = [
+        (json!({"tools": [{"type": "code_interpreter"}]}), "tools[0].type"),
+        (json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}), "tools[0].function.parameters"),
+    ];
+    for (extra, param) in cases {
+        let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}]});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            body[k] = v.clone();
+        }
+        let (status, b) = gw.post("/v1/chat/completions", body).await?;
+        assert_error(status, &b, 400, "invalid_value");
+        assert_eq!(b["error"]["param"], param, "{b}");
+    }
+    Ok(())
+}

@@ -11,10 +11,11 @@ import schemathesis
 
 MODEL = os.environ["TUNEGATE_MODEL"]
 
-# Parameters the gateway refuses on purpose with 400 unsupported_parameter (callable tools,
-# audio, logit bias, repetition penalties, fill-in-the-middle, best_of). Nearly every
-# generated body carries one, so without dropping them the run would hardly reach the
-# engine; the refusals themselves are covered by the Rust tests.
+# Parameters the gateway refuses on purpose with 400 unsupported_parameter (audio, logit
+# bias, repetition penalties, fill-in-the-middle, best_of), and generated tool lists (nearly
+# always invalid definitions, so 400s). Nearly every generated body carries one, so without
+# dropping them the run would hardly reach the engine; refusals and tool calls are covered by
+# the Rust tests.
 REFUSED = ("tools", "functions", "audio", "logit_bias",
            "frequency_penalty", "presence_penalty", "suffix", "best_of")
 

@@ -123,6 +123,26 @@ def check_structured_output_parse():
         assert isinstance(json.loads(j.choices[0].message.content), dict), j.choices[0].message.content
 
 
+def check_tool_calls():
+    """A forced call through the SDK, streamed and not: `tool_calls` with JSON arguments that
+    follow the function's schema, and a streamed delta the SDK accumulates."""
+    import json
+
+    tools = [{"type": "function", "function": {"name": "lamp", "parameters": {"type": "object",
+              "properties": {"on": {"type": "boolean"}}, "required": ["on"], "additionalProperties": False}}}]
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0, tools=tools, tool_choice="required")
+    r = client.chat.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "lamp" and call.id.startswith("call_"), call
+    assert isinstance(json.loads(call.function.arguments)["on"], bool), call
+    with client.chat.completions.stream(**kw) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls[0]
+    assert streamed.function.arguments == call.function.arguments, (streamed, call)
+
+
 def check_wrong_key_raises_authentication_error():
     if KEY == "not-needed":
         return  # an open gateway accepts any key

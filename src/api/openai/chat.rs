@@ -9,9 +9,10 @@ use actix_web_lab::sse;
 use super::convert;
 use super::generation::{chat_prompt, collect_all, cache_scope, compile_grammar, failed, submit_all, token_logprob, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
+use super::tools::ToolPlan;
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
-    ResponseMessage, UsageOut,
+    ResponseMessage, ToolCallDelta, UsageOut,
 };
 use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
@@ -62,6 +63,8 @@ pub async fn create(
             logprobs: plan.logprobs,
             include_usage: plan.common.include_usage,
             saved,
+            held: vec![String::new(); streams.len()],
+            tools: plan.tools.clone(),
         };
         let held = StreamResources { permit, record };
         let mut resp = stream::respond(streams, plan.common.n, plan.common.include_usage, format, held);
@@ -85,14 +88,13 @@ pub async fn create(
     let choices = completions
         .into_iter()
         .enumerate()
-        .map(|(index, c)| ChatChoice {
-            index,
-            logprobs: plan.logprobs.then(|| ChoiceLogprobs {
+        .map(|(index, c)| {
+            let logprobs = plan.logprobs.then(|| ChoiceLogprobs {
                 content: Some(c.tokens.iter().zip(&c.logprobs).map(|(&t, &lp)| token_logprob(&info, t, lp)).collect()),
                 refusal: None,
-            }),
-            message: ResponseMessage { role: "assistant", content: Some(c.text), refusal: None },
-            finish_reason: finish_reason(c.finish_reason),
+            });
+            let (message, finish) = answer(plan.tools.as_ref(), c.text, c.finish_reason);
+            ChatChoice { index, logprobs, message, finish_reason: finish }
         })
         .collect();
     let body = ChatCompletion {
@@ -173,6 +175,22 @@ fn saved_header(resp: &mut HttpResponse, saved: usize) {
     }
 }
 
+/// A finished choice as the message OpenAI returns: tool calls when the answer is a call of
+/// a listed tool (and was not cut short), else the text.
+fn answer(tools: Option<&ToolPlan>, text: String, reason: FinishReason) -> (ResponseMessage, &'static str) {
+    let mut id = || format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]);
+    match tools.filter(|_| reason == FinishReason::Stop).and_then(|t| t.parse(&text, &mut id)) {
+        Some(calls) => (
+            ResponseMessage { role: "assistant", content: None, refusal: None, tool_calls: Some(calls) },
+            "tool_calls",
+        ),
+        None => (
+            ResponseMessage { role: "assistant", content: Some(text), refusal: None, tool_calls: None },
+            finish_reason(reason),
+        ),
+    }
+}
+
 struct ChatChunks {
     meta: Meta,
     info: Arc<ModelInfo>,
@@ -180,6 +198,10 @@ struct ChatChunks {
     logprobs: bool,
     include_usage: bool,
     saved: usize,
+    /// With callable tools each choice's text is held until it ends (a call is only known
+    /// whole), then sent as its calls or its text.
+    tools: Option<ToolPlan>,
+    held: Vec<String>,
 }
 
 impl ChatChunks {
@@ -200,13 +222,19 @@ impl ChunkFormat for ChatChunks {
     fn opening(&mut self) -> Vec<sse::Data> {
         (0..self.n)
             .map(|index| {
-                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+                let delta = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
                 self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None)
             })
             .collect()
     }
 
     fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32) -> Option<sse::Data> {
+        if self.tools.is_some() {
+            if let Some(h) = self.held.get_mut(index) {
+                h.push_str(&text);
+            }
+            return None;
+        }
         if text.is_empty() && !self.logprobs {
             return None;
         }
@@ -214,13 +242,28 @@ impl ChunkFormat for ChatChunks {
             content: Some(vec![token_logprob(&self.info, token_id, logprob)]),
             refusal: None,
         });
-        let delta = Delta { role: None, content: Some(text) };
+        let delta = Delta { role: None, content: Some(text), tool_calls: None };
         Some(self.chunk(vec![ChunkChoice { index, delta, logprobs, finish_reason: None }], None))
     }
 
     fn finished(&mut self, index: usize, reason: FinishReason) -> sse::Data {
-        let choice =
-            ChunkChoice { index, delta: Delta::default(), logprobs: None, finish_reason: Some(finish_reason(reason)) };
+        let delta = match self.held.get_mut(index) {
+            Some(text) if self.tools.is_some() => {
+                let (message, finish) = answer(self.tools.as_ref(), std::mem::take(text), reason);
+                let calls = message.tool_calls.map(|c| {
+                    c.into_iter().enumerate().map(|(index, call)| ToolCallDelta { index, call }).collect()
+                });
+                let choice = ChunkChoice {
+                    index,
+                    delta: Delta { role: None, content: message.content, tool_calls: calls },
+                    logprobs: None,
+                    finish_reason: Some(finish),
+                };
+                return self.chunk(vec![choice], None);
+            }
+            _ => Delta::default(),
+        };
+        let choice = ChunkChoice { index, delta, logprobs: None, finish_reason: Some(finish_reason(reason)) };
         self.chunk(vec![choice], None)
     }
 

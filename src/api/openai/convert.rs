@@ -43,6 +43,8 @@ pub struct ChatPlan {
     pub messages: Vec<ChatMessage>,
     pub common: Common,
     pub logprobs: bool,
+    /// Functions the model may call (`None`: none may be).
+    pub tools: Option<super::tools::ToolPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,23 +67,32 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         )
         .with_param("messages"));
     }
-    let messages = req.messages.iter().enumerate().map(|(i, m)| message(i, m)).collect::<ApiResult<Vec<_>>>()?;
+    let mut messages = req.messages.iter().enumerate().map(|(i, m)| message(i, m)).collect::<ApiResult<Vec<_>>>()?;
     check_metadata(req.metadata.as_ref())?;
-    // Tools the model is told not to call change nothing, so only callable ones are refused.
+    let tools = super::tools::plan(req.tools.as_deref(), req.tool_choice.as_ref())?;
+    // Functions the model is told not to call change nothing, so only callable ones are refused.
     let none = |choice: &Option<serde_json::Value>| choice.as_ref().is_some_and(|c| c == "none");
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) && !none(&req.tool_choice) {
-        return Err(ApiError::unsupported(
-            "tools",
-            "the engine does not do tool calling (tool_choice \"none\" is accepted)",
-        ));
-    }
     if req.functions.as_ref().is_some_and(|f| !f.is_empty()) && !none(&req.function_call) {
         return Err(ApiError::unsupported(
             "functions",
             "the engine does not do function calling (function_call \"none\" is accepted)",
         ));
     }
-    let grammar = req.response_format.as_ref().map(response_format).transpose()?.flatten();
+    let mut grammar = req.response_format.as_ref().map(response_format).transpose()?.flatten();
+    if let Some(t) = &tools {
+        if t.choice == super::tools::Choice::Auto && grammar.is_some() {
+            return Err(ApiError::unsupported(
+                "response_format",
+                "a JSON response_format together with tool_choice 'auto' is not available yet; use tool_choice 'required' or a named function",
+            ));
+        }
+        // A forced call's grammar replaces the answer format: the answer is the call.
+        grammar = t.grammar().or(grammar);
+        match messages.iter_mut().find(|m| m.role == "system") {
+            Some(m) => m.content = format!("{}\n\n{}", m.content, t.system_block()),
+            None => messages.insert(0, ChatMessage::new("system", t.system_block())),
+        }
+    }
     if req.audio.as_ref().is_some_and(|a| !a.is_null()) {
         return Err(ApiError::unsupported("audio", "the models served are text only"));
     }
@@ -115,7 +126,7 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         limits,
     })?;
     let common = Common { grammar, ..common };
-    Ok(ChatPlan { messages, common, logprobs: req.logprobs.unwrap_or(false) })
+    Ok(ChatPlan { messages, common, logprobs: req.logprobs.unwrap_or(false), tools })
 }
 
 /// `response_format` → the grammar the output must follow (`None` for plain text).
@@ -193,7 +204,7 @@ fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
             texts.join("\n")
         }
         // An assistant turn that only called tools, or a function result, may have no content.
-        None if m.role == "assistant" || m.role == "function" => String::new(),
+        None if m.role == "assistant" || m.role == "function" || m.role == "tool" => String::new(),
         None => {
             return Err(ApiError::new(
                 ErrorKind::MissingRequiredParameter,
@@ -201,6 +212,15 @@ fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
             )
             .with_param(format!("messages[{i}].content")))
         }
+    };
+    // Calls and results in the history, written as the model writes and reads them.
+    let content = match (m.role.as_str(), m.tool_calls.as_deref()) {
+        ("assistant", Some(calls)) if !calls.is_empty() => {
+            let calls = super::tools::render_calls(calls);
+            if content.is_empty() { calls } else { format!("{content}\n{calls}") }
+        }
+        ("tool", _) => super::tools::render_result(&content),
+        _ => content,
     };
     // OpenAI's `developer` role is what older models call `system`; chat templates know the latter.
     let role = if m.role == "developer" { "system" } else { m.role.as_str() };

@@ -12,4 +12,5 @@ pub mod generation;
 pub mod models;
 pub mod stored;
 pub mod stream;
+pub mod tools;
 pub mod types;

@@ -1,0 +1,223 @@
+//! Tool calling for models whose chat template has no tool syntax of its own (SmolLM2's
+//! has none). The tools are described to the model in a block appended to the system
+//! prompt (the generic tool prompt below, in the `<tools>` / `<tool_call>` convention many
+//! open models are trained on), a call is written as
+//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, and the answer is parsed back into
+//! OpenAI's `message.tool_calls`.
+//!
+//! `tool_choice: "required"` and a named function are forced from the first token: the
+//! output must be one call object (`{"name": …, "arguments": …}`) that the grammar checks
+//! against the chosen function's `parameters` schema. `"auto"` leaves the model free and
+//! parses `<tool_call>` blocks out of its answer; a block that is not a valid call of a
+//! listed tool leaves the whole answer as text. History turns are rendered the same way:
+//! an assistant turn's `tool_calls` as `<tool_call>` blocks, a `tool` turn's content inside
+//! `<tool_response>` tags.
+
+use serde_json::{json, Value};
+
+use super::types::{FunctionCall, ToolCall};
+use crate::api::error::{ApiError, ApiResult};
+use crate::engine::grammar::GrammarSpec;
+
+/// One function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Function {
+    pub name: String,
+    pub description: Option<String>,
+    /// Its arguments' JSON schema (`{"type": "object"}` when the request gave none).
+    pub parameters: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Choice {
+    /// The model decides.
+    Auto,
+    /// The model must call one of the tools.
+    Required,
+    /// The model must call this one.
+    Named(String),
+}
+
+/// The tools of a request that may call them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolPlan {
+    pub functions: Vec<Function>,
+    pub choice: Choice,
+}
+
+/// `tools` + `tool_choice` → the plan, or `None` when nothing may be called (no tools, or
+/// `tool_choice: "none"`).
+pub fn plan(tools: Option<&[Value]>, choice: Option<&Value>) -> ApiResult<Option<ToolPlan>> {
+    let tools = tools.unwrap_or_default();
+    let choice = match choice {
+        None => Choice::Auto,
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => Choice::Auto,
+        Some(Value::String(s)) if s == "required" => Choice::Required,
+        Some(v @ Value::Object(_)) => match v.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if v["type"] == "function" => Choice::Named(name.to_string()),
+            _ => return Err(ApiError::invalid_value("tool_choice", "must name a function: {\"type\": \"function\", \"function\": {\"name\": …}}")),
+        },
+        Some(_) => return Err(ApiError::invalid_value("tool_choice", "must be 'none', 'auto', 'required' or a named function")),
+    };
+    if tools.is_empty() {
+        return match choice {
+            Choice::Auto => Ok(None),
+            _ => Err(ApiError::invalid_value("tool_choice", "is only allowed when 'tools' are given")),
+        };
+    }
+    let mut functions = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        if t["type"] != "function" {
+            return Err(ApiError::invalid_value(format!("tools[{i}].type"), "only 'function' tools are available"));
+        }
+        let f = &t["function"];
+        let name = f["name"].as_str().unwrap_or_default();
+        if !(1..=64).contains(&name.len()) || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(ApiError::invalid_value(format!("tools[{i}].function.name"), "must be 1 to 64 letters, digits, '_' or '-'"));
+        }
+        if functions.iter().any(|g: &Function| g.name == name) {
+            return Err(ApiError::invalid_value(format!("tools[{i}].function.name"), format!("'{name}' is listed twice")));
+        }
+        let parameters = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object"}),
+            Some(p @ Value::Object(_)) => p.clone(),
+            Some(_) => return Err(ApiError::invalid_value(format!("tools[{i}].function.parameters"), "must be a JSON schema object")),
+        };
+        let description = f["description"].as_str().map(String::from);
+        functions.push(Function { name: name.to_string(), description, parameters });
+    }
+    if let Choice::Named(n) = &choice {
+        if !functions.iter().any(|f| &f.name == n) {
+            return Err(ApiError::invalid_value("tool_choice", format!("no tool is named '{n}'")));
+        }
+    }
+    Ok(Some(ToolPlan { functions, choice }))
+}
+
+impl ToolPlan {
+    /// The block appended to the system prompt: the functions, and how to call one.
+    pub fn system_block(&self) -> String {
+        let mut out = String::from("# Tools\n\nYou may call these functions:\n<tools>\n");
+        for f in &self.functions {
+            let mut function = json!({"name": f.name, "parameters": f.parameters});
+            if let Some(d) = &f.description {
+                function["description"] = json!(d);
+            }
+            out.push_str(&json!({"type": "function", "function": function}).to_string());
+            out.push('\n');
+        }
+        out.push_str(
+            "</tools>\nTo call one, answer with only:\n<tool_call>\n{\"name\": <function name>, \"arguments\": <arguments object>}\n</tool_call>",
+        );
+        out
+    }
+
+    /// The grammar of a forced call (`required` or a named function), else `None`.
+    pub fn grammar(&self) -> Option<GrammarSpec> {
+        let call = |f: &Function| {
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false
+            })
+        };
+        match &self.choice {
+            Choice::Auto => None,
+            Choice::Named(n) => self.functions.iter().find(|f| &f.name == n).map(|f| GrammarSpec::JsonSchema(call(f))),
+            Choice::Required => {
+                Some(GrammarSpec::JsonSchema(json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()})))
+            }
+        }
+    }
+
+    /// The calls in a finished answer, or `None` when it is text; `id` names each call.
+    pub fn parse(&self, text: &str, id: &mut impl FnMut() -> String) -> Option<Vec<ToolCall>> {
+        let calls: Vec<Value> = match self.choice {
+            Choice::Auto => {
+                let mut calls = Vec::new();
+                let mut rest = text;
+                while let Some(start) = rest.find("<tool_call>") {
+                    let body = &rest[start + "<tool_call>".len()..];
+                    let end = body.find("</tool_call>").unwrap_or(body.len());
+                    calls.push(serde_json::from_str(body[..end].trim()).ok()?);
+                    rest = &body[end..];
+                }
+                calls
+            }
+            Choice::Required | Choice::Named(_) => vec![serde_json::from_str(text.trim()).ok()?],
+        };
+        if calls.is_empty() {
+            return None;
+        }
+        calls
+            .into_iter()
+            .map(|c| {
+                let name = c["name"].as_str()?;
+                self.functions.iter().find(|f| f.name == name)?;
+                let arguments = c.get("arguments").filter(|a| a.is_object())?;
+                Some(ToolCall {
+                    id: id(),
+                    kind: "function",
+                    function: FunctionCall { name: name.to_string(), arguments: arguments.to_string() },
+                })
+            })
+            .collect()
+    }
+}
+
+/// An assistant turn's `tool_calls` as the model writes them.
+pub fn render_calls(calls: &[Value]) -> String {
+    calls
+        .iter()
+        .map(|c| {
+            let f = &c["function"];
+            let arguments = f["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or(json!({}));
+            format!("<tool_call>\n{}\n</tool_call>", json!({"name": f["name"], "arguments": arguments}))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A `tool` turn's content as the model reads it.
+pub fn render_result(content: &str) -> String {
+    format!("<tool_response>\n{content}\n</tool_response>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+    }
+
+    #[test]
+    fn choices_and_parsing() -> ApiResult<()> {
+        let tools = weather();
+        let tools = tools.as_array().map(Vec::as_slice);
+        assert_eq!(plan(tools, Some(&json!("none")))?, None);
+        assert_eq!(plan(None, None)?, None);
+        assert!(plan(None, Some(&json!("required"))).is_err());
+        assert!(plan(tools, Some(&json!({"type": "function", "function": {"name": "other"}}))).is_err());
+        let auto = plan(tools, None)?.ok_or_else(|| ApiError::internal("no plan"))?;
+        assert!(auto.system_block().contains("\"get_weather\""));
+        assert_eq!(auto.grammar(), None);
+        let mut n = 0;
+        let mut id = || {
+            n += 1;
+            format!("call_{n}")
+        };
+        let calls = auto.parse("Sure.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>", &mut id);
+        let calls = calls.ok_or_else(|| ApiError::internal("not parsed"))?;
+        assert_eq!((calls[0].function.name.as_str(), calls[0].function.arguments.as_str()), ("get_weather", "{\"city\":\"Oslo\"}"));
+        assert_eq!(auto.parse("It is sunny.", &mut id), None);
+        assert_eq!(auto.parse("<tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>", &mut id), None);
+        let forced = plan(tools, Some(&json!("required")))?.ok_or_else(|| ApiError::internal("no plan"))?;
+        assert!(matches!(forced.grammar(), Some(GrammarSpec::JsonSchema(_))));
+        assert!(forced.parse("{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Rome\"}}", &mut id).is_some());
+        Ok(())
+    }
+}
