@@ -176,6 +176,11 @@ async fn forced_tool_calls_follow_the_functions_schema_streamed_or_not() -> anyh
     let call = &last["choices"][0]["delta"]["tool_calls"][0];
     assert_eq!(call["index"], 0);
     assert_eq!(check_call(call, "get_weather")?, args, "streamed and whole differ");
+    // The log keeps what the call was made with (durable logging: committed before the answer).
+    let (status, logged) = gw.get(&format!("/admin/logs/{}", out["id"].as_str().unwrap_or_default())).await?;
+    assert_eq!(status, 200, "{logged}");
+    assert_eq!(logged["request"]["params"]["tools"], tools(), "{logged}");
+    assert_eq!(logged["request"]["params"]["tool_choice"]["function"]["name"], "get_weather", "{logged}");
 
     // `required` with two tools: one of them, with its own arguments.
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Time?"}], "max_tokens": 150,

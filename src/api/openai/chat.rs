@@ -136,6 +136,9 @@ fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &s
     put("presence_penalty", req.presence_penalty.map(Value::from));
     put("ignore_eos", req.ignore_eos.map(Value::from));
     put("user", req.user.clone().map(Value::from));
+    put("tools", req.tools.clone().map(Value::from));
+    put("tool_choice", req.tool_choice.clone());
+    put("response_format", req.response_format.as_ref().and_then(|f| serde_json::to_value(f).ok()));
     LogRecord {
         id: meta.id.clone(),
         created_ms: now_ms(),

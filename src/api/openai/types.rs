@@ -77,14 +77,15 @@ pub struct ContentPart {
 }
 
 /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub json_schema: Option<JsonSchemaFormat>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct JsonSchemaFormat {
     pub name: Option<String>,
     pub description: Option<String>,
