@@ -12,6 +12,7 @@ pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
+pub mod request_id;
 pub mod server;
 pub mod ui;
 

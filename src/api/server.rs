@@ -38,6 +38,7 @@ pub fn listen(state: web::Data<AppState>, opts: ListenOptions) -> anyhow::Result
             .app_data(BodyTimeout(body_timeout))
             .wrap(actix_web::middleware::from_fn(super::guard::open_server))
             .wrap(actix_web::middleware::from_fn(super::metrics::track))
+            .wrap(actix_web::middleware::from_fn(super::request_id::track))
             .configure(routes)
             .default_service(web::to(super::not_found))
     })

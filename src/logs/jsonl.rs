@@ -85,6 +85,7 @@ pub async fn import_jsonl<R: BufRead>(
             status: STATUS_OK.into(),
             api_key_id: None,
             tenant: None,
+            request_id: None,
             client_disconnected: false,
             metadata: Default::default(),
             store: false,

@@ -59,6 +59,9 @@ pub struct LogRecord {
     /// imported by an operator: only admins see those.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// The `x-request-id` the response carried (the client's own, or the completion id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// The client went away before the stream ended; `response` holds what was generated.
     pub client_disconnected: bool,
     pub metadata: BTreeMap<String, String>,

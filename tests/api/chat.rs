@@ -257,3 +257,38 @@ async fn prefix_cache_is_not_shared_across_api_keys() -> anyhow::Result<()> {
     assert_eq!(cached(&again), prompt_tokens - 1, "{}", again["usage"]);
     Ok(())
 }
+
+/// `x-request-id` on every response: the client's own echoed, else the completion id (or a
+/// `req_` id on other routes); error bodies and the log record carry the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_names_its_request_id() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let id_of = |r: &reqwest::Response| r.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(String::from);
+    let body = json!({"model": MODEL, "messages": user("Hi"), "max_tokens": 2});
+    let res = gw.post_raw("/v1/chat/completions", body.clone()).await?;
+    let header = id_of(&res);
+    let out: Value = res.json().await?;
+    assert_eq!(header.as_deref(), out["id"].as_str(), "the completion id, when the client sends none");
+    let (_, logged) = gw.get(&format!("/admin/logs/{}", out["id"].as_str().unwrap_or_default())).await?;
+    assert_eq!(logged["request_id"], out["id"], "{logged}");
+
+    let res = gw.http.post(gw.url("/v1/chat/completions")).header("x-request-id", "client-req.42").json(&body).send().await?;
+    assert_eq!(id_of(&res).as_deref(), Some("client-req.42"));
+    let out: Value = res.json().await?;
+    let (_, logged) = gw.get(&format!("/admin/logs/{}", out["id"].as_str().unwrap_or_default())).await?;
+    assert_eq!(logged["request_id"], "client-req.42", "{logged}");
+    // An id with characters a header or log should not carry is replaced.
+    let res = gw.http.post(gw.url("/v1/chat/completions")).header("x-request-id", "a b<c>".repeat(30)).json(&body).send().await?;
+    assert!(id_of(&res).is_some_and(|i| i.starts_with("chatcmpl-")), "{:?}", id_of(&res));
+
+    // Errors: the header and the body agree.
+    let res = gw.post_raw("/v1/chat/completions", json!({"model": "nope", "messages": user("Hi")})).await?;
+    let header = id_of(&res);
+    let err: Value = res.json().await?;
+    assert!(header.as_deref().is_some_and(|h| h.starts_with("req_")), "{header:?}");
+    assert_eq!(err["error"]["request_id"].as_str(), header.as_deref(), "{err}");
+    assert_eq!(err["error"]["code"], "model_not_found");
+    let res = gw.http.get(gw.url("/v1/models")).header("x-request-id", "mine").send().await?;
+    assert_eq!(id_of(&res).as_deref(), Some("mine"));
+    Ok(())
+}

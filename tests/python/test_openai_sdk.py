@@ -29,6 +29,7 @@ def check_chat():
     assert choice.finish_reason in ("stop", "length")
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert 0 < r.usage.completion_tokens <= 12
+    assert r._request_id == r.id, (r._request_id, r.id)  # x-request-id: the completion id
 
 
 def check_chat_stream():

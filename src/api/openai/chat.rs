@@ -37,7 +37,10 @@ pub async fn create(
     let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
     let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
     record.measure(&state.metrics);
-    record.log_to(state.logs.as_ref(), || log_draft(&meta, &req, &routed, &state.config.model.name, &caller));
+    let request_id = crate::api::request_id::client_id(&http).unwrap_or_else(|| meta.id.clone());
+    record.log_to(state.logs.as_ref(), || {
+        log_draft(&meta, &req, &routed, &state.config.model.name, &caller, request_id.clone())
+    });
     let saved = state.router.distill(&routed, &mut plan.messages);
     record.set_saved(saved);
     let submitted = async {
@@ -68,7 +71,7 @@ pub async fn create(
         };
         let held = StreamResources { permit, record };
         let mut resp = stream::respond(streams, plan.common.n, plan.common.include_usage, format, held);
-        saved_header(&mut resp, saved);
+        response_headers(&mut resp, saved, &request_id);
         return Ok(resp);
     }
 
@@ -110,12 +113,19 @@ pub async fn create(
     record.commit().await;
     record.finish();
     let mut resp = HttpResponse::Ok().json(body);
-    saved_header(&mut resp, saved);
+    response_headers(&mut resp, saved, &request_id);
     Ok(resp)
 }
 
 /// The log record as known before generation: who asked what, routed where.
-fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &str, caller: &Caller) -> LogRecord {
+fn log_draft(
+    meta: &Meta,
+    req: &ChatCompletionRequest,
+    routed: &Routed,
+    base: &str,
+    caller: &Caller,
+    request_id: String,
+) -> LogRecord {
     let mut params = serde_json::Map::new();
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v.filter(|v| !v.is_null()) {
@@ -160,6 +170,7 @@ fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &s
         status: STATUS_OK.to_string(),
         api_key_id: Some(caller.key_id.clone()),
         tenant: Some(caller.tenant.clone()),
+        request_id: Some(request_id),
         client_disconnected: false,
         metadata: req.metadata.clone().unwrap_or_default().into_iter().collect(),
         store: req.store.unwrap_or(false),
@@ -168,8 +179,12 @@ fn log_draft(meta: &Meta, req: &ChatCompletionRequest, routed: &Routed, base: &s
     }
 }
 
+/// `x-request-id` (the client's, else the completion id) and
 /// `x-tunegate-prompt-tokens-saved`: prompt tokens a distilled adapter made unnecessary.
-fn saved_header(resp: &mut HttpResponse, saved: usize) {
+fn response_headers(resp: &mut HttpResponse, saved: usize, request_id: &str) {
+    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(crate::api::request_id::HEADER, v);
+    }
     if saved > 0 {
         resp.headers_mut().insert(
             actix_web::http::header::HeaderName::from_static("x-tunegate-prompt-tokens-saved"),

@@ -17,6 +17,8 @@ use crate::api::json::Json;
 use crate::api::AppState;
 use crate::engine::{Completion, FinishReason, ModelInfo, Prompt, Timings, Usage};
 
+/// `POST /v1/completions`; the response carries `x-request-id` (the client's, else the
+/// completion id).
 pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
@@ -34,6 +36,13 @@ pub async fn create(
     let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
     record.measure(&state.metrics);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
+    let request_id = crate::api::request_id::client_id(&http).unwrap_or_else(|| meta.id.clone());
+    let with_id = |mut r: HttpResponse| {
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&request_id) {
+            r.headers_mut().insert(crate::api::request_id::HEADER, v);
+        }
+        r
+    };
     let n = plan.common.n;
     let mut format =
         CompletionChunks { meta, info: info.clone(), n, echoes, logprobs: plan.logprobs, offsets: Vec::new() };
@@ -48,7 +57,7 @@ pub async fn create(
         if plan.common.stream {
             format.offsets = (0..streams.len()).map(|i| format.echo(i).chars().count()).collect();
             let held = StreamResources { permit, record };
-            return Ok(stream::respond(streams, n, plan.common.include_usage, format, held));
+            return Ok(with_id(stream::respond(streams, n, plan.common.include_usage, format, held)));
         }
         let completions = match collect_all(streams).await {
             Ok(c) => c,
@@ -71,11 +80,11 @@ pub async fn create(
             events.push(format.usage(usage));
         }
         events.push(sse::Data::new("[DONE]"));
-        return Ok(stream::respond_static(events));
+        return Ok(with_id(stream::respond_static(events)));
     }
     let choices = completions.into_iter().enumerate().map(|(index, c)| format.choice(index, c)).collect();
     let meta = &format.meta;
-    Ok(HttpResponse::Ok().json(CompletionOut {
+    Ok(with_id(HttpResponse::Ok().json(CompletionOut {
         id: meta.id.clone(),
         object: "text_completion",
         created: meta.created,
@@ -83,7 +92,7 @@ pub async fn create(
         system_fingerprint: meta.fingerprint.to_string(),
         choices,
         usage: Some(usage),
-    }))
+    })))
 }
 
 /// The prompts as text, for `echo`.

@@ -38,6 +38,7 @@ pub fn rec(id: &str, task: &str, created_ms: i64) -> LogRecord {
         status: "ok".into(),
         api_key_id: Some("key-1".into()),
         tenant: Some("tenant-1".into()),
+        request_id: None,
         client_disconnected: false,
         metadata: Default::default(),
         store: false,
