@@ -834,6 +834,10 @@ def write_report(res, path):
         L.append(f"| {tname} | {n} | {name} | {'yes' if ok else '**no**'} | {val} |")
     L.append("")
     L.append("![suite chart](flywheel-suite.png)\n")
+    if res.get("notes"):  # the reader's notes on a run, kept in its JSON (`notes`: a list of paragraphs)
+        L.append("## Notes on this run\n")
+        L += [f"- {n}" for n in res["notes"]]
+        L.append("")
     L.append("## What ran\n")
     L.append(f"- **Gateway**: `{s['binary']}` (release build"
              + (f", copied from `target/release` at {res['binary_built']}" if res.get("binary_built") else "")

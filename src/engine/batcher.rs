@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::lora::BatchLora;
+use super::grammar::Constraint;
+use super::lora::{BatchLora, LoraHandle};
 use super::model::{KvCache, SeqBatch};
 use super::prefix_cache::PrefixCache;
 use super::sampling::Sampler;
@@ -20,8 +21,6 @@ use super::{
     loader, EngineConfig, EngineError, FinishReason, Model, ModelInfo, Result, SamplingParams, Shared, StreamEvent,
     Timings, Tokenizer, Usage,
 };
-use super::grammar::Constraint;
-use super::lora::LoraHandle;
 
 /// Most prompt tokens fed in one step across all prefilling sequences, so a long prompt
 /// arriving does not stall running streams for its whole prefill.
