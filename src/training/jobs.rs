@@ -584,6 +584,32 @@ impl JobManager {
         }
     }
 
+    /// Makes `alias` serve the adapter at `path` if it still serves generation `expected`.
+    /// The folder watcher may be loading the same freshly published version at that moment
+    /// (the first version of an alias it promotes on its own): a busy alias is retried, and
+    /// an alias that already serves this very folder counts as promoted. Returns the
+    /// generation now serving.
+    pub(crate) fn promote(&self, alias: &str, path: &Path, expected: Option<u64>) -> Result<u64, crate::adapters::AdapterError> {
+        let registry = &self.inner.registry;
+        let mut tries = 0;
+        let result = loop {
+            match registry.load(alias, path, LoadOptions { replace: true, expected_generation: expected }) {
+                Err(crate::adapters::AdapterError::Busy(_)) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok(g) => Ok(g.generation),
+            Err(e) => match registry.list().into_iter().find(|a| a.alias == alias) {
+                Some(a) if a.path == path => Ok(a.generation),
+                _ => Err(e),
+            },
+        }
+    }
+
     fn execute(&self, job: &Job, cancel: &AtomicBool) -> Result<(), JobError> {
         let i = &self.inner;
         let fail = |e: String| JobError::Failed(e);
@@ -700,15 +726,15 @@ impl JobManager {
             );
         } else if res.gate.passed {
             let expected = Some(current.as_ref().map_or(0, |c| c.generation));
-            match i.registry.load(&job.task, &res.adapter_path, LoadOptions { replace: true, expected_generation: expected }) {
-                Ok(g) => {
+            match self.promote(&job.task, &res.adapter_path, expected) {
+                Ok(generation) => {
                     promoted = true;
                     promotion = "promoted";
                     // A restart (and the folder watcher) serves what was promoted.
                     if let Err(e) = crate::adapters::watch::write_pin(&i.cfg.adapters_root, &job.task, &res.version) {
                         tracing::warn!(task = %job.task, error = %e, "cannot write the adapter pin file");
                     }
-                    self.event(&id, "info", format!("Promoted: '{}' now serves {} (generation {})", job.task, res.version, g.generation), None);
+                    self.event(&id, "info", format!("Promoted: '{}' now serves {} (generation {generation})", job.task, res.version), None);
                 }
                 Err(e) => {
                     promotion = "conflict";

@@ -465,6 +465,13 @@ fn job_manager_runs_jobs_and_resumes_after_restart() -> R {
     assert!(events.iter().any(|e| e.message.starts_with("resuming from the checkpoint")), "no resume event");
     assert!(!b.checkpoints(&job.id)?.is_empty());
     assert!(b.cancel(&job.id).is_err(), "a finished job cannot be cancelled");
+    // The folder watcher may have loaded the very version a job promotes: with a stale
+    // expected generation that still counts as promoted; another folder is a conflict.
+    let served = registry.list().into_iter().find(|a| a.alias == "labels").ok_or_else(|| anyhow::anyhow!("labels not served"))?;
+    assert_eq!(b.promote("labels", &served.path, Some(0))?, served.generation);
+    let other = dir.path().join("other");
+    crate::testing::write_random_adapter(&other, &engine.info()?.shape, 4, 9)?;
+    assert!(b.promote("labels", &other, Some(0)).is_err());
     b.shutdown();
     Ok(())
 }
