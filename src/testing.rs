@@ -191,14 +191,23 @@ impl TinyWeights {
     pub fn write_safetensors_dir(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         let s = &self.spec;
-        let cfg = serde_json::json!({
-            "model_type": if s.qwen2 { "qwen2" } else { "llama" },
-            "hidden_size": s.hidden, "intermediate_size": s.intermediate,
-            "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
-            "num_key_value_heads": s.kv_heads, "vocab_size": s.vocab,
-            "rms_norm_eps": s.eps, "rope_theta": s.rope_theta,
-            "max_position_embeddings": s.max_pos, "tie_word_embeddings": s.tie_embeddings,
-        });
+        // Keys sorted whatever serde_json's map keeps (a dependency turns on its
+        // `preserve_order`): the PEFT fixture holds this file's hash.
+        let cfg: std::collections::BTreeMap<&str, serde_json::Value> = [
+            ("model_type", serde_json::json!(if s.qwen2 { "qwen2" } else { "llama" })),
+            ("hidden_size", s.hidden.into()),
+            ("intermediate_size", s.intermediate.into()),
+            ("num_hidden_layers", s.layers.into()),
+            ("num_attention_heads", s.heads.into()),
+            ("num_key_value_heads", s.kv_heads.into()),
+            ("vocab_size", s.vocab.into()),
+            ("rms_norm_eps", serde_json::json!(s.eps)),
+            ("rope_theta", serde_json::json!(s.rope_theta)),
+            ("max_position_embeddings", s.max_pos.into()),
+            ("tie_word_embeddings", s.tie_embeddings.into()),
+        ]
+        .into_iter()
+        .collect();
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg)?)?;
         let mut map = HashMap::new();
         for name in self.tensors.keys() {
