@@ -80,7 +80,7 @@ pub struct Hyperparameters {
 }
 
 /// A fine-tuning job as stored (`jobs/<id>/job.json`): what OpenAI's `fine_tuning.job`
-/// reports (the API layer adds the envelope, `api::openai::types::Job`), plus
+/// reports (the API layer adds the envelope, `api::openai::types::FineTuningJob`), plus
 /// tunegate's `task`, `promoted`, `eval`, hyper-parameters and owners.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Job {
