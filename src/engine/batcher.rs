@@ -229,7 +229,7 @@ impl Loop<'_> {
             s.push_token(id, logprob, &self.info.tokenizer, self.info.context_length);
             if !s.finished && s.constraint.as_ref().is_some_and(Constraint::is_complete) {
                 // The grammar is satisfied and allows nothing more: end as if at EOS.
-                s.flush_and_finish(&self.info.tokenizer);
+                s.flush_and_finish(&self.info.tokenizer, id, 0.0);
             }
         }
     }
@@ -320,13 +320,15 @@ impl Sequence {
         &self.tokens[self.prompt_len..]
     }
 
-    /// Ends the sequence normally, sending any text held back for a stop sequence.
-    fn flush_and_finish(&mut self, tok: &Tokenizer) {
-        if let Ok(rest) = self.text.flush(tok, &self.tokens[self.prompt_len..]) {
-            if !rest.is_empty() {
-                let id = self.tokens.last().copied().unwrap_or(0);
-                let _ = self.tx.send(StreamEvent::Token { text: rest, token_id: id, logprob: 0.0 });
+    /// Ends the sequence normally (end of sequence, or a grammar that allows nothing more):
+    /// text held back for a stop sequence that never completed is final now, sent with
+    /// `token_id` and `logprob`.
+    fn flush_and_finish(&mut self, tok: &Tokenizer, token_id: u32, logprob: f32) {
+        match self.text.flush(tok, &self.tokens[self.prompt_len..]) {
+            Ok(rest) if !rest.is_empty() => {
+                let _ = self.tx.send(StreamEvent::Token { text: rest, token_id, logprob });
             }
+            _ => {}
         }
         self.finish(FinishReason::Stop);
     }
@@ -334,14 +336,7 @@ impl Sequence {
     fn push_token(&mut self, id: u32, logprob: f32, tok: &Tokenizer, context_length: usize) {
         self.first_token.get_or_insert_with(Instant::now);
         if self.params.stop_at_eos && tok.eos_token_ids().contains(&id) {
-            // Text held back for a stop sequence that never completed is final now.
-            match self.text.flush(tok, &self.tokens[self.prompt_len..]) {
-                Ok(rest) if !rest.is_empty() => {
-                    let _ = self.tx.send(StreamEvent::Token { text: rest, token_id: id, logprob });
-                }
-                _ => {}
-            }
-            return self.finish(FinishReason::Stop);
+            return self.flush_and_finish(tok, id, logprob);
         }
         self.tokens.push(id);
         let generated = &self.tokens[self.prompt_len..];
