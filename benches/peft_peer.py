@@ -19,6 +19,15 @@ import random
 import time
 
 
+def peak_rss_mib():
+    """Peak resident memory of this process so far (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", required=True)
@@ -79,7 +88,7 @@ def main():
         print(
             f"{setting}: {tokens / sum(times):.1f} tokens/s over {args.steps} steps "
             f"({tokens} tokens, {sum(times):.1f}s; per step {' '.join(f'{x:.2f}s' for x in times)}); "
-            f"final loss {loss.item():.3f}"
+            f"final loss {loss.item():.3f}; peak resident memory {peak_rss_mib():.0f} MiB"
         )
 
 

@@ -59,6 +59,21 @@ fn cpu_seconds() -> f64 {
     f.get(11).zip(f.get(12)).map_or(0.0, |(u, s)| (u + s) / 100.0)
 }
 
+/// Peak resident memory of this process so far (VmHWM), MiB.
+fn peak_rss_mib() -> f64 {
+    rss_mib("VmHWM:")
+}
+
+/// A memory line of `/proc/self/status` (`VmRSS:`, `VmHWM:`), MiB.
+fn rss_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn main() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model_path = std::env::var("TUNEGATE_BENCH_MODEL")
@@ -73,8 +88,11 @@ fn main() -> Result<()> {
         }
     }
 
+    let rss_start = rss_mib("VmRSS:");
     let (model, _info) = load_model(&model_path, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rss_model = rss_mib("VmRSS:");
     let dense = model.to_dense()?;
+    let rss_dense = rss_mib("VmRSS:");
     let data = synthetic(BATCH * (steps + 1), model.shape.vocab_size, 7);
     println!(
         "model {} ({} layers, vocab {}), {threads} threads, batch {BATCH}, lengths {}..={}, loss on the second half",
@@ -84,13 +102,17 @@ fn main() -> Result<()> {
         MEAN_LEN - SPREAD,
         MEAN_LEN + SPREAD
     );
+    println!(
+        "resident memory: {rss_start:.0} MiB at start, {rss_model:.0} MiB with the serving model loaded, {rss_dense:.0} MiB with its f32 training copy"
+    );
     println!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     for setting in settings.split(',') {
         if setting == "matmul" {
             matmul_probe()?;
             continue;
         }
-        let mut cfg = TrainConfig { batch_size: BATCH, micro_batch: BATCH, epochs: 1, warmup_steps: 0, ..Default::default() };
+        let mut cfg = TrainConfig { batch_size: BATCH, epochs: 1, warmup_steps: 0, ..Default::default() };
+        cfg.micro_batch = env_usize("TUNEGATE_BENCH_MICRO", cfg.micro_batch)?;
         match setting {
             "all16" => {}
             "qv8" => {
@@ -103,21 +125,26 @@ fn main() -> Result<()> {
         let params = LoraParams::init(&model.shape, &cfg)?;
         let mut opt = AdamW::new(&params, cfg.weight_decay)?;
 
-        // One step split into phases (also the warm-up).
+        // One step split into phases (also the warm-up), micro-batch by micro-batch.
         let weights: LoraWeights = params.weights(model.shape.num_layers)?;
-        let seqs: Vec<&Sequence> = data[..BATCH].iter().collect();
-        let lens: Vec<_> = seqs.iter().map(|s| (s.tokens.len(), Some(&weights))).collect();
-        let lora = BatchLora::new(&lens)?;
-        let t0 = Instant::now();
-        let (loss, _) = trainer::batch_loss(&dense, &lora, &seqs)?;
-        let fwd = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let bwd = t1.elapsed().as_secs_f64();
+        let (mut fwd, mut bwd) = (0.0, 0.0);
+        let mut grads = Vec::new();
+        for mb in data[..BATCH].chunks(cfg.micro_batch.max(1)) {
+            let seqs: Vec<&Sequence> = mb.iter().collect();
+            let lens: Vec<_> = seqs.iter().map(|s| (s.tokens.len(), Some(&weights))).collect();
+            let lora = BatchLora::new(&lens)?;
+            let t0 = Instant::now();
+            let (loss, _) = trainer::batch_loss(&dense, &lora, &seqs)?;
+            fwd += t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            grads.push(loss.backward()?);
+            bwd += t1.elapsed().as_secs_f64();
+        }
         let t2 = Instant::now();
-        opt.step(&params, &grads, 1e-4)?;
+        opt.step(&params, &grads[0], 1e-4)?;
         let optim = t2.elapsed().as_secs_f64();
         drop(grads);
+        let warm_rss = peak_rss_mib();
 
         let mut times = Vec::new();
         let mut last = Instant::now();
@@ -133,7 +160,8 @@ fn main() -> Result<()> {
         let cpu = cpu_seconds() - cpu0;
         let tokens: usize = rest.iter().map(|s| s.tokens.len()).sum();
         println!(
-            "{setting}: {:.1} tokens/s, {:.1} tokens per CPU-second, over {} steps ({} tokens, {:.1}s; per step {}); phase split of one step: forward {:.2}s, backward {:.2}s, optimizer {:.3}s; final loss {:.3}",
+            "{setting} (micro-batch {}): {:.1} tokens/s, {:.1} tokens per CPU-second, over {} steps ({} tokens, {:.1}s; per step {}); phase split of one step: forward {:.2}s, backward {:.2}s, optimizer {:.3}s; final loss {:.3}; peak resident memory {:.0} MiB after the warm-up step, {:.0} MiB at the end",
+            cfg.micro_batch,
             tokens as f64 / outcome.seconds,
             tokens as f64 / cpu.max(1e-9),
             outcome.steps,
@@ -144,6 +172,8 @@ fn main() -> Result<()> {
             bwd,
             optim,
             outcome.losses.last().copied().unwrap_or(f32::NAN),
+            warm_rss,
+            peak_rss_mib(),
         );
     }
     Ok(())

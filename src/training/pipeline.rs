@@ -196,6 +196,8 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
         });
         Ok(())
     })?;
+    // Scoring runs on the quantized serving model: the f32 copy goes before it.
+    drop(dense);
     if outcome.cancelled {
         return Err(JobError::Cancelled);
     }

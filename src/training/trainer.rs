@@ -60,7 +60,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             epochs: 3,
             batch_size: 8,
-            micro_batch: 8,
+            micro_batch: 2,
             warmup_steps: 5,
             schedule: Schedule::Cosine,
             seed: 0,

@@ -93,13 +93,22 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let embed = self.embed_tokens.dequantize()?;
+        // A tied head shares the embedding's f32 copy (candle tensors are shared storage)
+        // rather than holding a second one of vocabulary × hidden floats.
+        let tied = match (&self.embed_tokens, &self.lm_head.weight) {
+            (Embedding::Quantized(e), QMatMul::QTensor(h)) => std::sync::Arc::ptr_eq(e, h),
+            (Embedding::Dense(e), QMatMul::Tensor(h)) => e.id() == h.id(),
+            _ => false,
+        };
+        let lm_head = if tied { Linear { weight: QMatMul::Tensor(embed.clone()), bias: None } } else { dense(&self.lm_head)? };
         Ok(Model {
             cfg: self.cfg.clone(),
             shape: self.shape.clone(),
-            embed_tokens: Embedding::Dense(self.embed_tokens.dequantize()?),
+            embed_tokens: Embedding::Dense(embed),
             layers,
             norm: self.norm.clone(),
-            lm_head: dense(&self.lm_head)?,
+            lm_head,
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             cos_rows: self.cos_rows.clone(),
