@@ -226,10 +226,11 @@ impl Loop<'_> {
                     }
                 }
             };
-            s.push_token(id, logprob, &self.info.tokenizer, self.info.context_length);
+            let top = super::sampling::top_logprobs(&logits[row], s.params.top_logprobs);
+            s.push_token(id, logprob, top, &self.info.tokenizer, self.info.context_length);
             if !s.finished && s.constraint.as_ref().is_some_and(Constraint::is_complete) {
                 // The grammar is satisfied and allows nothing more: end as if at EOS.
-                s.flush_and_finish(&self.info.tokenizer, id, 0.0);
+                s.flush_and_finish(&self.info.tokenizer, id, 0.0, Vec::new());
             }
         }
     }
@@ -322,21 +323,21 @@ impl Sequence {
 
     /// Ends the sequence normally (end of sequence, or a grammar that allows nothing more):
     /// text held back for a stop sequence that never completed is final now, sent with
-    /// `token_id` and `logprob`.
-    fn flush_and_finish(&mut self, tok: &Tokenizer, token_id: u32, logprob: f32) {
+    /// `token_id`, `logprob` and `top_logprobs`.
+    fn flush_and_finish(&mut self, tok: &Tokenizer, token_id: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>) {
         match self.text.flush(tok, &self.tokens[self.prompt_len..]) {
             Ok(rest) if !rest.is_empty() => {
-                let _ = self.tx.send(StreamEvent::Token { text: rest, token_id, logprob });
+                let _ = self.tx.send(StreamEvent::Token { text: rest, token_id, logprob, top_logprobs });
             }
             _ => {}
         }
         self.finish(FinishReason::Stop);
     }
 
-    fn push_token(&mut self, id: u32, logprob: f32, tok: &Tokenizer, context_length: usize) {
+    fn push_token(&mut self, id: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>, tok: &Tokenizer, context_length: usize) {
         self.first_token.get_or_insert_with(Instant::now);
         if self.params.stop_at_eos && tok.eos_token_ids().contains(&id) {
-            return self.flush_and_finish(tok, id, logprob);
+            return self.flush_and_finish(tok, id, logprob, top_logprobs);
         }
         self.tokens.push(id);
         let generated = &self.tokens[self.prompt_len..];
@@ -357,7 +358,7 @@ impl Sequence {
                 return;
             }
         };
-        if self.tx.send(StreamEvent::Token { text: delta, token_id: id, logprob }).is_err() {
+        if self.tx.send(StreamEvent::Token { text: delta, token_id: id, logprob, top_logprobs }).is_err() {
             self.finished = true;
             return;
         }

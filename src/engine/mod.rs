@@ -401,22 +401,25 @@ struct Collector {
     text: String,
     tokens: Vec<u32>,
     logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
 }
 
 impl Collector {
     /// Adds one event; returns the result once the stream is over.
     fn push(&mut self, ev: StreamEvent) -> Option<Result<Completion>> {
         match ev {
-            StreamEvent::Token { text, token_id, logprob } => {
+            StreamEvent::Token { text, token_id, logprob, top_logprobs } => {
                 self.text.push_str(&text);
                 self.tokens.push(token_id);
                 self.logprobs.push(logprob);
+                self.top_logprobs.push(top_logprobs);
                 None
             }
             StreamEvent::Done { finish_reason, usage, timings } => Some(Ok(Completion {
                 text: std::mem::take(&mut self.text),
                 tokens: std::mem::take(&mut self.tokens),
                 logprobs: std::mem::take(&mut self.logprobs),
+                top_logprobs: std::mem::take(&mut self.top_logprobs),
                 finish_reason,
                 usage,
                 timings,
@@ -432,6 +435,8 @@ pub struct Completion {
     pub text: String,
     pub tokens: Vec<u32>,
     pub logprobs: Vec<f32>,
+    /// Per token, its `top_logprobs` alternatives (each empty unless asked for).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,

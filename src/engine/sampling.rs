@@ -88,9 +88,32 @@ pub fn argmax(xs: &[f32]) -> usize {
 }
 
 pub(crate) fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    logits[i] - log_sum_exp(logits)
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
-    logits[i] - lse
+    logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max
+}
+
+/// The `k` most likely tokens under the unmodified distribution with their
+/// log-probabilities, most likely first (ties: lower id first).
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 {
+        return Vec::new();
+    }
+    // A small sorted list: k is at most 20, the vocabulary tens of thousands.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_finite() || (best.len() == k && l <= best[k - 1].1) {
+            continue;
+        }
+        let at = best.partition_point(|&(_, b)| b >= l);
+        best.insert(at, (i as u32, l));
+        best.truncate(k);
+    }
+    let lse = log_sum_exp(logits);
+    best.into_iter().map(|(i, l)| (i, l - lse)).collect()
 }
 
 #[cfg(test)]
@@ -99,6 +122,20 @@ mod tests {
 
     fn params(t: f32, p: f32, k: usize, seed: u64) -> SamplingParams {
         SamplingParams { temperature: t, top_p: p, top_k: k, seed: Some(seed), ..Default::default() }
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_in_order() {
+        let logits = [0.5f32, 3.0, f32::NEG_INFINITY, 3.0, -1.0, 2.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 5]);
+        for &(id, lp) in &top {
+            assert!((lp - log_softmax_at(&logits, id as usize)).abs() < 1e-6);
+        }
+        let total: f32 = top_logprobs(&logits, 20).iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "all finite tokens listed: {total}");
+        assert_eq!(top_logprobs(&logits, 20).len(), 5);
+        assert!(top_logprobs(&logits, 0).is_empty());
     }
 
     #[test]

@@ -34,7 +34,13 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Stop at the model's end-of-sequence tokens (false only for benchmarks).
     pub stop_at_eos: bool,
+    /// With each token, the most likely alternatives at its position (0: none; OpenAI's
+    /// `top_logprobs`, at most [`MAX_TOP_LOGPROBS`]).
+    pub top_logprobs: usize,
 }
+
+/// The most alternatives a token can report ([`SamplingParams::top_logprobs`]).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -46,6 +52,7 @@ impl Default for SamplingParams {
             seed: None,
             stop: Vec::new(),
             stop_at_eos: true,
+            top_logprobs: 0,
         }
     }
 }
@@ -137,6 +144,9 @@ pub enum StreamEvent {
         token_id: u32,
         /// Natural log of the token's probability under the unmodified distribution.
         logprob: f32,
+        /// The `top_logprobs` most likely tokens at this position with their logprobs,
+        /// most likely first (empty unless asked for).
+        top_logprobs: Vec<(u32, f32)>,
     },
     Done {
         finish_reason: FinishReason,

@@ -292,3 +292,70 @@ async fn every_response_names_its_request_id() -> anyhow::Result<()> {
     assert_eq!(id_of(&res).as_deref(), Some("mine"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_logprobs_on_chat_and_completions_streamed_and_not() -> anyhow::Result<()> {
+    let gw = common::start().await?;
+    let req = json!({"model": MODEL, "messages": user("Name a colour"), "max_tokens": 6, "temperature": 0,
+        "logprobs": true, "top_logprobs": 3});
+    let (status, body) = gw.post("/v1/chat/completions", req.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default();
+    assert!(!content.is_empty());
+    for t in &content {
+        let top = t["top_logprobs"].as_array().cloned().unwrap_or_default();
+        assert_eq!(top.len(), 3, "{t}");
+        let lps: Vec<f64> = top.iter().filter_map(|e| e["logprob"].as_f64()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "most likely first: {lps:?}");
+        assert!(lps.iter().all(|&l| l <= 0.0) && lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-4);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], t["token"], "{t}");
+        assert!((top[0]["logprob"].as_f64().unwrap_or(1.0) - t["logprob"].as_f64().unwrap_or(0.0)).abs() < 1e-5);
+        assert!(top.iter().all(|e| e["bytes"].is_array()));
+    }
+
+    // Streamed: the same alternatives, token by token.
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let events = gw.sse("/v1/chat/completions", streamed).await?;
+    let tops: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .map(|t| t["top_logprobs"].clone())
+        .collect();
+    let whole: Vec<Value> = content.iter().map(|t| t["top_logprobs"].clone()).collect();
+    assert_eq!(tops.len(), whole.len());
+    for (a, b) in tops.iter().zip(&whole) {
+        let names = |v: &Value| v.as_array().map(|a| a.iter().map(|e| e["token"].clone()).collect::<Vec<_>>());
+        assert_eq!(names(a), names(b));
+    }
+
+    // Out of range, or without logprobs: 400 naming the parameter.
+    for bad in [json!({"logprobs": true, "top_logprobs": 21}), json!({"top_logprobs": 2})] {
+        let mut r = json!({"model": MODEL, "messages": user("x"), "max_tokens": 1});
+        for (k, v) in bad.as_object().into_iter().flatten() {
+            r[k] = v.clone();
+        }
+        let (status, body) = gw.post("/v1/chat/completions", r).await?;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "top_logprobs");
+    }
+
+    // Legacy completions: `logprobs: N` gives N alternatives per token as {token: logprob}.
+    let (status, body) = gw
+        .post("/v1/completions", json!({"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0, "logprobs": 2}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let lp = &body["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().cloned().unwrap_or_default();
+    let tops = lp["top_logprobs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(tops.len(), tokens.len());
+    for ((tok, chosen), top) in tokens.iter().zip(lp["token_logprobs"].as_array().into_iter().flatten()).zip(&tops) {
+        let map = top.as_object().cloned().unwrap_or_default();
+        assert!((1..=2).contains(&map.len()), "{top}");
+        let best = map.values().filter_map(Value::as_f64).fold(f64::NEG_INFINITY, f64::max);
+        assert!((best - chosen.as_f64().unwrap_or(0.0)).abs() < 1e-5, "greedy picks the likeliest: {tok} {top}");
+    }
+    Ok(())
+}

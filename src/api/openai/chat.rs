@@ -93,7 +93,14 @@ pub async fn create(
         .enumerate()
         .map(|(index, c)| {
             let logprobs = plan.logprobs.then(|| ChoiceLogprobs {
-                content: Some(c.tokens.iter().zip(&c.logprobs).map(|(&t, &lp)| token_logprob(&info, t, lp)).collect()),
+                content: Some(
+                    c.tokens
+                        .iter()
+                        .zip(&c.logprobs)
+                        .zip(&c.top_logprobs)
+                        .map(|((&t, &lp), top)| token_logprob(&info, t, lp, top))
+                        .collect(),
+                ),
                 refusal: None,
             });
             let (message, finish) = answer(plan.tools.as_ref(), c.text, c.finish_reason);
@@ -246,7 +253,7 @@ impl ChunkFormat for ChatChunks {
             .collect()
     }
 
-    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32) -> Option<sse::Data> {
+    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Option<sse::Data> {
         if self.tools.is_some() {
             if let Some(h) = self.held.get_mut(index) {
                 h.push_str(&text);
@@ -257,7 +264,7 @@ impl ChunkFormat for ChatChunks {
             return None;
         }
         let logprobs = self.logprobs.then(|| ChoiceLogprobs {
-            content: Some(vec![token_logprob(&self.info, token_id, logprob)]),
+            content: Some(vec![token_logprob(&self.info, token_id, logprob, top)]),
             refusal: None,
         });
         let delta = Delta { role: None, content: Some(text), tool_calls: None };

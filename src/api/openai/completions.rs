@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
-use super::generation::{cache_scope, collect_all, failed, submit_all, tokenize, total_usage, Meta, RequestRecord};
+use super::generation::{cache_scope, collect_all, failed, submit_all, tokenize, top_logprob_map, total_usage, Meta, RequestRecord};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
@@ -119,6 +119,7 @@ fn without_generation(info: &ModelInfo, plan: &CompletionPlan) -> ApiResult<Vec<
                 text: String::new(),
                 tokens: Vec::new(),
                 logprobs: Vec::new(),
+                top_logprobs: Vec::new(),
                 finish_reason: FinishReason::Length,
                 usage: Usage { prompt_tokens, ..Usage::default() },
                 timings: Timings::default(),
@@ -161,12 +162,13 @@ impl CompletionChunks {
         let logprobs = self.logprobs.then(|| {
             let mut lp = CompletionLogprobs::default();
             let mut offset = echo.chars().count();
-            for (&t, &p) in c.tokens.iter().zip(&c.logprobs) {
+            for ((&t, &p), top) in c.tokens.iter().zip(&c.logprobs).zip(&c.top_logprobs) {
                 let token = self.info.tokenizer.decode(&[t], false).unwrap_or_default();
                 lp.text_offset.push(offset);
                 offset += token.chars().count();
                 lp.tokens.push(token);
                 lp.token_logprobs.push(p);
+                lp.top_logprobs.push(top_logprob_map(&self.info, top));
             }
             lp
         });
@@ -191,7 +193,7 @@ impl ChunkFormat for CompletionChunks {
             .collect()
     }
 
-    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32) -> Option<sse::Data> {
+    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Option<sse::Data> {
         if text.is_empty() && !self.logprobs {
             return None;
         }
@@ -201,7 +203,12 @@ impl ChunkFormat for CompletionChunks {
             if let Some(o) = self.offsets.get_mut(index) {
                 *o += token.chars().count();
             }
-            CompletionLogprobs { tokens: vec![token], token_logprobs: vec![logprob], text_offset: vec![offset] }
+            CompletionLogprobs {
+                tokens: vec![token],
+                token_logprobs: vec![logprob],
+                top_logprobs: vec![top_logprob_map(&self.info, top)],
+                text_offset: vec![offset],
+            }
         });
         Some(self.chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }], None))
     }

@@ -6,7 +6,7 @@
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::config::LimitsConfig;
 use crate::engine::grammar::{Constraint, GrammarSpec};
-use crate::engine::{ChatMessage, Prompt, SamplingParams};
+use crate::engine::{ChatMessage, Prompt, SamplingParams, MAX_TOP_LOGPROBS};
 
 use super::types::{
     ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptSpec, ResponseFormat, StopSpec,
@@ -105,8 +105,12 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         Some((param, v)) => int_range(param, v, 1, limits.max_tokens as i64)? as usize,
         None => limits.max_tokens,
     };
-    if let Some(t) = req.top_logprobs {
-        int_range("top_logprobs", t, 0, 20)?;
+    let top_logprobs = match req.top_logprobs {
+        Some(t) => int_range("top_logprobs", t, 0, MAX_TOP_LOGPROBS as i64)? as usize,
+        None => 0,
+    };
+    if top_logprobs > 0 && req.logprobs != Some(true) {
+        return Err(ApiError::invalid_value("top_logprobs", "top_logprobs needs logprobs: true"));
     }
     let common = common(CommonIn {
         max_tokens,
@@ -122,6 +126,7 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         frequency_penalty: req.frequency_penalty,
         presence_penalty: req.presence_penalty,
         logit_bias_len: req.logit_bias.as_ref().map_or(0, |b| b.len()),
+        top_logprobs,
         task: req.metadata.as_ref().and_then(|m| m.get("task")).cloned(),
         limits,
     })?;
@@ -234,9 +239,10 @@ pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<C
         Some(v) => int_range("max_tokens", v, 0, limits.max_tokens as i64)? as usize,
         None => 16.min(limits.max_tokens),
     };
-    if let Some(l) = req.logprobs {
-        int_range("logprobs", l, 0, 5)?;
-    }
+    let top_logprobs = match req.logprobs {
+        Some(l) => int_range("logprobs", l, 0, 5)? as usize,
+        None => 0,
+    };
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported("suffix", "the models served do not do fill-in-the-middle"));
     }
@@ -260,6 +266,7 @@ pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<C
         frequency_penalty: req.frequency_penalty,
         presence_penalty: req.presence_penalty,
         logit_bias_len: req.logit_bias.as_ref().map_or(0, |b| b.len()),
+        top_logprobs,
         task: req.metadata.as_ref().and_then(|m| m.get("task")).cloned(),
         limits,
     })?;
@@ -330,6 +337,8 @@ struct CommonIn<'a> {
     frequency_penalty: Option<f64>,
     presence_penalty: Option<f64>,
     logit_bias_len: usize,
+    /// Alternatives reported per token (already checked).
+    top_logprobs: usize,
     task: Option<String>,
     limits: &'a LimitsConfig,
 }
@@ -392,6 +401,7 @@ fn common(c: CommonIn<'_>) -> ApiResult<Common> {
             seed: c.seed.map(seed).transpose()?,
             stop,
             stop_at_eos: !c.ignore_eos.unwrap_or(false),
+            top_logprobs: c.top_logprobs,
         },
         n,
         stream: c.stream.unwrap_or(false),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use futures_util::future::try_join_all;
 
 use super::convert::Common;
-use super::types::{TokenLogprob, UsageOut};
+use super::types::{TokenLogprob, TopLogprob, UsageOut};
 use crate::adapters::{lora_handle, AdapterLease};
 use crate::api::error::{ApiError, ApiResult};
 use crate::engine::grammar::{Constraint, GrammarSpec};
@@ -116,10 +116,28 @@ pub fn total_usage<'a>(n: usize, per_choice: impl IntoIterator<Item = (usize, &'
     UsageOut::new(prompt, completion).with_cached(cached)
 }
 
-/// One token's logprob entry as chat completions report it.
-pub fn token_logprob(info: &ModelInfo, token_id: u32, logprob: f32) -> TokenLogprob {
+/// One token's logprob entry as chat completions report it, with its alternatives.
+pub fn token_logprob(info: &ModelInfo, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> TokenLogprob {
     let token = info.tokenizer.decode(&[token_id], false).unwrap_or_default();
-    TokenLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob, top_logprobs: Vec::new() }
+    let top_logprobs = top
+        .iter()
+        .map(|&(id, logprob)| {
+            let token = info.tokenizer.decode(&[id], false).unwrap_or_default();
+            TopLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob }
+        })
+        .collect();
+    TokenLogprob { bytes: Some(token.as_bytes().to_vec()), token, logprob, top_logprobs }
+}
+
+/// A legacy completion's alternatives for one token: `{token: logprob}`, most likely first.
+/// Distinct ids that decode to the same text keep the likelier one.
+pub fn top_logprob_map(info: &ModelInfo, top: &[(u32, f32)]) -> serde_json::Map<String, serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for &(id, logprob) in top {
+        let token = info.tokenizer.decode(&[id], false).unwrap_or_default();
+        map.entry(token).or_insert_with(|| serde_json::Value::from(logprob));
+    }
+    map
 }
 
 /// The response metadata every object and chunk of one request repeats.

@@ -26,7 +26,7 @@ pub trait ChunkFormat: Send + 'static {
     /// Chunks before any token (chat: one role chunk per choice).
     fn opening(&mut self) -> Vec<sse::Data>;
     /// A token of choice `index`; `None` to send nothing (e.g. an empty delta).
-    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32) -> Option<sse::Data>;
+    fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Option<sse::Data>;
     /// The last chunk of choice `index`.
     fn finished(&mut self, index: usize, reason: FinishReason) -> sse::Data;
     /// The usage chunk (`stream_options.include_usage`).
@@ -111,9 +111,9 @@ fn sse_response(events: impl Stream<Item = Result<sse::Event, Infallible>> + 'st
 impl<F: ChunkFormat> State<F> {
     fn step(&mut self, next: Option<(usize, StreamEvent)>) {
         match next {
-            Some((i, StreamEvent::Token { text, token_id, logprob })) => {
+            Some((i, StreamEvent::Token { text, token_id, logprob, top_logprobs })) => {
                 self.held.record.on_token(i, &text);
-                self.pending.extend(self.format.token(i, text, token_id, logprob));
+                self.pending.extend(self.format.token(i, text, token_id, logprob, &top_logprobs));
             }
             Some((i, StreamEvent::Done { finish_reason: reason, usage, timings })) => {
                 self.held.record.choice_done(&timings, usage.completion_tokens);

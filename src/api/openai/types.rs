@@ -264,8 +264,8 @@ pub struct TokenLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Option<Vec<u8>>,
-    /// The engine reports the chosen token's log probability only, so this is empty: the
-    /// schema allows fewer entries than `top_logprobs` asked for.
+    /// The request's `top_logprobs` most likely tokens at this position, most likely
+    /// first (empty when it asked for none).
     pub top_logprobs: Vec<TopLogprob>,
 }
 
@@ -334,6 +334,9 @@ pub struct CompletionChoice {
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<f32>,
+    /// Per token, its `logprobs` most likely alternatives as `{token: logprob}`, most
+    /// likely first.
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
     pub text_offset: Vec<usize>,
 }
 
