@@ -408,3 +408,56 @@ async fn tasks_overview_reports_readiness_and_gauges() -> anyhow::Result<()> {
     gw.handle.stop(true).await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_completions_are_logged_with_the_prompt_as_the_user_turn() -> anyhow::Result<()> {
+    let gw = common::start_with(|c, _| common::with_keys(c)).await?;
+    let (status, out) = gw
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": "Ticket: printer on fire. Label:", "max_tokens": 5, "temperature": 0,
+                "echo": true, "metadata": {"task": "legacy"}, "user": "u9"}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let r = record(&gw, out["id"].as_str().unwrap_or_default()).await?;
+    assert_eq!(r["task"], "legacy");
+    assert_eq!(r["status"], "ok");
+    assert_eq!(r["request"]["messages"], json!([{"role": "user", "content": "Ticket: printer on fire. Label:"}]));
+    // The response is the generated text, without the echoed prompt.
+    let text = out["choices"][0]["text"].as_str().unwrap_or_default();
+    assert_eq!(r["response"], text.strip_prefix("Ticket: printer on fire. Label:").unwrap_or("<no echo>"));
+    assert_eq!(r["finish_reason"], out["choices"][0]["finish_reason"]);
+    assert_eq!(r["prompt_tokens"], out["usage"]["prompt_tokens"]);
+    assert_eq!(r["completion_tokens"], out["usage"]["completion_tokens"]);
+    assert_eq!(r["request"]["params"]["user"], "u9");
+    assert_eq!(r["request"]["params"]["echo"], true);
+    assert!(r["api_key_id"].as_str().is_some_and(|k| k.len() == 12), "{r}");
+    assert_eq!(r["review"]["state"], "pending");
+
+    // Streamed, from token ids: the prompt decoded, the streamed text logged whole.
+    let ids = gw.handle.engine.info()?.tokenizer.encode("Reset my password", false)?;
+    let events = gw
+        .sse("/v1/completions", json!({"model": MODEL, "prompt": ids, "max_tokens": 5, "temperature": 0, "stream": true,
+            "metadata": {"task": "legacy"}}))
+        .await?;
+    let streamed: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    let r = record(&gw, events[0]["id"].as_str().unwrap_or_default()).await?;
+    assert_eq!(r["request"]["messages"][0]["content"], "Reset my password");
+    assert_eq!(r["response"], streamed.as_str());
+    assert!(r["completion_tokens"].as_u64().is_some_and(|n| n > 0), "{r}");
+
+    // Several prompts: logged as the first, with the count.
+    let (status, out) = gw
+        .post("/v1/completions", json!({"model": MODEL, "prompt": ["one", "two"], "max_tokens": 2, "metadata": {"task": "legacy"}}))
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let r = record(&gw, out["id"].as_str().unwrap_or_default()).await?;
+    assert_eq!(r["request"]["messages"][0]["content"], "one");
+    assert_eq!(r["request"]["params"]["prompt_count"], 2);
+
+    // Reviewable with the task's other logs.
+    let (_, page) = gw.get("/admin/logs?task=legacy").await?;
+    assert_eq!(page["data"].as_array().map_or(0, Vec::len), 3, "{page}");
+    Ok(())
+}

@@ -7,7 +7,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert;
-use super::generation::{chat_prompt, collect_all, cache_scope, compile_grammar, failed, submit_all, token_logprob, total_usage, Meta, RequestRecord};
+use super::generation::{
+    self, cache_scope, chat_prompt, collect_all, compile_grammar, failed, logged_params, submit_all, token_logprob,
+    total_usage, LogDraft, Meta, RequestRecord, SharedParams,
+};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::tools::ToolPlan;
 use super::types::{
@@ -19,7 +22,7 @@ use crate::api::error::ApiResult;
 use crate::api::json::Json;
 use crate::api::AppState;
 use crate::engine::{FinishReason, ModelInfo};
-use crate::logs::{now_ms, AdapterRef, LogRecord, RequestLog, Review, STATUS_OK};
+use crate::logs::LogRecord;
 use crate::router::Routed;
 use serde_json::Value;
 
@@ -133,57 +136,38 @@ fn log_draft(
     caller: &Caller,
     request_id: String,
 ) -> LogRecord {
-    let mut params = serde_json::Map::new();
+    let mut params = logged_params(SharedParams {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        max_tokens: req.max_tokens,
+        n: req.n,
+        stop: req.stop.as_ref(),
+        seed: req.seed.as_ref(),
+        stream: req.stream,
+        frequency_penalty: req.frequency_penalty,
+        presence_penalty: req.presence_penalty,
+        ignore_eos: req.ignore_eos,
+        user: req.user.as_deref(),
+    });
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v.filter(|v| !v.is_null()) {
             params.insert(k.to_string(), v);
         }
     };
-    put("temperature", req.temperature.map(Value::from));
-    put("top_p", req.top_p.map(Value::from));
-    put("top_k", req.top_k.map(Value::from));
-    put("max_tokens", req.max_tokens.map(Value::from));
     put("max_completion_tokens", req.max_completion_tokens.map(Value::from));
-    put("n", req.n.map(Value::from));
-    put("stop", req.stop.as_ref().and_then(|s| serde_json::to_value(s).ok()));
-    put("seed", req.seed.clone().map(Value::Number));
-    put("stream", req.stream.map(Value::from));
     put("logprobs", req.logprobs.map(Value::from));
-    put("frequency_penalty", req.frequency_penalty.map(Value::from));
-    put("presence_penalty", req.presence_penalty.map(Value::from));
-    put("ignore_eos", req.ignore_eos.map(Value::from));
-    put("user", req.user.clone().map(Value::from));
+    put("top_logprobs", req.top_logprobs.map(Value::from));
     put("tools", req.tools.clone().map(Value::from));
     put("tool_choice", req.tool_choice.clone());
     put("response_format", req.response_format.as_ref().and_then(|f| serde_json::to_value(f).ok()));
-    LogRecord {
-        id: meta.id.clone(),
-        created_ms: now_ms(),
-        task: routed.task.clone(),
-        model: routed.model.clone(),
-        base_model: base.to_string(),
-        adapter: routed.adapter.as_ref().map(|a| AdapterRef { alias: a.alias.clone(), generation: a.generation }),
-        request: RequestLog {
-            messages: serde_json::to_value(&req.messages).unwrap_or(Value::Null),
-            params: Value::Object(params),
-        },
-        response: String::new(),
-        finish_reason: None,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        prompt_tokens_saved: 0,
-        ttft_ms: None,
-        latency_ms: 0,
-        status: STATUS_OK.to_string(),
-        api_key_id: Some(caller.key_id.clone()),
-        tenant: Some(caller.tenant.clone()),
-        request_id: Some(request_id),
-        client_disconnected: false,
-        metadata: req.metadata.clone().unwrap_or_default().into_iter().collect(),
+    let draft = LogDraft {
+        messages: serde_json::to_value(&req.messages).unwrap_or(Value::Null),
+        params,
+        metadata: req.metadata.clone(),
         store: req.store.unwrap_or(false),
-        review: Review::default(),
-        feedback: None,
-    }
+    };
+    generation::log_draft(meta, routed, base, caller, request_id, draft)
 }
 
 /// `x-request-id` (the client's, else the completion id) and

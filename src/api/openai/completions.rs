@@ -1,6 +1,10 @@
 //! `POST /v1/completions` (the legacy text endpoint): one or more prompts (text or token
 //! ids), `n` samples each, `echo`, `logprobs`; JSON or SSE. `max_tokens: 0` answers from the
 //! tokenizer alone, without the engine.
+//!
+//! Logged like chat, so its traffic can be reviewed and trained on: the prompt is the user
+//! turn and choice 0's text the response. A request with several prompts is logged as its
+//! first (the record's `params.prompt_count` says how many there were).
 
 use std::sync::Arc;
 
@@ -8,7 +12,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, CompletionPlan};
-use super::generation::{cache_scope, collect_all, failed, submit_all, tokenize, top_logprob_map, total_usage, Meta, RequestRecord};
+use super::generation::{
+    self, cache_scope, collect_all, failed, logged_params, submit_all, tokenize, top_logprob_map, total_usage, LogDraft,
+    Meta, RequestRecord, SharedParams,
+};
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
 use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
 use crate::api::auth::Caller;
@@ -16,6 +23,9 @@ use crate::api::error::ApiResult;
 use crate::api::json::Json;
 use crate::api::AppState;
 use crate::engine::{Completion, FinishReason, ModelInfo, Prompt, Timings, Usage};
+use crate::logs::LogRecord;
+use crate::router::Routed;
+use serde_json::Value;
 
 /// `POST /v1/completions`; the response carries `x-request-id` (the client's, else the
 /// completion id).
@@ -31,12 +41,16 @@ pub async fn create(
     crate::api::metrics::served(&http, &routed);
     let permit = state.limiter.acquire_n(&caller.limit_key, plan.prompts.len() * plan.common.n)?;
     let info = state.engine.info()?;
-    let echoes = if plan.echo { prompt_texts(&info, &plan.prompts)? } else { vec![String::new(); plan.prompts.len()] };
+    let texts = prompt_texts(&info, &plan.prompts)?;
+    let echoes = if plan.echo { texts.clone() } else { vec![String::new(); plan.prompts.len()] };
     plan.prompts = tokenize(&info, std::mem::take(&mut plan.prompts)).await?;
     let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
     record.measure(&state.metrics);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
     let request_id = crate::api::request_id::client_id(&http).unwrap_or_else(|| meta.id.clone());
+    record.log_to(state.logs.as_ref(), || {
+        log_draft(&meta, &req, &texts, &routed, &state.config.model.name, &caller, request_id.clone())
+    });
     let with_id = |mut r: HttpResponse| {
         if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&request_id) {
             r.headers_mut().insert(crate::api::request_id::HEADER, v);
@@ -71,6 +85,11 @@ pub async fn create(
     drop(permit);
     let usage = total_usage(n, completions.iter().map(|c| &c.usage).enumerate());
     record.complete(usage);
+    if let Some(c) = completions.first() {
+        record.set_result(&c.text, finish_reason(c.finish_reason), c.timings.time_to_first_token);
+    }
+    // The response goes out only once its log record is committed (`[logs] durable`).
+    record.commit().await;
     record.finish();
     if plan.common.stream {
         // Nothing was generated (max_tokens 0): the whole stream is known now.
@@ -95,7 +114,48 @@ pub async fn create(
     })))
 }
 
-/// The prompts as text, for `echo`.
+/// The log record as known before generation: the first prompt as the user turn.
+fn log_draft(
+    meta: &Meta,
+    req: &CompletionRequest,
+    texts: &[String],
+    routed: &Routed,
+    base: &str,
+    caller: &Caller,
+    request_id: String,
+) -> LogRecord {
+    let mut params = logged_params(SharedParams {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        max_tokens: req.max_tokens,
+        n: req.n,
+        stop: req.stop.as_ref(),
+        seed: req.seed.as_ref(),
+        stream: req.stream,
+        frequency_penalty: req.frequency_penalty,
+        presence_penalty: req.presence_penalty,
+        ignore_eos: req.ignore_eos,
+        user: req.user.as_deref(),
+    });
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            params.insert(k.to_string(), v);
+        }
+    };
+    put("logprobs", req.logprobs.map(Value::from));
+    put("echo", req.echo.map(Value::from));
+    put("prompt_count", (texts.len() > 1).then(|| Value::from(texts.len())));
+    let draft = LogDraft {
+        messages: serde_json::json!([{"role": "user", "content": texts.first().cloned().unwrap_or_default()}]),
+        params,
+        metadata: req.metadata.clone(),
+        store: false,
+    };
+    generation::log_draft(meta, routed, base, caller, request_id, draft)
+}
+
+/// The prompts as text (the log's user turn, and `echo`).
 fn prompt_texts(info: &ModelInfo, prompts: &[Prompt]) -> ApiResult<Vec<String>> {
     prompts
         .iter()

@@ -140,6 +140,92 @@ pub fn top_logprob_map(info: &ModelInfo, top: &[(u32, f32)]) -> serde_json::Map<
     map
 }
 
+/// What a log record holds before generation, besides who asked and where it was routed.
+pub struct LogDraft {
+    /// The conversation as the client sent it (chat messages; a legacy prompt as one user turn).
+    pub messages: serde_json::Value,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub metadata: Option<std::collections::HashMap<String, String>>,
+    pub store: bool,
+}
+
+/// The log record as known before generation: who asked what, routed where.
+pub fn log_draft(
+    meta: &Meta,
+    routed: &crate::router::Routed,
+    base: &str,
+    caller: &crate::api::auth::Caller,
+    request_id: String,
+    draft: LogDraft,
+) -> LogRecord {
+    use crate::logs::{now_ms, AdapterRef, RequestLog, Review};
+    LogRecord {
+        id: meta.id.clone(),
+        created_ms: now_ms(),
+        task: routed.task.clone(),
+        model: routed.model.clone(),
+        base_model: base.to_string(),
+        adapter: routed.adapter.as_ref().map(|a| AdapterRef { alias: a.alias.clone(), generation: a.generation }),
+        request: RequestLog { messages: draft.messages, params: serde_json::Value::Object(draft.params) },
+        response: String::new(),
+        finish_reason: None,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        prompt_tokens_saved: 0,
+        ttft_ms: None,
+        latency_ms: 0,
+        status: STATUS_OK.to_string(),
+        api_key_id: Some(caller.key_id.clone()),
+        tenant: Some(caller.tenant.clone()),
+        request_id: Some(request_id),
+        client_disconnected: false,
+        metadata: draft.metadata.unwrap_or_default().into_iter().collect(),
+        store: draft.store,
+        review: Review::default(),
+        feedback: None,
+    }
+}
+
+/// Sampling parameters both endpoints log, non-null ones only.
+pub fn logged_params(p: SharedParams<'_>) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let mut params = serde_json::Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            params.insert(k.to_string(), v);
+        }
+    };
+    put("temperature", p.temperature.map(Value::from));
+    put("top_p", p.top_p.map(Value::from));
+    put("top_k", p.top_k.map(Value::from));
+    put("max_tokens", p.max_tokens.map(Value::from));
+    put("n", p.n.map(Value::from));
+    put("stop", p.stop.and_then(|s| serde_json::to_value(s).ok()));
+    put("seed", p.seed.cloned().map(Value::Number));
+    put("stream", p.stream.map(Value::from));
+    put("frequency_penalty", p.frequency_penalty.map(Value::from));
+    put("presence_penalty", p.presence_penalty.map(Value::from));
+    put("ignore_eos", p.ignore_eos.map(Value::from));
+    put("user", p.user.map(Value::from));
+    params
+}
+
+/// The request fields chat and legacy completions share, as [`logged_params`] reads them.
+pub struct SharedParams<'a> {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub max_tokens: Option<i64>,
+    pub n: Option<i64>,
+    pub stop: Option<&'a super::types::StopSpec>,
+    pub seed: Option<&'a serde_json::Number>,
+    pub stream: Option<bool>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub ignore_eos: Option<bool>,
+    pub user: Option<&'a str>,
+}
+
 /// The response metadata every object and chunk of one request repeats.
 #[derive(Debug, Clone)]
 pub struct Meta {
