@@ -7,6 +7,7 @@
 #   - redis-server (apt) for the Redis log-store tests,
 #   - Debian's chromium and Node.js (apt) and playwright-core (npm, pinned by
 #     tests/ui/package-lock.json, into tests/ui/node_modules) for the review page's browser test,
+#   - the openai and Vercel AI SDKs for Node (npm, pinned by tests/node/package-lock.json),
 #   - prometheus (apt: `prometheus` and `promtool`) for the metrics tests, which then require it,
 # then `cargo nextest run` (or `cargo test` where nextest is not installed).
 # Extra arguments go to the test runner, e.g. `scripts/test.sh api::chat`.
@@ -32,6 +33,13 @@ if ! cmp -s "$ui_lock" tests/ui/node_modules/.tunegate-lock; then
     echo "== installing tests/ui/node_modules (playwright-core)"
     npm ci --prefix tests/ui --no-audit --no-fund --silent
     cp "$ui_lock" tests/ui/node_modules/.tunegate-lock
+fi
+# The Node client libraries' checks (tests/api/node.rs): the openai SDK and the Vercel AI SDK.
+node_lock=tests/node/package-lock.json
+if ! cmp -s "$node_lock" tests/node/node_modules/.tunegate-lock; then
+    echo "== installing tests/node/node_modules (openai, ai, @ai-sdk/openai)"
+    npm ci --prefix tests/node --no-audit --no-fund --silent
+    cp "$node_lock" tests/node/node_modules/.tunegate-lock
 fi
 
 # The metrics tests check a scrape with promtool and query a real Prometheus server. They

@@ -271,6 +271,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// How long SIGTERM waits for in-flight requests before closing them.
     pub shutdown_timeout: Duration,
+    /// Browser origins (`https://app.example.com`) whose pages may call `/v1/*` (CORS);
+    /// `["*"]` for any origin, on a keyed server only. Empty (the default): none.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// `[auth]`: the plain digest lists plus `[[auth.keys]]` entries. A key of the plain lists is
@@ -414,6 +417,7 @@ struct RawServer {
     max_body_bytes: usize,
     workers: usize,
     shutdown_timeout_seconds: f64,
+    cors_allowed_origins: Vec<String>,
 }
 
 impl Default for RawServer {
@@ -424,6 +428,7 @@ impl Default for RawServer {
             max_body_bytes: 4_000_000,
             workers: 0,
             shutdown_timeout_seconds: 30.0,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -591,6 +596,14 @@ impl RawConfig {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024".into()));
         }
+        for (i, o) in self.server.cors_allowed_origins.iter().enumerate() {
+            if o != "*" && !valid_origin(o) {
+                return Err(invalid(
+                    &format!("server.cors_allowed_origins[{i}]"),
+                    format!("'{o}' is not an origin: scheme://host[:port], no path, such as https://app.example.com"),
+                ));
+            }
+        }
         let shutdown = duration(self.server.shutdown_timeout_seconds)
             .ok_or_else(|| invalid("server.shutdown_timeout_seconds", "must be a non-negative number".into()))?;
         let api_keys =
@@ -699,6 +712,12 @@ impl RawConfig {
         if l.store == LogBackend::Redis && !l.redis_url.starts_with("redis://") && !l.redis_url.starts_with("rediss://") {
             return Err(invalid("logs.redis_url", format!("'{}' is not a redis:// URL", l.redis_url)));
         }
+        if auth.is_open() && self.server.cors_allowed_origins.iter().any(|o| o == "*") {
+            return Err(invalid(
+                "server.cors_allowed_origins",
+                "'*' would let any web page use a gateway without API keys: list the origins, or configure keys".into(),
+            ));
+        }
         Ok(Config {
             server: ServerConfig {
                 bind,
@@ -706,6 +725,7 @@ impl RawConfig {
                 max_body_bytes: self.server.max_body_bytes,
                 workers: self.server.workers,
                 shutdown_timeout: shutdown,
+                cors_allowed_origins: self.server.cors_allowed_origins,
             },
             auth,
             model: ModelConfig {
@@ -733,6 +753,15 @@ impl RawConfig {
             scheduler: self.scheduler,
         })
     }
+}
+
+/// `scheme://host[:port]`: what a browser sends as `Origin`.
+fn valid_origin(o: &str) -> bool {
+    let Some((scheme, authority)) = o.split_once("://") else { return false };
+    matches!(scheme, "http" | "https")
+        && !authority.is_empty()
+        && !authority.contains(['/', '?', '#', '@', ' '])
+        && o == o.trim()
 }
 
 fn duration(seconds: f64) -> Option<Duration> {
@@ -816,7 +845,7 @@ mod tests {
         assert_eq!(
             err(&text),
             "test.toml: server.bnd: unknown field `bnd`, expected one of `bind`, `data_dir`, `max_body_bytes`, \
-             `workers`, `shutdown_timeout_seconds`"
+             `workers`, `shutdown_timeout_seconds`, `cors_allowed_origins`"
         );
     }
 

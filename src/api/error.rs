@@ -55,6 +55,8 @@ pub enum ErrorKind {
     JobFinished,
     TrainingDisabled,
     LogNotFound,
+    /// No stored response with that id (never stored, deleted, or another tenant's).
+    ResponseNotFound,
     IllegalReviewTransition,
     LogsDisabled,
     LogStoreUnavailable,
@@ -103,7 +105,7 @@ impl ErrorKind {
             TooManyJobs | TooManyUploads => StatusCode::TOO_MANY_REQUESTS,
             LogStoreFull => StatusCode::INSUFFICIENT_STORAGE,
             ModelNotFound | AdapterNotFound | LoraPathNotFound | UnknownUrl | FileNotFound | JobNotFound
-            | LogNotFound => {
+            | LogNotFound | ResponseNotFound => {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -157,6 +159,7 @@ impl ErrorKind {
             JobFinished => "fine_tuning_job_finished",
             TrainingDisabled => "training_disabled",
             LogNotFound => "log_not_found",
+            ResponseNotFound => "response_not_found",
             IllegalReviewTransition => "illegal_review_transition",
             LogsDisabled => "logs_disabled",
             LogStoreUnavailable => "log_store_unavailable",

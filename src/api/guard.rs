@@ -7,6 +7,8 @@
 //! - Cross-site simple requests (form or `text/plain` POSTs need no preflight): refused when
 //!   the browser's `Origin` names another host. JSON bodies also require a JSON content
 //!   type (`api::json`), which a page cannot send cross-site without a preflight.
+//!   Origins listed in `server.cors_allowed_origins` are the operator's exception: they pass
+//!   (CORS then lets their pages read `/v1/*` responses); `Host` is still checked.
 //!
 //! A keyed server needs neither: a page cannot attach the bearer key.
 
@@ -62,8 +64,11 @@ fn check(req: &ServiceRequest) -> Result<(), ApiError> {
     }
     if let Some(origin) = req.headers().get(header::ORIGIN).map(|h| h.to_str().unwrap_or("\u{0}")) {
         // `null` (sandboxed frames, file: pages) is cross-site too.
+        // An origin the operator listed in `server.cors_allowed_origins` is let through
+        // (exact match; `*` is refused on an open server at start).
         let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("\u{0}");
-        if !host_allowed(authority, &cfg.server.bind, extra) {
+        let listed = cfg.server.cors_allowed_origins.iter().any(|o| o == origin);
+        if !listed && !host_allowed(authority, &cfg.server.bind, extra) {
             return Err(refuse("the request comes from a page on another site (Origin)"));
         }
     }

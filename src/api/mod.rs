@@ -75,8 +75,27 @@ impl AppState {
     }
 }
 
-/// The route table.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// CORS for browser pages on `origins` (`server.cors_allowed_origins`): preflights answered
+/// for the `/v1/*` routes with the headers the SDKs send (any requested header: their
+/// `x-stainless-*` and `openai-*` set grows), `x-request-id` readable by the page. Requests
+/// from other origins are not blocked here, only left without CORS headers (the browser then
+/// withholds the response; an open server refuses them in `guard`).
+fn cors(origins: &[String]) -> actix_cors::Cors {
+    let cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST", "DELETE", "OPTIONS"])
+        .allow_any_header()
+        .expose_headers(["x-request-id", "x-tunegate-prompt-tokens-saved", "retry-after"])
+        .max_age(3600)
+        .block_on_origin_mismatch(false);
+    if origins.iter().any(|o| o == "*") {
+        // No cookies are involved (keys travel in `Authorization`), so `*` is safe to send.
+        return cors.allow_any_origin().send_wildcard();
+    }
+    origins.iter().fold(cors, |c, o| c.allowed_origin(o))
+}
+
+/// The route table; `cors_origins` may call `/v1/*` from a browser.
+pub fn routes(cfg: &mut web::ServiceConfig, cors_origins: &[String]) {
     cfg.service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
         // The review page; its files are public, the admin API it calls is not.
@@ -107,6 +126,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             web::scope("/v1")
                 .wrap(from_fn(auth::client))
+                // Outside the key check: a preflight carries no key.
+                .wrap(actix_web::middleware::Condition::new(!cors_origins.is_empty(), cors(cors_origins)))
                 .service(
                     resource("/chat/completions")
                         .route(web::post().to(openai::chat::create))
@@ -121,6 +142,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(resource("/chat/completions/{id}/messages").route(web::get().to(openai::stored::messages)))
                 .service(resource("/feedback").route(web::post().to(openai::feedback::create)))
                 .service(resource("/completions").route(web::post().to(openai::completions::create)))
+                .service(resource("/responses").route(web::post().to(openai::responses::create)))
+                .service(resource("/embeddings").route(web::post().to(openai::embeddings::create)))
+                .service(
+                    resource("/responses/{id}")
+                        .route(web::get().to(openai::responses::retrieve))
+                        .route(web::delete().to(openai::responses::delete)),
+                )
+                .service(resource("/responses/{id}/input_items").route(web::get().to(openai::responses::input_items)))
                 .service(resource("/models").route(web::get().to(openai::models::list)))
                 // Model ids may contain '/' (`org/name`), so the id is the rest of the path.
                 .service(resource("/models/{id:.+}").route(web::get().to(openai::models::retrieve)))

@@ -30,6 +30,7 @@ pub fn listen(state: web::Data<AppState>, opts: ListenOptions) -> anyhow::Result
     let config = state.config.clone();
     let max_body = config.server.max_body_bytes;
     let body_timeout = Duration::from_secs_f64(config.limits.body_timeout_seconds);
+    let cors_origins = config.server.cors_allowed_origins.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -39,7 +40,7 @@ pub fn listen(state: web::Data<AppState>, opts: ListenOptions) -> anyhow::Result
             .wrap(actix_web::middleware::from_fn(super::guard::open_server))
             .wrap(actix_web::middleware::from_fn(super::metrics::track))
             .wrap(actix_web::middleware::from_fn(super::request_id::track))
-            .configure(routes)
+            .configure(|c| routes(c, &cors_origins))
             .default_service(web::to(super::not_found))
     })
     .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));

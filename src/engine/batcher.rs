@@ -28,7 +28,18 @@ const PREFILL_TOKENS_PER_STEP: usize = 512;
 
 pub(crate) enum Command {
     Generate(Box<Pending>),
+    Embed(Box<EmbedJob>),
     Wake,
+}
+
+/// The embeddings of one request's inputs (token ids, each from position 0), answered once
+/// all are computed.
+pub(crate) struct EmbedJob {
+    pub inputs: Vec<Vec<u32>>,
+    pub adapter: Option<LoraHandle>,
+    pub tx: tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>>>,
+    /// Embeddings computed so far, in input order.
+    pub done: Vec<Vec<f32>>,
 }
 
 pub(crate) struct Pending {
@@ -71,9 +82,15 @@ fn fail_load(ctx: &Context, e: EngineError) {
     let _ = ctx.shared.load_error.set(e.clone());
     // Answer anything already queued, then keep answering until every handle is gone.
     while let Ok(cmd) = ctx.rx.recv() {
-        if let Command::Generate(p) = cmd {
-            ctx.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
-            let _ = p.tx.send(StreamEvent::Error(e.clone()));
+        match cmd {
+            Command::Generate(p) => {
+                ctx.shared.counters.queued.fetch_sub(1, Ordering::AcqRel);
+                let _ = p.tx.send(StreamEvent::Error(e.clone()));
+            }
+            Command::Embed(job) => {
+                let _ = job.tx.send(Err(e.clone()));
+            }
+            Command::Wake => {}
         }
     }
 }
@@ -98,7 +115,17 @@ fn run(ctx: Context) {
     );
     ctx.shared.set_loaded(info.clone());
     let prefix_cache = PrefixCache::new(ctx.config.prefix_cache_bytes);
-    Loop { ctx: &ctx, model: &model, info: &info, waiting: VecDeque::new(), running: Vec::new(), prefix_cache }.run();
+    Loop {
+        ctx: &ctx,
+        model: &model,
+        info: &info,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        embeds: VecDeque::new(),
+        prefix_cache,
+        next_id: 0,
+    }
+    .run();
 }
 
 struct Loop<'a> {
@@ -107,13 +134,17 @@ struct Loop<'a> {
     info: &'a ModelInfo,
     waiting: VecDeque<Box<Pending>>,
     running: Vec<Sequence>,
+    /// Embedding requests, run a chunk per step between the generation steps.
+    embeds: VecDeque<Box<EmbedJob>>,
     prefix_cache: PrefixCache,
+    /// The last sequence id given out.
+    next_id: u64,
 }
 
 impl Loop<'_> {
     fn run(mut self) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.embeds.is_empty() {
                 match self.ctx.rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(cmd) => self.take(cmd),
                     Err(RecvTimeoutError::Timeout) => continue,
@@ -129,6 +160,7 @@ impl Loop<'_> {
                 self.step();
                 self.retire();
             }
+            self.embed_step();
             let kv_cache_bytes =
                 self.running.iter().map(|s| s.cache.bytes()).sum::<usize>() + self.prefix_cache.bytes();
             self.ctx.shared.counters.set_running(self.running.len(), kv_cache_bytes);
@@ -136,8 +168,63 @@ impl Loop<'_> {
     }
 
     fn take(&mut self, cmd: Command) {
-        if let Command::Generate(p) = cmd {
-            self.waiting.push_back(p);
+        match cmd {
+            Command::Generate(p) => self.waiting.push_back(p),
+            Command::Embed(job) => self.embeds.push_back(job),
+            Command::Wake => {}
+        }
+    }
+
+    /// Runs the next inputs of the first embedding request, up to the step's prompt-token
+    /// budget (at least one input), as one ragged batch; answers the request when its last
+    /// input is done. A request whose caller went away is dropped.
+    fn embed_step(&mut self) {
+        while self.embeds.front().is_some_and(|j| j.tx.is_closed()) {
+            self.embeds.pop_front();
+        }
+        let Some(job) = self.embeds.front_mut() else { return };
+        let start = job.done.len();
+        let mut end = start;
+        let mut tokens = 0;
+        while end < job.inputs.len() && (end == start || tokens + job.inputs[end].len() <= PREFILL_TOKENS_PER_STEP) {
+            tokens += job.inputs[end].len();
+            end += 1;
+        }
+        let layers = self.model.shape.num_layers;
+        let model = self.model;
+        let run = || -> Result<Vec<f32>> {
+            let mut caches: Vec<KvCache> = (start..end).map(|_| KvCache::new(layers)).collect();
+            let mut batch: Vec<SeqBatch<'_>> = job.inputs[start..end]
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(t, cache)| SeqBatch { tokens: t, cache })
+                .collect();
+            let weights = job.adapter.as_deref().map(|a| a.weights());
+            let adapters: Vec<_> = job.inputs[start..end].iter().map(|t| (t.len(), weights)).collect();
+            let lora = BatchLora::new(&adapters)?;
+            model.embed(&mut batch, &lora)
+        };
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Internal("the embedding pass panicked".into())),
+        };
+        match result {
+            Ok(flat) => {
+                let hidden = self.model.shape.hidden_size;
+                job.done.extend(flat.chunks_exact(hidden).map(<[f32]>::to_vec));
+                if job.done.len() == job.inputs.len() {
+                    if let Some(job) = self.embeds.pop_front() {
+                        let job = *job;
+                        let _ = job.tx.send(Ok(job.done));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("embedding pass failed: {e}");
+                if let Some(job) = self.embeds.pop_front() {
+                    let _ = job.tx.send(Err(e));
+                }
+            }
         }
     }
 
@@ -148,7 +235,8 @@ impl Loop<'_> {
             if p.tx.is_closed() {
                 continue;
             }
-            let mut seq = Sequence::new(*p, self.model.shape.num_layers);
+            self.next_id += 1;
+            let mut seq = Sequence::new(*p, self.model.shape.num_layers, self.next_id);
             // Room for the whole request up front: decode steps then never reallocate.
             let need = seq.prompt_len.saturating_add(seq.params.max_tokens).min(self.info.context_length);
             seq.cache.reserve(need);
@@ -160,7 +248,57 @@ impl Loop<'_> {
                 self.prefix_cache.fill(&hit, &mut seq.cache);
                 seq.cached_tokens = hit.tokens;
             }
+            self.share_prefill(&mut seq);
             self.running.push(seq);
+        }
+    }
+
+    /// A new sequence whose prompt a running one has (or is prefilling): copy its keys and
+    /// values now, or wait for its prefill (`follows`). All but the last prompt position are
+    /// shared; the last is run by each sequence itself for its own first logits.
+    fn share_prefill(&mut self, seq: &mut Sequence) {
+        let shared = seq.prompt_len.saturating_sub(1);
+        if shared <= seq.cached_tokens {
+            return;
+        }
+        let twin = self.running.iter().find(|r| {
+            !r.finished
+                && r.follows.is_none()
+                && r.prompt_len == seq.prompt_len
+                && r.cache_key() == seq.cache_key()
+                && r.tokens[..shared] == seq.tokens[..shared]
+        });
+        let Some(twin) = twin else { return };
+        if twin.cache.len() >= shared {
+            seq.cache.copy_prefix(&twin.cache, shared);
+            seq.cached_tokens = shared;
+        } else {
+            seq.follows = Some(twin.id);
+        }
+    }
+
+    /// Sequences waiting for a twin's prefill: copy once it is done; prefill on their own if
+    /// the twin is gone.
+    fn resolve_followers(&mut self) {
+        for i in 0..self.running.len() {
+            let Some(id) = self.running[i].follows else { continue };
+            let shared = self.running[i].prompt_len.saturating_sub(1);
+            match self.running.iter().position(|r| r.id == id && !r.finished) {
+                Some(j) if self.running[j].cache.len() >= shared => {
+                    let (seq, twin) = if i < j {
+                        let (a, b) = self.running.split_at_mut(j);
+                        (&mut a[i], &b[0])
+                    } else {
+                        let (a, b) = self.running.split_at_mut(i);
+                        (&mut b[0], &a[j])
+                    };
+                    seq.cache.copy_prefix(&twin.cache, shared);
+                    seq.cached_tokens = shared;
+                    seq.follows = None;
+                }
+                Some(_) => {}
+                None => self.running[i].follows = None,
+            }
         }
     }
 
@@ -182,10 +320,14 @@ impl Loop<'_> {
     }
 
     fn step(&mut self) {
+        self.resolve_followers();
         let mut budget = PREFILL_TOKENS_PER_STEP;
         // (index into running, tokens to feed this step)
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         for (i, s) in self.running.iter().enumerate() {
+            if s.follows.is_some() {
+                continue;
+            }
             let pending = s.tokens.len() - s.cache.len();
             if pending == 1 {
                 plan.push((i, 1));
@@ -284,14 +426,22 @@ struct Sequence {
     finished: bool,
     /// Ended normally (stop or length), so its cache holds exactly its tokens.
     reusable: bool,
-    /// Prompt positions taken from the prefix cache instead of being run.
+    /// Prompt positions taken from the prefix cache (or from a twin) instead of being run.
     cached_tokens: usize,
+    /// Unique in this engine.
+    id: u64,
+    /// The running sequence with the same prompt (and adapter and cache scope) whose prefill
+    /// this one waits for, to copy its keys and values instead of computing them again
+    /// (the `n` choices of one request).
+    follows: Option<u64>,
 }
 
 impl Sequence {
-    fn new(p: Pending, num_layers: usize) -> Self {
+    fn new(p: Pending, num_layers: usize, id: u64) -> Self {
         let prompt_len = p.tokens.len();
         Self {
+            id,
+            follows: None,
             sampler: Sampler::new(&p.params),
             text: TextState::new(&p.params.stop),
             tokens: p.tokens,

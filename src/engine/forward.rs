@@ -122,6 +122,17 @@ pub(super) fn room(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// What a forward pass returns.
+#[derive(Clone, Copy)]
+enum Output {
+    /// The logits of each sequence's last new row (serving).
+    LastLogits,
+    /// The logits of every row of the one sequence from this row on (teacher-forced scoring).
+    TailLogits(usize),
+    /// Each sequence's pooled, normalised hidden state (embeddings).
+    MeanHidden,
+}
+
 /// One sequence of the batch as the kernels see it.
 #[derive(Clone, Copy)]
 struct Span {
@@ -139,7 +150,7 @@ impl Model {
     pub fn forward(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Tensor> {
         let logits = BUFFERS.with(|b| {
             let mut b = b.try_borrow_mut().map_err(|_| EngineError::Internal("forward pass re-entered".into()))?;
-            self.forward_rows(seqs, lora, None, &mut b)
+            self.forward_rows(seqs, lora, Output::LastLogits, &mut b)
         })?;
         let n = seqs.len();
         Ok(Tensor::from_vec(logits, (n, self.shape.vocab_size), &Device::Cpu)?)
@@ -154,13 +165,25 @@ impl Model {
         }
         BUFFERS.with(|b| {
             let mut b = b.try_borrow_mut().map_err(|_| EngineError::Internal("forward pass re-entered".into()))?;
-            self.forward_rows(&mut [seq], lora, Some(from), &mut b)
+            self.forward_rows(&mut [seq], lora, Output::TailLogits(from), &mut b)
         })
     }
 
-    /// `tail`: `None` = the last row of each sequence; `Some(from)` = every row of the
-    /// (single) sequence from `from` on.
-    fn forward_rows(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora, tail: Option<usize>, b: &mut Buffers) -> Result<Vec<f32>> {
+    /// Runs each sequence's tokens and returns its embedding: the mean over its rows of the
+    /// final-normed hidden states, scaled to unit length (`[sequences, hidden]` flattened).
+    /// Each sequence must start at position 0 (a fresh cache).
+    pub fn embed(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora) -> Result<Vec<f32>> {
+        if seqs.iter().any(|q| !q.cache.is_empty()) {
+            return Err(EngineError::Internal("an embedding starts from an empty cache".into()));
+        }
+        BUFFERS.with(|b| {
+            let mut b = b.try_borrow_mut().map_err(|_| EngineError::Internal("forward pass re-entered".into()))?;
+            self.forward_rows(seqs, lora, Output::MeanHidden, &mut b)
+        })
+    }
+
+    /// What the pass returns (see [`Output`]).
+    fn forward_rows(&self, seqs: &mut [SeqBatch<'_>], lora: &BatchLora, out: Output, b: &mut Buffers) -> Result<Vec<f32>> {
         let s = &self.shape;
         let (hidden, hd) = (s.hidden_size, s.head_dim);
         let (q_dim, kv_dim, inter) = (s.num_heads * hd, s.num_kv_heads * hd, s.intermediate_size);
@@ -267,9 +290,10 @@ impl Model {
             q.cache.commit(sp.len);
         }
         // Final norm and the output head on each sequence's last row (or the asked tail).
-        let rows: Vec<usize> = match tail {
-            Some(from) => (from..m).collect(),
-            None => spans.iter().map(|sp| sp.row + sp.len - 1).collect(),
+        let rows: Vec<usize> = match out {
+            Output::TailLogits(from) => (from..m).collect(),
+            Output::LastLogits => spans.iter().map(|sp| sp.row + sp.len - 1).collect(),
+            Output::MeanHidden => return self.mean_hidden(&spans, b),
         };
         let n = rows.len();
         let last = sized(&mut b.proj, n * hidden);
@@ -294,6 +318,26 @@ impl Model {
             }
         }
         Ok(logits)
+    }
+
+    /// Each span's final-normed hidden rows, averaged and scaled to unit length.
+    fn mean_hidden(&self, spans: &[Span], b: &mut Buffers) -> Result<Vec<f32>> {
+        let hidden = self.shape.hidden_size;
+        let m = b.x.len() / hidden;
+        let lnf = F32View::new(&self.norm.weight)?;
+        kernels::rms_norm(&b.x, lnf.slice()?, self.norm.eps, sized(&mut b.h, m * hidden));
+        let mut out = vec![0f32; spans.len() * hidden];
+        for (sp, o) in spans.iter().zip(out.chunks_exact_mut(hidden)) {
+            for r in sp.row..sp.row + sp.len {
+                kernels::axpy(1.0, &b.h[r * hidden..(r + 1) * hidden], o);
+            }
+            // The mean's direction is the sum's: scale the sum to unit length directly.
+            let norm = o.iter().map(|v| v * v).sum::<f32>().sqrt();
+            if norm > 0.0 && norm.is_finite() {
+                o.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        Ok(out)
     }
 
     /// Embedding rows of `ids`, `[ids, hidden]` flattened.

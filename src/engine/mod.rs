@@ -347,6 +347,44 @@ impl Engine {
         Ok(GenerationStream { rx, prompt_tokens })
     }
 
+    /// Queues the embeddings of `inputs` (token ids; each run from position 0 with
+    /// `adapter`, if any): the mean of the final-normed hidden states, unit length, one
+    /// `hidden_size` vector per input. The engine runs them between generation steps, a
+    /// prefill-sized batch at a time; dropping the receiver abandons the rest.
+    pub fn embed(
+        &self,
+        inputs: Vec<Vec<u32>>,
+        adapter: Option<lora::LoraHandle>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Vec<Vec<f32>>>>> {
+        if self.shared.shutting_down.load(Ordering::Relaxed) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let info = self.info()?;
+        let vocab = info.shape.vocab_size as u32;
+        for tokens in &inputs {
+            if tokens.is_empty() {
+                return Err(EngineError::InvalidRequest("an input is empty".into()));
+            }
+            if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+                return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+            }
+            if tokens.len() > info.context_length {
+                return Err(EngineError::ContextLength {
+                    prompt: tokens.len(),
+                    needed: tokens.len(),
+                    limit: info.context_length,
+                });
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = batcher::EmbedJob { inputs, adapter, tx, done: Vec::new() };
+        if self.submit_tx.try_send(batcher::Command::Embed(Box::new(job))).is_err() {
+            let limit = self.config.max_queue;
+            return Err(EngineError::Overloaded { queued: limit, limit });
+        }
+        Ok(rx)
+    }
+
     /// Stops taking requests; running ones finish. The engine thread exits once idle and
     /// every handle is gone.
     pub fn shutdown(&self) {

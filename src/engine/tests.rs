@@ -214,6 +214,40 @@ fn prefix_cache_skips_shared_prompt_and_keeps_reference_tokens() -> R {
 }
 
 #[test]
+fn identical_prompts_in_flight_prefill_once() -> R {
+    let dir = tempfile::tempdir()?;
+    let (engine, w) = tiny_engine(dir.path(), 8, 64)?;
+    let a: Vec<u32> = (0..60).map(|i| (i * 31 % 240 + 5) as u32).collect();
+    let b: Vec<u32> = (0..20).map(|i| (i * 7 % 200 + 9) as u32).collect();
+    // Three choices of one prompt and another prompt, submitted together (as `n` = 3 is).
+    let prompts = [&a, &a, &a, &b];
+    let streams = prompts
+        .iter()
+        .map(|p| engine.submit(GenerateRequest::new(Prompt::Tokens(p.to_vec()), greedy(5))))
+        .collect::<Result<Vec<_>>>()?;
+    let done = streams.into_iter().map(GenerationStream::collect_blocking).collect::<Result<Vec<_>>>()?;
+    let want = reference_greedy(&w, &a, 5)?;
+    for c in &done[..3] {
+        assert_eq!(c.tokens, want, "a twin's copied keys and values give the reference's tokens");
+        assert_eq!(c.usage.prompt_tokens, a.len());
+    }
+    let mut cached: Vec<usize> = done[..3].iter().map(|c| c.usage.cached_tokens).collect();
+    cached.sort_unstable();
+    assert_eq!(cached, [0, a.len() - 1, a.len() - 1], "one choice prefills, the others copy");
+    assert_eq!(done[3].usage.cached_tokens, 0);
+    assert_eq!(done[3].tokens, reference_greedy(&w, &b, 5)?);
+
+    // The prefilling twin cancelled: the waiting one prefills on its own.
+    let c: Vec<u32> = (0..50).map(|i| (i * 13 % 230 + 4) as u32).collect();
+    let first = engine.submit(GenerateRequest::new(Prompt::Tokens(c.clone()), greedy(5)))?;
+    let second = engine.submit(GenerateRequest::new(Prompt::Tokens(c.clone()), greedy(5)))?;
+    drop(first);
+    let got = second.collect_blocking()?;
+    assert_eq!(got.tokens, reference_greedy(&w, &c, 5)?);
+    Ok(())
+}
+
+#[test]
 fn text_prompt_stop_sequences_and_seeds() -> R {
     let dir = tempfile::tempdir()?;
     let (engine, _) = tiny_engine(dir.path(), 4, 16)?;

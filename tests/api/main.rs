@@ -4,12 +4,16 @@
 mod adapters;
 mod chat;
 mod common;
+mod cors;
 mod crash;
+mod embeddings;
 mod errors;
 mod metrics;
 mod logs;
+mod node;
 mod python;
 mod real_model;
+mod responses;
 mod security;
 mod structured;
 mod ui;

@@ -127,9 +127,11 @@ async fn wait_job(gw: &Gateway, key: &str, id: &str) -> anyhow::Result<Value> {
     }
 }
 
-/// A's objects: a stored completion, a file, a finished job (with its own adapter).
+/// A's objects: a stored completion, a stored response, a file, a finished job (with its
+/// own adapter).
 struct AObjects {
     completion: String,
+    response: String,
     file: String,
     job: String,
     model: String,
@@ -138,6 +140,9 @@ struct AObjects {
 async fn make_a_objects(gw: &Gateway) -> anyhow::Result<AObjects> {
     let c = call_json(gw, KEY_A, Method::POST, "/v1/chat/completions", Some(&chat_body(MODEL, true))).await?;
     let completion = c["id"].as_str().unwrap_or_default().to_string();
+    let body = json!({"model": MODEL, "instructions": SECRET, "input": SECRET, "max_output_tokens": 2});
+    let r = call_json(gw, KEY_A, Method::POST, "/v1/responses", Some(&body)).await?;
+    let response = r["id"].as_str().unwrap_or_default().to_string();
     let (status, text) = upload(gw, KEY_A, &train_jsonl()).await?;
     anyhow::ensure!(status == StatusCode::OK, "upload: {status}: {text}");
     let file = serde_json::from_str::<Value>(&text)?["id"].as_str().unwrap_or_default().to_string();
@@ -153,11 +158,11 @@ async fn make_a_objects(gw: &Gateway) -> anyhow::Result<AObjects> {
     let done = wait_job(gw, KEY_A, &job_id).await?;
     anyhow::ensure!(done["status"] == "succeeded", "{done}");
     let model = done["fine_tuned_model"].as_str().unwrap_or_default().to_string();
-    Ok(AObjects { completion, file, job: job_id, model })
+    Ok(AObjects { completion, response, file, job: job_id, model })
 }
 
-/// Every route, with the status each kind of caller gets for A's objects. `{c}`, `{f}`,
-/// `{j}` and `{m}` stand for A's completion, file, job and fine-tuned model.
+/// Every route, with the status each kind of caller gets for A's objects. `{c}`, `{r}`,
+/// `{f}`, `{j}` and `{m}` stand for A's completion, response, file, job and fine-tuned model.
 fn matrix() -> Vec<(Method, &'static str, Option<Value>, [u16; 5])> {
     // Columns: no key, wrong key, A, B, admin.
     let get = Method::GET;
@@ -188,6 +193,15 @@ fn matrix() -> Vec<(Method, &'static str, Option<Value>, [u16; 5])> {
             Some(json!({"model": "{m}", "prompt": "x", "max_tokens": 2})),
             [401, 401, 200, 404, 200],
         ),
+        (get.clone(), "/v1/responses/{r}", None, [401, 401, 200, 404, 200]),
+        (get.clone(), "/v1/responses/{r}/input_items", None, [401, 401, 200, 404, 200]),
+        (
+            post.clone(),
+            "/v1/responses",
+            Some(json!({"model": MODEL, "input": "x", "previous_response_id": "{r}", "max_output_tokens": 2})),
+            [401, 401, 200, 404, 200],
+        ),
+        (post.clone(), "/v1/responses", Some(json!({"model": "{m}", "input": "x", "max_output_tokens": 2})), [401, 401, 200, 404, 200]),
         (get.clone(), "/v1/files", None, [401, 401, 200, 200, 200]),
         (post.clone(), "/v1/files", Some(json!({"purpose": "fine-tune"})), [401, 401, 400, 400, 400]),
         (get.clone(), "/v1/files/{f}", None, [401, 401, 200, 404, 200]),
@@ -220,11 +234,12 @@ fn matrix() -> Vec<(Method, &'static str, Option<Value>, [u16; 5])> {
         (get.clone(), "/admin/tasks", None, [401, 401, 403, 403, 200]),
         (del.clone(), "/v1/files/{f}", None, [401, 401, 200, 404, 404]),
         (del.clone(), "/v1/chat/completions/{c}", None, [401, 401, 200, 404, 404]),
+        (del.clone(), "/v1/responses/{r}", None, [401, 401, 200, 404, 404]),
     ]
 }
 
 fn fill(s: &str, a: &AObjects) -> String {
-    s.replace("{c}", &a.completion).replace("{f}", &a.file).replace("{j}", &a.job).replace("{m}", &a.model)
+    s.replace("{c}", &a.completion).replace("{r}", &a.response).replace("{f}", &a.file).replace("{j}", &a.job).replace("{m}", &a.model)
 }
 
 fn fill_value(v: &Value, a: &AObjects) -> anyhow::Result<Value> {

@@ -24,7 +24,7 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn chromium() -> anyhow::Result<PathBuf> {
+pub fn chromium() -> anyhow::Result<PathBuf> {
     let path = std::env::var_os("TUNEGATE_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| "/usr/bin/chromium".into());
     anyhow::ensure!(
         path.exists(),
@@ -34,7 +34,7 @@ fn chromium() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn ensure_playwright() -> anyhow::Result<()> {
+pub fn ensure_playwright() -> anyhow::Result<()> {
     let module = repo().join("tests/ui/node_modules/playwright-core/package.json");
     anyhow::ensure!(
         module.exists(),

@@ -191,6 +191,86 @@ def check_stored_completions():
         raise AssertionError("a deleted completion is still retrievable")
 
 
+def check_responses():
+    """The Responses API as the SDK's users call it: create with instructions, the typed
+    event stream (`responses.stream`) giving the same text, retrieve, input items,
+    `previous_response_id` chaining and delete."""
+    kw = dict(model=MODEL, instructions="You are terse.", input="Say hello.", max_output_tokens=12, temperature=0)
+    r = client.responses.create(**kw)
+    assert r.object == "response" and r.id.startswith("resp_"), r
+    assert r.status in ("completed", "incomplete"), r
+    assert r.instructions == "You are terse." and r.model == MODEL
+    assert isinstance(r.output_text, str) and r.output[0].type == "message", r.output
+    assert 0 < r.usage.output_tokens <= 12 and r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r._request_id == r.id, (r._request_id, r.id)
+    with client.responses.stream(**kw) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert "response.output_text.delta" in kinds and "response.output_text.done" in kinds, kinds
+    assert final.output_text == r.output_text, (final.output_text, r.output_text)
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.usage.output_tokens == r.usage.output_tokens
+    items = client.responses.input_items.list(r.id)
+    assert [i.type for i in items.data] == ["message"] and items.data[0].content[0].text == "Say hello.", items
+    nxt = client.responses.create(model=MODEL, input="And again.", previous_response_id=r.id, max_output_tokens=4, temperature=0)
+    assert nxt.previous_response_id == r.id
+    # The chained request carried the first exchange: more input tokens than its own turn.
+    assert nxt.usage.input_tokens > r.usage.input_tokens, (nxt.usage, r.usage)
+    deleted = client.responses.delete(nxt.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    try:
+        client.responses.retrieve(nxt.id)
+    except openai.NotFoundError:
+        pass
+    else:
+        raise AssertionError("a deleted response is still retrievable")
+
+
+def check_responses_structured_and_tools():
+    """`responses.parse` with a pydantic model (json_schema through `text.format`) and a
+    forced function call as a `function_call` output item."""
+    import json
+
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        spam: bool
+        score: int
+
+    r = client.responses.parse(model=MODEL, input="Classify: win money now", text_format=Verdict, max_output_tokens=60, temperature=0)
+    assert r.status == "completed", r
+    assert isinstance(r.output_parsed, Verdict), r.output
+    tools = [{"type": "function", "name": "lamp", "parameters": {"type": "object",
+              "properties": {"on": {"type": "boolean"}}, "required": ["on"], "additionalProperties": False}, "strict": True}]
+    t = client.responses.create(model=MODEL, input="Light on.", tools=tools, tool_choice="required", max_output_tokens=60, temperature=0)
+    call = t.output[0]
+    assert call.type == "function_call" and call.name == "lamp" and call.call_id.startswith("call_"), t.output
+    assert isinstance(json.loads(call.arguments)["on"], bool), call
+    # The tool's answer goes back as a function_call_output item on the chained response.
+    after = client.responses.create(
+        model=MODEL, previous_response_id=t.id, max_output_tokens=6, temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "done"}],
+    )
+    assert after.status in ("completed", "incomplete") and after.output[0].type in ("message", "function_call"), after
+
+
+def check_embeddings():
+    """`embeddings.create` as RAG clients call it (the SDK asks for base64 and decodes it):
+    unit vectors of one width, the same for a text alone or in a batch."""
+    import math
+
+    r = client.embeddings.create(model=MODEL, input=["The cat sat.", "Revenue rose."])
+    assert r.object == "list" and len(r.data) == 2, r
+    width = len(r.data[0].embedding)
+    assert width > 0 and all(len(d.embedding) == width for d in r.data)
+    for d in r.data:
+        assert abs(math.sqrt(sum(x * x for x in d.embedding)) - 1.0) < 1e-4
+    one = client.embeddings.create(model=MODEL, input="The cat sat.", encoding_format="float")
+    assert max(abs(a - b) for a, b in zip(one.data[0].embedding, r.data[0].embedding)) < 1e-4
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+
+
 def main():
     checks = [v for k, v in globals().items() if k.startswith("check_")]
     failed = 0

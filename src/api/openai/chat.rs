@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
-use super::convert;
+use super::convert::{self, ChatPlan};
 use super::generation::{
     self, cache_scope, chat_prompt, collect_all, compile_grammar, failed, logged_params, submit_all, token_logprob,
     total_usage, LogDraft, Meta, RequestRecord, SharedParams,
@@ -20,8 +20,9 @@ use super::types::{
 use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
 use crate::api::json::Json;
+use crate::api::limits::Permit;
 use crate::api::AppState;
-use crate::engine::{FinishReason, ModelInfo};
+use crate::engine::{FinishReason, GenerationStream, ModelInfo};
 use crate::logs::LogRecord;
 use crate::router::Routed;
 use serde_json::Value;
@@ -32,34 +33,13 @@ pub async fn create(
     http: HttpRequest,
     Json(req): Json<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
-    let mut plan = convert::chat(&req, &state.config.limits)?;
-    plan.common.cache_scope = cache_scope(&caller.key_id);
-    let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
-    crate::api::metrics::served(&http, &routed);
-    let permit = state.limiter.acquire_n(&caller.limit_key, plan.common.n)?;
-    let meta = Meta::new("chatcmpl", &routed.model, state.fingerprint.clone());
-    let mut record = RequestRecord::new("chat.completions", &routed, &caller.key_id);
-    record.measure(&state.metrics);
-    let request_id = crate::api::request_id::client_id(&http).unwrap_or_else(|| meta.id.clone());
-    record.log_to(state.logs.as_ref(), || {
-        log_draft(&meta, &req, &routed, &state.config.model.name, &caller, request_id.clone())
-    });
-    let saved = state.router.distill(&routed, &mut plan.messages);
-    record.set_saved(saved);
-    let submitted = async {
-        let info = state.engine.info()?;
-        let prompt = chat_prompt(&info, std::mem::take(&mut plan.messages)).await?;
-        if let Some(spec) = plan.common.grammar.clone() {
-            plan.common.constraint = Some(compile_grammar(&info, spec).await?);
-        }
-        let streams = submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?;
-        ApiResult::Ok((info, streams))
-    }
-    .await;
-    let (info, streams) = match submitted {
-        Ok(s) => s,
-        Err(e) => return Err(failed(record, e).await),
-    };
+    let meta = Meta::new("chatcmpl", &req.model, state.fingerprint.clone());
+    let base = state.config.model.name.clone();
+    let started = start(&state, &caller, &http, &req, meta, "chat.completions", |meta, routed, request_id| {
+        log_draft(meta, &req, routed, &base, &caller, request_id)
+    })
+    .await?;
+    let Started { plan, permit, mut record, meta, request_id, saved, info, streams } = started;
 
     if plan.common.stream {
         let format = ChatChunks {
@@ -127,6 +107,60 @@ pub async fn create(
     Ok(resp)
 }
 
+/// A chat request admitted, logged (draft) and submitted: what the endpoint needs to answer.
+pub(super) struct Started {
+    pub plan: ChatPlan,
+    pub permit: Permit,
+    pub record: RequestRecord,
+    pub meta: Meta,
+    pub request_id: String,
+    /// Prompt tokens the router dropped (distillation).
+    pub saved: usize,
+    pub info: Arc<ModelInfo>,
+    pub streams: Vec<GenerationStream>,
+}
+
+/// Everything before the answer, shared by chat completions and the Responses API: checks
+/// and converts `req`, routes it, takes the concurrency permit, starts the request record
+/// (`draft` makes its log record from the meta, the route and the request id), distils the
+/// prompt and submits every choice. `meta.model` becomes the routed model.
+pub(super) async fn start(
+    state: &AppState,
+    caller: &Caller,
+    http: &HttpRequest,
+    req: &ChatCompletionRequest,
+    mut meta: Meta,
+    endpoint: &'static str,
+    draft: impl FnOnce(&Meta, &Routed, String) -> LogRecord,
+) -> ApiResult<Started> {
+    let mut plan = convert::chat(req, &state.config.limits)?;
+    plan.common.cache_scope = cache_scope(&caller.key_id);
+    let routed = state.route_for(caller, &req.model, plan.common.task.as_deref())?;
+    crate::api::metrics::served(http, &routed);
+    let permit = state.limiter.acquire_n(&caller.limit_key, plan.common.n)?;
+    meta.model = routed.model.clone();
+    let mut record = RequestRecord::new(endpoint, &routed, &caller.key_id);
+    record.measure(&state.metrics);
+    let request_id = crate::api::request_id::client_id(http).unwrap_or_else(|| meta.id.clone());
+    record.log_to(state.logs.as_ref(), || draft(&meta, &routed, request_id.clone()));
+    let saved = state.router.distill(&routed, &mut plan.messages);
+    record.set_saved(saved);
+    let submitted = async {
+        let info = state.engine.info()?;
+        let prompt = chat_prompt(&info, std::mem::take(&mut plan.messages)).await?;
+        if let Some(spec) = plan.common.grammar.clone() {
+            plan.common.constraint = Some(compile_grammar(&info, spec).await?);
+        }
+        let streams = submit_all(&state.engine, &[prompt], &plan.common, routed.adapter.as_ref())?;
+        ApiResult::Ok((info, streams))
+    }
+    .await;
+    match submitted {
+        Ok((info, streams)) => Ok(Started { plan, permit, record, meta, request_id, saved, info, streams }),
+        Err(e) => Err(failed(record, e).await),
+    }
+}
+
 /// The log record as known before generation: who asked what, routed where.
 fn log_draft(
     meta: &Meta,
@@ -172,7 +206,7 @@ fn log_draft(
 
 /// `x-request-id` (the client's, else the completion id) and
 /// `x-tunegate-prompt-tokens-saved`: prompt tokens a distilled adapter made unnecessary.
-fn response_headers(resp: &mut HttpResponse, saved: usize, request_id: &str) {
+pub(super) fn response_headers(resp: &mut HttpResponse, saved: usize, request_id: &str) {
     if let Ok(v) = actix_web::http::header::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(crate::api::request_id::HEADER, v);
     }
@@ -186,9 +220,15 @@ fn response_headers(resp: &mut HttpResponse, saved: usize, request_id: &str) {
 
 /// A finished choice as the message OpenAI returns: tool calls when the answer is a call of
 /// a listed tool (and was not cut short), else the text.
-fn answer(tools: Option<&ToolPlan>, text: String, reason: FinishReason) -> (ResponseMessage, &'static str) {
-    let mut id = || format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]);
-    match tools.filter(|_| reason == FinishReason::Stop).and_then(|t| t.parse(&text, &mut id)) {
+/// A choice's message: its tool calls (ids from `id`) when the plan has tools and the text
+/// is a call, else its text; with OpenAI's finish reason.
+pub(super) fn answer_with_ids(
+    tools: Option<&ToolPlan>,
+    text: String,
+    reason: FinishReason,
+    id: &mut impl FnMut() -> String,
+) -> (ResponseMessage, &'static str) {
+    match tools.filter(|_| reason == FinishReason::Stop).and_then(|t| t.parse(&text, id)) {
         Some(calls) => (
             ResponseMessage { role: "assistant", content: None, refusal: None, tool_calls: Some(calls) },
             "tool_calls",
@@ -198,6 +238,11 @@ fn answer(tools: Option<&ToolPlan>, text: String, reason: FinishReason) -> (Resp
             finish_reason(reason),
         ),
     }
+}
+
+/// [`answer_with_ids`] with fresh random `call_…` ids.
+fn answer(tools: Option<&ToolPlan>, text: String, reason: FinishReason) -> (ResponseMessage, &'static str) {
+    answer_with_ids(tools, text, reason, &mut || format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]))
 }
 
 struct ChatChunks {
@@ -255,7 +300,7 @@ impl ChunkFormat for ChatChunks {
         Some(self.chunk(vec![ChunkChoice { index, delta, logprobs, finish_reason: None }], None))
     }
 
-    fn finished(&mut self, index: usize, reason: FinishReason) -> sse::Data {
+    fn finished(&mut self, index: usize, reason: FinishReason) -> Vec<sse::Data> {
         let delta = match self.held.get_mut(index) {
             Some(text) if self.tools.is_some() => {
                 let (message, finish) = answer(self.tools.as_ref(), std::mem::take(text), reason);
@@ -268,12 +313,12 @@ impl ChunkFormat for ChatChunks {
                     logprobs: None,
                     finish_reason: Some(finish),
                 };
-                return self.chunk(vec![choice], None);
+                return vec![self.chunk(vec![choice], None)];
             }
             _ => Delta::default(),
         };
         let choice = ChunkChoice { index, delta, logprobs: None, finish_reason: Some(finish_reason(reason)) };
-        self.chunk(vec![choice], None)
+        vec![self.chunk(vec![choice], None)]
     }
 
     fn usage(&mut self, usage: UsageOut) -> sse::Data {

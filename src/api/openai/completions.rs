@@ -94,7 +94,7 @@ pub async fn create(
     if plan.common.stream {
         // Nothing was generated (max_tokens 0): the whole stream is known now.
         let mut events: Vec<sse::Data> = format.opening();
-        events.extend((0..completions.len()).map(|i| format.finished(i, FinishReason::Length)));
+        events.extend((0..completions.len()).flat_map(|i| format.finished(i, FinishReason::Length)));
         if plan.common.include_usage {
             events.push(format.usage(usage));
         }
@@ -273,10 +273,10 @@ impl ChunkFormat for CompletionChunks {
         Some(self.chunk(vec![CompletionChoice { text, index, logprobs, finish_reason: None }], None))
     }
 
-    fn finished(&mut self, index: usize, reason: FinishReason) -> sse::Data {
+    fn finished(&mut self, index: usize, reason: FinishReason) -> Vec<sse::Data> {
         let choice =
             CompletionChoice { text: String::new(), index, logprobs: None, finish_reason: Some(finish_reason(reason)) };
-        self.chunk(vec![choice], None)
+        vec![self.chunk(vec![choice], None)]
     }
 
     fn usage(&mut self, usage: UsageOut) -> sse::Data {

@@ -5,11 +5,13 @@
 pub mod chat;
 pub mod completions;
 pub mod convert;
+pub mod embeddings;
 pub mod feedback;
 pub mod files;
 pub mod fine_tuning;
 pub mod generation;
 pub mod models;
+pub mod responses;
 pub mod stored;
 pub mod stream;
 pub mod tools;

@@ -17,7 +17,7 @@ use crate::api::AppState;
 use crate::logs::{cursor_after, LogError, LogFilter, LogRecord, Order};
 
 /// OpenAI's default and largest page sizes for these lists.
-const DEFAULT_LIMIT: usize = 20;
+pub(super) const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 100;
 
 fn not_found(id: &str) -> ApiError {
@@ -66,13 +66,13 @@ fn completion_object(r: &LogRecord, fingerprint: &str) -> Value {
 }
 
 /// `limit`, `after` and `order` of OpenAI's list routes (order defaults to `asc`).
-struct ListQuery {
-    limit: usize,
-    after: Option<String>,
-    order: Order,
+pub(super) struct ListQuery {
+    pub limit: usize,
+    pub after: Option<String>,
+    pub order: Order,
 }
 
-fn list_query(key: &str, value: &str, q: &mut ListQuery) -> ApiResult<bool> {
+pub(super) fn list_query(key: &str, value: &str, q: &mut ListQuery) -> ApiResult<bool> {
     match key {
         "limit" => {
             let n: usize = value
@@ -95,7 +95,7 @@ fn list_query(key: &str, value: &str, q: &mut ListQuery) -> ApiResult<bool> {
     Ok(true)
 }
 
-fn list_body(data: Vec<Value>, has_more: bool) -> Value {
+pub(super) fn list_body(data: Vec<Value>, has_more: bool) -> Value {
     // OpenAI's schema types these as strings; an empty page has "".
     let id = |v: Option<&Value>| v.and_then(|v| v.get("id")).cloned().unwrap_or_else(|| Value::from(""));
     json!({

@@ -1,6 +1,7 @@
 //! Server-sent events for streamed completions. The choices' engine streams are merged;
-//! a [`ChunkFormat`] (chat or legacy completions) turns each event into a JSON chunk; the
-//! response ends with the optional usage chunk and `data: [DONE]`. SSE framing is
+//! a [`ChunkFormat`] (chat, legacy completions or the Responses API) turns each event into
+//! a JSON chunk and says how the response ends (chat: the optional usage chunk and
+//! `data: [DONE]`). SSE framing is
 //! `actix-web-lab`'s.
 //!
 //! The body owns the engine streams, the concurrency permit and the request record: when the
@@ -27,10 +28,24 @@ pub trait ChunkFormat: Send + 'static {
     fn opening(&mut self) -> Vec<sse::Data>;
     /// A token of choice `index`; `None` to send nothing (e.g. an empty delta).
     fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Option<sse::Data>;
-    /// The last chunk of choice `index`.
-    fn finished(&mut self, index: usize, reason: FinishReason) -> sse::Data;
+    /// The last chunks of choice `index`.
+    fn finished(&mut self, index: usize, reason: FinishReason) -> Vec<sse::Data>;
     /// The usage chunk (`stream_options.include_usage`).
     fn usage(&mut self, usage: UsageOut) -> sse::Data;
+    /// The events after every choice has finished: chat and legacy completions send the
+    /// usage chunk when asked, then `data: [DONE]`.
+    fn closing(&mut self, usage: UsageOut, include_usage: bool) -> Vec<sse::Data> {
+        let mut out = Vec::new();
+        if include_usage {
+            out.push(self.usage(usage));
+        }
+        out.push(sse::Data::new("[DONE]"));
+        out
+    }
+    /// The event that reports a failure mid-stream (OpenAI's error body; SDKs raise it).
+    fn error(&mut self, e: &ApiError) -> sse::Data {
+        sse::Data::new(e.body().to_string())
+    }
 }
 
 /// Serializes a chunk into an SSE data event.
@@ -119,7 +134,8 @@ impl<F: ChunkFormat> State<F> {
                 self.held.record.choice_done(&timings, usage.completion_tokens);
                 self.usages.push((i, usage));
                 self.held.record.on_finish(i, finish_reason(reason));
-                self.pending.push_back(self.format.finished(i, reason));
+                let last = self.format.finished(i, reason);
+                self.pending.extend(last);
             }
             Some((_, StreamEvent::Error(e))) => {
                 // OpenAI reports a failure mid-stream as an `error` event; SDKs raise it.
@@ -127,16 +143,15 @@ impl<F: ChunkFormat> State<F> {
                 self.merged = None;
                 let e = ApiError::from(e);
                 self.held.record.fail(e.kind.code());
-                self.pending.push_back(sse::Data::new(e.body().to_string()));
+                let event = self.format.error(&e);
+                self.pending.push_back(event);
                 self.ended = true;
             }
             None => {
                 let usage = total_usage(self.n, self.usages.iter().map(|(i, u)| (*i, u)));
                 self.held.record.complete(usage);
-                if self.include_usage {
-                    self.pending.push_back(self.format.usage(usage));
-                }
-                self.pending.push_back(sse::Data::new("[DONE]"));
+                let closing = self.format.closing(usage, self.include_usage);
+                self.pending.extend(closing);
                 self.ended = true;
             }
         }

@@ -135,6 +135,63 @@ pub struct CompletionRequest {
     pub logit_bias: Option<HashMap<String, Value>>,
 }
 
+/// `POST /v1/responses`. Input items stay JSON here: `responses.rs` checks and converts
+/// them, naming the item that is wrong.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreateResponseRequest {
+    pub model: String,
+    pub input: Option<ResponseInput>,
+    pub instructions: Option<String>,
+    pub max_output_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_logprobs: Option<i64>,
+    pub metadata: Option<HashMap<String, String>>,
+    /// OpenAI's default is `true`.
+    pub store: Option<bool>,
+    pub stream: Option<bool>,
+    pub previous_response_id: Option<String>,
+    pub text: Option<ResponseTextConfig>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    pub user: Option<String>,
+    pub include: Option<Vec<String>>,
+    pub background: Option<bool>,
+    pub conversation: Option<Value>,
+    pub prompt: Option<Value>,
+    pub reasoning: Option<Value>,
+    pub truncation: Option<String>,
+    pub max_tool_calls: Option<i64>,
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    /// Outer `None`: absent (an error).
+    #[serde(default, deserialize_with = "present")]
+    pub input: Option<Option<PromptSpec>>,
+    /// `float` (the default) or `base64` (little-endian f32s, what the SDKs ask for).
+    pub encoding_format: Option<String>,
+    pub dimensions: Option<i64>,
+    pub user: Option<String>,
+}
+
+/// `input`: a string (one user message) or a list of items.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a string or an array of input items")]
+pub enum ResponseInput {
+    Text(String),
+    Items(Vec<Value>),
+}
+
+/// `text`: the output's format (`{"type": "text" | "json_object" | "json_schema", …}`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ResponseTextConfig {
+    pub format: Option<Value>,
+}
+
 /// A string, a list of strings, a list of token ids, or a list of token id lists.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged, expecting = "a string, an array of strings, an array of token ids or an array of token id arrays")]
