@@ -1,9 +1,11 @@
-"""Streamed chat chunks checked against OpenAI's own schema.
+"""Streamed chat chunks and Responses API events checked against OpenAI's own schema.
 
 schemathesis cannot check OpenAI-style streams (see schemathesis_hooks.py), so this reads
 streams from the gateway directly and validates every `data:` payload against
 CreateChatCompletionStreamResponse from openapi.json, for a few request shapes (usage chunk,
-n > 1, logprobs, stop). Environment as for test_openai_sdk.py. Prints `N passed, N failed`.
+n > 1, logprobs, stop), and every `/responses` event against ResponseStreamEvent (text,
+logprobs, json_schema, a function call). Environment as for test_openai_sdk.py. Prints
+`N passed, N failed`.
 """
 
 import copy
@@ -39,19 +41,19 @@ def json_schema(node):
     return node
 
 
-def validator():
+def validator(name="CreateChatCompletionStreamResponse"):
     with open(SPEC) as f:
         spec = json.load(f)
     schema = {
-        "$ref": "#/components/schemas/CreateChatCompletionStreamResponse",
+        "$ref": f"#/components/schemas/{name}",
         "components": json_schema(copy.deepcopy(spec["components"])),
     }
     return jsonschema_rs.Draft202012Validator(schema)
 
 
-def stream(body):
+def stream(body, path="/chat/completions"):
     req = urllib.request.Request(
-        f"{BASE_URL}/chat/completions", data=json.dumps(body).encode(), method="POST",
+        f"{BASE_URL}{path}", data=json.dumps(body).encode(), method="POST",
         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
     )
     payloads = []
@@ -85,6 +87,34 @@ def main():
                 errors = [e.message for e in v.iter_errors(chunk)]
                 assert not errors, (errors, chunk)
             print(f"ok   {name} ({len(payloads) - 1} chunks valid)")
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}")
+            traceback.print_exc()
+    ev = validator("ResponseStreamEvent")
+    lamp = {"type": "function", "name": "lamp", "strict": True, "parameters": {"type": "object",
+            "properties": {"on": {"type": "boolean"}}, "required": ["on"], "additionalProperties": False}}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    responses = {
+        "responses plain": {"instructions": "Be brief."},
+        "responses logprobs": {"top_logprobs": 2, "include": ["message.output_text.logprobs"]},
+        "responses json_schema": {"text": {"format": {"type": "json_schema", "name": "v", "schema": schema, "strict": True}},
+                                  "max_output_tokens": 24},
+        "responses function call": {"tools": [lamp], "tool_choice": "required", "max_output_tokens": 24},
+    }
+    for name, extra in responses.items():
+        cases[name] = extra
+        try:
+            body = {"model": MODEL, "input": "Tell me about the sea.", "max_output_tokens": 12, "stream": True, **extra}
+            payloads = stream(body, "/responses")
+            kinds = []
+            for p in payloads:
+                event = json.loads(p)
+                kinds.append(event.get("type"))
+                errors = [e.message for e in ev.iter_errors(event)]
+                assert not errors, (errors, event)
+            assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+            print(f"ok   {name} ({len(payloads)} events valid)")
         except Exception:
             failed += 1
             print(f"FAIL {name}")

@@ -343,7 +343,8 @@ fn from_record(r: &LogRecord) -> ApiResult<Value> {
         Value::Null
     } else {
         out.status = "failed";
-        json!({"code": r.status, "message": format!("The response failed: {}.", r.status)})
+        // OpenAI's error codes for responses are a closed set; ours goes in the message.
+        json!({"code": "server_error", "message": format!("The response failed: {}.", r.status)})
     };
     let mut usage = UsageOut::new(r.prompt_tokens as usize, r.completion_tokens as usize);
     usage = usage.with_saved(r.prompt_tokens_saved as usize);
@@ -707,6 +708,7 @@ fn usage_json(u: &UsageOut) -> Value {
         "input_tokens": u.prompt_tokens,
         "input_tokens_details": {
             "cached_tokens": details.map_or(0, |d| d.cached_tokens),
+            "cache_write_tokens": 0,
             // tunegate's: prompt tokens a distilled adapter made unnecessary.
             "distilled_tokens": details.map_or(0, |d| d.distilled_tokens),
         },
@@ -731,7 +733,7 @@ impl ObjectParts {
         let tool_choice = e.tool_choice.clone().unwrap_or_else(|| Value::from("auto"));
         let format = e.text.as_ref().and_then(|t| t.get("format")).filter(|f| !f.is_null()).cloned();
         let done = !matches!(status, "in_progress" | "queued");
-        json!({
+        let mut object = json!({
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
@@ -757,10 +759,16 @@ impl ObjectParts {
             "top_logprobs": e.top_logprobs.unwrap_or(0),
             "top_p": e.top_p.unwrap_or(1.0),
             "truncation": "disabled",
-            "usage": if done { usage.unwrap_or(Value::Null) } else { Value::Null },
-            "user": e.user,
             "metadata": self.metadata.clone().unwrap_or_default(),
-        })
+        });
+        // Absent rather than null where OpenAI's schema does not allow null.
+        if let (true, Some(usage)) = (done, usage) {
+            object["usage"] = usage;
+        }
+        if let Some(user) = &e.user {
+            object["user"] = Value::from(user.clone());
+        }
+        object
     }
 }
 
