@@ -93,8 +93,8 @@ async fn cors_preflights_for_listed_origins_only() -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_wildcard_origin_needs_keys() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+fn a_wildcard_origin_needs_keys() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
     let text = format!("{}\n", common::config_text(dir.path(), &dir.path().join("m.gguf")));
     let with = |extra: &str| text.replace("[server]\n", &format!("[server]\n{extra}\n"));
     let parse = |t: &str| tunegate::config::Config::parse(t, "t.toml", Vec::new());
@@ -112,6 +112,7 @@ fn a_wildcard_origin_needs_keys() {
     let keyed = format!("{}\n[auth]\napi_keys = [\"{}\"]\n", with("cors_allowed_origins = [\"*\"]"), "0".repeat(64));
     assert!(parse(&keyed).is_ok(), "{:?}", parse(&keyed).err());
     assert!(parse(&with("cors_allowed_origins = [\"http://localhost:5173\"]")).is_ok());
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

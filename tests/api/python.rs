@@ -82,37 +82,47 @@ async fn openai_schema_conformance() -> anyhow::Result<()> {
     .await?;
     let examples = std::env::var("TUNEGATE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "30".into());
     let py = repo().join("tests/python");
-    let out = tokio::process::Command::new(schemathesis)
-        .arg("run")
-        .arg(py.join("openapi.json"))
-        .args(["--url", &gw.url("/v1")])
-        .args(["-H", &format!("Authorization: Bearer {CLIENT_KEY}")])
-        .args(["--include-operation-id", "createChatCompletion"])
-        .args(["--include-operation-id", "createCompletion"])
-        .args(["--include-operation-id", "listModels"])
-        .args(["--include-operation-id", "retrieveModel"])
-        .args(["--include-operation-id", "listChatCompletions"])
-        .args(["--include-operation-id", "getChatCompletion"])
-        .args(["--include-operation-id", "updateChatCompletion"])
-        .args(["--include-operation-id", "deleteChatCompletion"])
-        .args(["--include-operation-id", "getChatCompletionMessages"])
-        .args(["--include-operation-id", "createResponse"])
-        .args(["--include-operation-id", "getResponse"])
-        .args(["--include-operation-id", "deleteResponse"])
-        .args(["--include-operation-id", "listInputItems"])
-        .args(["--include-operation-id", "createEmbedding"])
-        .args(["--checks", "not_a_server_error,response_schema_conformance,content_type_conformance"])
-        .args(["--phases", "examples,coverage,fuzzing"])
-        .args(["--max-examples", &examples])
-        .args(["--suppress-health-check", "all"])
-        .args(["--request-timeout", "60"])
-        .args(["--workers", "2"])
-        .env("SCHEMATHESIS_HOOKS", py.join("schemathesis_hooks.py"))
-        .env("TUNEGATE_MODEL", MODEL)
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .context("running schemathesis")?;
+    let run = || {
+        tokio::process::Command::new(&schemathesis)
+            .arg("run")
+            .arg(py.join("openapi.json"))
+            .args(["--url", &gw.url("/v1")])
+            .args(["-H", &format!("Authorization: Bearer {CLIENT_KEY}")])
+            .args(["--include-operation-id", "createChatCompletion"])
+            .args(["--include-operation-id", "createCompletion"])
+            .args(["--include-operation-id", "listModels"])
+            .args(["--include-operation-id", "retrieveModel"])
+            .args(["--include-operation-id", "listChatCompletions"])
+            .args(["--include-operation-id", "getChatCompletion"])
+            .args(["--include-operation-id", "updateChatCompletion"])
+            .args(["--include-operation-id", "deleteChatCompletion"])
+            .args(["--include-operation-id", "getChatCompletionMessages"])
+            .args(["--include-operation-id", "createResponse"])
+            .args(["--include-operation-id", "getResponse"])
+            .args(["--include-operation-id", "deleteResponse"])
+            .args(["--include-operation-id", "listInputItems"])
+            .args(["--include-operation-id", "createEmbedding"])
+            .args(["--checks", "not_a_server_error,response_schema_conformance,content_type_conformance"])
+            .args(["--phases", "examples,coverage,fuzzing"])
+            .args(["--max-examples", &examples])
+            .args(["--suppress-health-check", "all"])
+            .args(["--request-timeout", "60"])
+            .args(["--workers", "2"])
+            .env("SCHEMATHESIS_HOOKS", py.join("schemathesis_hooks.py"))
+            .env("TUNEGATE_MODEL", MODEL)
+            .env("NO_COLOR", "1")
+            .output()
+    };
+    let mut out = run().await.context("running schemathesis")?;
+    // A crash inside schemathesis's own example generation (seen once under load: CPython
+    // 3.11's "AST constructor recursion depth mismatch" in Hypothesis's lambda introspection,
+    // reported as a FlakyFailure in the ERRORS section) says nothing about the gateway; such
+    // a run is repeated once. A conformance failure (the FAILURES section) never is.
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() && !text.contains("= FAILURES =") && text.contains("= ERRORS =") {
+        println!("schemathesis crashed internally; running it once more:\n{text}");
+        out = run().await.context("running schemathesis")?;
+    }
     report("schemathesis", &out)?;
 
     // Streams, which schemathesis cannot judge (see schemathesis_hooks.py).

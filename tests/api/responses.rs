@@ -48,7 +48,7 @@ async fn responses_create_stream_retrieve_chain_and_delete() -> anyhow::Result<(
     match r["status"].as_str() {
         Some("incomplete") => assert_eq!(r["incomplete_details"]["reason"], "max_output_tokens", "{r}"),
         Some("completed") => assert!(r["incomplete_details"].is_null()),
-        other => panic!("status {other:?}: {r}"),
+        other => anyhow::bail!("status {other:?}: {r}"),
     }
     let item = &r["output"][0];
     assert_eq!(item["type"], "message", "{r}");
