@@ -1,6 +1,7 @@
 //! The Python end-to-end checks, run against a live gateway so that they report through the
-//! same `cargo test` summary: the official `openai` SDK (`tests/python/test_openai_sdk.py`)
-//! and a bounded schemathesis run against OpenAI's own schema. Both need the venv that
+//! same `cargo test` summary: the official `openai` SDK (`tests/python/test_openai_sdk.py`),
+//! LangChain's OpenAI integration (`tests/python/test_langchain.py`)
+//! and a bounded schemathesis run against OpenAI's own schema. All need the venv that
 //! `scripts/test.sh` creates (`.venv`, or `TUNEGATE_VENV`).
 
 use std::path::PathBuf;
@@ -46,6 +47,23 @@ async fn openai_python_sdk() -> anyhow::Result<()> {
         .await
         .context("running python")?;
     report("the openai SDK checks", &out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn langchain_openai() -> anyhow::Result<()> {
+    let python = venv_bin("python")?;
+    let gw = common::start_with(|c, _| common::with_keys(c)).await?;
+    let out = tokio::process::Command::new(python)
+        .arg(repo().join("tests/python/test_langchain.py"))
+        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        // No tracing service to reach from here.
+        .env("LANGSMITH_TRACING", "false")
+        .output()
+        .await
+        .context("running python")?;
+    report("the LangChain checks", &out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
