@@ -393,3 +393,46 @@ async fn prometheus_scrapes_and_answers_the_dashboard() -> anyhow::Result<()> {
     gw.handle.stop(true).await;
     Ok(())
 }
+
+/// The Responses API's `instructions` are the system prompt: a distilled adapter drops them,
+/// and the saving is reported as for chat (header, usage, metric).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_instructions_are_distilled_like_a_system_prompt() -> anyhow::Result<()> {
+    let gw = gateway().await?;
+    publish(&gw, "faq/v1", 2, true)?;
+    let (s, b) = gw.load_adapter("faq", "faq/v1", false).await?;
+    anyhow::ensure!(s == 200, "{b}");
+    let before = scrape(&gw).await?;
+    let respond = |model: &'static str| {
+        gw.post_raw(
+            "/v1/responses",
+            json!({"model": model, "instructions": SYSTEM, "input": "How do I reset my password?",
+                "max_output_tokens": 4, "temperature": 0}),
+        )
+    };
+    let mut seen = Vec::new();
+    for model in [MODEL, "faq"] {
+        let res = respond(model).await?;
+        anyhow::ensure!(res.status() == 200, "{model}: {}", res.status());
+        let header = res.headers().get("x-tunegate-prompt-tokens-saved").and_then(|v| v.to_str().ok()?.parse().ok());
+        let body: Value = res.json().await?;
+        let usage = body["usage"].clone();
+        seen.push((header.unwrap_or(0u64), usage));
+    }
+    let (base, distilled) = (&seen[0], &seen[1]);
+    assert_eq!((base.0, distilled.0), (0, SAVED), "only the distilled adapter drops the instructions");
+    assert_eq!(base.1["input_tokens_details"]["distilled_tokens"], 0);
+    assert_eq!(distilled.1["input_tokens_details"]["distilled_tokens"], SAVED);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = scrape(&gw).await?;
+        let delta = now.sum("tunegate_prompt_tokens_saved_total", &[("task", "faq")])
+            - before.sum("tunegate_prompt_tokens_saved_total", &[("task", "faq")]);
+        if delta == SAVED as f64 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "saved-tokens metric moved by {delta}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
