@@ -47,7 +47,11 @@ impl GrammarSpec {
     fn grammar(&self) -> TopLevelGrammar {
         let mut schema = match self {
             GrammarSpec::JsonObject => serde_json::json!({ "type": "object" }),
-            GrammarSpec::JsonSchema(s) => s.clone(),
+            GrammarSpec::JsonSchema(s) => {
+                let mut s = s.clone();
+                close_objects(&mut s);
+                s
+            }
         };
         if let Some(o) = schema.as_object_mut() {
             o.insert(
@@ -56,6 +60,40 @@ impl GrammarSpec {
             );
         }
         TopLevelGrammar::from_json_schema(schema)
+    }
+}
+
+/// Objects that list their `properties` and say nothing of others get
+/// `additionalProperties: false`, as llama.cpp's schema converter does: the properties a
+/// schema names are what a caller parses (LangChain's and pydantic's tool and output schemas
+/// leave the keyword out), and a model allowed any further key can wander in made-up keys
+/// until `max_tokens` instead of closing the object. A schema that says
+/// `additionalProperties` (or `patternProperties`) keeps its own rule.
+fn close_objects(schema: &mut serde_json::Value) {
+    let Some(node) = schema.as_object_mut() else { return };
+    let open = ["additionalProperties", "patternProperties", "unevaluatedProperties"];
+    if node.contains_key("properties") && !open.iter().any(|k| node.contains_key(*k)) {
+        node.insert("additionalProperties".into(), serde_json::Value::Bool(false));
+    }
+    for (key, value) in node.iter_mut() {
+        match key.as_str() {
+            // Maps of name → schema.
+            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
+                if let Some(map) = value.as_object_mut() {
+                    map.values_mut().for_each(close_objects);
+                }
+            }
+            // Lists of schemas.
+            "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
+                if let Some(list) = value.as_array_mut() {
+                    list.iter_mut().for_each(close_objects);
+                }
+            }
+            // One schema.
+            "items" | "additionalProperties" | "unevaluatedProperties" | "not" | "if" | "then" | "else"
+            | "contains" | "propertyNames" => close_objects(value),
+            _ => {}
+        }
     }
 }
 
@@ -185,5 +223,36 @@ impl Constraint {
     /// Advances the grammar past a sampled token.
     pub fn commit(&mut self, token: u32) -> Result<()> {
         self.matcher.consume_token(token).map_err(|e| EngineError::Internal(format!("grammar: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::close_objects;
+    use serde_json::json;
+
+    #[test]
+    fn objects_with_properties_are_closed_unless_they_say_otherwise() {
+        let mut s = json!({
+            "type": "object",
+            "properties": {
+                "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                "open": {"type": "object", "properties": {"b": {}}, "additionalProperties": true},
+                "list": {"type": "array", "items": {"type": "object", "properties": {"c": {}}}},
+                "any": {"anyOf": [{"type": "object", "properties": {"d": {}}}, {"type": "null"}]},
+                "free": {"type": "object"},
+            },
+            "$defs": {"X": {"type": "object", "properties": {"e": {}}}},
+        });
+        close_objects(&mut s);
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["properties"]["additionalProperties"], false);
+        let names = &s["properties"]["properties"]["properties"];
+        assert!(names.get("additionalProperties").is_none(), "a map of names is not a schema: {names}");
+        assert_eq!(s["properties"]["open"]["additionalProperties"], true);
+        assert_eq!(s["properties"]["list"]["items"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["any"]["anyOf"][0]["additionalProperties"], false);
+        assert!(s["properties"]["free"].get("additionalProperties").is_none(), "no properties: any object");
+        assert_eq!(s["$defs"]["X"]["additionalProperties"], false);
     }
 }

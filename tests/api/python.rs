@@ -67,6 +67,22 @@ async fn langchain_openai() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_through_langchain_and_pydantic_ai() -> anyhow::Result<()> {
+    let python = venv_bin("python")?;
+    let gw = common::start_with(|c, _| common::with_keys(c)).await?;
+    let out = tokio::process::Command::new(python)
+        .arg(repo().join("tests/python/test_structured_libs.py"))
+        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
+        .env("TUNEGATE_MODEL", MODEL)
+        .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        .env("LANGSMITH_TRACING", "false")
+        .output()
+        .await
+        .context("running python")?;
+    report("the structured-output library checks", &out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_fine_tuning() -> anyhow::Result<()> {
     let python = venv_bin("python")?;
     let gw = common::start_with(|c, _| {
