@@ -6,7 +6,8 @@ import assert from "node:assert/strict";
 
 import OpenAI from "openai";
 import { createOpenAI } from "@ai-sdk/openai";
-import { embedMany, generateObject, generateText, streamText } from "ai";
+import { embedMany, generateObject, generateText, streamText, tool } from "ai";
+import { zodResponseFormat } from "openai/helpers/zod";
 import { z } from "zod";
 
 const baseURL = process.env.TUNEGATE_BASE_URL;
@@ -46,6 +47,24 @@ const checks = {
     assert.ok(next.usage.input_tokens > r.usage.input_tokens, JSON.stringify([next.usage, r.usage]));
   },
 
+  async nodeParseAndTools() {
+    const Verdict = z.object({ spam: z.boolean(), label: z.enum(["spam", "ham"]) });
+    const parsed = await client.chat.completions.parse({
+      model: MODEL, messages: [{ role: "user", content: "Is 'win money now' spam?" }], max_tokens: 200, temperature: 0,
+      response_format: zodResponseFormat(Verdict, "verdict"),
+    });
+    const v = parsed.choices[0].message.parsed;
+    assert.equal(typeof v.spam, "boolean", JSON.stringify(parsed.choices[0]));
+    assert.ok(["spam", "ham"].includes(v.label));
+    const tools = [{ type: "function", function: { name: "lamp", parameters: { type: "object", properties: { on: { type: "boolean" } }, required: ["on"] } } }];
+    const r = await client.chat.completions.create({
+      model: MODEL, messages: [{ role: "user", content: "Light on." }], tools, tool_choice: "required", max_tokens: 200, temperature: 0,
+    });
+    const call = r.choices[0].message.tool_calls[0];
+    assert.equal(call.function.name, "lamp");
+    assert.equal(typeof JSON.parse(call.function.arguments).on, "boolean");
+  },
+
   async nodeEmbeddings() {
     const r = await client.embeddings.create({ model: MODEL, input: ["The cat sat.", "Revenue rose."] });
     assert.equal(r.data.length, 2);
@@ -73,6 +92,20 @@ const checks = {
     for await (const part of s.textStream) streamed += part;
     assert.equal(streamed, r.text);
     assert.equal((await s.usage).outputTokens, r.usage.outputTokens);
+  },
+
+  async vercelGenerateTextWithTools() {
+    const r = await generateText({
+      model: provider(MODEL),
+      prompt: "Light on, please.",
+      tools: { lamp: tool({ description: "Switch the lamp", inputSchema: z.object({ on: z.boolean() }) }) },
+      toolChoice: "required",
+      maxOutputTokens: 200,
+      temperature: 0,
+    });
+    assert.equal(r.toolCalls.length, 1, JSON.stringify(r.content));
+    assert.equal(r.toolCalls[0].toolName, "lamp");
+    assert.equal(typeof r.toolCalls[0].input.on, "boolean");
   },
 
   async vercelGenerateObject() {
