@@ -19,6 +19,7 @@ pub mod loader;
 pub mod lora;
 pub mod model;
 pub mod sampling;
+pub mod tool_prompt;
 mod batcher;
 #[doc(hidden)]
 pub use batcher::stream_text;

@@ -21,12 +21,83 @@ pub struct ImportOptions {
 }
 
 /// The training line for one record.
+///
+/// The line carries the request's callable `tools` beside its messages, and an answer that
+/// is only tool calls as the assistant's `tool_calls`, as OpenAI's format has them.
 pub fn export_line(r: &LogRecord) -> Result<String, LogError> {
     let mut messages = r.request.messages.as_array().cloned().unwrap_or_default();
     let answer = r.review.corrected_response.as_deref().unwrap_or(&r.response);
-    messages.push(json!({"role": "assistant", "content": answer}));
-    serde_json::to_string(&json!({ "messages": messages }))
-        .map_err(|e| LogError::Storage(format!("cannot encode training line: {e}")))
+    let tools = exported_tools(&r.request.params);
+    let calls = if tools.is_empty() { None } else { tool_calls(answer) };
+    messages.push(match calls {
+        Some(calls) => json!({"role": "assistant", "content": null, "tool_calls": calls}),
+        None => json!({"role": "assistant", "content": answer}),
+    });
+    let mut line = json!({ "messages": messages });
+    if !tools.is_empty() {
+        line["tools"] = serde_json::Value::Array(tools);
+    }
+    serde_json::to_string(&line).map_err(|e| LogError::Storage(format!("cannot encode training line: {e}")))
+}
+
+/// The request's callable function tools in OpenAI's chat form (a Responses API record
+/// logs them in its own form); none under `tool_choice: "none"`.
+fn exported_tools(params: &serde_json::Value) -> Vec<serde_json::Value> {
+    if params.get("tool_choice").and_then(|c| c.as_str()) == Some("none") {
+        return Vec::new();
+    }
+    let tools = params.get("tools").and_then(|t| t.as_array()).cloned().unwrap_or_default();
+    tools
+        .into_iter()
+        .filter(|t| t.get("type").and_then(|k| k.as_str()) == Some("function"))
+        .map(|t| {
+            if t.get("function").is_some() {
+                return t;
+            }
+            let mut function = json!({});
+            for key in ["name", "description", "parameters", "strict"] {
+                if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
+                    function[key] = v.clone();
+                }
+            }
+            json!({"type": "function", "function": function})
+        })
+        .collect()
+}
+
+/// An answer that is only tool calls, as OpenAI's `tool_calls`: a forced call's bare
+/// `{"name", "arguments"}` object, or `<tool_call>` blocks of such objects; `None` for text.
+fn tool_calls(answer: &str) -> Option<Vec<serde_json::Value>> {
+    let call = |text: &str| -> Option<(String, String)> {
+        let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+        let name = v.get("name")?.as_str()?.to_string();
+        let arguments = v.get("arguments").filter(|a| a.is_object())?.to_string();
+        Some((name, arguments))
+    };
+    let mut found = Vec::new();
+    let trimmed = answer.trim();
+    if trimmed.starts_with("<tool_call>") {
+        let mut rest = trimmed;
+        while let Some(body) = rest.strip_prefix("<tool_call>") {
+            let end = body.find("</tool_call>")?;
+            found.push(call(&body[..end])?);
+            rest = body[end + "</tool_call>".len()..].trim_start();
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+    } else {
+        found.push(call(trimmed)?);
+    }
+    Some(
+        found
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, arguments))| {
+                json!({"id": format!("call_{i}"), "type": "function", "function": {"name": name, "arguments": arguments}})
+            })
+            .collect(),
+    )
 }
 
 /// Writes every approved example of `task` (oldest first) and returns how many.
@@ -128,4 +199,24 @@ fn parse_line(line: &str) -> Result<(Vec<Value>, String), String> {
         return Err("there is no prompt before the assistant's answer".into());
     }
     Ok((messages, answer.to_string()))
+}
+
+#[cfg(test)]
+mod tool_tests {
+    use super::*;
+
+    #[test]
+    fn tool_answers_export_as_tool_calls() {
+        let forced = tool_calls(r#"{"name":"lamp","arguments":{"on":true}}"#).unwrap_or_default();
+        assert_eq!(forced[0]["function"], json!({"name": "lamp", "arguments": "{\"on\":true}"}));
+        let blocks = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n<tool_call>{\"name\": \"b\", \"arguments\": {\"x\": 1}}</tool_call>";
+        let two = tool_calls(blocks).unwrap_or_default();
+        assert_eq!((two.len(), two[1]["id"].as_str()), (2, Some("call_1")));
+        for text in ["Sure, the lamp is on.", "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call> and text", "{\"name\": 3}"] {
+            assert!(tool_calls(text).is_none(), "{text}");
+        }
+        let responses_form = json!({"tools": [{"type": "function", "name": "lamp", "parameters": {"type": "object"}}]});
+        assert_eq!(exported_tools(&responses_form), vec![json!({"type": "function", "function": {"name": "lamp", "parameters": {"type": "object"}}})]);
+        assert!(exported_tools(&json!({"tools": [{"type": "function", "function": {"name": "x"}}], "tool_choice": "none"})).is_empty());
+    }
 }

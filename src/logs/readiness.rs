@@ -70,6 +70,18 @@ fn approved_text(r: &LogRecord) -> &str {
     r.review.corrected_response.as_deref().unwrap_or(&r.response)
 }
 
+/// What a distilled adapter could absorb from `r`: its system prompt (or `""`) and its
+/// callable tools (the logged `tools` as JSON, or `""`; none under `tool_choice: "none"`);
+/// `None` when it has neither.
+fn distillable(r: &LogRecord) -> Option<(&str, String)> {
+    let params = &r.request.params;
+    let callable = params.get("tool_choice").and_then(Value::as_str) != Some("none");
+    let tools = params.get("tools").filter(|t| callable && t.as_array().is_some_and(|a| !a.is_empty()));
+    let tools = tools.map(Value::to_string).unwrap_or_default();
+    let prompt = system_prompt(r).unwrap_or_default();
+    (!prompt.is_empty() || !tools.is_empty()).then_some((prompt, tools))
+}
+
 /// The first message's content when its role is `system`.
 pub fn system_prompt(r: &LogRecord) -> Option<&str> {
     let first = r.request.messages.as_array()?.first()?;
@@ -179,29 +191,34 @@ pub fn projected_per_month(tokens: u64, share: f64, per_day: f64) -> u64 {
 }
 
 /// Readiness of a task from `records` (its newest records, any review state), its total
-/// `approved` count and `threshold`. `count_tokens` counts a system prompt's tokens (the
-/// engine tokenizer); when it cannot, the distilled adapters' `prompt_tokens_saved` stands in.
+/// `approved` count and `threshold`. `count_tokens(system prompt, request params)` counts
+/// the tokens of a system prompt with the callable tools of those params written in (the
+/// engine's tokenizer and tool prompt; `""` when the requests had tools only); when it
+/// cannot, the distilled adapters' `prompt_tokens_saved` stands in.
 pub fn assess(
     records: &[LogRecord],
     approved: u64,
     threshold: u64,
     now_ms: i64,
-    count_tokens: impl Fn(&str) -> Option<u64>,
+    count_tokens: impl Fn(&str, &Value) -> Option<u64>,
 ) -> Readiness {
     let threshold = threshold.max(1);
     let format = format_of(records.iter().filter(|r| r.review.state == ReviewState::Approved).map(approved_text));
     let per_day = requests_per_day(records.iter().map(|r| r.created_ms), now_ms);
 
-    let mut prompts: HashMap<&str, usize> = HashMap::new();
-    for p in records.iter().filter_map(system_prompt) {
-        *prompts.entry(p).or_default() += 1;
+    // What an adapter would absorb: the system prompt with the request's callable tools.
+    let mut prompts: HashMap<(&str, String), (usize, &LogRecord)> = HashMap::new();
+    for r in records {
+        if let Some(key) = distillable(r) {
+            prompts.entry(key).or_insert((0, r)).0 += 1;
+        }
     }
-    let dominant = prompts.into_iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)));
+    let dominant = prompts.into_iter().max_by(|a, b| a.1 .0.cmp(&b.1 .0).then(b.0.cmp(&a.0)));
     let saved_max = records.iter().map(|r| u64::from(r.prompt_tokens_saved)).max().unwrap_or(0);
     let (system_prompt_tokens, share) = match dominant {
-        Some((prompt, count)) => {
+        Some(((prompt, _), (count, example))) => {
             // Distilled requests carry the prompt in the log, so they count towards the share.
-            let tokens = count_tokens(prompt).unwrap_or(saved_max);
+            let tokens = count_tokens(prompt, &example.request.params).unwrap_or(saved_max);
             (tokens, count as f64 / records.len() as f64)
         }
         None => (0, 0.0),
@@ -315,7 +332,7 @@ mod tests {
 
         // 10 approved label answers in the last 10 hours, threshold 500.
         let records: Vec<LogRecord> = (0..10).map(|i| approved(i, "billing", NOW - i as i64 * HOUR)).collect();
-        let r = assess(&records, 10, 500, NOW, |p| Some(p.split_whitespace().count() as u64 * 10));
+        let r = assess(&records, 10, 500, NOW, |p, _| Some(p.split_whitespace().count() as u64 * 10));
         assert!(!r.ready);
         assert_eq!(r.ratio, 0.02);
         assert_eq!(r.recommendation, "keep prompting: 490 more approved examples needed");
@@ -326,7 +343,7 @@ mod tests {
         assert!((r.requests_per_day - per_day).abs() < 1e-9);
         assert_eq!(r.projected_prompt_tokens_saved_per_month, projected_per_month(40, 1.0, per_day));
 
-        let r = assess(&records, 600, 500, NOW, |_| Some(40));
+        let r = assess(&records, 600, 500, NOW, |_, _| Some(40));
         assert!(r.ready);
         assert_eq!(r.ratio, 1.0);
         assert!(r.recommendation.starts_with("fine-tune now (low volume"), "{}", r.recommendation);
@@ -335,7 +352,7 @@ mod tests {
         for (i, r) in mixed.iter_mut().enumerate().take(5) {
             r.response = format!("{{\"label\": \"billing\", \"n\": {i}}} and some prose after it");
         }
-        let r = assess(&mixed, 600, 500, NOW, |_| Some(40));
+        let r = assess(&mixed, 600, 500, NOW, |_, _| Some(40));
         assert!(!r.ready);
         assert!(r.recommendation.starts_with("inconsistent output format"), "{}", r.recommendation);
     }
@@ -346,7 +363,27 @@ mod tests {
         records[0].prompt_tokens_saved = 33;
         records[1].prompt_tokens_saved = 33;
         records[3].request.messages = serde_json::json!([{"role": "user", "content": "no system"}]);
-        let r = assess(&records, 4, 500, NOW, |_| None);
+        let r = assess(&records, 4, 500, NOW, |_, _| None);
         assert_eq!((r.system_prompt_tokens, r.system_prompt_share, r.prompt_tokens_saved), (33, 0.75, 66));
+    }
+
+    #[test]
+    fn tool_lists_count_with_the_system_prompt() {
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "lamp"}}]);
+        let mut records: Vec<LogRecord> = (0..4).map(|i| approved(i, "billing", NOW - i as i64 * HOUR)).collect();
+        for r in &mut records[..3] {
+            r.request.params = serde_json::json!({"tools": tools});
+        }
+        // The count sees the tools; the three with the list are the dominant prompt.
+        let count = |p: &str, params: &Value| Some(p.len() as u64 + if params.get("tools").is_some() { 100 } else { 0 });
+        let r = assess(&records, 4, 500, NOW, count);
+        assert_eq!(r.system_prompt_tokens, "You help with t.".len() as u64 + 100);
+        assert_eq!(r.system_prompt_share, 0.75);
+        // Tools alone, or uncallable ones.
+        records[3].request.messages = serde_json::json!([{"role": "user", "content": "no system"}]);
+        records[3].request.params = serde_json::json!({"tools": tools});
+        assert_eq!(distillable(&records[3]), Some(("", tools.to_string())));
+        records[3].request.params = serde_json::json!({"tools": tools, "tool_choice": "none"});
+        assert_eq!(distillable(&records[3]), None);
     }
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::dataset::Example;
-use crate::engine::ChatMessage;
+use crate::engine::tool_prompt;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileObject {
@@ -105,8 +105,12 @@ fn parse_line(n: usize, line: &str) -> Result<Option<Example>, FileError> {
     let mut messages = Vec::with_capacity(msgs.len());
     for (j, m) in msgs.iter().enumerate() {
         let role = m.get("role").and_then(|r| r.as_str()).unwrap_or_default();
-        if !matches!(role, "system" | "user" | "assistant" | "developer") {
+        if !matches!(role, "system" | "user" | "assistant" | "developer" | "tool") {
             return Err(FileError::Invalid(format!("line {n}: messages[{j}] has an invalid role '{role}'")));
+        }
+        let calls = m.get("tool_calls").and_then(|c| c.as_array()).filter(|c| !c.is_empty());
+        if m.get("tool_calls").is_some_and(|c| !c.is_null() && !c.is_array()) {
+            return Err(FileError::Invalid(format!("line {n}: messages[{j}].tool_calls must be an array")));
         }
         let content = match m.get("content") {
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -115,13 +119,31 @@ fn parse_line(n: usize, line: &str) -> Result<Option<Example>, FileError> {
                 .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
                 .collect::<Vec<_>>()
                 .join(""),
+            // An assistant turn that only calls tools has no content.
+            None | Some(serde_json::Value::Null) if role == "assistant" && calls.is_some() => String::new(),
             _ => return Err(FileError::Invalid(format!("line {n}: messages[{j}].content must be a string"))),
         };
-        let role = if role == "developer" { "system" } else { role };
-        messages.push(ChatMessage::new(role, content));
+        messages.push(tool_prompt::turn(role, content, calls.map(Vec::as_slice)));
     }
     if messages.last().map(|m| m.role.as_str()) != Some("assistant") {
         return Err(FileError::Invalid(format!("line {n}: the last message must be from the assistant")));
+    }
+    // OpenAI's format puts the functions beside the messages; they are written into the
+    // system prompt exactly as serving writes them.
+    match v.get("tools") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Array(tools)) => {
+            let functions = tool_prompt::callable(v.get("tools"), None);
+            if functions.len() != tools.len() {
+                return Err(FileError::Invalid(format!(
+                    "line {n}: every entry of \"tools\" must be a function with a name"
+                )));
+            }
+            if !functions.is_empty() {
+                tool_prompt::attach(&mut messages, &tool_prompt::system_block(&functions));
+            }
+        }
+        Some(_) => return Err(FileError::Invalid(format!("line {n}: \"tools\" must be an array"))),
     }
     Ok(Some(Example { messages }))
 }
@@ -253,6 +275,39 @@ mod tests {
         assert!(matches!(fs.get("../etc/passwd"), Err(FileError::NotFound(_))));
         fs.delete(&f.id)?;
         assert!(fs.list()?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn tools_and_tool_calls_are_written_as_serving_writes_them() -> anyhow::Result<()> {
+        use crate::engine::tool_prompt::{system_block, Function};
+        let line = serde_json::json!({
+            "tools": [{"type": "function", "function": {"name": "lamp", "parameters": {"type": "object",
+                "properties": {"on": {"type": "boolean"}}}}}],
+            "messages": [
+                {"role": "system", "content": "You run the house."},
+                {"role": "user", "content": "Light on."},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "lamp", "arguments": "{\"on\": true}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+                {"role": "assistant", "content": "The light is on."},
+            ],
+        });
+        let ex = parse_line(1, &line.to_string())?.ok_or_else(|| anyhow::anyhow!("no example"))?;
+        let functions: Vec<Function> = line["tools"].as_array().into_iter().flatten().filter_map(Function::from_openai).collect();
+        assert_eq!(ex.messages[0].content, format!("You run the house.\n\n{}", system_block(&functions)));
+        assert!(ex.messages[2].content.starts_with("<tool_call>") && ex.messages[2].content.contains("\"on\":true"));
+        assert_eq!(ex.messages[3].role, "tool");
+        assert_eq!(ex.messages[3].content, "<tool_response>\ndone\n</tool_response>");
+        // A final turn that is a call trains the call.
+        let call_last = serde_json::json!({"messages": [{"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "lamp", "arguments": "{}"}}]}]});
+        let ex = parse_line(1, &call_last.to_string())?.ok_or_else(|| anyhow::anyhow!("no example"))?;
+        assert!(ex.messages[1].content.starts_with("<tool_call>"));
+        for bad in [r#"{"tools": 3, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}"#,
+                    r#"{"tools": [{"type": "web_search"}], "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}"#] {
+            assert!(parse_line(1, bad).is_err(), "{bad}");
+        }
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use super::files::FileStore;
 use super::pipeline::{self, JobError, JobEvent, JobSpec};
 use super::trainer::TrainConfig;
 use crate::adapters::{AdapterRegistry, LoadOptions};
-use crate::engine::ChatMessage;
+use crate::engine::{tool_prompt, ChatMessage};
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -198,13 +198,33 @@ impl TaskLogs {
             return Err(format!("task '{task}' has no approved examples"));
         }
         let skip = records.len().saturating_sub(self.max_examples);
-        Ok(records[skip..]
-            .iter()
-            .map(|r| Example {
-                messages: r.training_messages().into_iter().map(|t| ChatMessage::new(t.role, t.content)).collect(),
-            })
-            .collect())
+        Ok(records[skip..].iter().map(record_example).collect())
     }
+}
+
+/// A logged request as a training example, its prompt written as serving wrote it: history
+/// calls and results in their tags, the request's callable tools in the system prompt
+/// (`engine::tool_prompt`), so a task whose examples share a system prompt *and* a tool list
+/// distils both; then the approved answer (the reviewer's correction where there is one).
+pub(crate) fn record_example(r: &crate::logs::LogRecord) -> Example {
+    let turns = r.training_messages();
+    let raw = r.request.messages.as_array().cloned().unwrap_or_default();
+    let mut messages: Vec<ChatMessage> = turns
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let calls = raw.get(i).and_then(|m| m.get("tool_calls")).and_then(|c| c.as_array()).map(Vec::as_slice);
+            // The answer (the last turn) is the text the model wrote, calls included.
+            let calls = if i < raw.len() { calls } else { None };
+            tool_prompt::turn(&t.role, t.content, calls)
+        })
+        .collect();
+    let params = &r.request.params;
+    let functions = tool_prompt::callable(params.get("tools"), params.get("tool_choice"));
+    if !functions.is_empty() {
+        tool_prompt::attach(&mut messages, &tool_prompt::system_block(&functions));
+    }
+    Example { messages }
 }
 
 pub struct JobsConfig {

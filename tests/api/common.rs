@@ -232,3 +232,39 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     }
     f()
 }
+
+/// A multipart upload of a fine-tuning file with `key`, as the SDKs send it: the status and
+/// the body text.
+pub async fn upload_file(gw: &Gateway, key: &str, jsonl: &str) -> anyhow::Result<(StatusCode, String)> {
+    let boundary = "tunegate-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
+    );
+    let res = gw
+        .http
+        .post(gw.url("/v1/files"))
+        .bearer_auth(key)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await?;
+    Ok((res.status(), res.text().await?))
+}
+
+/// Polls a fine-tuning job with `key` until it ends (4 minutes at most).
+pub async fn wait_job(gw: &Gateway, key: &str, id: &str) -> anyhow::Result<Value> {
+    let t = std::time::Instant::now();
+    loop {
+        let res = gw.http.get(gw.url(&format!("/v1/fine_tuning/jobs/{id}"))).bearer_auth(key).send().await?;
+        let status = res.status();
+        let job: Value = serde_json::from_str(&res.text().await?)?;
+        anyhow::ensure!(status.is_success(), "job {id}: {status}: {job}");
+        if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return Ok(job);
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(240), "job {id} did not finish: {job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

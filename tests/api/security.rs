@@ -75,23 +75,8 @@ async fn call_json(gw: &Gateway, key: &str, method: Method, path: &str, body: Op
     Ok(serde_json::from_str(&text)?)
 }
 
-/// A multipart upload of a fine-tuning file, as the SDKs send it.
 async fn upload(gw: &Gateway, key: &str, jsonl: &str) -> anyhow::Result<(StatusCode, String)> {
-    let boundary = "tunegate-test-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n{jsonl}\r\n--{boundary}--\r\n"
-    );
-    let res = gw
-        .http
-        .post(gw.url("/v1/files"))
-        .bearer_auth(key)
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
-        .body(body)
-        .send()
-        .await?;
-    Ok((res.status(), res.text().await?))
+    common::upload_file(gw, key, jsonl).await
 }
 
 /// A small training file whose every line carries the secret.
@@ -116,15 +101,7 @@ fn chat_body(model: &str, store: bool) -> Value {
 }
 
 async fn wait_job(gw: &Gateway, key: &str, id: &str) -> anyhow::Result<Value> {
-    let t = Instant::now();
-    loop {
-        let job = call_json(gw, key, Method::GET, &format!("/v1/fine_tuning/jobs/{id}"), None).await?;
-        if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
-            return Ok(job);
-        }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(240), "job {id} did not finish: {job}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_job(gw, key, id).await
 }
 
 /// A's objects: a stored completion, a stored response, a file, a finished job (with its

@@ -244,3 +244,113 @@ async fn tool_history_auto_choice_and_bad_tools() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A task whose examples share a system prompt and a tool list: the adapter trained from an
+/// OpenAI-format file (`tools` beside the messages, assistant `tool_calls`) absorbs both, and
+/// the router drops both from a request that carries that prompt and that list, only then;
+/// the grammar still enforces the tool's schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_tool_list_is_distilled_with_the_system_prompt() -> anyhow::Result<()> {
+    use tunegate::engine::tool_prompt::{system_block, Function};
+    use tunegate::training::dataset::prompt_hash;
+
+    const SYSTEM: &str = "You control the lights of the house. Call lamp for every request.";
+    let lamp = json!({"type": "function", "function": {"name": "lamp", "description": "Switch the lamp",
+        "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]}}});
+    let gw = common::start_with(|c, _| {
+        common::with_keys(c);
+        c.training.rank = 8;
+        c.training.alpha = 16.0;
+        c.training.eval_fraction = 0.0;
+    })
+    .await?;
+    let asks = ["Light on", "Lights off", "Switch it on", "Turn the lamp off", "On please", "Off now", "Make it bright", "Darkness"];
+    let jsonl: String = asks
+        .iter()
+        .enumerate()
+        .map(|(i, ask)| {
+            let call = json!([{"id": format!("c{i}"), "type": "function",
+                "function": {"name": "lamp", "arguments": json!({"on": i % 2 == 0}).to_string()}}]);
+            json!({"tools": [lamp.clone()], "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": ask},
+                {"role": "assistant", "content": null, "tool_calls": call},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let (status, file) = common::upload_file(&gw, common::CLIENT_KEY, &jsonl).await?;
+    anyhow::ensure!(status == 200, "upload: {status}: {file}");
+    let file: Value = serde_json::from_str(&file)?;
+    let res = gw
+        .http
+        .post(gw.url("/v1/fine_tuning/jobs"))
+        .bearer_auth(common::CLIENT_KEY)
+        .json(&json!({"model": MODEL, "training_file": file["id"], "suffix": "lights", "hyperparameters": {"n_epochs": 1}}))
+        .send()
+        .await?;
+    let job: Value = res.json().await?;
+    let done = common::wait_job(&gw, common::CLIENT_KEY, job["id"].as_str().unwrap_or_default()).await?;
+    anyhow::ensure!(done["status"] == "succeeded", "{done}");
+    let model = done["fine_tuned_model"].as_str().unwrap_or_default().to_string();
+
+    // The adapter records the system prompt *with* the tool block as what it absorbed.
+    let functions: Vec<Function> = Function::from_openai(&lamp).into_iter().collect();
+    let absorbed = format!("{SYSTEM}\n\n{}", system_block(&functions));
+    let meta_path = walk(&gw.adapters_root())
+        .into_iter()
+        .find(|p| p.ends_with("tunegate.json") && std::fs::read_to_string(p).is_ok_and(|t| t.contains("distilled_prompt")))
+        .ok_or_else(|| anyhow::anyhow!("no tunegate.json with a distilled prompt"))?;
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(meta_path)?)?;
+    assert_eq!(meta["distilled_prompt"]["sha256"], prompt_hash(&absorbed), "{meta}");
+
+    let ask = |tools: Value, system: Option<&str>| {
+        let mut messages = vec![json!({"role": "user", "content": "Light on"})];
+        if let Some(s) = system {
+            messages.insert(0, json!({"role": "system", "content": s}));
+        }
+        gw.http
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(common::CLIENT_KEY)
+            .json(&json!({"model": model, "messages": messages, "tools": tools, "tool_choice": "required",
+                "max_tokens": 60, "temperature": 0}))
+            .send()
+    };
+    let saved = |res: &reqwest::Response| -> u64 {
+        res.headers().get("x-tunegate-prompt-tokens-saved").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
+    };
+    // The same prompt and tools: both dropped, and the call still follows the schema.
+    let res = ask(json!([lamp.clone()]), Some(SYSTEM)).await?;
+    assert_eq!(res.status(), 200);
+    let dropped = saved(&res);
+    assert!(dropped > 0, "the prompt and tools were not dropped");
+    let body: Value = res.json().await?;
+    assert_eq!(meta["distilled_prompt"]["tokens"].as_u64(), Some(dropped));
+    assert_eq!(body["usage"]["prompt_tokens_details"]["distilled_tokens"].as_u64(), Some(dropped));
+    let call = &body["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "lamp", "{body}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())?;
+    assert!(args["on"].is_boolean(), "{args}");
+    // Another tool list, or the tools without the prompt: nothing is dropped.
+    let other = json!({"type": "function", "function": {"name": "blinds", "parameters": {"type": "object"}}});
+    for (tools, system) in [(json!([lamp.clone(), other]), Some(SYSTEM)), (json!([lamp.clone()]), None)] {
+        let res = ask(tools, system).await?;
+        assert_eq!(res.status(), 200);
+        assert_eq!(saved(&res), 0);
+    }
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::api::AppState;
+use crate::engine::tool_prompt;
 use crate::logs::readiness::{self, Readiness};
 use crate::logs::{now_ms, LogError, LogFilter, ReviewState, TaskStats};
 use crate::scheduler::Policy;
@@ -95,7 +96,19 @@ pub async fn compute(state: &AppState) -> Result<Vec<TaskOverview>, LogError> {
         // Off the runtime: counting a system prompt's tokens can take a while for a huge one.
         let (info, approved) = (info.clone(), s.approved);
         let readiness = tokio::task::spawn_blocking(move || {
-            let count = |p: &str| info.as_ref().and_then(|i| i.tokenizer.encode(p, false).ok()).map(|t| t.len() as u64);
+            let count = |p: &str, params: &serde_json::Value| {
+                // The prompt as serving writes it, with the requests' callable tools.
+                let mut messages = Vec::new();
+                if !p.is_empty() {
+                    messages.push(crate::engine::ChatMessage::new("system", p));
+                }
+                let functions = tool_prompt::callable(params.get("tools"), params.get("tool_choice"));
+                if !functions.is_empty() {
+                    tool_prompt::attach(&mut messages, &tool_prompt::system_block(&functions));
+                }
+                let text = messages.first().map(|m| m.content.as_str()).unwrap_or_default();
+                info.as_ref().and_then(|i| i.tokenizer.encode(text, false).ok()).map(|t| t.len() as u64)
+            };
             readiness::assess(&records, approved, threshold, now, count)
         })
         .await

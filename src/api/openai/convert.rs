@@ -88,10 +88,7 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
         }
         // A forced call's grammar replaces the answer format: the answer is the call.
         grammar = t.grammar().or(grammar);
-        match messages.iter_mut().find(|m| m.role == "system") {
-            Some(m) => m.content = format!("{}\n\n{}", m.content, t.system_block()),
-            None => messages.insert(0, ChatMessage::new("system", t.system_block())),
-        }
+        crate::engine::tool_prompt::attach(&mut messages, &t.system_block());
     }
     if req.audio.as_ref().is_some_and(|a| !a.is_null()) {
         return Err(ApiError::unsupported("audio", "the models served are text only"));
@@ -218,18 +215,9 @@ fn message(i: usize, m: &ChatMessageIn) -> ApiResult<ChatMessage> {
             .with_param(format!("messages[{i}].content")))
         }
     };
-    // Calls and results in the history, written as the model writes and reads them.
-    let content = match (m.role.as_str(), m.tool_calls.as_deref()) {
-        ("assistant", Some(calls)) if !calls.is_empty() => {
-            let calls = super::tools::render_calls(calls);
-            if content.is_empty() { calls } else { format!("{content}\n{calls}") }
-        }
-        ("tool", _) => super::tools::render_result(&content),
-        _ => content,
-    };
-    // OpenAI's `developer` role is what older models call `system`; chat templates know the latter.
-    let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-    Ok(ChatMessage::new(role, content))
+    // Calls and results in the history, written as the model writes and reads them; OpenAI's
+    // `developer` role as `system`, which chat templates know.
+    Ok(crate::engine::tool_prompt::turn(&m.role, content, m.tool_calls.as_deref()))
 }
 
 pub fn completion(req: &CompletionRequest, limits: &LimitsConfig) -> ApiResult<CompletionPlan> {

@@ -1,7 +1,6 @@
 //! Tool calling for models whose chat template has no tool syntax of its own (SmolLM2's
 //! has none). The tools are described to the model in a block appended to the system
-//! prompt (the generic tool prompt below, in the `<tools>` / `<tool_call>` convention many
-//! open models are trained on), a call is written as
+//! prompt (`engine::tool_prompt`, which training uses too), a call is written as
 //! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, and the answer is parsed back into
 //! OpenAI's `message.tool_calls`.
 //!
@@ -19,14 +18,7 @@ use super::types::{FunctionCall, ToolCall};
 use crate::api::error::{ApiError, ApiResult};
 use crate::engine::grammar::GrammarSpec;
 
-/// One function the model may call.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Function {
-    pub name: String,
-    pub description: Option<String>,
-    /// Its arguments' JSON schema (`{"type": "object"}` when the request gave none).
-    pub parameters: Value,
-}
+pub use crate::engine::tool_prompt::Function;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Choice {
@@ -98,19 +90,7 @@ pub fn plan(tools: Option<&[Value]>, choice: Option<&Value>) -> ApiResult<Option
 impl ToolPlan {
     /// The block appended to the system prompt: the functions, and how to call one.
     pub fn system_block(&self) -> String {
-        let mut out = String::from("# Tools\n\nYou may call these functions:\n<tools>\n");
-        for f in &self.functions {
-            let mut function = json!({"name": f.name, "parameters": f.parameters});
-            if let Some(d) = &f.description {
-                function["description"] = json!(d);
-            }
-            out.push_str(&json!({"type": "function", "function": function}).to_string());
-            out.push('\n');
-        }
-        out.push_str(
-            "</tools>\nTo call one, answer with only:\n<tool_call>\n{\"name\": <function name>, \"arguments\": <arguments object>}\n</tool_call>",
-        );
-        out
+        crate::engine::tool_prompt::system_block(&self.functions)
     }
 
     /// The grammar of a forced call (`required` or a named function), else `None`.
@@ -165,24 +145,6 @@ impl ToolPlan {
             })
             .collect()
     }
-}
-
-/// An assistant turn's `tool_calls` as the model writes them.
-pub fn render_calls(calls: &[Value]) -> String {
-    calls
-        .iter()
-        .map(|c| {
-            let f = &c["function"];
-            let arguments = f["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or(json!({}));
-            format!("<tool_call>\n{}\n</tool_call>", json!({"name": f["name"], "arguments": arguments}))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A `tool` turn's content as the model reads it.
-pub fn render_result(content: &str) -> String {
-    format!("<tool_response>\n{content}\n</tool_response>")
 }
 
 #[cfg(test)]

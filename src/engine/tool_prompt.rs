@@ -1,0 +1,142 @@
+//! How tools are written into a prompt for models whose chat template has no tool syntax of
+//! its own (SmolLM2's has none): the functions in a block appended to the system prompt, in
+//! the `<tools>` / `<tool_call>` convention many open models are trained on; a call as
+//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`; a result inside
+//! `<tool_response>` tags.
+//!
+//! Serving (the API) and training (datasets from logs and files) write prompts through these
+//! functions alone, so a system prompt with its tools is the same text, and has the same
+//! hash, on both sides: an adapter that distilled a task's system prompt *and* tool list is
+//! matched, and both are dropped, exactly when a request carries that prompt and that list.
+
+use serde_json::{json, Value};
+
+use super::types::ChatMessage;
+
+/// One function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Function {
+    pub name: String,
+    pub description: Option<String>,
+    /// Its arguments' JSON schema (`{"type": "object"}` when the definition gave none).
+    pub parameters: Value,
+}
+
+impl Function {
+    /// An OpenAI function tool as written into prompts: chat's form (`{"type": "function",
+    /// "function": {name, description, parameters}}`) or the Responses API's (the same fields
+    /// beside `type`); `None` for another kind of tool or a nameless one.
+    pub fn from_openai(tool: &Value) -> Option<Function> {
+        if tool.get("type").and_then(Value::as_str) != Some("function") {
+            return None;
+        }
+        let f = tool.get("function").unwrap_or(tool);
+        let name = f.get("name").and_then(Value::as_str).filter(|n| !n.is_empty())?;
+        let parameters = match f.get("parameters") {
+            Some(p @ Value::Object(_)) => p.clone(),
+            _ => json!({"type": "object"}),
+        };
+        let description = f.get("description").and_then(Value::as_str).map(String::from);
+        Some(Function { name: name.to_string(), description, parameters })
+    }
+}
+
+/// The callable functions of a request's logged `tools` and `tool_choice` (none when the
+/// choice is `"none"`: serving then writes no block either).
+pub fn callable(tools: Option<&Value>, tool_choice: Option<&Value>) -> Vec<Function> {
+    if tool_choice.and_then(Value::as_str) == Some("none") {
+        return Vec::new();
+    }
+    tools.and_then(Value::as_array).into_iter().flatten().filter_map(Function::from_openai).collect()
+}
+
+/// The block appended to the system prompt: the functions, and how to call one.
+pub fn system_block(functions: &[Function]) -> String {
+    let mut out = String::from("# Tools\n\nYou may call these functions:\n<tools>\n");
+    for f in functions {
+        let mut function = json!({"name": f.name, "parameters": f.parameters});
+        if let Some(d) = &f.description {
+            function["description"] = json!(d);
+        }
+        out.push_str(&json!({"type": "function", "function": function}).to_string());
+        out.push('\n');
+    }
+    out.push_str(
+        "</tools>\nTo call one, answer with only:\n<tool_call>\n{\"name\": <function name>, \"arguments\": <arguments object>}\n</tool_call>",
+    );
+    out
+}
+
+/// Puts the tool block into the conversation: after the system prompt, or as the system
+/// prompt when there is none.
+pub fn attach(messages: &mut Vec<ChatMessage>, block: &str) {
+    match messages.iter_mut().find(|m| m.role == "system") {
+        Some(m) => m.content = format!("{}\n\n{block}", m.content),
+        None => messages.insert(0, ChatMessage::new("system", block)),
+    }
+}
+
+/// An assistant turn's OpenAI `tool_calls` as the model writes them.
+pub fn render_calls(calls: &[Value]) -> String {
+    calls
+        .iter()
+        .map(|c| {
+            let f = &c["function"];
+            let arguments = f["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or(json!({}));
+            format!("<tool_call>\n{}\n</tool_call>", json!({"name": f["name"], "arguments": arguments}))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A `tool` turn's content as the model reads it.
+pub fn render_result(content: &str) -> String {
+    format!("<tool_response>\n{content}\n</tool_response>")
+}
+
+/// A turn as the model reads it: an assistant's calls after its text, a tool result in its
+/// tags, `developer` as `system` (what chat templates know).
+pub fn turn(role: &str, content: String, tool_calls: Option<&[Value]>) -> ChatMessage {
+    let content = match (role, tool_calls) {
+        ("assistant", Some(calls)) if !calls.is_empty() => {
+            let calls = render_calls(calls);
+            if content.is_empty() { calls } else { format!("{content}\n{calls}") }
+        }
+        ("tool", _) => render_result(&content),
+        _ => content,
+    };
+    let role = if role == "developer" { "system" } else { role };
+    ChatMessage::new(role, content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_attach_and_turns() {
+        let tools = json!([{"type": "function", "function": {"name": "lamp", "description": "Switch it",
+            "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}}}}, {"type": "web_search"}]);
+        let functions: Vec<Function> = tools.as_array().into_iter().flatten().filter_map(Function::from_openai).collect();
+        assert_eq!(functions.len(), 1);
+        let responses_form = json!({"type": "function", "name": "lamp", "description": "Switch it",
+            "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}}, "strict": true});
+        assert_eq!(Function::from_openai(&responses_form).as_ref(), functions.first());
+        assert!(callable(Some(&tools), Some(&json!("none"))).is_empty());
+        assert_eq!(callable(Some(&tools), Some(&json!("auto"))), functions);
+        let block = system_block(&functions);
+        assert!(block.starts_with("# Tools") && block.contains(r#""name":"lamp""#), "{block}");
+        let mut with_system = vec![ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "hi")];
+        attach(&mut with_system, &block);
+        assert_eq!(with_system[0].content, format!("Be brief.\n\n{block}"));
+        let mut without = vec![ChatMessage::new("user", "hi")];
+        attach(&mut without, &block);
+        assert_eq!(without[0], ChatMessage::new("system", block.clone()));
+        let call = json!([{"id": "c1", "type": "function", "function": {"name": "lamp", "arguments": "{\"on\":true}"}}]);
+        let t = turn("assistant", String::new(), call.as_array().map(Vec::as_slice));
+        let inner = t.content.strip_prefix("<tool_call>\n").and_then(|r| r.strip_suffix("\n</tool_call>")).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<Value>(inner).ok(), Some(json!({"name": "lamp", "arguments": {"on": true}})));
+        assert_eq!(turn("tool", "ok".into(), None).content, "<tool_response>\nok\n</tool_response>");
+        assert_eq!(turn("developer", "x".into(), None).role, "system");
+    }
+}
