@@ -31,6 +31,11 @@ pub enum GrammarSpec {
     /// JSON that follows this schema (the subset of JSON Schema llguidance implements; the
     /// rest is refused at compile time, naming the keyword).
     JsonSchema(serde_json::Value),
+    /// Free output until `trigger` appears in it, then JSON that follows `schema` (a tool
+    /// call after `<tool_call>` under `tool_choice: "auto"`), then the end. The trigger
+    /// may fall anywhere inside a token; what the token carries after it is fed to the
+    /// grammar.
+    Lazy { trigger: String, schema: serde_json::Value },
 }
 
 impl GrammarSpec {
@@ -38,6 +43,7 @@ impl GrammarSpec {
         let text = match self {
             GrammarSpec::JsonObject => "json_object".to_string(),
             GrammarSpec::JsonSchema(s) => format!("json_schema:{s}"),
+            GrammarSpec::Lazy { trigger, schema } => format!("lazy:{}:{trigger}:{schema}", trigger.len()),
         };
         Sha256::digest(text.as_bytes()).into()
     }
@@ -47,7 +53,7 @@ impl GrammarSpec {
     fn grammar(&self) -> TopLevelGrammar {
         let mut schema = match self {
             GrammarSpec::JsonObject => serde_json::json!({ "type": "object" }),
-            GrammarSpec::JsonSchema(s) => {
+            GrammarSpec::JsonSchema(s) | GrammarSpec::Lazy { schema: s, .. } => {
                 let mut s = s.clone();
                 close_objects(&mut s);
                 s
@@ -120,6 +126,8 @@ impl TokenizerEnv for Vocabulary {
 /// One model's grammar compiler and its cache of compiled grammars.
 pub struct Grammars {
     factory: ParserFactory,
+    /// The vocabulary (token bytes, tokenizer), for lazy constraints.
+    env: llguidance::toktrie::TokEnv,
     /// Fresh (nothing consumed) matchers by spec hash, with a use counter for eviction.
     cache: Mutex<HashMap<[u8; 32], (u64, Matcher)>>,
     uses: std::sync::atomic::AtomicU64,
@@ -144,7 +152,7 @@ impl Grammars {
         let env: llguidance::toktrie::TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| EngineError::Internal(format!("grammar engine: {e}")))?;
         factory.quiet();
-        Ok(Self { factory, cache: Mutex::new(HashMap::new()), uses: Default::default(), vocab_size })
+        Ok(Self { factory, env, cache: Mutex::new(HashMap::new()), uses: Default::default(), vocab_size })
     }
 
     /// A fresh constraint for one sequence. Compiling a schema takes from microseconds to
@@ -153,9 +161,21 @@ impl Grammars {
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint> {
         let key = spec.key();
         let n = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let lazy = match spec {
+            GrammarSpec::Lazy { trigger, .. } => {
+                Some(Lazy {
+                    trigger: trigger.as_bytes().to_vec(),
+                    seen: Vec::new(),
+                    armed: false,
+                    given_up: false,
+                    env: self.env.clone(),
+                })
+            }
+            _ => None,
+        };
         if let Some((used, m)) = self.lock().get_mut(&key) {
             *used = n;
-            return Ok(Constraint { matcher: m.deep_clone(), vocab_size: self.vocab_size });
+            return Ok(Constraint { matcher: m.deep_clone(), vocab_size: self.vocab_size, lazy });
         }
         let parser = self.factory.create_parser(spec.grammar()).map_err(|e| invalid_schema(&e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
@@ -169,7 +189,7 @@ impl Grammars {
             }
         }
         cache.insert(key, (n, matcher.deep_clone()));
-        Ok(Constraint { matcher, vocab_size: self.vocab_size })
+        Ok(Constraint { matcher, vocab_size: self.vocab_size, lazy })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (u64, Matcher)>> {
@@ -187,6 +207,26 @@ fn invalid_schema(message: &str) -> EngineError {
 pub struct Constraint {
     matcher: Matcher,
     vocab_size: usize,
+    /// For a lazy grammar: whether it has engaged yet.
+    lazy: Option<Lazy>,
+}
+
+/// A lazy grammar's state before and after its trigger.
+#[derive(Clone)]
+struct Lazy {
+    trigger: Vec<u8>,
+    /// The output's bytes so far, until the trigger is found (then dropped).
+    seen: Vec<u8>,
+    armed: bool,
+    /// What followed the trigger was not the grammar's start: the output stays free text.
+    given_up: bool,
+    env: llguidance::toktrie::TokEnv,
+}
+
+impl Lazy {
+    fn engaged(&self) -> bool {
+        self.armed && !self.given_up
+    }
 }
 
 impl std::fmt::Debug for Constraint {
@@ -197,14 +237,17 @@ impl std::fmt::Debug for Constraint {
 
 impl Clone for Constraint {
     fn clone(&self) -> Self {
-        Self { matcher: self.matcher.deep_clone(), vocab_size: self.vocab_size }
+        Self { matcher: self.matcher.deep_clone(), vocab_size: self.vocab_size, lazy: self.lazy.clone() }
     }
 }
 
 impl Constraint {
-    /// Sets every token the grammar does not allow next to -inf in `logits`. An error (the
-    /// grammar cannot go on) ends the sequence.
+    /// Sets every token the grammar does not allow next to -inf in `logits` (nothing, for a
+    /// lazy grammar not yet engaged). An error (the grammar cannot go on) ends the sequence.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        if self.lazy.as_ref().is_some_and(|l| !l.engaged()) {
+            return Ok(());
+        }
         let allowed = self.matcher.compute_mask_or_eos().map_err(|e| EngineError::Internal(format!("grammar: {e}")))?;
         let n = logits.len().min(self.vocab_size);
         for (id, l) in logits.iter_mut().enumerate() {
@@ -217,12 +260,40 @@ impl Constraint {
 
     /// The output is complete: nothing may follow but the end.
     pub fn is_complete(&self) -> bool {
-        self.matcher.is_stopped()
+        self.lazy.as_ref().is_none_or(Lazy::engaged) && self.matcher.is_stopped()
     }
 
-    /// Advances the grammar past a sampled token.
+    /// Advances the grammar past a sampled token. A lazy grammar watches for its trigger
+    /// and, once it appears, takes what follows it in the output (leading whitespace aside).
     pub fn commit(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| EngineError::Internal(format!("grammar: {e}")))
+        let grammar_err = |e: String| EngineError::Internal(format!("grammar: {e}"));
+        let Some(lazy) = self.lazy.as_mut().filter(|l| !l.armed || l.given_up) else {
+            return self.matcher.consume_token(token).map_err(|e| grammar_err(e.to_string()));
+        };
+        if lazy.given_up {
+            return Ok(());
+        }
+        lazy.seen.extend_from_slice(lazy.env.tok_trie().token(token));
+        let Some(at) = lazy.seen.windows(lazy.trigger.len()).position(|w| w == lazy.trigger.as_slice()) else {
+            // Keep only what could still begin the trigger.
+            let keep = lazy.trigger.len().saturating_sub(1);
+            if lazy.seen.len() > keep {
+                lazy.seen.drain(..lazy.seen.len() - keep);
+            }
+            return Ok(());
+        };
+        lazy.armed = true;
+        let rest: Vec<u8> = lazy.seen[at + lazy.trigger.len()..].to_vec();
+        lazy.seen = Vec::new();
+        let start = rest.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(rest.len());
+        if start < rest.len() {
+            let ids = lazy.env.tokenize_bytes(&rest[start..]);
+            let fits = ids.iter().all(|&id| self.matcher.consume_token(id).is_ok());
+            if !fits {
+                lazy.given_up = true;
+            }
+        }
+        Ok(())
     }
 }
 

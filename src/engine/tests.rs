@@ -349,3 +349,41 @@ fn constrained_sequences_follow_their_schema_in_a_mixed_batch() -> R {
     }
     Ok(())
 }
+
+#[test]
+fn a_lazy_grammar_engages_at_its_trigger() -> R {
+    use super::grammar::GrammarSpec;
+    let dir = tempfile::tempdir()?;
+    let (engine, _) = tiny_engine(dir.path(), 4, 16)?;
+    let info = engine.info()?;
+    let grammars = info.grammars()?;
+    let schema = serde_json::json!({"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]});
+    let spec = GrammarSpec::Lazy { trigger: "<tool_call>".into(), schema };
+    let vocab = info.shape.vocab_size;
+    let allowed = |c: &mut super::grammar::Constraint| -> anyhow::Result<usize> {
+        let mut logits = vec![0f32; vocab];
+        c.mask(&mut logits)?;
+        Ok(logits.iter().filter(|l| l.is_finite()).count())
+    };
+    let feed = |c: &mut super::grammar::Constraint, text: &str| -> anyhow::Result<()> {
+        for id in info.tokenizer.encode_plain(text)? {
+            c.commit(id)?;
+        }
+        Ok(())
+    };
+    // Free text, the trigger split over tokens, then a call: masks only after the trigger.
+    let mut c = grammars.compile(&spec)?;
+    feed(&mut c, "Let me check. <tool")?;
+    assert_eq!(allowed(&mut c)?, vocab, "free before the trigger");
+    assert!(!c.is_complete());
+    feed(&mut c, "_call>")?;
+    assert!(allowed(&mut c)? < vocab / 2, "the grammar engages after the trigger");
+    feed(&mut c, "{\"on\":true}")?;
+    assert!(c.is_complete(), "a whole call completes it");
+    // An unfinished trigger does not engage it.
+    let mut c = grammars.compile(&spec)?;
+    feed(&mut c, "see <tool_cal")?;
+    assert_eq!(allowed(&mut c)?, vocab);
+    assert!(!c.is_complete());
+    Ok(())
+}

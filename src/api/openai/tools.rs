@@ -6,9 +6,10 @@
 //!
 //! `tool_choice: "required"` and a named function are forced from the first token: the
 //! output must be one call object (`{"name": …, "arguments": …}`) that the grammar checks
-//! against the chosen function's `parameters` schema. `"auto"` leaves the model free and
-//! parses `<tool_call>` blocks out of its answer; a block that is not a valid call of a
-//! listed tool leaves the whole answer as text. History turns are rendered the same way:
+//! against the chosen function's `parameters` schema. `"auto"` leaves the model free until
+//! it writes `<tool_call>`; from there a lazy grammar makes the call valid for one listed
+//! function, and the sequence ends with it (one call per answer under `auto`). A block that
+//! still does not parse (cut short by `max_tokens`) leaves the whole answer as text. History turns are rendered the same way:
 //! an assistant turn's `tool_calls` as `<tool_call>` blocks, a `tool` turn's content inside
 //! `<tool_response>` tags.
 
@@ -93,7 +94,8 @@ impl ToolPlan {
         crate::engine::tool_prompt::system_block(&self.functions)
     }
 
-    /// The grammar of a forced call (`required` or a named function), else `None`.
+    /// The grammar of the answer: a forced call (`required` or a named function) from the
+    /// first token; under `auto`, a lazy grammar that engages when `<tool_call>` appears.
     pub fn grammar(&self) -> Option<GrammarSpec> {
         let call = |f: &Function| {
             json!({
@@ -104,7 +106,11 @@ impl ToolPlan {
             })
         };
         match &self.choice {
-            Choice::Auto => None,
+            // Free until the model opens a call; the call then follows a listed function.
+            Choice::Auto => Some(GrammarSpec::Lazy {
+                trigger: "<tool_call>".into(),
+                schema: json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()}),
+            }),
             Choice::Named(n) => self.functions.iter().find(|f| &f.name == n).map(|f| GrammarSpec::JsonSchema(call(f))),
             Choice::Required => {
                 Some(GrammarSpec::JsonSchema(json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()})))
@@ -166,7 +172,7 @@ mod tests {
         assert!(plan(tools, Some(&json!({"type": "function", "function": {"name": "other"}}))).is_err());
         let auto = plan(tools, None)?.ok_or_else(|| ApiError::internal("no plan"))?;
         assert!(auto.system_block().contains("\"get_weather\""));
-        assert_eq!(auto.grammar(), None);
+        assert!(matches!(auto.grammar(), Some(GrammarSpec::Lazy { .. })));
         let mut n = 0;
         let mut id = || {
             n += 1;
