@@ -34,57 +34,42 @@ pub fn report(what: &str, out: &Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openai_python_sdk() -> anyhow::Result<()> {
-    let python = venv_bin("python")?;
-    let gw = common::start_with(|c, _| common::with_keys(c)).await?;
-    let out = tokio::process::Command::new(python)
-        .arg(repo().join("tests/python/test_openai_sdk.py"))
+/// Runs `tests/python/<script>` with the venv's Python against `gw` (client key, the test
+/// model) and reports its output as `what`.
+pub async fn run_script(gw: &common::Gateway, script: &str, what: &str) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(venv_bin("python")?)
+        .arg(repo().join("tests/python").join(script))
         .env("TUNEGATE_BASE_URL", gw.url("/v1"))
         .env("TUNEGATE_MODEL", MODEL)
         .env("TUNEGATE_API_KEY", CLIENT_KEY)
+        // LangChain: no tracing service to reach from here.
+        .env("LANGSMITH_TRACING", "false")
         .output()
         .await
         .context("running python")?;
-    report("the openai SDK checks", &out)
+    report(what, &out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk() -> anyhow::Result<()> {
+    let gw = common::start_with(|c, _| common::with_keys(c)).await?;
+    run_script(&gw, "test_openai_sdk.py", "the openai SDK checks").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn langchain_openai() -> anyhow::Result<()> {
-    let python = venv_bin("python")?;
     let gw = common::start_with(|c, _| common::with_keys(c)).await?;
-    let out = tokio::process::Command::new(python)
-        .arg(repo().join("tests/python/test_langchain.py"))
-        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
-        .env("TUNEGATE_MODEL", MODEL)
-        .env("TUNEGATE_API_KEY", CLIENT_KEY)
-        // No tracing service to reach from here.
-        .env("LANGSMITH_TRACING", "false")
-        .output()
-        .await
-        .context("running python")?;
-    report("the LangChain checks", &out)
+    run_script(&gw, "test_langchain.py", "the LangChain checks").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_outputs_through_langchain_and_pydantic_ai() -> anyhow::Result<()> {
-    let python = venv_bin("python")?;
     let gw = common::start_with(|c, _| common::with_keys(c)).await?;
-    let out = tokio::process::Command::new(python)
-        .arg(repo().join("tests/python/test_structured_libs.py"))
-        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
-        .env("TUNEGATE_MODEL", MODEL)
-        .env("TUNEGATE_API_KEY", CLIENT_KEY)
-        .env("LANGSMITH_TRACING", "false")
-        .output()
-        .await
-        .context("running python")?;
-    report("the structured-output library checks", &out)
+    run_script(&gw, "test_structured_libs.py", "the structured-output library checks").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_fine_tuning() -> anyhow::Result<()> {
-    let python = venv_bin("python")?;
     let gw = common::start_with(|c, _| {
         common::with_keys(c);
         c.training.rank = 8;
@@ -94,15 +79,7 @@ async fn openai_python_sdk_fine_tuning() -> anyhow::Result<()> {
         c.training.checkpoint_every = 20;
     })
     .await?;
-    let out = tokio::process::Command::new(python)
-        .arg(repo().join("tests/python/test_fine_tuning_sdk.py"))
-        .env("TUNEGATE_BASE_URL", gw.url("/v1"))
-        .env("TUNEGATE_MODEL", MODEL)
-        .env("TUNEGATE_API_KEY", CLIENT_KEY)
-        .output()
-        .await
-        .context("running python")?;
-    report("the openai SDK fine-tuning checks", &out)
+    run_script(&gw, "test_fine_tuning_sdk.py", "the openai SDK fine-tuning checks").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@ Environment as for test_openai_sdk.py. Prints one line per check and `N passed, 
 
 import math
 import os
-import sys
-import traceback
+
+import checks
 
 from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 
@@ -42,18 +42,7 @@ def check_chat_and_responses():
 
 
 def main():
-    checks = [v for k, v in globals().items() if k.startswith("check_")]
-    failed = 0
-    for check in checks:
-        try:
-            check()
-            print(f"ok   {check.__name__}")
-        except Exception:
-            failed += 1
-            print(f"FAIL {check.__name__}")
-            traceback.print_exc()
-    print(f"{len(checks) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    checks.run(globals())
 
 
 if __name__ == "__main__":

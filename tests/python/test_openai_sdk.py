@@ -5,9 +5,9 @@ Prints one line per check and a closing `N passed, N failed`; exits non-zero on 
 """
 
 import os
-import sys
 import time
-import traceback
+
+import checks
 
 import openai
 from openai import OpenAI
@@ -277,18 +277,7 @@ def check_embeddings():
 
 
 def main():
-    checks = [v for k, v in globals().items() if k.startswith("check_")]
-    failed = 0
-    for check in checks:
-        try:
-            check()
-            print(f"ok   {check.__name__}")
-        except Exception:  # report every failure, not only the first
-            failed += 1
-            print(f"FAIL {check.__name__}")
-            traceback.print_exc()
-    print(f"{len(checks) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    checks.run(globals())
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ Environment as for test_openai_sdk.py. Prints one line per check and `N passed, 
 
 import json
 import os
-import sys
-import traceback
 from typing import Literal
+
+import checks
 
 from pydantic import BaseModel
 
@@ -72,18 +72,7 @@ def check_pydantic_ai_output_types():
 
 
 def main():
-    checks = [v for k, v in globals().items() if k.startswith("check_")]
-    failed = 0
-    for check in checks:
-        try:
-            check()
-            print(f"ok   {check.__name__}")
-        except Exception:
-            failed += 1
-            print(f"FAIL {check.__name__}")
-            traceback.print_exc()
-    print(f"{len(checks) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    checks.run(globals())
 
 
 if __name__ == "__main__":

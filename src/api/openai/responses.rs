@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::chat::{answer_with_ids, start, Started};
 use super::generation::{self, collect_all, failed, token_logprob, total_usage, unix_now, LogDraft, Meta};
-use super::stored::{list_body, list_query, ListQuery, DEFAULT_LIMIT};
+use super::stored::{list_query, page, ListQuery, DEFAULT_LIMIT};
 use super::stream::{self, ChunkFormat, StreamResources};
 use super::tools::{self, ToolPlan};
 use super::types::{
@@ -269,21 +269,8 @@ pub async fn input_items(
     }
     let hex = r.id.trim_start_matches("resp_");
     let messages: Vec<Value> = r.request.messages.as_array().cloned().unwrap_or_default();
-    let mut all = messages_to_items(messages.get(echo.input_from..).unwrap_or_default(), hex, echo.input_from);
-    if q.order == Order::NewestFirst {
-        all.reverse();
-    }
-    let start = match &q.after {
-        Some(after) => all
-            .iter()
-            .position(|m| m.get("id").and_then(Value::as_str) == Some(after.as_str()))
-            .map(|p| p + 1)
-            .ok_or_else(|| ApiError::invalid_value("after", format!("'after' names no input item: '{after}'.")))?,
-        None => 0,
-    };
-    let rest: Vec<Value> = all.into_iter().skip(start).collect();
-    let has_more = rest.len() > q.limit;
-    Ok(HttpResponse::Ok().json(list_body(rest.into_iter().take(q.limit).collect(), has_more)))
+    let all = messages_to_items(messages.get(echo.input_from..).unwrap_or_default(), hex, echo.input_from);
+    page(all, &q, "input item")
 }
 
 fn not_found(id: &str) -> ApiError {

@@ -192,7 +192,7 @@ pub async fn messages(
             return Err(ApiError::invalid_value(k.clone(), format!("Unknown query parameter '{k}'.")));
         }
     }
-    let mut all: Vec<Value> = r
+    let all: Vec<Value> = r
         .request
         .messages
         .as_array()
@@ -201,13 +201,19 @@ pub async fn messages(
         .enumerate()
         .map(|(i, m)| message_object(&r.id, i, m))
         .collect();
+    page(all, &q, "message")
+}
+
+/// One page of `all` (in stored order) as a list body: `order`, then the items after the
+/// one `after` names (a 400 naming `what` when none has that id), then `limit` of them.
+pub(super) fn page(mut all: Vec<Value>, q: &ListQuery, what: &str) -> ApiResult<HttpResponse> {
     if q.order == Order::NewestFirst {
         all.reverse();
     }
     let start = match &q.after {
         Some(after) => {
             let pos = all.iter().position(|m| m.get("id").and_then(Value::as_str) == Some(after.as_str()));
-            pos.map(|p| p + 1).ok_or_else(|| ApiError::invalid_value("after", format!("'after' names no message: '{after}'.")))?
+            pos.map(|p| p + 1).ok_or_else(|| ApiError::invalid_value("after", format!("'after' names no {what}: '{after}'.")))?
         }
         None => 0,
     };
