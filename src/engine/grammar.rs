@@ -69,6 +69,11 @@ impl GrammarSpec {
     }
 }
 
+/// A token that is only whitespace (and not empty: special tokens have no bytes).
+fn is_whitespace(bytes: &[u8]) -> bool {
+    !bytes.is_empty() && bytes.iter().all(u8::is_ascii_whitespace)
+}
+
 /// Objects that list their `properties` and say nothing of others get
 /// `additionalProperties: false`, as llama.cpp's schema converter does: the properties a
 /// schema names are what a caller parses (LangChain's and pydantic's tool and output schemas
@@ -168,6 +173,7 @@ impl Grammars {
                     seen: Vec::new(),
                     armed: false,
                     given_up: false,
+                    started: false,
                     env: self.env.clone(),
                 })
             }
@@ -220,6 +226,9 @@ struct Lazy {
     armed: bool,
     /// What followed the trigger was not the grammar's start: the output stays free text.
     given_up: bool,
+    /// The grammar has taken a token: whitespace between the trigger and the call (the
+    /// tool prompt writes `<tool_call>\n{…}`) is over.
+    started: bool,
     env: llguidance::toktrie::TokEnv,
 }
 
@@ -249,9 +258,12 @@ impl Constraint {
             return Ok(());
         }
         let allowed = self.matcher.compute_mask_or_eos().map_err(|e| EngineError::Internal(format!("grammar: {e}")))?;
+        // Right after a lazy grammar's trigger, whitespace may still come before the call.
+        let lead = self.lazy.as_ref().filter(|l| !l.started).map(|l| l.env.clone());
         let n = logits.len().min(self.vocab_size);
         for (id, l) in logits.iter_mut().enumerate() {
-            if id >= n || !allowed.is_allowed(id as u32) {
+            let whitespace = || lead.as_ref().is_some_and(|env| is_whitespace(env.tok_trie().token(id as u32)));
+            if id >= n || !(allowed.is_allowed(id as u32) || whitespace()) {
                 *l = f32::NEG_INFINITY;
             }
         }
@@ -267,6 +279,12 @@ impl Constraint {
     /// and, once it appears, takes what follows it in the output (leading whitespace aside).
     pub fn commit(&mut self, token: u32) -> Result<()> {
         let grammar_err = |e: String| EngineError::Internal(format!("grammar: {e}"));
+        if let Some(lazy) = self.lazy.as_mut().filter(|l| l.engaged()) {
+            if !lazy.started && is_whitespace(lazy.env.tok_trie().token(token)) {
+                return Ok(());
+            }
+            lazy.started = true;
+        }
         let Some(lazy) = self.lazy.as_mut().filter(|l| !l.armed || l.given_up) else {
             return self.matcher.consume_token(token).map_err(|e| grammar_err(e.to_string()));
         };
@@ -289,6 +307,7 @@ impl Constraint {
         if start < rest.len() {
             let ids = lazy.env.tokenize_bytes(&rest[start..]);
             let fits = ids.iter().all(|&id| self.matcher.consume_token(id).is_ok());
+            lazy.started = true;
             if !fits {
                 lazy.given_up = true;
             }

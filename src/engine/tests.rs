@@ -378,6 +378,12 @@ fn a_lazy_grammar_engages_at_its_trigger() -> R {
     assert!(!c.is_complete());
     feed(&mut c, "_call>")?;
     assert!(allowed(&mut c)? < vocab / 2, "the grammar engages after the trigger");
+    // A newline may come before the call (the tool prompt writes one), not after its start.
+    let newline = info.tokenizer.encode_plain("\n")?;
+    let mut logits = vec![0f32; vocab];
+    c.mask(&mut logits)?;
+    assert!(newline.iter().all(|&t| logits[t as usize].is_finite()));
+    feed(&mut c, "\n")?;
     feed(&mut c, "{\"on\":true}")?;
     assert!(c.is_complete(), "a whole call completes it");
     // An unfinished trigger does not engage it.

@@ -83,7 +83,9 @@ pub fn render_calls(calls: &[Value]) -> String {
         .map(|c| {
             let f = &c["function"];
             let arguments = f["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or(json!({}));
-            format!("<tool_call>\n{}\n</tool_call>", json!({"name": f["name"], "arguments": arguments}))
+            // `name` first, as the tool prompt shows and the call grammar writes it.
+            let name = json!(f["name"].as_str().unwrap_or_default());
+            format!("<tool_call>\n{{\"name\":{name},\"arguments\":{arguments}}}\n</tool_call>")
         })
         .collect::<Vec<_>>()
         .join("\n")
