@@ -321,7 +321,7 @@ impl ChunkFormat for ChatChunks {
         vec![self.chunk(vec![choice], None)]
     }
 
-    fn usage(&mut self, usage: UsageOut) -> sse::Data {
-        self.chunk(Vec::new(), Some(usage.with_saved(self.saved)))
+    fn usage(&mut self, usage: UsageOut) -> Option<sse::Data> {
+        Some(self.chunk(Vec::new(), Some(usage.with_saved(self.saved))))
     }
 }

@@ -96,7 +96,7 @@ pub async fn create(
         let mut events: Vec<sse::Data> = format.opening();
         events.extend((0..completions.len()).flat_map(|i| format.finished(i, FinishReason::Length)));
         if plan.common.include_usage {
-            events.push(format.usage(usage));
+            events.extend(format.usage(usage));
         }
         events.push(sse::Data::new("[DONE]"));
         return Ok(with_id(stream::respond_static(events)));
@@ -279,7 +279,7 @@ impl ChunkFormat for CompletionChunks {
         vec![self.chunk(vec![choice], None)]
     }
 
-    fn usage(&mut self, usage: UsageOut) -> sse::Data {
-        self.chunk(Vec::new(), Some(usage))
+    fn usage(&mut self, usage: UsageOut) -> Option<sse::Data> {
+        Some(self.chunk(Vec::new(), Some(usage)))
     }
 }

@@ -194,7 +194,7 @@ pub async fn create(
             tools: plan.tools.clone(),
             text: String::new(),
             logprobs: Vec::new(),
-            finish: None,
+            done: None,
             saved,
         };
         let held = StreamResources { permit, record };
@@ -772,7 +772,8 @@ struct ResponseEvents {
     tools: Option<ToolPlan>,
     text: String,
     logprobs: Vec<Value>,
-    finish: Option<FinishReason>,
+    /// The answer's items and status, once it has finished.
+    done: Option<Outcome>,
     saved: usize,
 }
 
@@ -856,17 +857,17 @@ impl ChunkFormat for ResponseEvents {
     }
 
     fn finished(&mut self, _index: usize, reason: FinishReason) -> Vec<sse::Data> {
-        self.finish = Some(reason);
         let text = std::mem::take(&mut self.text);
-        let out = outcome(&self.hex, self.tools.as_ref(), text.clone(), reason, Vec::new());
+        let logprobs = std::mem::take(&mut self.logprobs);
+        let out = outcome(&self.hex, self.tools.as_ref(), text.clone(), reason, logprobs.clone());
         let item_status = if out.status == "completed" { "completed" } else { "incomplete" };
+        let items = out.items.clone();
+        self.done = Some(out);
         if self.tools.is_none() {
-            let logprobs = self.logprobs.clone();
-            self.text = text.clone();
             return self.message_closing(0, text, logprobs, item_status);
         }
         let mut events = Vec::new();
-        for (i, item) in out.items.into_iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             if item["type"] == "function_call" {
                 let mut opened = item.clone();
                 opened["status"] = "in_progress".into();
@@ -887,19 +888,12 @@ impl ChunkFormat for ResponseEvents {
                 events.extend(self.message_events(i, text.clone(), item_status));
             }
         }
-        self.text = text;
         events
     }
 
-    fn usage(&mut self, _usage: UsageOut) -> sse::Data {
-        // Usage rides on `response.completed`; `closing` sends it.
-        sse::Data::new("")
-    }
-
     fn closing(&mut self, usage: UsageOut, _include_usage: bool) -> Vec<sse::Data> {
-        let reason = self.finish.unwrap_or(FinishReason::Stop);
-        let logprobs = std::mem::take(&mut self.logprobs);
-        let out = outcome(&self.hex, self.tools.as_ref(), std::mem::take(&mut self.text), reason, logprobs);
+        // The one choice has finished (`finished` made its items).
+        let out = self.done.take().unwrap_or(Outcome { items: Vec::new(), status: "incomplete" });
         let usage = usage.with_saved(self.saved);
         let object = self.object.render(out.status, out.items, Some(usage_json(&usage)), Value::Null);
         let kind = if out.status == "completed" { "response.completed" } else { "response.incomplete" };

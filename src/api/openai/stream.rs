@@ -30,14 +30,16 @@ pub trait ChunkFormat: Send + 'static {
     fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Option<sse::Data>;
     /// The last chunks of choice `index`.
     fn finished(&mut self, index: usize, reason: FinishReason) -> Vec<sse::Data>;
-    /// The usage chunk (`stream_options.include_usage`).
-    fn usage(&mut self, usage: UsageOut) -> sse::Data;
+    /// The usage chunk (`stream_options.include_usage`), for formats that have one.
+    fn usage(&mut self, _usage: UsageOut) -> Option<sse::Data> {
+        None
+    }
     /// The events after every choice has finished: chat and legacy completions send the
     /// usage chunk when asked, then `data: [DONE]`.
     fn closing(&mut self, usage: UsageOut, include_usage: bool) -> Vec<sse::Data> {
         let mut out = Vec::new();
         if include_usage {
-            out.push(self.usage(usage));
+            out.extend(self.usage(usage));
         }
         out.push(sse::Data::new("[DONE]"));
         out
