@@ -2,7 +2,8 @@
 # tunegate's test command (the README's, and CI's through .ci/run).
 #
 # Installs what the suite needs when it is absent, then runs every test in one build profile:
-#   - .venv with the `openai` SDK and `schemathesis` (the Python end-to-end checks),
+#   - .venv with the `openai` SDK, `schemathesis` and the client libraries (the Python
+#     end-to-end checks), and .venv-instructor with instructor (its pins conflict with .venv's),
 #   - the default model in models/ (one slow test serves the real SmolLM2 file),
 #   - redis-server (apt) for the Redis log-store tests,
 #   - Debian's chromium and Node.js (apt) and playwright-core (npm, pinned by
@@ -51,14 +52,21 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
 fi
 export TUNEGATE_REQUIRE_PROMETHEUS=1
 
+# make_venv DIR REQUIREMENTS: a venv with exactly those pins, rebuilt when they change.
+make_venv() {
+    if ! cmp -s "$2" "$1/.tunegate-requirements"; then
+        echo "== preparing $1 ($(tr '\n' ' ' < "$2"))"
+        python3 -m venv "$1"
+        "$1/bin/pip" install --quiet --disable-pip-version-check -r "$2"
+        cp "$2" "$1/.tunegate-requirements"
+    fi
+}
 venv="${TUNEGATE_VENV:-.venv}"
-requirements=tests/python/requirements.txt
-if ! cmp -s "$requirements" "$venv/.tunegate-requirements"; then
-    echo "== preparing $venv ($(tr '\n' ' ' < "$requirements"))"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
-    cp "$requirements" "$venv/.tunegate-requirements"
-fi
+make_venv "$venv" tests/python/requirements.txt
+# instructor pins an older jiter than the main venv's openai SDK allows: a venv of its own.
+instructor_venv="${TUNEGATE_INSTRUCTOR_VENV:-.venv-instructor}"
+make_venv "$instructor_venv" tests/python/requirements-instructor.txt
+export TUNEGATE_INSTRUCTOR_VENV="$(cd "$instructor_venv" && pwd)"
 export TUNEGATE_VENV="$(cd "$venv" && pwd)"
 
 if cargo nextest --version >/dev/null 2>&1; then

@@ -398,10 +398,19 @@ pub fn reference_greedy(w: &TinyWeights, prompt: &[u32], n: usize) -> anyhow::Re
 /// A tiny random Llama GGUF (f32 weights) with the tiny tokenizer and the SmolLM2 chat
 /// template, written to `dir/tiny-llama.gguf`. Loads in milliseconds.
 pub fn write_tiny_llama_gguf(dir: &Path) -> anyhow::Result<PathBuf> {
-    let vocab = tiny_gguf_vocab();
+    write_tiny_llama_gguf_with(dir, "tiny-llama.gguf", None)
+}
+
+/// The same tiny model as [`write_tiny_llama_gguf`] under another file name, with `template`
+/// as its chat template when given.
+pub fn write_tiny_llama_gguf_with(dir: &Path, name: &str, template: Option<&str>) -> anyhow::Result<PathBuf> {
+    let mut vocab = tiny_gguf_vocab();
+    if let Some(t) = template {
+        vocab.chat_template = t.to_string();
+    }
     let spec = TinySpec::llama(vocab.tokens.len());
     let w = TinyWeights::random(&spec, 42);
-    let path = dir.join("tiny-llama.gguf");
+    let path = dir.join(name);
     w.write_gguf(&path, GgmlDType::F32, Some(&vocab))?;
     Ok(path)
 }

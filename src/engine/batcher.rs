@@ -341,7 +341,12 @@ impl Loop<'_> {
             return;
         }
         self.ctx.shared.counters.record_step(plan.len());
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.forward(&plan)));
+        let (result, masks_failed) = self.forward_with_masks(&plan);
+        for i in masks_failed {
+            let s = &mut self.running[i];
+            let _ = s.tx.send(StreamEvent::Error(EngineError::Internal("the grammar panicked".into())));
+            s.finished = true;
+        }
         let logits = match result {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return self.fail(&plan, e),
@@ -349,8 +354,8 @@ impl Loop<'_> {
         };
         for (row, &(i, _)) in plan.iter().enumerate() {
             let s = &mut self.running[i];
-            if s.cache.len() < s.tokens.len() {
-                continue; // prompt not fully fed yet
+            if s.finished || s.cache.len() < s.tokens.len() {
+                continue; // failed above, or prompt not fully fed yet
             }
             let (id, logprob) = match s.constraint.as_mut() {
                 None => s.sampler.sample(&logits[row]),
@@ -374,6 +379,43 @@ impl Loop<'_> {
                 // The grammar is satisfied and allows nothing more: end as if at EOS.
                 s.flush_and_finish(&self.info.tokenizer, id, 0.0, Vec::new());
             }
+        }
+    }
+
+    /// The step's forward pass, with the masks of the constrained sequences that sample this
+    /// step computed beside it on another thread (a mask depends only on the tokens before
+    /// it, so a grammar never stalls the batch). Returns the forward's outcome and the
+    /// sequences whose grammar panicked (their constraint is gone).
+    fn forward_with_masks(&mut self, plan: &[(usize, usize)]) -> (StepOutcome, Vec<usize>) {
+        let sampling = |s: &Sequence, n: usize| s.cache.len() + n == s.tokens.len();
+        let mut constrained: Vec<(usize, Constraint)> = Vec::new();
+        for &(i, n) in plan {
+            if sampling(&self.running[i], n) {
+                if let Some(c) = self.running[i].constraint.take() {
+                    constrained.push((i, c));
+                }
+            }
+        }
+        if constrained.is_empty() {
+            return (std::panic::catch_unwind(AssertUnwindSafe(|| self.forward(plan))), Vec::new());
+        }
+        let indices: Vec<usize> = constrained.iter().map(|(i, _)| *i).collect();
+        let (result, prepared) = std::thread::scope(|scope| {
+            let masks = scope.spawn(move || {
+                constrained.iter_mut().for_each(|(_, c)| c.prepare());
+                constrained
+            });
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.forward(plan)));
+            (result, masks.join())
+        });
+        match prepared {
+            Ok(prepared) => {
+                for (i, c) in prepared {
+                    self.running[i].constraint = Some(c);
+                }
+                (result, Vec::new())
+            }
+            Err(_) => (result, indices),
         }
     }
 
@@ -404,6 +446,9 @@ impl Loop<'_> {
         }
     }
 }
+
+/// A forward pass's logits, its error, or its panic.
+type StepOutcome = std::thread::Result<Result<Vec<Vec<f32>>>>;
 
 /// One request in the running batch.
 struct Sequence {

@@ -13,7 +13,7 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind};
 use serde::Serialize;
 
-use super::{ChatMessage, EngineError, Result};
+use super::{tool_prompt, ChatMessage, EngineError, Result};
 
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -24,6 +24,9 @@ pub struct ChatTemplate {
     source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The template reads Hugging Face's `tools` variable: tool conversations are rendered
+    /// through it ([`tool_prompt::lift`]) rather than in the generic tool prompt.
+    accepts_tools: bool,
 }
 
 impl ChatTemplate {
@@ -44,11 +47,15 @@ impl ChatTemplate {
                     describe(&e)
                 ))
             })?;
+        let accepts_tools = env
+            .get_template(TEMPLATE_NAME)
+            .is_ok_and(|t| t.undeclared_variables(false).contains("tools"));
         Ok(Self {
             env,
             source: source.to_string(),
             bos_token: bos_token.map(str::to_string),
             eos_token: eos_token.map(str::to_string),
+            accepts_tools,
         })
     }
 
@@ -73,9 +80,21 @@ impl ChatTemplate {
     /// Renders `messages` into the prompt text, ending with the assistant's header when
     /// `add_generation_prompt`. A template's `raise_exception("...")` comes back as a Template
     /// error carrying that message.
+    /// A conversation with tools (in [`tool_prompt`]'s generic form) is lifted into the
+    /// template's own `tools` and `tool_calls` when the template takes them.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
-        ctx.insert("messages", Value::from_serialize(messages));
+        match self.accepts_tools.then(|| tool_prompt::lift(messages)).flatten() {
+            Some(lifted) => {
+                ctx.insert("messages", Value::from_serialize(&lifted.messages));
+                if !lifted.tools.is_empty() {
+                    ctx.insert("tools", Value::from_serialize(&lifted.tools));
+                }
+            }
+            None => {
+                ctx.insert("messages", Value::from_serialize(messages));
+            }
+        }
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         // Unset tokens stay undefined, as in transformers, so `{{ bos_token }}` renders nothing.
         if let Some(t) = &self.bos_token {
@@ -94,6 +113,11 @@ impl ChatTemplate {
                 EngineError::Template(format!("cannot render the chat template: {}", describe(&e)))
             }
         })
+    }
+
+    /// Whether tools are rendered by the template itself (its `tools` variable).
+    pub fn accepts_tools(&self) -> bool {
+        self.accepts_tools
     }
 
     /// The template source as the model ships it.
@@ -390,6 +414,45 @@ mod tests {
     /// Expected outputs below come from transformers' own template compiler (jinja2 3.1.6).
     fn render(source: &str) -> Result<String> {
         ChatTemplate::new(source, Some("<s>"), Some("</s>"))?.render(&messages(), true)
+    }
+
+    /// A template in the style of the families that take tools (written for this test): the
+    /// functions in the system turn, calls from `tool_calls`, results in a `tool` turn.
+    const TOOL_TEMPLATE: &str = "{%- if tools %}<sys>{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}\
+        Tools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}</sys>\n\
+        {%- elif messages[0].role == 'system' %}<sys>{{ messages[0].content }}</sys>\n{% endif %}\
+        {%- for m in messages %}{% if m.role != 'system' %}<{{ m.role }}>{{ m.content }}\
+        {%- for c in m.tool_calls or [] %}[call {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}\
+        </{{ m.role }}>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+
+    #[test]
+    fn tools_go_through_a_template_that_takes_them() -> Result<()> {
+        use crate::engine::tool_prompt;
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "lamp", "parameters": {"type": "object"}}}]);
+        let calls = serde_json::json!([{"id": "c", "type": "function", "function": {"name": "lamp", "arguments": "{\"on\":true}"}}]);
+        let mut messages = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Light"),
+            tool_prompt::turn("assistant", String::new(), calls.as_array().map(Vec::as_slice)),
+            tool_prompt::turn("tool", "ok".into(), None),
+        ];
+        tool_prompt::attach(&mut messages, &tool_prompt::system_block(&tool_prompt::callable(Some(&tools), None)));
+        let native = ChatTemplate::new(TOOL_TEMPLATE, None, None)?;
+        assert!(native.accepts_tools());
+        assert_eq!(
+            native.render(&messages, true)?,
+            // (`trim_blocks` eats the newline after each block tag, as in transformers.)
+            "<sys>Be brief.\nTools:{\"type\": \"function\", \"function\": {\"name\": \"lamp\", \"parameters\": {\"type\": \"object\"}}}</sys>\
+             <user>Light</user>\n<assistant>[call lamp {\"on\": true}]</assistant>\n<tool>ok</tool>\n<assistant>"
+        );
+        // Without tools the same template renders plain turns.
+        assert_eq!(native.render(&[ChatMessage::new("user", "hi")], true)?, "<user>hi</user>\n<assistant>");
+        // A template without a `tools` variable reads the generic tool prompt as text.
+        let generic = ChatTemplate::new(SMOLLM2_CHAT_TEMPLATE, None, None)?;
+        assert!(!generic.accepts_tools());
+        let text = generic.render(&messages, true)?;
+        assert!(text.contains("# Tools") && text.contains("<tool_call>\n{\"name\":\"lamp\"") && text.contains("<tool_response>\nok"), "{text}");
+        Ok(())
     }
 
     #[test]

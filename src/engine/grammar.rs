@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{SimpleVob, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use sha2::{Digest, Sha256};
 
@@ -35,7 +35,16 @@ pub enum GrammarSpec {
     /// call after `<tool_call>` under `tool_choice: "auto"`), then the end. The trigger
     /// may fall anywhere inside a token; what the token carries after it is fed to the
     /// grammar.
-    Lazy { trigger: String, schema: serde_json::Value },
+    Lazy { trigger: String, schema: serde_json::Value, repeat: Option<Repeat> },
+}
+
+/// After a lazy grammar's JSON: the text that closes it, and the text between one JSON value
+/// and the next when several may follow (parallel tool calls: `\n</tool_call>` ends a call,
+/// `\n</tool_call>\n<tool_call>\n` separates two); the output ends after a closing text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repeat {
+    pub close: String,
+    pub separator: String,
 }
 
 impl GrammarSpec {
@@ -43,7 +52,10 @@ impl GrammarSpec {
         let text = match self {
             GrammarSpec::JsonObject => "json_object".to_string(),
             GrammarSpec::JsonSchema(s) => format!("json_schema:{s}"),
-            GrammarSpec::Lazy { trigger, schema } => format!("lazy:{}:{trigger}:{schema}", trigger.len()),
+            GrammarSpec::Lazy { trigger, schema, repeat } => match repeat {
+                None => format!("lazy:{}:{trigger}:{schema}", trigger.len()),
+                Some(r) => format!("lazy-repeat:{}:{trigger}:{}:{}:{}:{}:{schema}", trigger.len(), r.close.len(), r.close, r.separator.len(), r.separator),
+            },
         };
         Sha256::digest(text.as_bytes()).into()
     }
@@ -65,7 +77,18 @@ impl GrammarSpec {
                 serde_json::json!({ "whitespace_flexible": false, "item_separator": ",", "key_separator": ":" }),
             );
         }
-        TopLevelGrammar::from_json_schema(schema)
+        match self {
+            // value (separator value)* close, in llguidance's Lark dialect.
+            GrammarSpec::Lazy { repeat: Some(r), .. } => {
+                let quote = |t: &str| serde_json::Value::String(t.to_string()).to_string();
+                TopLevelGrammar::from_lark(format!(
+                    "start: value ({} value)* {}\nvalue: %json {schema}\n",
+                    quote(&r.separator),
+                    quote(&r.close)
+                ))
+            }
+            _ => TopLevelGrammar::from_json_schema(schema),
+        }
     }
 }
 
@@ -133,6 +156,8 @@ pub struct Grammars {
     factory: ParserFactory,
     /// The vocabulary (token bytes, tokenizer), for lazy constraints.
     env: llguidance::toktrie::TokEnv,
+    /// The tokens that are only whitespace (allowed between a lazy trigger and its call).
+    whitespace: Arc<SimpleVob>,
     /// Fresh (nothing consumed) matchers by spec hash, with a use counter for eviction.
     cache: Mutex<HashMap<[u8; 32], (u64, Matcher)>>,
     uses: std::sync::atomic::AtomicU64,
@@ -157,7 +182,14 @@ impl Grammars {
         let env: llguidance::toktrie::TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| EngineError::Internal(format!("grammar engine: {e}")))?;
         factory.quiet();
-        Ok(Self { factory, env, cache: Mutex::new(HashMap::new()), uses: Default::default(), vocab_size })
+        let mut whitespace = SimpleVob::alloc(vocab_size);
+        for id in 0..vocab_size as u32 {
+            if is_whitespace(env.tok_trie().token(id)) {
+                whitespace.allow_token(id);
+            }
+        }
+        let whitespace = Arc::new(whitespace);
+        Ok(Self { factory, env, whitespace, cache: Mutex::new(HashMap::new()), uses: Default::default(), vocab_size })
     }
 
     /// A fresh constraint for one sequence. Compiling a schema takes from microseconds to
@@ -175,13 +207,14 @@ impl Grammars {
                     given_up: false,
                     started: false,
                     env: self.env.clone(),
+                    whitespace: self.whitespace.clone(),
                 })
             }
             _ => None,
         };
         if let Some((used, m)) = self.lock().get_mut(&key) {
             *used = n;
-            return Ok(Constraint { matcher: m.deep_clone(), vocab_size: self.vocab_size, lazy });
+            return Ok(Constraint { matcher: m.deep_clone(), vocab_size: self.vocab_size, lazy, prepared: None });
         }
         let parser = self.factory.create_parser(spec.grammar()).map_err(|e| invalid_schema(&e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
@@ -195,7 +228,7 @@ impl Grammars {
             }
         }
         cache.insert(key, (n, matcher.deep_clone()));
-        Ok(Constraint { matcher, vocab_size: self.vocab_size, lazy })
+        Ok(Constraint { matcher, vocab_size: self.vocab_size, lazy, prepared: None })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (u64, Matcher)>> {
@@ -215,6 +248,9 @@ pub struct Constraint {
     vocab_size: usize,
     /// For a lazy grammar: whether it has engaged yet.
     lazy: Option<Lazy>,
+    /// The next step's allowed tokens, computed ahead by [`Constraint::prepare`] (`None`
+    /// inside: no restriction, a lazy grammar not engaged yet).
+    prepared: Option<Result<Option<SimpleVob>>>,
 }
 
 /// A lazy grammar's state before and after its trigger.
@@ -230,6 +266,7 @@ struct Lazy {
     /// tool prompt writes `<tool_call>\n{…}`) is over.
     started: bool,
     env: llguidance::toktrie::TokEnv,
+    whitespace: Arc<SimpleVob>,
 }
 
 impl Lazy {
@@ -246,7 +283,7 @@ impl std::fmt::Debug for Constraint {
 
 impl Clone for Constraint {
     fn clone(&self) -> Self {
-        Self { matcher: self.matcher.deep_clone(), vocab_size: self.vocab_size, lazy: self.lazy.clone() }
+        Self { matcher: self.matcher.deep_clone(), vocab_size: self.vocab_size, lazy: self.lazy.clone(), prepared: None }
     }
 }
 
@@ -254,20 +291,38 @@ impl Constraint {
     /// Sets every token the grammar does not allow next to -inf in `logits` (nothing, for a
     /// lazy grammar not yet engaged). An error (the grammar cannot go on) ends the sequence.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        if self.lazy.as_ref().is_some_and(|l| !l.engaged()) {
-            return Ok(());
-        }
-        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| EngineError::Internal(format!("grammar: {e}")))?;
-        // Right after a lazy grammar's trigger, whitespace may still come before the call.
-        let lead = self.lazy.as_ref().filter(|l| !l.started).map(|l| l.env.clone());
-        let n = logits.len().min(self.vocab_size);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let whitespace = || lead.as_ref().is_some_and(|env| is_whitespace(env.tok_trie().token(id as u32)));
-            if id >= n || !(allowed.is_allowed(id as u32) || whitespace()) {
-                *l = f32::NEG_INFINITY;
+        let allowed = match self.prepared.take() {
+            Some(prepared) => prepared?,
+            None => self.allowed()?,
+        };
+        let Some(allowed) = allowed else { return Ok(()) };
+        let n = logits.len().min(self.vocab_size).min(allowed.len());
+        allowed.iter_unset_entries(|id| {
+            if id < n {
+                logits[id] = f32::NEG_INFINITY;
             }
-        }
+        });
+        logits[n..].fill(f32::NEG_INFINITY);
         Ok(())
+    }
+
+    /// Computes the next step's mask ahead of [`Constraint::mask`]: it depends only on the
+    /// tokens committed so far, so the batcher runs this beside the step's forward pass.
+    pub fn prepare(&mut self) {
+        self.prepared = Some(self.allowed());
+    }
+
+    /// The tokens the grammar allows next; `None` for a lazy grammar not engaged yet.
+    fn allowed(&mut self) -> Result<Option<SimpleVob>> {
+        if self.lazy.as_ref().is_some_and(|l| !l.engaged()) {
+            return Ok(None);
+        }
+        let mut allowed = self.matcher.compute_mask_or_eos().map_err(|e| EngineError::Internal(format!("grammar: {e}")))?;
+        // Right after a lazy grammar's trigger, whitespace may still come before the call.
+        if let Some(lazy) = self.lazy.as_ref().filter(|l| !l.started) {
+            allowed.or(&lazy.whitespace);
+        }
+        Ok(Some(allowed))
     }
 
     /// The output is complete: nothing may follow but the end.
@@ -278,9 +333,10 @@ impl Constraint {
     /// Advances the grammar past a sampled token. A lazy grammar watches for its trigger
     /// and, once it appears, takes what follows it in the output (leading whitespace aside).
     pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.prepared = None;
         let grammar_err = |e: String| EngineError::Internal(format!("grammar: {e}"));
         if let Some(lazy) = self.lazy.as_mut().filter(|l| l.engaged()) {
-            if !lazy.started && is_whitespace(lazy.env.tok_trie().token(token)) {
+            if !lazy.started && lazy.whitespace.is_allowed(token) {
                 return Ok(());
             }
             lazy.started = true;

@@ -358,7 +358,7 @@ fn a_lazy_grammar_engages_at_its_trigger() -> R {
     let info = engine.info()?;
     let grammars = info.grammars()?;
     let schema = serde_json::json!({"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"]});
-    let spec = GrammarSpec::Lazy { trigger: "<tool_call>".into(), schema };
+    let spec = GrammarSpec::Lazy { trigger: "<tool_call>".into(), schema: schema.clone(), repeat: None };
     let vocab = info.shape.vocab_size;
     let allowed = |c: &mut super::grammar::Constraint| -> anyhow::Result<usize> {
         let mut logits = vec![0f32; vocab];
@@ -391,5 +391,18 @@ fn a_lazy_grammar_engages_at_its_trigger() -> R {
     feed(&mut c, "see <tool_cal")?;
     assert_eq!(allowed(&mut c)?, vocab);
     assert!(!c.is_complete());
+    // Parallel calls: after a call only its closing tag, then the end or another call.
+    let repeat = super::grammar::Repeat { close: "\n</tool_call>".into(), separator: "\n</tool_call>\n<tool_call>\n".into() };
+    let spec = GrammarSpec::Lazy { trigger: "<tool_call>".into(), schema, repeat: Some(repeat) };
+    let mut c = grammars.compile(&spec)?;
+    feed(&mut c, "<tool_call>\n{\"on\":true}")?;
+    assert!(!c.is_complete(), "more may follow a call");
+    assert!(allowed(&mut c)? < 4, "only the closing tag may follow a call");
+    feed(&mut c, "\n</tool_call>\n<tool_call>\n{\"on\":false}\n</tool_call>")?;
+    let eos = info.tokenizer.eos_token_ids();
+    let mut logits = vec![0f32; vocab];
+    c.mask(&mut logits)?;
+    assert!(eos.iter().any(|&t| logits[t as usize].is_finite()), "the end may follow a closed call");
+    assert!(allowed(&mut c)? < 8, "only the end or another call");
     Ok(())
 }

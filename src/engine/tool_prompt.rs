@@ -4,6 +4,12 @@
 //! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`; a result inside
 //! `<tool_response>` tags.
 //!
+//! This generic form is the canonical conversation everywhere (logs, router, training). A
+//! model whose chat template takes tools itself (Hugging Face's `tools` variable and
+//! assistant `tool_calls`, as Qwen's and Hermes' templates do) gets the conversation
+//! [`lift`]ed back into that structure when it is rendered, so it reads tools in the format it
+//! was trained on; its calls are parsed in the `<tool_call>` convention those families write.
+//!
 //! Serving (the API) and training (datasets from logs and files) write prompts through these
 //! functions alone, so a system prompt with its tools is the same text, and has the same
 //! hash, on both sides: an adapter that distilled a task's system prompt *and* tool list is
@@ -50,9 +56,11 @@ pub fn callable(tools: Option<&Value>, tool_choice: Option<&Value>) -> Vec<Funct
     tools.and_then(Value::as_array).into_iter().flatten().filter_map(Function::from_openai).collect()
 }
 
+const BLOCK_HEAD: &str = "# Tools\n\nYou may call these functions:\n<tools>\n";
+
 /// The block appended to the system prompt: the functions, and how to call one.
 pub fn system_block(functions: &[Function]) -> String {
-    let mut out = String::from("# Tools\n\nYou may call these functions:\n<tools>\n");
+    let mut out = String::from(BLOCK_HEAD);
     for f in functions {
         let mut function = json!({"name": f.name, "parameters": f.parameters});
         if let Some(d) = &f.description {
@@ -111,6 +119,99 @@ pub fn turn(role: &str, content: String, tool_calls: Option<&[Value]>) -> ChatMe
     ChatMessage::new(role, content)
 }
 
+/// A conversation in the structure chat templates with tool support take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lifted {
+    /// Messages as template input: `role`, `content`, and `tool_calls` (`{"type": "function",
+    /// "function": {"name", "arguments": {…}}}`, arguments as an object) on assistant turns.
+    pub messages: Vec<Value>,
+    /// The functions in OpenAI's tool form (`{"type": "function", "function": {…}}`).
+    pub tools: Vec<Value>,
+}
+
+/// The inverse of [`attach`] and [`turn`]: the tool block taken out of the system prompt
+/// (a system prompt that was only the block goes), calls out of assistant turns, results out
+/// of their tags. Each part is lifted only when writing it back gives exactly the original
+/// text, so a prompt that merely looks like one stays text. `None` when there is nothing to
+/// lift.
+pub fn lift(messages: &[ChatMessage]) -> Option<Lifted> {
+    let mut tools = Vec::new();
+    let mut lifted_any = false;
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let plain = |content: &str| json!({"role": m.role, "content": content});
+        match m.role.as_str() {
+            "system" if i == 0 => match lift_block(&m.content) {
+                Some((rest, functions)) => {
+                    lifted_any = true;
+                    tools = functions;
+                    if !rest.is_empty() {
+                        out.push(plain(rest));
+                    }
+                }
+                None => out.push(plain(&m.content)),
+            },
+            "assistant" => match lift_calls(&m.content) {
+                Some((text, calls)) => {
+                    lifted_any = true;
+                    let mut v = plain(text);
+                    v["tool_calls"] = Value::Array(calls);
+                    out.push(v);
+                }
+                None => out.push(plain(&m.content)),
+            },
+            "tool" => match m.content.strip_prefix("<tool_response>\n").and_then(|r| r.strip_suffix("\n</tool_response>")) {
+                Some(result) => {
+                    lifted_any = true;
+                    out.push(plain(result));
+                }
+                None => out.push(plain(&m.content)),
+            },
+            _ => out.push(plain(&m.content)),
+        }
+    }
+    lifted_any.then_some(Lifted { messages: out, tools })
+}
+
+/// A system prompt's text before its tool block, and the block's functions.
+fn lift_block(content: &str) -> Option<(&str, Vec<Value>)> {
+    let at = if content.starts_with(BLOCK_HEAD) { 0 } else { content.rfind(&format!("\n\n{BLOCK_HEAD}"))? + 2 };
+    let block = &content[at..];
+    let lines = block[BLOCK_HEAD.len()..].split_once("</tools>\n")?.0;
+    let tools: Vec<Value> = lines.lines().map(serde_json::from_str).collect::<Result<_, _>>().ok()?;
+    let functions: Vec<Function> = tools.iter().filter_map(Function::from_openai).collect();
+    if functions.len() != tools.len() || system_block(&functions) != block {
+        return None;
+    }
+    let text = if at == 0 { "" } else { &content[..at - 2] };
+    Some((text, tools))
+}
+
+/// An assistant turn's text before its calls, and the calls (arguments as objects).
+fn lift_calls(content: &str) -> Option<(&str, Vec<Value>)> {
+    let at = if content.starts_with("<tool_call>\n") { 0 } else { content.find("\n<tool_call>\n")? + 1 };
+    let mut rest = &content[at..];
+    let mut calls = Vec::new();
+    while let Some(body) = rest.strip_prefix("<tool_call>\n") {
+        let (call, after) = body.split_once("\n</tool_call>")?;
+        let call: Value = serde_json::from_str(call).ok()?;
+        let name = call.get("name")?.as_str()?;
+        let arguments = call.get("arguments").filter(|a| a.is_object())?;
+        calls.push(json!({"type": "function", "function": {"name": name, "arguments": arguments}}));
+        rest = after.strip_prefix('\n').unwrap_or(after);
+    }
+    // Only an exact round trip: the calls are the whole tail, written as `render_calls` writes.
+    let openai: Vec<Value> = calls
+        .iter()
+        .map(|c| json!({"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"].to_string()}}))
+        .collect();
+    if !rest.is_empty() || calls.is_empty() || render_calls(&openai) != content[at..] {
+        return None;
+    }
+    let text = if at == 0 { "" } else { &content[..at - 1] };
+    Some((text, calls))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +241,42 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(inner).ok(), Some(json!({"name": "lamp", "arguments": {"on": true}})));
         assert_eq!(turn("tool", "ok".into(), None).content, "<tool_response>\nok\n</tool_response>");
         assert_eq!(turn("developer", "x".into(), None).role, "system");
+    }
+
+    #[test]
+    fn lift_inverts_the_generic_form_exactly() -> Result<(), &'static str> {
+        let tools = json!([{"type": "function", "function": {"name": "lamp", "description": "Switch it",
+            "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}}}}]);
+        let functions = callable(Some(&tools), None);
+        let call = json!([{"id": "c1", "type": "function", "function": {"name": "lamp", "arguments": "{\"on\":true}"}},
+            {"id": "c2", "type": "function", "function": {"name": "lamp", "arguments": "{\"on\":false}"}}]);
+        let mut messages = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Light on"),
+            turn("assistant", "Sure.".into(), call.as_array().map(Vec::as_slice)),
+            turn("tool", "done".into(), None),
+        ];
+        attach(&mut messages, &system_block(&functions));
+        let lifted = lift(&messages).ok_or("not lifted")?;
+        assert_eq!(lifted.tools, tools.as_array().cloned().unwrap_or_default());
+        assert_eq!(lifted.messages[0], json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(lifted.messages[2]["content"], "Sure.");
+        assert_eq!(lifted.messages[2]["tool_calls"][1]["function"], json!({"name": "lamp", "arguments": {"on": false}}));
+        assert_eq!(lifted.messages[3], json!({"role": "tool", "content": "done"}));
+        // A system prompt that was only the block goes; a call alone leaves empty text.
+        let mut only = vec![ChatMessage::new("user", "hi"), turn("assistant", String::new(), call.as_array().map(Vec::as_slice))];
+        attach(&mut only, &system_block(&functions));
+        let lifted = lift(&only).ok_or("not lifted")?;
+        assert_eq!(lifted.messages[0], json!({"role": "user", "content": "hi"}));
+        assert_eq!(lifted.messages[1]["content"], "");
+        // Look-alikes that do not round-trip stay text; nothing to lift is `None`.
+        let near = vec![
+            ChatMessage::new("system", format!("{}extra", system_block(&functions))),
+            ChatMessage::new("assistant", "<tool_call>\n{\"name\": \"lamp\", \"arguments\": {}}\n</tool_call>"),
+            ChatMessage::new("tool", "<tool_response>x</tool_response>"),
+        ];
+        assert_eq!(lift(&near), None);
+        assert_eq!(lift(&[ChatMessage::new("user", "hi")]), None);
+        Ok(())
     }
 }

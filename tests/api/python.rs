@@ -1,6 +1,7 @@
 //! The Python end-to-end checks, run against a live gateway so that they report through the
 //! same `cargo test` summary: the official `openai` SDK (`tests/python/test_openai_sdk.py`),
-//! LangChain's OpenAI integration (`tests/python/test_langchain.py`)
+//! LangChain's OpenAI integration (`tests/python/test_langchain.py`), the structured-output
+//! libraries (`test_structured_libs.py`, and instructor from a venv of its own)
 //! and a bounded schemathesis run against OpenAI's own schema. All need the venv that
 //! `scripts/test.sh` creates (`.venv`, or `TUNEGATE_VENV`).
 
@@ -16,12 +17,18 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn venv_bin(tool: &str) -> anyhow::Result<PathBuf> {
-    let venv = std::env::var_os("TUNEGATE_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv"));
+    venv_bin_in("TUNEGATE_VENV", ".venv", tool)
+}
+
+/// `tool` in the venv that `var` names (else `default` in the repository), which
+/// `scripts/test.sh` creates.
+fn venv_bin_in(var: &str, default: &str, tool: &str) -> anyhow::Result<PathBuf> {
+    let venv = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| repo().join(default));
     let bin = venv.join("bin").join(tool);
     anyhow::ensure!(
         bin.exists(),
-        "{} is missing: run `scripts/test.sh` once (it creates the venv with openai and schemathesis), \
-         or set TUNEGATE_VENV to a venv that has them",
+        "{} is missing: run `scripts/test.sh` once (it creates the venvs the Python checks need), \
+         or set {var} to a venv that has them",
         bin.display()
     );
     Ok(bin)
@@ -37,7 +44,11 @@ pub fn report(what: &str, out: &Output) -> anyhow::Result<()> {
 /// Runs `tests/python/<script>` with the venv's Python against `gw` (client key, the test
 /// model) and reports its output as `what`.
 pub async fn run_script(gw: &common::Gateway, script: &str, what: &str) -> anyhow::Result<()> {
-    let out = tokio::process::Command::new(venv_bin("python")?)
+    run_script_with(venv_bin("python")?, gw, script, what).await
+}
+
+async fn run_script_with(python: PathBuf, gw: &common::Gateway, script: &str, what: &str) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(python)
         .arg(repo().join("tests/python").join(script))
         .env("TUNEGATE_BASE_URL", gw.url("/v1"))
         .env("TUNEGATE_MODEL", MODEL)
@@ -66,6 +77,18 @@ async fn langchain_openai() -> anyhow::Result<()> {
 async fn structured_outputs_through_langchain_and_pydantic_ai() -> anyhow::Result<()> {
     let gw = common::start_with(|c, _| common::with_keys(c)).await?;
     run_script(&gw, "test_structured_libs.py", "the structured-output library checks").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_through_instructor() -> anyhow::Result<()> {
+    // instructor's function descriptions and schemas fill the test model's 512 positions.
+    let gw = common::start_with(|c, _| {
+        common::with_keys(c);
+        c.model.context_length = 2048;
+    })
+    .await?;
+    let python = venv_bin_in("TUNEGATE_INSTRUCTOR_VENV", ".venv-instructor", "python")?;
+    run_script_with(python, &gw, "test_instructor.py", "the instructor checks").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

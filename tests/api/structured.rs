@@ -151,6 +151,47 @@ fn check_call(call: &Value, name: &str) -> anyhow::Result<Value> {
     serde_json::from_str(args).map_err(|e| anyhow::anyhow!("{e}: {args:?}"))
 }
 
+/// A chat template that takes tools itself (Hugging Face's `tools` variable, assistant
+/// `tool_calls`, `tool` turns), in the style of the Hermes/Qwen families; written for this test.
+const TOOL_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}\
+Functions:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n\
+{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{% endif %}\
+{%- for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}\
+{%- for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}\
+<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_takes_tools_renders_them_itself() -> anyhow::Result<()> {
+    let generic = common::start_with(|c, _| c.model.context_length = 1024).await?;
+    let native = common::start_with(|c, dir| {
+        c.model.context_length = 1024;
+        c.model.path = tunegate::testing::write_tiny_llama_gguf_with(dir, "tools.gguf", Some(TOOL_TEMPLATE)).unwrap_or_default();
+    })
+    .await?;
+    let history = json!([
+        {"role": "system", "content": "Answer with a call."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\",\"unit\":\"c\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 degrees"},
+        {"role": "user", "content": "And in Rome?"}
+    ]);
+    let body = json!({"model": MODEL, "messages": history, "max_tokens": 150, "temperature": 0,
+        "tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let mut prompt_tokens = Vec::new();
+    for gw in [&generic, &native] {
+        let (status, out) = gw.post("/v1/chat/completions", body.clone()).await?;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["choices"][0]["finish_reason"], "tool_calls", "{out}");
+        check_call(&out["choices"][0]["message"]["tool_calls"][0], "get_weather")?;
+        prompt_tokens.push(out["usage"]["prompt_tokens"].as_u64().unwrap_or_default());
+    }
+    // The template's own tool syntax is shorter than the generic tool prompt's instructions:
+    // the native gateway's prompt is the template's rendering, not the generic one.
+    assert!(prompt_tokens[1] + 40 < prompt_tokens[0], "{prompt_tokens:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_tool_calls_follow_the_functions_schema_streamed_or_not() -> anyhow::Result<()> {
     // The tiny model's byte-level vocabulary spends a token per character or two: room for
@@ -173,9 +214,16 @@ async fn forced_tool_calls_follow_the_functions_schema_streamed_or_not() -> anyh
     let events = gw.sse("/v1/chat/completions", streamed).await?;
     let last = events.iter().rev().find(|e| !e["choices"][0]["finish_reason"].is_null()).cloned().unwrap_or_default();
     assert_eq!(last["choices"][0]["finish_reason"], "tool_calls", "{events:?}");
-    let call = &last["choices"][0]["delta"]["tool_calls"][0];
-    assert_eq!(call["index"], 0);
-    assert_eq!(check_call(call, "get_weather")?, args, "streamed and whole differ");
+    // As OpenAI streams a call: announced once (id, type, name), then its arguments in pieces.
+    let deltas: Vec<&Value> = events.iter().filter_map(|e| e["choices"][0]["delta"]["tool_calls"].get(0)).collect();
+    assert!(deltas.len() > 3, "{deltas:?}");
+    assert!(deltas.iter().all(|d| d["index"] == 0), "{deltas:?}");
+    assert_eq!((&deltas[0]["function"]["name"], &deltas[0]["function"]["arguments"]), (&json!("get_weather"), &json!("")));
+    assert!(deltas[1..].iter().all(|d| d.get("id").is_none() && d["function"].get("name").is_none()), "{deltas:?}");
+    let arguments: String = deltas.iter().filter_map(|d| d["function"]["arguments"].as_str()).collect();
+    let mut whole = deltas[0].clone();
+    whole["function"]["arguments"] = json!(arguments);
+    assert_eq!(check_call(&whole, "get_weather")?, args, "streamed and whole differ");
     // The log keeps what the call was made with (durable logging: committed before the answer).
     let (status, logged) = gw.get(&format!("/admin/logs/{}", out["id"].as_str().unwrap_or_default())).await?;
     assert_eq!(status, 200, "{logged}");

@@ -12,10 +12,10 @@ use super::generation::{
     total_usage, LogDraft, Meta, RequestRecord, SharedParams,
 };
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
-use super::tools::ToolPlan;
+use super::tools::{Choice, ToolPlan};
 use super::types::{
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs, ChunkChoice, Delta,
-    ResponseMessage, ToolCallDelta, UsageOut,
+    FunctionCall, ResponseMessage, ToolCall, ToolCallDelta, UsageOut,
 };
 use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
@@ -50,6 +50,7 @@ pub async fn create(
             include_usage: plan.common.include_usage,
             saved,
             held: vec![String::new(); streams.len()],
+            forced: (0..streams.len()).map(|_| ForcedCall::default()).collect(),
             tools: plan.tools.clone(),
         };
         let held = StreamResources { permit, record };
@@ -242,7 +243,7 @@ pub(super) fn answer_with_ids(
 
 /// [`answer_with_ids`] with fresh random `call_…` ids.
 fn answer(tools: Option<&ToolPlan>, text: String, reason: FinishReason) -> (ResponseMessage, &'static str) {
-    answer_with_ids(tools, text, reason, &mut || format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]))
+    answer_with_ids(tools, text, reason, &mut call_id)
 }
 
 struct ChatChunks {
@@ -252,10 +253,63 @@ struct ChatChunks {
     logprobs: bool,
     include_usage: bool,
     saved: usize,
-    /// With callable tools each choice's text is held until it ends (a call is only known
-    /// whole), then sent as its calls or its text.
+    /// With callable tools each choice's text is held until it ends (under `auto` a call is
+    /// only known whole), then sent as its calls or its text; a forced call streams as it
+    /// is written ([`ForcedCall`]).
     tools: Option<ToolPlan>,
     held: Vec<String>,
+    forced: Vec<ForcedCall>,
+}
+
+/// A forced call (`tool_choice` `required` or a named function) streamed as the grammar
+/// writes it, `{"name":"f","arguments":{…}}`: once the name is complete the call is
+/// announced (id, type, name), then the arguments follow as written, the call object's
+/// closing `}` held back until more text shows it was not the last byte.
+#[derive(Debug, Default)]
+struct ForcedCall {
+    /// Byte offset in the held text where the arguments start, once announced.
+    arguments_at: Option<usize>,
+    /// Bytes of the arguments already sent.
+    sent: usize,
+}
+
+impl ForcedCall {
+    /// The delta the choice's text `held` allows now, if any.
+    fn advance(&mut self, held: &str, id: &mut impl FnMut() -> String) -> Option<ToolCallDelta> {
+        let Some(at) = self.arguments_at else {
+            let rest = held.strip_prefix("{\"name\":")?;
+            let mut names = serde_json::Deserializer::from_str(rest).into_iter::<String>();
+            let name = names.next()?.ok()?;
+            let after = &rest[names.byte_offset()..];
+            after.strip_prefix(",\"arguments\":")?;
+            let at = held.len() - after.len() + ",\"arguments\":".len();
+            self.arguments_at = Some(at);
+            self.sent = 0;
+            let first = ToolCallDelta::whole(0, ToolCall { id: id(), kind: "function", function: FunctionCall { name, arguments: String::new() } });
+            return Some(first);
+        };
+        // All but the last character: it may be the call object's closing brace.
+        let end = held.char_indices().next_back().map_or(held.len(), |(i, _)| i).max(at);
+        self.more(held, at, end)
+    }
+
+    /// What is left of the arguments when the answer ends (the call's closing `}` dropped).
+    fn finish(&mut self, held: &str) -> Option<ToolCallDelta> {
+        let at = self.arguments_at?;
+        let end = if held.ends_with('}') { held.len() - 1 } else { held.len() }.max(at);
+        self.more(held, at, end)
+    }
+
+    fn more(&mut self, held: &str, at: usize, end: usize) -> Option<ToolCallDelta> {
+        let part = held.get(at + self.sent..end).filter(|p| !p.is_empty())?;
+        self.sent += part.len();
+        Some(ToolCallDelta::arguments(0, part.to_string()))
+    }
+}
+
+/// A fresh `call_…` id.
+fn call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
 }
 
 impl ChatChunks {
@@ -283,11 +337,15 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn token(&mut self, index: usize, text: String, token_id: u32, logprob: f32, top: &[(u32, f32)]) -> Option<sse::Data> {
-        if self.tools.is_some() {
-            if let Some(h) = self.held.get_mut(index) {
-                h.push_str(&text);
+        if let Some(tools) = &self.tools {
+            let h = self.held.get_mut(index)?;
+            h.push_str(&text);
+            if tools.choice == Choice::Auto {
+                return None;
             }
-            return None;
+            let call = self.forced.get_mut(index)?.advance(h, &mut call_id)?;
+            let delta = Delta { role: None, content: None, tool_calls: Some(vec![call]) };
+            return Some(self.chunk(vec![ChunkChoice { index, delta, logprobs: None, finish_reason: None }], None));
         }
         if text.is_empty() && !self.logprobs {
             return None;
@@ -301,11 +359,20 @@ impl ChunkFormat for ChatChunks {
     }
 
     fn finished(&mut self, index: usize, reason: FinishReason) -> Vec<sse::Data> {
+        let announced = self.forced.get(index).is_some_and(|f| f.arguments_at.is_some());
+        if let (true, Some(text)) = (announced, self.held.get(index)) {
+            // A streamed forced call: its last arguments, and the finish (`length` when cut short).
+            let rest = self.forced.get_mut(index).and_then(|f| f.finish(text));
+            let finish = if reason == FinishReason::Stop { "tool_calls" } else { finish_reason(reason) };
+            let delta = Delta { role: None, content: None, tool_calls: rest.map(|r| vec![r]) };
+            let choice = ChunkChoice { index, delta, logprobs: None, finish_reason: Some(finish) };
+            return vec![self.chunk(vec![choice], None)];
+        }
         let delta = match self.held.get_mut(index) {
             Some(text) if self.tools.is_some() => {
                 let (message, finish) = answer(self.tools.as_ref(), std::mem::take(text), reason);
                 let calls = message.tool_calls.map(|c| {
-                    c.into_iter().enumerate().map(|(index, call)| ToolCallDelta { index, call }).collect()
+                    c.into_iter().enumerate().map(|(index, call)| ToolCallDelta::whole(index, call)).collect()
                 });
                 let choice = ChunkChoice {
                     index,

@@ -69,7 +69,10 @@ pub fn chat(req: &ChatCompletionRequest, limits: &LimitsConfig) -> ApiResult<Cha
     }
     let mut messages = req.messages.iter().enumerate().map(|(i, m)| message(i, m)).collect::<ApiResult<Vec<_>>>()?;
     check_metadata(req.metadata.as_ref())?;
-    let tools = super::tools::plan(req.tools.as_deref(), req.tool_choice.as_ref())?;
+    let mut tools = super::tools::plan(req.tools.as_deref(), req.tool_choice.as_ref())?;
+    if let Some(t) = tools.as_mut() {
+        t.parallel = req.parallel_tool_calls.unwrap_or(true);
+    }
     // Functions the model is told not to call change nothing, so only callable ones are refused.
     let none = |choice: &Option<serde_json::Value>| choice.as_ref().is_some_and(|c| c == "none");
     if req.functions.as_ref().is_some_and(|f| !f.is_empty()) && !none(&req.function_call) {

@@ -155,6 +155,7 @@ pub async fn create(
         logit_bias: None,
         tools: req.tools.as_deref().map(chat_tools).transpose()?,
         tool_choice: req.tool_choice.as_ref().map(chat_tool_choice).transpose()?,
+        parallel_tool_calls: req.parallel_tool_calls,
         functions: None,
         function_call: None,
         response_format: req.text.as_ref().and_then(|t| t.format.as_ref()).map(response_format).transpose()?,

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::types::{FunctionCall, ToolCall};
 use crate::api::error::{ApiError, ApiResult};
-use crate::engine::grammar::GrammarSpec;
+use crate::engine::grammar::{GrammarSpec, Repeat};
 
 pub use crate::engine::tool_prompt::Function;
 
@@ -36,6 +36,8 @@ pub enum Choice {
 pub struct ToolPlan {
     pub functions: Vec<Function>,
     pub choice: Choice,
+    /// `parallel_tool_calls` (default true): under `auto`, the answer may hold several calls.
+    pub parallel: bool,
 }
 
 /// `tools` + `tool_choice` → the plan, or `None` when nothing may be called (no tools, or
@@ -85,7 +87,7 @@ pub fn plan(tools: Option<&[Value]>, choice: Option<&Value>) -> ApiResult<Option
             return Err(ApiError::invalid_value("tool_choice", format!("no tool is named '{n}'")));
         }
     }
-    Ok(Some(ToolPlan { functions, choice }))
+    Ok(Some(ToolPlan { functions, choice, parallel: true }))
 }
 
 impl ToolPlan {
@@ -107,9 +109,15 @@ impl ToolPlan {
         };
         match &self.choice {
             // Free until the model opens a call; the call then follows a listed function.
+            // With parallel calls, the grammar also writes `</tool_call>` after each call and
+            // allows only the end or the next call there.
             Choice::Auto => Some(GrammarSpec::Lazy {
                 trigger: "<tool_call>".into(),
                 schema: json!({"anyOf": self.functions.iter().map(call).collect::<Vec<_>>()}),
+                repeat: self.parallel.then(|| Repeat {
+                    close: "\n</tool_call>".into(),
+                    separator: "\n</tool_call>\n<tool_call>\n".into(),
+                }),
             }),
             Choice::Named(n) => self.functions.iter().find(|f| &f.name == n).map(|f| GrammarSpec::JsonSchema(call(f))),
             Choice::Required => {

@@ -40,6 +40,7 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<HashMap<String, Value>>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Vec<Value>>,
     pub function_call: Option<Value>,
     pub response_format: Option<ResponseFormat>,
@@ -302,12 +303,36 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// A streamed call: the whole call in one delta, numbered within its choice.
+/// A streamed call, numbered within its choice: its first delta carries `id`, `type` and the
+/// function's name; later ones only more of its `arguments` text (as OpenAI streams them).
 #[derive(Debug, Clone, Serialize)]
 pub struct ToolCallDelta {
     pub index: usize,
-    #[serde(flatten)]
-    pub call: ToolCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+impl ToolCallDelta {
+    /// A whole call in one delta.
+    pub fn whole(index: usize, call: ToolCall) -> Self {
+        let function = FunctionDelta { name: Some(call.function.name), arguments: call.function.arguments };
+        Self { index, id: Some(call.id), kind: Some(call.kind), function }
+    }
+
+    /// More of a call's arguments.
+    pub fn arguments(index: usize, arguments: String) -> Self {
+        Self { index, id: None, kind: None, function: FunctionDelta { name: None, arguments } }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
