@@ -75,12 +75,18 @@ async fn review_page_approves_and_corrects_in_chromium() -> anyhow::Result<()> {
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
 
     for question in ["How do I reset my password?", "Is the EU region down?", "How do I add a teammate?"] {
+        let mut body = json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "metadata": {"task": TASK},
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]});
+        if question.contains("teammate") {
+            // The newest record (shown first) carries tools: the page lists them.
+            body["tools"] = json!([{"type": "function", "function": {"name": "invite_member", "description": "Invite a teammate",
+                "parameters": {"type": "object", "properties": {"email": {"type": "string"}}}}}]);
+        }
         let res = gw
             .http
             .post(gw.url("/v1/chat/completions"))
             .bearer_auth(CLIENT_KEY)
-            .json(&json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "metadata": {"task": TASK},
-                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]}))
+            .json(&body)
             .send()
             .await?;
         anyhow::ensure!(res.status() == StatusCode::OK, "{}: {}", res.status(), res.text().await?);

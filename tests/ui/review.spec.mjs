@@ -75,6 +75,7 @@ try {
   check((await items.first().getAttribute('data-id')) === ids[0], 'the newest pending record is selected first');
   check(await page.locator('#detail details.system').count() === 1, 'the system prompt is shown');
   check(await page.locator('#detail .turn-user').count() >= 1, 'the user turn is shown');
+  check(await page.locator('#detail details.tools', { hasText: 'invite_member(email)' }).count() === 1, "the request's tools are shown");
   const approvedCount = () => page.locator('#tasks .task-card.current .n-approved b').textContent();
   const approvedBefore = Number(await approvedCount());
 

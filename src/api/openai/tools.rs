@@ -1,17 +1,15 @@
-//! Tool calling for models whose chat template has no tool syntax of its own (SmolLM2's
-//! has none). The tools are described to the model in a block appended to the system
-//! prompt (`engine::tool_prompt`, which training uses too), a call is written as
-//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, and the answer is parsed back into
-//! OpenAI's `message.tool_calls`.
+//! Tool calling: validation of `tools` and `tool_choice`, the grammars that make calls valid,
+//! and parsing answers back into OpenAI's `message.tool_calls`. How tools reach the prompt is
+//! `engine::tool_prompt`'s (a generic block in the system prompt, or the model's own chat
+//! template when it takes tools); calls are written `<tool_call>{"name": …, "arguments": {…}}</tool_call>`.
 //!
 //! `tool_choice: "required"` and a named function are forced from the first token: the
 //! output must be one call object (`{"name": …, "arguments": …}`) that the grammar checks
 //! against the chosen function's `parameters` schema. `"auto"` leaves the model free until
 //! it writes `<tool_call>`; from there a lazy grammar makes the call valid for one listed
-//! function, and the sequence ends with it (one call per answer under `auto`). A block that
-//! still does not parse (cut short by `max_tokens`) leaves the whole answer as text. History turns are rendered the same way:
-//! an assistant turn's `tool_calls` as `<tool_call>` blocks, a `tool` turn's content inside
-//! `<tool_response>` tags.
+//! function and closes it, then allows the end or (with `parallel_tool_calls`) another call.
+//! A block that still does not parse (cut short by `max_tokens`) leaves the whole answer as
+//! text.
 
 use serde_json::{json, Value};
 

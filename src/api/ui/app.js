@@ -517,6 +517,32 @@ function turn(role, text, extraClass) {
   );
 }
 
+// The request's tools (name, parameters, description), its tool_choice and response_format.
+function toolsBlock(rec) {
+  const p = (rec.request && rec.request.params) || {};
+  const tools = Array.isArray(p.tools) ? p.tools : [];
+  const format = p.response_format && p.response_format.type !== 'text' ? p.response_format : null;
+  if (!tools.length && !format) return null;
+  const lines = tools.map((t) => {
+    const f = t.function || t;
+    const params = Object.keys((f.parameters && f.parameters.properties) || {}).join(', ');
+    return `${f.name || '?'}(${params})${f.description ? ` · ${f.description}` : ''}`;
+  });
+  const choice = p.tool_choice == null ? null : typeof p.tool_choice === 'string' ? p.tool_choice : (p.tool_choice.function || {}).name;
+  if (choice) lines.push(`tool_choice: ${choice}`);
+  if (format) {
+    const name = format.json_schema && format.json_schema.name;
+    lines.push(`response_format: ${format.type}${name ? ` (${name})` : ''}`);
+  }
+  const summary = tools.length ? `${tools.length} tool${tools.length > 1 ? 's' : ''}` : 'response format';
+  return h(
+    'details',
+    { class: 'tools' },
+    h('summary', {}, h('span', { class: 'turn-role', text: summary })),
+    h('pre', { class: 'turn-text', text: lines.join('\n') }),
+  );
+}
+
 function renderDetail() {
   const box = $('detail');
   const rec = S.records[S.sel];
@@ -566,6 +592,8 @@ function renderDetail() {
       h('pre', { class: 'turn-text', text: system }),
     );
   }
+
+  const toolBlock = toolsBlock(rec);
 
   const corrected = rec.review.corrected_response;
   let responseBlock;
@@ -641,7 +669,7 @@ function renderDetail() {
       failed
         ? h('p', { class: 'warn', role: 'note', text: `This request failed (${rec.status}); there is nothing to train on, so it cannot be reviewed.` })
         : null,
-      h('div', { class: 'conversation' }, systemBlock, turns.map((m) => turn(m.role || 'user', messageText(m))), responseBlock),
+      h('div', { class: 'conversation' }, systemBlock, toolBlock, turns.map((m) => turn(m.role || 'user', messageText(m))), responseBlock),
       reviewed,
       actions,
     ),
