@@ -10,7 +10,8 @@
 //! `TUNEGATE_BENCH_QUIET_WAIT_S` (before each half-round, wait up to this for the machine to
 //! be quiet, default 60), `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder),
 //! `TUNEGATE_BENCH_LONG=off` (skip the 8 × 2,048-token memory run), `TUNEGATE_BENCH_SOAK_S`
-//! (seconds of back-to-back batches watching memory growth; default 0, off).
+//! (seconds of back-to-back batches watching memory growth; default 0, off),
+//! `TUNEGATE_BENCH_KV=f32` (the f32 KV cache instead of the default f16; the report says so).
 
 #[path = "engine/peer.rs"]
 mod peer;
@@ -27,11 +28,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tunegate::adapters::{lora_handle, AdapterLease, AdapterLimits, AdapterRegistry, LoadOptions};
 use peer::PeerRound;
+use tunegate::engine::model::KvType;
 use tunegate::engine::{Engine, EngineConfig, GenerateRequest, Prompt, SamplingParams};
 
 const PREFILL_TOKENS: usize = 128;
 const LONG_PROMPT_TOKENS: usize = 1000;
 const DECODE_TOKENS: usize = 128;
+/// Context depths decode is measured behind (a prompt of this many tokens first), beside
+/// `llama-bench -d`; depth 0 is `decode_128_tps`.
+const DEPTHS: [usize; 2] = [512, 2048];
 const STREAMS: usize = 8;
 const ADAPTER_RANK: usize = 16;
 const ADAPTER_LOADS: usize = 5;
@@ -48,6 +53,8 @@ pub struct Settings {
     pub long: bool,
     pub soak_seconds: u64,
     pub out_dir: PathBuf,
+    /// The KV cache type (`TUNEGATE_BENCH_KV`, default the product's: f16).
+    pub kv_type: KvType,
 }
 
 /// One round of tunegate's figures; `None` where the time budget ran out first.
@@ -62,6 +69,8 @@ pub struct EngineRound {
     pub prefill_128_tps: Option<f64>,
     pub prefill_1000_seconds: Option<f64>,
     pub decode_128_tps: Option<f64>,
+    /// Decode of 128 tokens behind a prompt of [`DEPTHS`] tokens.
+    pub decode_depth_tps: [Option<f64>; 2],
     pub batch8_base_decode_tps: Option<f64>,
     pub batch8_lora_decode_tps: Option<f64>,
     /// Latest first token among the 8 streams, seconds from submission.
@@ -105,6 +114,11 @@ fn settings() -> Result<Settings> {
         peer,
         model,
         root,
+        kv_type: match std::env::var("TUNEGATE_BENCH_KV").as_deref() {
+            Ok("f32") => KvType::F32,
+            Ok("f16") | Err(_) => KvType::F16,
+            Ok(other) => bail!("TUNEGATE_BENCH_KV={other:?}: f16 or f32"),
+        },
     })
 }
 
@@ -165,6 +179,11 @@ fn engine_single(engine: &Engine, rng: &mut StdRng, vocab: usize, deadline: Inst
     if open() {
         // One prompt token, as llama-bench's tg128 decodes from an empty context.
         r.decode_128_tps = Some(single(engine, random_tokens(rng, 1, vocab), DECODE_TOKENS)?.1);
+    }
+    for (slot, depth) in r.decode_depth_tps.iter_mut().zip(DEPTHS) {
+        if open() {
+            *slot = Some(single(engine, random_tokens(rng, depth, vocab), DECODE_TOKENS)?.1);
+        }
     }
     Ok(())
 }
@@ -243,12 +262,14 @@ fn main() -> Result<()> {
     let engine = Engine::start(EngineConfig {
         model_path: s.model.clone(),
         model_name: "bench".into(),
-        context_length: 2048,
+        // Room for decode behind the deepest prompt.
+        context_length: 4096,
         threads: s.threads,
         max_batch: 16,
         max_queue: 64,
         // Every figure here is about running tokens; repeated prompts must not skip work.
         prefix_cache_bytes: 0,
+        kv_type: s.kv_type,
     })?;
     let registry = AdapterRegistry::for_engine(&engine, AdapterLimits::default());
     let engine_load_seconds = t.elapsed().as_secs_f64();
@@ -257,7 +278,8 @@ fn main() -> Result<()> {
 
     // Memory first, before any adapter is loaded: model + 8 × 2,048 positions of KV cache.
     let mut rng = StdRng::seed_from_u64(7);
-    let kv_per_position = (info.shape.num_layers * 2 * info.shape.num_kv_heads * info.shape.head_dim * 4) as u64;
+    let kv_element_bytes = s.kv_type.bytes();
+    let kv_per_position = (info.shape.num_layers * 2 * info.shape.num_kv_heads * info.shape.head_dim * kv_element_bytes) as u64;
     let long = if s.long {
         wait_quiet(s.quiet_wait);
         let l = under_load::long_streams(&engine, &mut rng, vocab, kv_per_position)?;
@@ -294,6 +316,7 @@ fn main() -> Result<()> {
         engine_single(&engine, &mut rng, vocab, hard_deadline, &mut e)?;
         if let Some(peer) = &peer {
             peer.single_stream(&s.model, s.threads, hard_deadline, &mut p);
+            peer.decode_at_depths(&s.model, s.threads, &DEPTHS, hard_deadline, &mut p);
         }
         e.other_cpu_busy_batched = wait_quiet(s.quiet_wait);
         engine_batched(&engine, &mut rng, vocab, &leases, hard_deadline, &mut e)?;

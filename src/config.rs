@@ -333,11 +333,21 @@ pub struct EngineSection {
     /// MiB of finished requests' keys and values kept for prompts that begin the same way
     /// (prefix caching; a shared system prompt is run once). 0 turns it off.
     pub prefix_cache_mib: usize,
+    /// How keys and values are cached: `f16` (half the bytes each decode step reads, as
+    /// llama.cpp's default) or `f32` (exact).
+    pub kv_cache: KvCacheType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    F16,
+    F32,
 }
 
 impl Default for EngineSection {
     fn default() -> Self {
-        Self { max_batch: 16, max_queue: 256, prefix_cache_mib: 512 }
+        Self { max_batch: 16, max_queue: 256, prefix_cache_mib: 512, kv_cache: KvCacheType::F16 }
     }
 }
 
@@ -939,7 +949,7 @@ mod tests {
         let e = parse_env(COMMITTED, &[("TUNEGATE_ENGINE_MAX_BTACH", "3")]).map(|_| ()).map_err(|e| e.to_string());
         assert_eq!(
             e,
-            Err("test.toml: engine.max_btach: unknown field `max_btach`, expected one of `max_batch`, `max_queue`, `prefix_cache_mib` \
+            Err("test.toml: engine.max_btach: unknown field `max_btach`, expected one of `max_batch`, `max_queue`, `prefix_cache_mib`, `kv_cache` \
                  (set by TUNEGATE_ENGINE_MAX_BTACH)"
                 .to_string())
         );

@@ -69,6 +69,10 @@ pub fn engine_config(config: &Config) -> EngineConfig {
         max_batch: config.engine.max_batch,
         max_queue: config.engine.max_queue,
         prefix_cache_bytes: config.engine.prefix_cache_mib.saturating_mul(1 << 20),
+        kv_type: match config.engine.kv_cache {
+            crate::config::KvCacheType::F16 => crate::engine::model::KvType::F16,
+            crate::config::KvCacheType::F32 => crate::engine::model::KvType::F32,
+        },
     }
 }
 

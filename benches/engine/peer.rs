@@ -27,6 +27,8 @@ pub struct PeerRound {
     pub prefill_128_tps: Option<f64>,
     pub prefill_1000_seconds: Option<f64>,
     pub decode_128_tps: Option<f64>,
+    /// `llama-bench -p 0 -n 128 -d` at each of the bench's depths.
+    pub decode_depth_tps: [Option<f64>; 2],
     /// `llama-batched-bench` speed_tg for 8 sequences of 128 prompt + 128 generated tokens.
     pub batch8_decode_tps: Option<f64>,
     /// Highest VmHWM seen on the peer processes this round, bytes.
@@ -85,6 +87,37 @@ impl Peer {
                 }
             }
             Err(e) => round.errors.push(format!("llama-bench: {e:#}")),
+        }
+    }
+
+    /// `llama-bench -p 0 -n 128 -d <depths>`: decode behind a filled context. Killed at
+    /// `deadline`.
+    pub fn decode_at_depths(&self, model: &Path, threads: usize, depths: &[usize], deadline: Instant, round: &mut PeerRound) {
+        let t = threads.to_string();
+        let m = model.to_string_lossy().to_string();
+        let d = depths.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let args = ["-m", &m, "-t", &t, "-p", "0", "-n", "128", "-d", &d, "-r", "1", "-o", "json"];
+        match run_polled(&self.bench, &args, deadline) {
+            Ok(run) => {
+                round.peak_rss_bytes = round.peak_rss_bytes.max(run.peak_rss_bytes);
+                let parsed: Result<Vec<serde_json::Value>> =
+                    serde_json::from_str(run.stdout.trim()).context("parsing llama-bench JSON");
+                match parsed {
+                    Ok(tests) => {
+                        for test in &tests {
+                            let depth = test["n_depth"].as_u64().unwrap_or(0) as usize;
+                            if let Some(i) = depths.iter().position(|&x| x == depth) {
+                                round.decode_depth_tps[i] = test["avg_ts"].as_f64();
+                            }
+                        }
+                        if round.decode_depth_tps.iter().any(Option::is_none) {
+                            round.errors.push(format!("llama-bench -d: missing depths in {} tests", tests.len()));
+                        }
+                    }
+                    Err(e) => round.errors.push(format!("llama-bench -d: {e:#}; stderr tail: {}", tail(&run.stderr))),
+                }
+            }
+            Err(e) => round.errors.push(format!("llama-bench -d: {e:#}")),
         }
     }
 

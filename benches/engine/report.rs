@@ -166,6 +166,24 @@ impl Results<'_> {
                 paired: paired(e, p, |r| r.decode_128_tps, |r| r.decode_128_tps),
             },
             Row {
+                key: "decode_d512_tps",
+                metric: format!("decode, 1 stream, 128 tokens behind a {}-token prompt", crate::DEPTHS[0]),
+                unit: "tokens/s",
+                better: Better::Higher,
+                tunegate: med_e(e, |r| r.decode_depth_tps[0]),
+                peer: med_p(p, |r| r.decode_depth_tps[0]),
+                paired: paired(e, p, |r| r.decode_depth_tps[0], |r| r.decode_depth_tps[0]),
+            },
+            Row {
+                key: "decode_d2048_tps",
+                metric: format!("decode, 1 stream, 128 tokens behind a {}-token prompt", crate::DEPTHS[1]),
+                unit: "tokens/s",
+                better: Better::Higher,
+                tunegate: med_e(e, |r| r.decode_depth_tps[1]),
+                peer: med_p(p, |r| r.decode_depth_tps[1]),
+                paired: paired(e, p, |r| r.decode_depth_tps[1], |r| r.decode_depth_tps[1]),
+            },
+            Row {
                 key: "batch8_base_decode_tps",
                 metric: format!("decode, {STREAMS} streams on the base model (aggregate)"),
                 unit: "tokens/s",
@@ -240,6 +258,12 @@ impl Results<'_> {
         let _ = writeln!(md, "- machine: {cpu}, {cores} cores; load average {} at start, {} at end", self.load_start, self.load_end);
         let model = s.model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let _ = writeln!(md, "- model: `{model}` ({:.1} MiB), {} threads for both engines", self.model_bytes as f64 / 1048576.0, s.threads);
+        let _ = writeln!(
+            md,
+            "- KV cache: tunegate {} ({}), llama.cpp f16 (its default)",
+            if s.kv_type == tunegate::engine::model::KvType::F16 { "f16" } else { "f32" },
+            if s.kv_type == tunegate::engine::model::KvType::F16 { "the default" } else { "`TUNEGATE_BENCH_KV=f32`, not the default" }
+        );
         let _ = writeln!(
             md,
             "- rounds: {} (each figure is the median over rounds; in each half of a round tunegate and llama.cpp run back to back; the last column is the median of each round's own ratio, the verdicts below use the ratio of the medians){}",
@@ -387,6 +411,22 @@ impl Results<'_> {
                 let _ = writeln!(md, "| no allocation growth over a 10-minute run | not run (`TUNEGATE_BENCH_SOAK_S=600`) | n/a |");
             }
         }
+        let _ = writeln!(md, "\n## Targets (issue 19: decode at depth, f16 KV cache)\n");
+        let _ = writeln!(md, "| target | measured | met |");
+        let _ = writeln!(md, "|---|---:|:---:|");
+        let mut target = |name: &str, value: Option<f64>, ok: fn(f64) -> bool| {
+            let (v, met) = match value {
+                Some(x) => (format!("{x:.2}×"), verdict(ok(x))),
+                None => ("n/a".into(), "n/a"),
+            };
+            let _ = writeln!(md, "| {name} | {v} | {met} |");
+        };
+        target("decode ≥ 1.1× llama.cpp from an empty context", pair("decode_128_tps"), |x| x >= 1.1);
+        target(&format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[0]), pair("decode_d512_tps"), |x| x >= 1.1);
+        target(&format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[1]), pair("decode_d2048_tps"), |x| x >= 1.1);
+        target("prefill, 128-token prompt ≥ 1.5× llama.cpp", pair("prefill_128_tps"), |x| x >= 1.5);
+        // A shorter time is better: llama.cpp's time over ours is the speed ratio.
+        target("prefill, 1,000-token prompt ≥ 1.2× llama.cpp (speed)", pair("ttft_1000_seconds").map(|x| 1.0 / x), |x| x >= 1.2);
         let errors: Vec<&String> = self.peer_rounds.iter().flat_map(|r| &r.errors).collect();
         let skipped = self.engine_rounds.iter().any(|r| {
             [r.prefill_128_tps, r.prefill_1000_seconds, r.decode_128_tps, r.batch8_base_decode_tps, r.batch8_lora_decode_tps]

@@ -101,7 +101,8 @@ fn run(ctx: Context) {
         Ok(l) => l,
         Err(e) => return fail_load(&ctx, e),
     };
-    let (model, info) = loaded.into_model_info(&ctx.config.model_name, Some(ctx.config.context_length));
+    let (mut model, info) = loaded.into_model_info(&ctx.config.model_name, Some(ctx.config.context_length));
+    model.kv_type = ctx.config.kv_type;
     let context_length = info.context_length;
     let info = Arc::new(info);
     tracing::info!(

@@ -23,6 +23,7 @@ use candle_core::{Device, Storage, StorageRef, Tensor};
 
 use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
 use super::lora::{BatchLora, Proj};
+use super::kv_cache::KvRows;
 use super::model::{Linear, Model, SeqBatch};
 use super::pool::{self, Pool};
 use super::{EngineError, Result};
@@ -108,6 +109,8 @@ thread_local! {
     static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
     /// Attention scores of one head (per worker thread).
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One head's f16 cached keys and values widened for the prefill products.
+    static WIDE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 pub(super) fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -201,7 +204,7 @@ impl Model {
                     self.max_positions()
                 )));
             }
-            q.cache.prepare(s.num_layers, kv_dim, pos + q.tokens.len());
+            q.cache.prepare(s.num_layers, kv_dim, pos + q.tokens.len(), self.kv_type);
             spans.push(Span { row, len: q.tokens.len(), pos });
             row += q.tokens.len();
         }
@@ -347,6 +350,82 @@ impl Model {
         Ok(e.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    /// A decode step's attention (one new row per sequence), split so that every cached row is
+    /// read once and the threads share the work even for one sequence: a task is one
+    /// sequence's kv head (all the query heads that share it) over one range of its cached
+    /// positions; long contexts are cut into ranges whose partial softmax sums are combined
+    /// afterwards (flash-decoding). Writes `attn` rows `[sequences, heads * head_dim]`.
+    fn decode_attention(&self, pool: &Pool, spans: &[Span], caches: &[(KvRows<'_>, KvRows<'_>)], qkv: &[f32], qkv_w: usize, attn: &mut [f32]) {
+        /// Fewest cached positions worth a task of their own.
+        const MIN_RANGE: usize = 256;
+        let s = &self.shape;
+        let (nh, hd, kv_heads) = (s.num_heads, s.head_dim, s.num_kv_heads);
+        let group = nh / kv_heads;
+        let (kv_dim, q_dim) = (kv_heads * hd, nh * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let threads = pool.threads();
+        let want = (2 * threads).div_ceil(spans.len() * kv_heads);
+        // (sequence, kv head, positions); units of `parts` consecutive tasks per (sequence, kv head).
+        let mut tasks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
+        let mut units: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for (si, sp) in spans.iter().enumerate() {
+            let visible = sp.pos + 1;
+            let parts = want.min(visible.div_ceil(MIN_RANGE)).max(1);
+            for kvh in 0..kv_heads {
+                units.push((si, kvh, tasks.len(), parts));
+                for p in 0..parts {
+                    tasks.push((si, kvh, visible * p / parts..visible * (p + 1) / parts));
+                }
+            }
+        }
+        let per_task = group * hd;
+        let mut acc = vec![0f32; tasks.len() * per_task];
+        let mut stats = vec![0f32; tasks.len() * group * 2];
+        let (accp, statp) = (OutPtr(acc.as_mut_ptr()), OutPtr(stats.as_mut_ptr()));
+        let work = |tid: usize| {
+            SCORES.with(|sc| {
+                let mut sc = sc.borrow_mut();
+                for t in (tid..tasks.len()).step_by(threads) {
+                    let (si, kvh, ref range) = tasks[t];
+                    let q0 = spans[si].row * qkv_w + kvh * group * hd;
+                    let q = &qkv[q0..q0 + per_task];
+                    // SAFETY: task `t`'s slots of `acc` and `stats`: written by this task alone.
+                    let (a, st) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(accp.at(t * per_task), per_task),
+                            std::slice::from_raw_parts_mut(statp.at(t * group * 2), group * 2),
+                        )
+                    };
+                    match caches[si] {
+                        (KvRows::F32(k), KvRows::F32(v)) => {
+                            kernels::attend_group_part(q, group, hd, k, v, kv_dim, kvh * hd, range.clone(), scale, &mut sc, a, st)
+                        }
+                        (KvRows::F16(k), KvRows::F16(v)) => {
+                            kernels::attend_group_part(q, group, hd, k, v, kv_dim, kvh * hd, range.clone(), scale, &mut sc, a, st)
+                        }
+                        _ => unreachable!("a cache's keys and values share one type"),
+                    }
+                }
+            })
+        };
+        pool.run(&work);
+        let mut head_acc = Vec::new();
+        let mut head_stats = Vec::new();
+        for &(si, kvh, first, parts) in &units {
+            for g in 0..group {
+                head_acc.clear();
+                head_stats.clear();
+                for t in first..first + parts {
+                    head_acc.extend_from_slice(&acc[t * per_task + g * hd..t * per_task + (g + 1) * hd]);
+                    head_stats.extend_from_slice(&stats[t * group * 2 + 2 * g..t * group * 2 + 2 * g + 2]);
+                }
+                kernels::combine_parts(&mut head_acc, &head_stats, hd, parts);
+                let o = spans[si].row * q_dim + (kvh * group + g) * hd;
+                attn[o..o + hd].copy_from_slice(&head_acc[..hd]);
+            }
+        }
+    }
+
     /// Causal attention of every sequence's new rows over its cache, heads split over the
     /// pool. Writes `attn` rows `[m, heads * head_dim]`.
     #[expect(clippy::too_many_arguments, reason = "one argument per operand of the region")]
@@ -366,7 +445,11 @@ impl Model {
         let kv_dim = s.num_kv_heads * hd;
         let q_dim = nh * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let caches: Vec<(&[f32], &[f32])> = seqs.iter().map(|q| q.cache.layer(li)).collect();
+        let caches: Vec<(KvRows<'_>, KvRows<'_>)> = seqs.iter().map(|q| q.cache.layer(li)).collect();
+        if spans.iter().all(|sp| sp.len == 1) {
+            self.decode_attention(pool, spans, &caches, qkv, qkv_w, attn);
+            return Ok(());
+        }
         let out = OutPtr(attn.as_mut_ptr());
         let threads = pool.threads();
         // A task is one sequence and `per` query heads. Decode rows of many sequences take a
@@ -388,6 +471,21 @@ impl Model {
                     if sp.len >= GEMM_ATTENTION_ROWS {
                         // Prefill (`per` is 1 here): blocked products over the whole cache.
                         let total = sp.pos + sp.len;
+                        let mut wide = WIDE.with(|w| w.take());
+                        // This head's keys and values as f32 rows (`row` apart), f16 widened.
+                        let (kh, vh, row): (*const f32, *const f32, usize) = match (kc, vc) {
+                            (KvRows::F32(k), KvRows::F32(v)) => (k[kvh * hd..].as_ptr(), v[kvh * hd..].as_ptr(), kv_dim),
+                            (KvRows::F16(k), KvRows::F16(v)) => {
+                                let (kw, vw) = (sized(&mut wide.0, total * hd), sized(&mut wide.1, total * hd));
+                                for j in 0..total {
+                                    let at = j * kv_dim + kvh * hd;
+                                    kernels::widen(&k[at..at + hd], &mut kw[j * hd..(j + 1) * hd]);
+                                    kernels::widen(&v[at..at + hd], &mut vw[j * hd..(j + 1) * hd]);
+                                }
+                                (wide.0.as_ptr(), wide.1.as_ptr(), hd)
+                            }
+                            _ => unreachable!("a cache's keys and values share one type"),
+                        };
                         let scores = sized(&mut sc, sp.len * total);
                         // SAFETY: strided views inside `qkv`, the caches and `scores`; the
                         // output block (this head's columns of this sequence's rows) is
@@ -401,9 +499,9 @@ impl Model {
                                 qkv.as_ptr().add(sp.row * qkv_w + h * hd),
                                 qkv_w as isize,
                                 1,
-                                kc.as_ptr().add(kvh * hd),
+                                kh,
                                 1,
-                                kv_dim as isize,
+                                row as isize,
                                 0.0,
                                 scores.as_mut_ptr(),
                                 total as isize,
@@ -428,8 +526,8 @@ impl Model {
                                 scores.as_ptr(),
                                 total as isize,
                                 1,
-                                vc.as_ptr().add(kvh * hd),
-                                kv_dim as isize,
+                                vh,
+                                row as isize,
                                 1,
                                 0.0,
                                 out.at(sp.row * q_dim + h * hd),
@@ -437,6 +535,7 @@ impl Model {
                                 1,
                             );
                         }
+                        WIDE.with(|w| w.replace(wide));
                         continue;
                     }
                     for i in 0..sp.len {
@@ -444,7 +543,12 @@ impl Model {
                         let q0 = row * qkv_w + h * hd;
                         // SAFETY: this task's heads of this row of `attn`: written by it alone.
                         let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + h * hd), per * hd) };
-                        kernels::attend_group(&qkv[q0..q0 + per * hd], per, hd, kc, vc, kv_dim, kvh * hd, sp.pos + i + 1, scale, &mut sc, o);
+                        let (q, visible) = (&qkv[q0..q0 + per * hd], sp.pos + i + 1);
+                        match (kc, vc) {
+                            (KvRows::F32(k), KvRows::F32(v)) => kernels::attend_group(q, per, hd, k, v, kv_dim, kvh * hd, visible, scale, &mut sc, o),
+                            (KvRows::F16(k), KvRows::F16(v)) => kernels::attend_group(q, per, hd, k, v, kv_dim, kvh * hd, visible, scale, &mut sc, o),
+                            _ => unreachable!("a cache's keys and values share one type"),
+                        }
                     }
                 }
             })

@@ -58,6 +58,8 @@ pub struct EngineConfig {
     /// Bytes of finished sequences' keys and values kept for prompts that start the same
     /// way (a shared system prompt is prefilled once); 0 turns prefix caching off.
     pub prefix_cache_bytes: usize,
+    /// How sequences cache keys and values.
+    pub kv_type: model::KvType,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +72,7 @@ impl Default for EngineConfig {
             max_batch: 16,
             max_queue: 256,
             prefix_cache_bytes: 512 << 20,
+            kv_type: model::KvType::F16,
         }
     }
 }

@@ -126,11 +126,12 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kv_cache::KvRows;
 
     /// A cache of `n` positions whose values encode (layer, position), one value per row.
     fn filled(n: usize, layers: usize, tag: f32) -> KvCache {
         let mut c = KvCache::new(layers);
-        c.prepare(layers, 1, n);
+        c.prepare(layers, 1, n, crate::engine::model::KvType::F32);
         for p in 0..n {
             for l in 0..layers {
                 let x = tag + (l * 1000 + p) as f32;
@@ -159,7 +160,7 @@ mod tests {
         let mut c = KvCache::new(2);
         pc.fill(&hit, &mut c);
         assert_eq!(c.len(), 30);
-        let (k, v) = c.layer(1);
+        let (KvRows::F32(k), KvRows::F32(v)) = c.layer(1) else { return Err("not f32".into()) };
         assert_eq!((k.len(), k[29], v[29]), (30, 1029.0, -1029.0));
 
         // The whole prompt cached: the last token is still left to run.

@@ -79,6 +79,28 @@ fn llama_gguf_f32_matches_reference() -> R {
     check_against_reference(&m, &w, &[5, 17, 250, 3, 99, 42, 7, 8, 9], 1e-3)
 }
 
+/// The f16 KV cache (serving's default) against the f32 reference: logits within 1e-2 (f32
+/// cache: 1e-3) and the same greedy tokens, after a short prompt (per-row attention) and after
+/// a long one (the blocked prefill products, which widen the cached halves).
+#[test]
+fn f16_kv_cache_stays_close_to_f32() -> R {
+    let dir = tempfile::tempdir()?;
+    let w = TinyWeights::random(&TinySpec::llama(300), 1);
+    let p = dir.path().join("m.gguf");
+    w.write_gguf(&p, GgmlDType::F32, None)?;
+    let mut m = load_gguf(&p)?;
+    m.kv_type = super::model::KvType::F16;
+    check_against_reference(&m, &w, &[5, 17, 250, 3, 99, 42, 7, 8, 9], 1e-2)?;
+    let long: Vec<u32> = (0..80).map(|i| (i * 37 % 290) as u32 + 5).collect();
+    check_against_reference(&m, &w, &long, 1e-2)?;
+    let mut cache = KvCache::new(m.shape.num_layers);
+    let bl = BatchLora::new(&[(long.len(), None)])?;
+    m.forward(&mut [SeqBatch { tokens: &long, cache: &mut cache }], &bl)?;
+    assert_eq!(cache.kv_type(), super::model::KvType::F16);
+    assert_eq!(cache.bytes(), 2 * m.shape.num_layers * long.len() * m.shape.num_kv_heads * m.shape.head_dim * 2);
+    Ok(())
+}
+
 #[test]
 fn llama_safetensors_matches_reference() -> R {
     let dir = tempfile::tempdir()?;
@@ -151,6 +173,7 @@ pub(crate) fn tiny_engine(dir: &Path, max_batch: usize, max_queue: usize) -> any
         max_batch,
         max_queue,
         prefix_cache_bytes: 64 << 20,
+        kv_type: EngineConfig::default().kv_type,
     })?;
     Ok((engine, w))
 }

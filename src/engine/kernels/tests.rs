@@ -237,6 +237,37 @@ fn grouped_attention_matches_the_plain_loops() {
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-4, "group {group} hd {hd} visible {visible}: {a} vs {b}");
         }
+        // f16 rows (the default cache): the same as the plain loops over the f16-rounded
+        // values (the values above are exact in f16, so the same as f32 too).
+        let k16: Vec<half::f16> = k.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let v16: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let k_r: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+        let v_r: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+        let mut want16 = vec![0f32; group * hd];
+        attend_group(&q, group, hd, &k_r, &v_r, stride, off, visible, scale, &mut scratch, &mut want16);
+        attend_group(&q, group, hd, &k16, &v16, stride, off, visible, scale, &mut scratch, &mut got);
+        for (a, b) in got.iter().zip(&want16) {
+            assert!((a - b).abs() < 1e-4, "f16, group {group} hd {hd} visible {visible}: {a} vs {b}");
+        }
+        let mut portable = vec![0f32; group * hd];
+        let mut row = vec![0f32; hd];
+        let mut s16 = vec![0f32; visible];
+        for g in 0..group {
+            for (j, sj) in s16.iter_mut().enumerate() {
+                super::widen(&k16[j * stride + off..j * stride + off + hd], &mut row);
+                *sj = (0..hd).map(|d| q[g * hd + d] * row[d]).sum::<f32>() * scale;
+            }
+            softmax(&mut s16);
+            for (j, sj) in s16.iter().enumerate() {
+                super::widen(&v16[j * stride + off..j * stride + off + hd], &mut row);
+                for d in 0..hd {
+                    portable[g * hd + d] += sj * row[d];
+                }
+            }
+        }
+        for (a, b) in got.iter().zip(&portable) {
+            assert!((a - b).abs() < 1e-4, "f16 vs portable, group {group} hd {hd} visible {visible}: {a} vs {b}");
+        }
     }
 }
 
@@ -281,4 +312,50 @@ fn fused_parts_land_in_their_columns() -> candle_core::Result<()> {
         }
     }
     Ok(())
+}
+
+#[test]
+fn exp_shifted_matches_libm() {
+    for n in [0usize, 1, 5, 16, 33, 200] {
+        let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 60.0) / 3.0).collect();
+        let mut got = x.clone();
+        let (m, sum) = super::exp_shifted(&mut got);
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(m, max);
+        let want: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 * b.max(1e-30) + 1e-37, "{a} vs {b}");
+        }
+        let s: f32 = want.iter().sum();
+        assert!((sum - s).abs() <= 1e-5 * s.max(1.0), "{sum} vs {s}");
+    }
+}
+
+#[test]
+fn attention_split_over_ranges_combines_to_the_whole() {
+    let (group, hd, visible, stride, off) = (3, 64, 301, 3 * 64, 64);
+    let q: Vec<f32> = (0..group * hd).map(|i| ((i * 31 % 17) as f32 / 9.0) - 0.9).collect();
+    let k: Vec<f16> = (0..visible * stride).map(|i| f16::from_f32(((i * 7 % 29) as f32 / 14.0) - 1.0)).collect();
+    let v: Vec<f16> = (0..visible * stride).map(|i| f16::from_f32(((i * 11 % 23) as f32 / 11.0) - 1.0)).collect();
+    let scale = 0.125;
+    let mut scratch = Vec::new();
+    let mut whole = vec![0f32; group * hd];
+    attend_group(&q, group, hd, &k, &v, stride, off, visible, scale, &mut scratch, &mut whole);
+    let cuts = [0, 97, 200, 301];
+    let parts = cuts.len() - 1;
+    // Per head: the parts' sums side by side, then combined.
+    let mut acc = vec![0f32; parts * group * hd];
+    let mut stats = vec![0f32; parts * group * 2];
+    for p in 0..parts {
+        super::attend_group_part(&q, group, hd, &k, &v, stride, off, cuts[p]..cuts[p + 1], scale, &mut scratch,
+            &mut acc[p * group * hd..(p + 1) * group * hd], &mut stats[p * group * 2..(p + 1) * group * 2]);
+    }
+    for g in 0..group {
+        let mut head_acc: Vec<f32> = (0..parts).flat_map(|p| acc[p * group * hd + g * hd..p * group * hd + (g + 1) * hd].to_vec()).collect();
+        let head_stats: Vec<f32> = (0..parts).flat_map(|p| [stats[p * group * 2 + 2 * g], stats[p * group * 2 + 2 * g + 1]]).collect();
+        super::combine_parts(&mut head_acc, &head_stats, hd, parts);
+        for (a, b) in head_acc[..hd].iter().zip(&whole[g * hd..(g + 1) * hd]) {
+            assert!((a - b).abs() < 1e-5, "head {g}: {a} vs {b}");
+        }
+    }
 }

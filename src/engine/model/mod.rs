@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 mod train;
 
-pub use super::kv_cache::KvCache;
+pub use super::kv_cache::{KvCache, KvType};
 use super::lora::Proj;
 use super::{EngineError, Result};
 
@@ -261,6 +261,8 @@ pub struct Model {
     sin_rows: Vec<f32>,
     /// Interleaved (GGUF Llama) or half-split (Hugging Face) RoPE.
     rope_interleaved: bool,
+    /// How sequences' caches store keys and values (f32 unless the engine asks for f16).
+    pub kv_type: KvType,
 }
 
 impl std::fmt::Debug for Model {
@@ -302,7 +304,7 @@ impl Model {
             head_dim: cfg.head_dim(),
             qk_interleaved: rope_interleaved,
         };
-        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, cos, sin, cos_rows, sin_rows, rope_interleaved })
+        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, cos, sin, cos_rows, sin_rows, rope_interleaved, kv_type: KvType::F32 })
     }
 
     pub fn rope_interleaved(&self) -> bool {

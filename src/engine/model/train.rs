@@ -114,6 +114,7 @@ impl Model {
             cos_rows: self.cos_rows.clone(),
             sin_rows: self.sin_rows.clone(),
             rope_interleaved: self.rope_interleaved,
+            kv_type: self.kv_type,
         })
     }
 
