@@ -32,9 +32,10 @@ pub enum GrammarSpec {
     /// rest is refused at compile time, naming the keyword).
     JsonSchema(serde_json::Value),
     /// Free output until `trigger` appears in it, then JSON that follows `schema` (a tool
-    /// call after `<tool_call>` under `tool_choice: "auto"`), then the end. The trigger
-    /// may fall anywhere inside a token; what the token carries after it is fed to the
-    /// grammar.
+    /// call after `<tool_call>` under `tool_choice: "auto"`), then the end, or with
+    /// `repeat` its closing text and then the end or more values (parallel calls). The
+    /// trigger may fall anywhere inside a token; what the token carries after it is fed to
+    /// the grammar.
     Lazy { trigger: String, schema: serde_json::Value, repeat: Option<Repeat> },
 }
 
