@@ -5,7 +5,7 @@
 //!
 //! Environment: `TUNEGATE_BENCH_MODEL` (default the SmolLM2-135M Q4_1 file),
 //! `TUNEGATE_BENCH_RUNS` (rounds, default 3), `TUNEGATE_BENCH_THREADS` (default 2),
-//! `TUNEGATE_BENCH_BUDGET_S` (no round starts that would end past this, default 300; at
+//! `TUNEGATE_BENCH_BUDGET_S` (no round starts that would end past this, default 480; at
 //! twice this, measurements not yet started are skipped and peer processes are killed),
 //! `TUNEGATE_BENCH_QUIET_WAIT_S` (before each half-round, wait up to this for the machine to
 //! be quiet, default 60), `TUNEGATE_BENCH_PEER=off` (tunegate only), `TUNEGATE_BENCH_OUT` (results folder),
@@ -109,7 +109,7 @@ fn settings() -> Result<Settings> {
             .unwrap_or_else(|| root.join("benches/results")),
         runs: env_usize("TUNEGATE_BENCH_RUNS", 3)?.max(1),
         threads: env_usize("TUNEGATE_BENCH_THREADS", 2)?.max(1),
-        budget: Duration::from_secs(env_usize("TUNEGATE_BENCH_BUDGET_S", 300)? as u64),
+        budget: Duration::from_secs(env_usize("TUNEGATE_BENCH_BUDGET_S", 480)? as u64),
         quiet_wait: Duration::from_secs(env_usize("TUNEGATE_BENCH_QUIET_WAIT_S", 60)? as u64),
         peer,
         model,
@@ -288,6 +288,17 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    // llama.cpp with the same KV cache type and size, right after.
+    let peer_long_peak_rss = match (&peer, &long) {
+        (Some(p), Some(_)) => match p.long_memory(&s.model, s.threads, began + 2 * s.budget) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                eprintln!("bench: llama-batched-bench memory run: {e:#}");
+                None
+            }
+        },
+        _ => None,
+    };
 
     let tmp = tempfile::tempdir()?;
     let mut leases = Vec::new();
@@ -363,6 +374,7 @@ fn main() -> Result<()> {
         peak_rss_bytes,
         hot_swap,
         long,
+        peer_long_peak_rss,
         soak,
         model_bytes: std::fs::metadata(&s.model)?.len(),
         stopped_early,

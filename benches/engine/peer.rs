@@ -121,6 +121,20 @@ impl Peer {
         }
     }
 
+    /// `llama-batched-bench` on 8 sequences of 1,024 prompt + 1,024 generated tokens in a
+    /// 16,384-position f16 KV cache: the same cache type and size as tunegate's memory run.
+    /// Returns the peak resident memory of its process, bytes.
+    pub fn long_memory(&self, model: &Path, threads: usize, deadline: Instant) -> Result<u64> {
+        let t = threads.to_string();
+        let m = model.to_string_lossy().to_string();
+        let args = [
+            "-m", &m, "-t", &t, "-tb", &t, "-c", "16384", "-b", "2048", "-ub", "512",
+            "-npp", "1024", "-ntg", "1024", "-npl", "8", "--output-format", "jsonl",
+        ];
+        let run = run_polled(&self.batched, &args, deadline)?;
+        run.peak_rss_bytes.ok_or_else(|| anyhow::anyhow!("no memory reading; stderr tail: {}", tail(&run.stderr)))
+    }
+
     /// `llama-batched-bench -npp 128 -ntg 128 -npl 8`. Killed at `deadline`.
     pub fn batched(&self, model: &Path, threads: usize, deadline: Instant, round: &mut PeerRound) {
         let t = threads.to_string();

@@ -21,6 +21,8 @@ pub struct Results<'a> {
     pub peak_rss_bytes: Option<u64>,
     pub hot_swap: super::under_load::HotSwap,
     pub long: Option<super::under_load::LongStreams>,
+    /// llama.cpp's peak resident memory on the same 8 × 2,048 positions (f16 KV cache).
+    pub peer_long_peak_rss: Option<u64>,
     pub soak: Option<super::under_load::Soak>,
     pub model_bytes: u64,
     pub stopped_early: bool,
@@ -427,6 +429,24 @@ impl Results<'_> {
         target("prefill, 128-token prompt ≥ 1.5× llama.cpp", pair("prefill_128_tps"), |x| x >= 1.5);
         // A shorter time is better: llama.cpp's time over ours is the speed ratio.
         target("prefill, 1,000-token prompt ≥ 1.2× llama.cpp (speed)", pair("ttft_1000_seconds").map(|x| 1.0 / x), |x| x >= 1.2);
+        let same_kv = self.settings.kv_type == tunegate::engine::model::KvType::F16;
+        match (&self.long, self.peer_long_peak_rss) {
+            (Some(l), Some(peer)) if same_kv => {
+                let r = l.peak_rss as f64 / peer as f64;
+                let _ = writeln!(
+                    md,
+                    "| peak memory, {} streams of {} positions, f16 KV cache on both sides, ≤ 1.2× llama.cpp | {:.0} MiB / {:.0} MiB = {r:.2}× | {} |",
+                    l.streams,
+                    l.positions,
+                    l.peak_rss as f64 / 1048576.0,
+                    peer as f64 / 1048576.0,
+                    verdict(r <= 1.2)
+                );
+            }
+            _ => {
+                let _ = writeln!(md, "| peak memory at equal KV cache type and size ≤ 1.2× llama.cpp | not run (needs the peer, the memory run and the f16 cache) | n/a |");
+            }
+        }
         let errors: Vec<&String> = self.peer_rounds.iter().flat_map(|r| &r.errors).collect();
         let skipped = self.engine_rounds.iter().any(|r| {
             [r.prefill_128_tps, r.prefill_1000_seconds, r.decode_128_tps, r.batch8_base_decode_tps, r.batch8_lora_decode_tps]
@@ -487,6 +507,8 @@ impl Results<'_> {
             "wall_seconds": self.wall_seconds,
             "engine_load_seconds": self.engine_load_seconds,
             "peer": self.peer.map(|p| serde_json::json!({ "source": p.source, "version": p.version })),
+            "kv_cache": if s.kv_type == tunegate::engine::model::KvType::F16 { "f16" } else { "f32" },
+            "long_peak_rss_bytes": { "tunegate": self.long.as_ref().map(|l| l.peak_rss), "llama_cpp": self.peer_long_peak_rss },
             "metrics": metrics,
             "samples": {
                 "tunegate": self.engine_rounds,
