@@ -115,6 +115,8 @@ async fn openai_schema_conformance() -> anyhow::Result<()> {
     })
     .await?;
     let examples = std::env::var("TUNEGATE_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "30".into());
+    // A seed from an earlier report repeats that run's generation.
+    let seed: Vec<String> = std::env::var("TUNEGATE_SCHEMATHESIS_SEED").map(|s| vec!["--seed".into(), s]).unwrap_or_default();
     let py = repo().join("tests/python");
     let run = || {
         tokio::process::Command::new(&schemathesis)
@@ -142,6 +144,7 @@ async fn openai_schema_conformance() -> anyhow::Result<()> {
             .args(["--suppress-health-check", "all"])
             .args(["--request-timeout", "60"])
             .args(["--workers", "2"])
+            .args(&seed)
             .env("SCHEMATHESIS_HOOKS", py.join("schemathesis_hooks.py"))
             .env("TUNEGATE_MODEL", MODEL)
             .env("NO_COLOR", "1")
@@ -157,9 +160,34 @@ async fn openai_schema_conformance() -> anyhow::Result<()> {
         println!("schemathesis crashed internally; running it once more:\n{text}");
         out = run().await.context("running schemathesis")?;
     }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() && only_generation_errors(&text) {
+        // schemathesis could not generate data for some branch of OpenAI's schema (e.g. "a
+        // `not` whose complement is not spelled out" in createResponse, seen in some seeds):
+        // no request was sent for it, nothing was judged, every generated case passed.
+        println!("schemathesis could not generate some cases (its own limitation); every generated case passed:\n{text}");
+        return stream_conformance(&gw).await;
+    }
     report("schemathesis", &out)?;
+    stream_conformance(&gw).await
+}
 
-    // Streams, which schemathesis cannot judge (see schemathesis_hooks.py).
+/// A schemathesis run whose only errors are "Schema Error"s (it failed to generate test data
+/// for a schema construct it does not support), with no failed check and no failed case.
+fn only_generation_errors(text: &str) -> bool {
+    if text.contains("= FAILURES =") || !text.contains("Failed to generate test cases") {
+        return false;
+    }
+    let Some(errors) = text.split("\n    Errors:").nth(1).or_else(|| text.split("\nErrors:").nth(1)) else { return false };
+    let listed: Vec<&str> = errors.lines().skip(1).take_while(|l| !l.trim().is_empty()).collect();
+    let cases_ok = text.lines().any(|l| l.contains("generated,") && l.contains("passed") && !l.contains("failed"));
+    !listed.is_empty() && listed.iter().all(|l| l.contains("Schema Error")) && cases_ok
+}
+
+/// Streams, which schemathesis cannot judge (see schemathesis_hooks.py).
+async fn stream_conformance(gw: &common::Gateway) -> anyhow::Result<()> {
+    let py = repo().join("tests/python");
+
     let out = tokio::process::Command::new(venv_bin("python")?)
         .arg(py.join("stream_conformance.py"))
         .env("TUNEGATE_BASE_URL", gw.url("/v1"))
@@ -169,4 +197,15 @@ async fn openai_schema_conformance() -> anyhow::Result<()> {
         .await
         .context("running python")?;
     report("the stream conformance checks", &out)
+}
+
+#[test]
+fn schemathesis_generation_errors_are_told_apart_from_failures() {
+    let summary = |errors: &str, cases: &str| {
+        format!("= ERRORS =\nPOST /responses\nSchema Error\n\nFailed to generate test cases for this API operation.\n\n= SUMMARY =\n\nErrors:\n{errors}\n\nWarnings:\n  x\n\nTest cases:\n  {cases}\n")
+    };
+    assert!(only_generation_errors(&summary("  🚫 Schema Error: 1", "11240 generated, 11240 passed")));
+    assert!(!only_generation_errors(&summary("  🚫 Schema Error: 1\n  🚫 Network Error: 2", "10 generated, 10 passed")));
+    assert!(!only_generation_errors(&summary("  🚫 Schema Error: 1", "10 generated, 9 passed, 1 failed")));
+    assert!(!only_generation_errors(&format!("= FAILURES =\n{}", summary("  🚫 Schema Error: 1", "10 generated, 10 passed"))));
 }
