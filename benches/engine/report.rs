@@ -139,61 +139,31 @@ impl Results<'_> {
         let e = &self.engine_rounds;
         let p = &self.peer_rounds;
         let peer_rss = p.iter().filter_map(|r| r.peak_rss_bytes).max().map(|b| b as f64);
+        // A figure both engines measure: medians of each side and of each round's ratio.
+        let both = |key, metric: String, unit, better, fe: fn(&EngineRound) -> Option<f64>, fp: fn(&PeerRound) -> Option<f64>| Row {
+            key,
+            metric,
+            unit,
+            better,
+            tunegate: med_e(e, fe),
+            peer: med_p(p, fp),
+            paired: paired(e, p, fe, fp),
+        };
+        let depth = |i: usize| format!("decode, 1 stream, 128 tokens behind a {}-token prompt", crate::DEPTHS[i]);
         vec![
-            Row {
-                key: "prefill_128_tps",
-                metric: "prefill, 128-token prompt".into(),
-                unit: "tokens/s",
-                better: Better::Higher,
-                tunegate: med_e(e, |r| r.prefill_128_tps),
-                peer: med_p(p, |r| r.prefill_128_tps),
-                paired: paired(e, p, |r| r.prefill_128_tps, |r| r.prefill_128_tps),
-            },
-            Row {
-                key: "ttft_1000_seconds",
-                metric: "time to first token, 1,000-token prompt".into(),
-                unit: "ms",
-                better: Better::Lower,
-                tunegate: med_e(e, |r| r.prefill_1000_seconds),
-                peer: med_p(p, |r| r.prefill_1000_seconds),
-                paired: paired(e, p, |r| r.prefill_1000_seconds, |r| r.prefill_1000_seconds),
-            },
-            Row {
-                key: "decode_128_tps",
-                metric: "decode, 1 stream, 128 tokens".into(),
-                unit: "tokens/s",
-                better: Better::Higher,
-                tunegate: med_e(e, |r| r.decode_128_tps),
-                peer: med_p(p, |r| r.decode_128_tps),
-                paired: paired(e, p, |r| r.decode_128_tps, |r| r.decode_128_tps),
-            },
-            Row {
-                key: "decode_d512_tps",
-                metric: format!("decode, 1 stream, 128 tokens behind a {}-token prompt", crate::DEPTHS[0]),
-                unit: "tokens/s",
-                better: Better::Higher,
-                tunegate: med_e(e, |r| r.decode_depth_tps[0]),
-                peer: med_p(p, |r| r.decode_depth_tps[0]),
-                paired: paired(e, p, |r| r.decode_depth_tps[0], |r| r.decode_depth_tps[0]),
-            },
-            Row {
-                key: "decode_d2048_tps",
-                metric: format!("decode, 1 stream, 128 tokens behind a {}-token prompt", crate::DEPTHS[1]),
-                unit: "tokens/s",
-                better: Better::Higher,
-                tunegate: med_e(e, |r| r.decode_depth_tps[1]),
-                peer: med_p(p, |r| r.decode_depth_tps[1]),
-                paired: paired(e, p, |r| r.decode_depth_tps[1], |r| r.decode_depth_tps[1]),
-            },
-            Row {
-                key: "batch8_base_decode_tps",
-                metric: format!("decode, {STREAMS} streams on the base model (aggregate)"),
-                unit: "tokens/s",
-                better: Better::Higher,
-                tunegate: med_e(e, |r| r.batch8_base_decode_tps),
-                peer: med_p(p, |r| r.batch8_decode_tps),
-                paired: paired(e, p, |r| r.batch8_base_decode_tps, |r| r.batch8_decode_tps),
-            },
+            both("prefill_128_tps", "prefill, 128-token prompt".into(), "tokens/s", Better::Higher, |r| r.prefill_128_tps, |r| r.prefill_128_tps),
+            both("ttft_1000_seconds", "time to first token, 1,000-token prompt".into(), "ms", Better::Lower, |r| r.prefill_1000_seconds, |r| r.prefill_1000_seconds),
+            both("decode_128_tps", "decode, 1 stream, 128 tokens".into(), "tokens/s", Better::Higher, |r| r.decode_128_tps, |r| r.decode_128_tps),
+            both("decode_d512_tps", depth(0), "tokens/s", Better::Higher, |r| r.decode_depth_tps[0], |r| r.decode_depth_tps[0]),
+            both("decode_d2048_tps", depth(1), "tokens/s", Better::Higher, |r| r.decode_depth_tps[1], |r| r.decode_depth_tps[1]),
+            both(
+                "batch8_base_decode_tps",
+                format!("decode, {STREAMS} streams on the base model (aggregate)"),
+                "tokens/s",
+                Better::Higher,
+                |r| r.batch8_base_decode_tps,
+                |r| r.batch8_decode_tps,
+            ),
             Row {
                 key: "batch8_lora_decode_tps",
                 metric: format!("decode, {STREAMS} streams on {STREAMS} rank-{ADAPTER_RANK} adapters (aggregate)"),
@@ -341,7 +311,7 @@ impl Results<'_> {
         };
         let _ = writeln!(md, "| target | measured | met |");
         let _ = writeln!(md, "|---|---:|:---:|");
-        let mut target = |name: &str, value: Option<f64>, ok: fn(f64) -> bool| {
+        let target = |md: &mut String, name: &str, value: Option<f64>, ok: fn(f64) -> bool| {
             let (v, met) = match value {
                 Some(x) => (format!("{x:.2}×"), verdict(ok(x))),
                 None => ("n/a".into(), "n/a"),
@@ -349,12 +319,12 @@ impl Results<'_> {
             let _ = writeln!(md, "| {name} | {v} | {met} |");
         };
         let pair = |key: &str| get(key).and_then(|r| ratio(r.tunegate, r.peer));
-        target("single-stream decode ≥ 0.8× llama.cpp", pair("decode_128_tps"), |x| x >= 0.8);
-        target("prefill, 128-token prompt ≥ 0.8× llama.cpp", pair("prefill_128_tps"), |x| x >= 0.8);
-        target("first token, 1,000-token prompt ≤ 1.25× llama.cpp's prefill time", pair("ttft_1000_seconds"), |x| x <= 1.25);
+        target(&mut md, "single-stream decode ≥ 0.8× llama.cpp", pair("decode_128_tps"), |x| x >= 0.8);
+        target(&mut md, "prefill, 128-token prompt ≥ 0.8× llama.cpp", pair("prefill_128_tps"), |x| x >= 0.8);
+        target(&mut md, "first token, 1,000-token prompt ≤ 1.25× llama.cpp's prefill time", pair("ttft_1000_seconds"), |x| x <= 1.25);
         let own = |a: &str, b: &str| ratio(get(a).and_then(|r| r.tunegate), get(b).and_then(|r| r.tunegate));
-        target("8 streams, aggregate decode ≥ 2× single-stream decode", own("batch8_base_decode_tps", "decode_128_tps"), |x| x >= 2.0);
-        target("8 streams on 8 adapters ≥ 0.8× 8 base streams", own("batch8_lora_decode_tps", "batch8_base_decode_tps"), |x| x >= 0.8);
+        target(&mut md, "8 streams, aggregate decode ≥ 2× single-stream decode", own("batch8_base_decode_tps", "decode_128_tps"), |x| x >= 2.0);
+        target(&mut md, "8 streams on 8 adapters ≥ 0.8× 8 base streams", own("batch8_lora_decode_tps", "batch8_base_decode_tps"), |x| x >= 0.8);
         let load = get("adapter_load_seconds").and_then(|r| r.tunegate);
         let _ = writeln!(
             md,
@@ -416,19 +386,12 @@ impl Results<'_> {
         let _ = writeln!(md, "\n## Targets (issue 19: decode at depth, f16 KV cache)\n");
         let _ = writeln!(md, "| target | measured | met |");
         let _ = writeln!(md, "|---|---:|:---:|");
-        let mut target = |name: &str, value: Option<f64>, ok: fn(f64) -> bool| {
-            let (v, met) = match value {
-                Some(x) => (format!("{x:.2}×"), verdict(ok(x))),
-                None => ("n/a".into(), "n/a"),
-            };
-            let _ = writeln!(md, "| {name} | {v} | {met} |");
-        };
-        target("decode ≥ 1.1× llama.cpp from an empty context", pair("decode_128_tps"), |x| x >= 1.1);
-        target(&format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[0]), pair("decode_d512_tps"), |x| x >= 1.1);
-        target(&format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[1]), pair("decode_d2048_tps"), |x| x >= 1.1);
-        target("prefill, 128-token prompt ≥ 1.5× llama.cpp", pair("prefill_128_tps"), |x| x >= 1.5);
+        target(&mut md, "decode ≥ 1.1× llama.cpp from an empty context", pair("decode_128_tps"), |x| x >= 1.1);
+        target(&mut md, &format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[0]), pair("decode_d512_tps"), |x| x >= 1.1);
+        target(&mut md, &format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[1]), pair("decode_d2048_tps"), |x| x >= 1.1);
+        target(&mut md, "prefill, 128-token prompt ≥ 1.5× llama.cpp", pair("prefill_128_tps"), |x| x >= 1.5);
         // A shorter time is better: llama.cpp's time over ours is the speed ratio.
-        target("prefill, 1,000-token prompt ≥ 1.2× llama.cpp (speed)", pair("ttft_1000_seconds").map(|x| 1.0 / x), |x| x >= 1.2);
+        target(&mut md, "prefill, 1,000-token prompt ≥ 1.2× llama.cpp (speed)", pair("ttft_1000_seconds").map(|x| 1.0 / x), |x| x >= 1.2);
         let same_kv = self.settings.kv_type == tunegate::engine::model::KvType::F16;
         match (&self.long, self.peer_long_peak_rss) {
             (Some(l), Some(peer)) if same_kv => {

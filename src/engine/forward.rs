@@ -479,8 +479,8 @@ impl Model {
                                 let (kw, vw) = (sized(&mut wide.0, total * hd), sized(&mut wide.1, total * hd));
                                 for j in 0..total {
                                     let at = j * kv_dim + kvh * hd;
-                                    kernels::widen(&k[at..at + hd], &mut kw[j * hd..(j + 1) * hd]);
-                                    kernels::widen(&v[at..at + hd], &mut vw[j * hd..(j + 1) * hd]);
+                                    kernels::KvElem::widen(&k[at..at + hd], &mut kw[j * hd..(j + 1) * hd]);
+                                    kernels::KvElem::widen(&v[at..at + hd], &mut vw[j * hd..(j + 1) * hd]);
                                 }
                                 (wide.0.as_ptr(), wide.1.as_ptr(), hd)
                             }

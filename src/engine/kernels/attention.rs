@@ -12,22 +12,21 @@ use super::avx512f;
 pub trait KvElem: Copy + Send + Sync + 'static {
     /// Whether the AVX-512 kernel widens 16 halves per load.
     const HALF: bool;
-    fn to_f32(self) -> f32;
+    /// `src` as f32 into `dst` (the same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
 }
 
 impl KvElem for f32 {
     const HALF: bool = false;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 }
 
 impl KvElem for f16 {
     const HALF: bool = true;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
     }
 }
 
@@ -48,16 +47,16 @@ pub fn attend_group<T: KvElem>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let mut stats = [0f32; 2 * MAX_GROUP];
-    let group_stats = &mut stats[..2 * group.min(MAX_GROUP)];
-    if group > MAX_GROUP {
-        let mut stats = vec![0f32; 2 * group];
-        attend_group_part(q, group, hd, k, v, stride, off, 0..visible, scale, scores, out, &mut stats);
-        normalize(out, hd, &stats);
-        return;
-    }
-    attend_group_part(q, group, hd, k, v, stride, off, 0..visible, scale, scores, out, group_stats);
-    normalize(out, hd, group_stats);
+    let mut on_stack = [0f32; 2 * MAX_GROUP];
+    let mut on_heap = Vec::new();
+    let stats = if group <= MAX_GROUP {
+        &mut on_stack[..2 * group]
+    } else {
+        on_heap.resize(2 * group, 0.0);
+        &mut on_heap[..]
+    };
+    attend_group_part(q, group, hd, k, v, stride, off, 0..visible, scale, scores, out, stats);
+    normalize(out, hd, stats);
 }
 
 /// Query heads per kv head handled with stack scratch (more take the heap).
@@ -105,7 +104,7 @@ pub fn attend_group_part<T: KvElem>(
     }
     let mut row = vec![0f32; hd];
     for j in 0..n {
-        widen(&k[j * stride + off..j * stride + off + hd], &mut row);
+        T::widen(&k[j * stride + off..j * stride + off + hd], &mut row);
         for g in 0..group {
             scores[g * n + j] = dot(&q[g * hd..(g + 1) * hd], &row) * scale;
         }
@@ -117,7 +116,7 @@ pub fn attend_group_part<T: KvElem>(
     }
     acc.fill(0.0);
     for j in 0..n {
-        widen(&v[j * stride + off..j * stride + off + hd], &mut row);
+        T::widen(&v[j * stride + off..j * stride + off + hd], &mut row);
         for (g, og) in acc.chunks_exact_mut(hd).enumerate() {
             axpy(scores[g * n + j], &row, og);
         }
@@ -161,12 +160,6 @@ pub fn combine_parts(acc: &mut [f32], stats: &[f32], hd: usize, parts: usize) {
     first.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// Cached values as f32.
-pub fn widen<T: KvElem>(src: &[T], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 mod x86_attend {

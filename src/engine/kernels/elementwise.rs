@@ -93,12 +93,7 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// Softmax in place.
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let (_, sum) = super::exp_shifted(x);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;

@@ -27,7 +27,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::{attend_group, attend_group_part, combine_parts, exp_shifted, widen, KvElem};
+pub use attention::{attend_group, attend_group_part, combine_parts, exp_shifted, KvElem};
 pub use elementwise::{axpy, dot, rms_norm, rope, silu_mul, silu_mul_par, softmax};
 pub use quant::{ActBlock, QActs, Q4_1_BYTES, Q8_0_BYTES, QK};
 use quant::{tile, BlockFormat, Q4_1, Q8_0};

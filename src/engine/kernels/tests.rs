@@ -254,12 +254,12 @@ fn grouped_attention_matches_the_plain_loops() {
         let mut s16 = vec![0f32; visible];
         for g in 0..group {
             for (j, sj) in s16.iter_mut().enumerate() {
-                super::widen(&k16[j * stride + off..j * stride + off + hd], &mut row);
+                KvElem::widen(&k16[j * stride + off..j * stride + off + hd], &mut row);
                 *sj = (0..hd).map(|d| q[g * hd + d] * row[d]).sum::<f32>() * scale;
             }
             softmax(&mut s16);
             for (j, sj) in s16.iter().enumerate() {
-                super::widen(&v16[j * stride + off..j * stride + off + hd], &mut row);
+                KvElem::widen(&v16[j * stride + off..j * stride + off + hd], &mut row);
                 for d in 0..hd {
                     portable[g * hd + d] += sj * row[d];
                 }
