@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Storage, StorageRef, Tensor};
 
-use super::kernels::{self, MatmulPart, OutPtr, QActs, WeightRef};
+use super::kernels::{self, BlockType, MatmulPart, OutPtr, QActs, WeightRef};
 use super::lora::{BatchLora, Proj};
 use super::kv_cache::KvRows;
 use super::model::{Linear, Model, SeqBatch};
@@ -59,36 +59,49 @@ impl<'a> F32View<'a> {
     }
 }
 
+/// The kernels' name for a GGML block type they read in place (`None`: the loader must
+/// convert it).
+pub(crate) fn block_type(d: GgmlDType) -> Option<BlockType> {
+    Some(match d {
+        GgmlDType::Q8_0 => BlockType::Q8_0,
+        GgmlDType::Q4_1 => BlockType::Q4_1,
+        GgmlDType::Q4_0 => BlockType::Q4_0,
+        GgmlDType::Q5_0 => BlockType::Q5_0,
+        GgmlDType::Q5_1 => BlockType::Q5_1,
+        GgmlDType::Q4K => BlockType::Q4K,
+        GgmlDType::Q5K => BlockType::Q5K,
+        GgmlDType::Q6K => BlockType::Q6K,
+        _ => return None,
+    })
+}
+
 /// A projection weight held for a step.
 enum ProjWeight<'a> {
-    Q8(Cow<'a, [u8]>),
-    Q41(Cow<'a, [u8]>),
+    Blocks(BlockType, Cow<'a, [u8]>),
     Dense(F32View<'a>),
 }
 
 impl<'a> ProjWeight<'a> {
     fn new(l: &'a Linear) -> Result<Self> {
         match &l.weight {
-            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q8_0 => Ok(ProjWeight::Q8(q.data()?)),
-            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => Ok(ProjWeight::Q41(q.data()?)),
             QMatMul::Tensor(t) => Ok(ProjWeight::Dense(F32View::new(t)?)),
-            QMatMul::QTensor(q) => {
-                Err(EngineError::Internal(format!("{:?} weights reach the serving kernels (the loader converts them)", q.dtype())))
-            }
+            QMatMul::QTensor(q) => match block_type(q.dtype()) {
+                Some(t) => Ok(ProjWeight::Blocks(t, q.data()?)),
+                None => Err(EngineError::Internal(format!("{:?} weights reach the serving kernels (the loader converts them)", q.dtype()))),
+            },
             QMatMul::TensorF16(_) => Err(EngineError::Internal("f16 weights reach the serving kernels".into())),
         }
     }
 
     fn weight(&self) -> Result<WeightRef<'_>> {
         Ok(match self {
-            ProjWeight::Q8(b) => WeightRef::Q8_0(b),
-            ProjWeight::Q41(b) => WeightRef::Q4_1(b),
+            ProjWeight::Blocks(t, b) => WeightRef::Blocks(*t, b),
             ProjWeight::Dense(v) => WeightRef::F32(v.slice()?),
         })
     }
 
     fn is_quantized(&self) -> bool {
-        matches!(self, ProjWeight::Q8(_) | ProjWeight::Q41(_))
+        matches!(self, ProjWeight::Blocks(..))
     }
 }
 

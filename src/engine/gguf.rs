@@ -132,17 +132,20 @@ pub fn gguf_name(hf: &str) -> String {
     hf.to_string()
 }
 
-/// The serving kernels read Q8_0 and Q4_1 blocks and dense f32. Other block types are
-/// re-quantized to Q8_0 at load: near-lossless (8-bit blocks of the same 32 values, at the
-/// cost of more bytes than the 4–6-bit formats). Half-precision floats and row lengths that
-/// are no multiple of 32 become dense f32 (exact).
+/// The serving kernels read Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks in
+/// place, and dense f32. Other block types (Q2_K, Q3_K, the IQ formats) are re-quantized
+/// to Q8_0 at load: near-lossless (8-bit blocks of the same 32 values, at the cost of more
+/// bytes). Half-precision floats and row lengths that are no multiple of 32 become dense
+/// f32 (exact).
 fn serving_form(dtype: GgmlDType, k: usize) -> Option<GgmlDType> {
     match dtype {
-        GgmlDType::Q8_0 | GgmlDType::F32 => None,
-        GgmlDType::Q4_1 if k.is_multiple_of(32) => None,
+        GgmlDType::F32 => None,
         GgmlDType::F16 | GgmlDType::BF16 => Some(GgmlDType::F32),
-        _ if k.is_multiple_of(32) => Some(GgmlDType::Q8_0),
-        _ => Some(GgmlDType::F32),
+        _ => match crate::engine::forward::block_type(dtype) {
+            Some(t) if k.is_multiple_of(t.values()) => None,
+            _ if k.is_multiple_of(32) => Some(GgmlDType::Q8_0),
+            _ => Some(GgmlDType::F32),
+        },
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QMatMul};
 
 use super::gguf::GgufFile;
 use super::hf::SafetensorsDir;
@@ -142,13 +142,22 @@ fn quantized_gguf_types_load_and_track_reference() -> R {
         (GgmlDType::F16, 0.9999),
         (GgmlDType::Q8_0, 0.999),
         (GgmlDType::Q6K, 0.99),
+        (GgmlDType::Q5K, 0.98),
         (GgmlDType::Q4K, 0.95),
+        (GgmlDType::Q5_1, 0.98),
+        (GgmlDType::Q5_0, 0.98),
         (GgmlDType::Q4_1, 0.95),
         (GgmlDType::Q4_0, 0.95),
     ] {
         let p = dir.path().join(format!("{dt:?}.gguf"));
         w.write_gguf(&p, dt, None)?;
         let m = load_gguf(&p)?;
+        // Block types the kernels read stay as the file has them (no re-quantization).
+        if let QMatMul::QTensor(q) = &m.layers[0].mlp.down_proj.weight {
+            anyhow::ensure!(q.dtype() == dt, "{dt:?} loaded as {:?}", q.dtype());
+        } else {
+            anyhow::ensure!(dt == GgmlDType::F16, "{dt:?} loaded dense");
+        }
         let got = run_steps(&m, &prompt, 0, None)?.remove(0);
         let dot: f32 = got.iter().zip(reference).map(|(a, b)| a * b).sum();
         let na: f32 = got.iter().map(|a| a * a).sum::<f32>().sqrt();

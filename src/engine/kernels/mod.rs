@@ -3,9 +3,11 @@
 //! formats and their dot kernels (`x86.rs` the intrinsics), `elementwise.rs` and
 //! `attention.rs` the rest.
 //!
-//! Quantized projections are Q8_0 weights (GGML's layout: per 32 values an f16 scale and
-//! 32 `i8`, 34 bytes) or Q4_1 weights (an f16 scale and minimum and 32 4-bit values, 20
-//! bytes), read in place from candle's storage, times activations quantized
+//! Quantized projections are GGML blocks read in place from candle's storage: Q8_0 (per
+//! 32 values an f16 scale and 32 `i8`, 34 bytes), Q4_1 (an f16 scale and minimum and 32
+//! 4-bit values, 20 bytes), Q4_0, Q5_0, Q5_1, and the K-quants Q4_K, Q5_K, Q6_K (256-value
+//! super-blocks of 32-value sub-blocks: the blocks inside Q4_K_M / Q5_K_M files), times
+//! activations quantized
 //! once per input to the same 32-value blocks ([`QActs`], f32 scales). The integer dot
 //! product of a block pair is exact; only the activation rounding (< 0.4% per value)
 //! differs from an f32 product, as in llama.cpp. Each weight row is multiplied with up to
@@ -30,7 +32,7 @@ mod x86;
 pub use attention::{attend_group, attend_group_part, combine_parts, exp_shifted, KvElem};
 pub use elementwise::{axpy, dot, rms_norm, rope, silu_mul, silu_mul_par, softmax};
 pub use quant::{ActBlock, QActs, Q4_1_BYTES, Q8_0_BYTES, QK};
-use quant::{tile, BlockFormat, Q4_1, Q8_0};
+use quant::{tile, BlockFormat, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
 
 /// Which dot-product kernel this CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,13 +80,48 @@ pub(crate) fn avx512f() -> bool {
     *F.get_or_init(|| isa() != Isa::Portable && is_x86_feature_detected!("avx512f"))
 }
 
+/// A GGML block format the kernels read in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockType {
+    Q8_0,
+    Q4_1,
+    Q4_0,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl BlockType {
+    /// Values per block (a row's length must be a multiple).
+    pub fn values(self) -> usize {
+        match self {
+            BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => Q4K::VALUES,
+            _ => QK,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn bytes(self) -> usize {
+        match self {
+            BlockType::Q8_0 => Q8_0::BYTES,
+            BlockType::Q4_1 => Q4_1::BYTES,
+            BlockType::Q4_0 => Q4_0::BYTES,
+            BlockType::Q5_0 => Q5_0::BYTES,
+            BlockType::Q5_1 => Q5_1::BYTES,
+            BlockType::Q4K => Q4K::BYTES,
+            BlockType::Q5K => Q5K::BYTES,
+            BlockType::Q6K => Q6K::BYTES,
+        }
+    }
+}
+
 /// A projection weight `[n, k]` as the kernels read it.
 #[derive(Clone, Copy)]
 pub enum WeightRef<'a> {
-    /// GGML Q8_0 blocks, row-major.
-    Q8_0(&'a [u8]),
-    /// GGML Q4_1 blocks, row-major.
-    Q4_1(&'a [u8]),
+    /// GGML blocks of one type, row-major.
+    Blocks(BlockType, &'a [u8]),
     /// Dense f32, row-major.
     F32(&'a [f32]),
 }
@@ -243,8 +280,19 @@ pub fn matmul(
         let mut warm = Warm::new(prefetch, tid, ranges().map(|(_, r0, r1)| tile_calls(r1 - r0, m)).sum());
         for (p, r0, r1) in ranges() {
             match p.weight {
-                WeightRef::Q8_0(w) => quant_rows::<Q8_0>(isa, w, k / QK * Q8_0::BYTES, xq, r0, r1, out_ptr, stride, p.col, &mut warm),
-                WeightRef::Q4_1(w) => quant_rows::<Q4_1>(isa, w, k / QK * Q4_1::BYTES, xq, r0, r1, out_ptr, stride, p.col, &mut warm),
+                WeightRef::Blocks(t, w) => {
+                    let rows = (isa, w, k / t.values() * t.bytes(), xq, r0, r1, out_ptr, stride, p.col);
+                    match t {
+                        BlockType::Q8_0 => quant_rows::<Q8_0>(rows, &mut warm),
+                        BlockType::Q4_1 => quant_rows::<Q4_1>(rows, &mut warm),
+                        BlockType::Q4_0 => quant_rows::<Q4_0>(rows, &mut warm),
+                        BlockType::Q5_0 => quant_rows::<Q5_0>(rows, &mut warm),
+                        BlockType::Q5_1 => quant_rows::<Q5_1>(rows, &mut warm),
+                        BlockType::Q4K => quant_rows::<Q4K>(rows, &mut warm),
+                        BlockType::Q5K => quant_rows::<Q5K>(rows, &mut warm),
+                        BlockType::Q6K => quant_rows::<Q6K>(rows, &mut warm),
+                    }
+                }
                 WeightRef::F32(w) => f32_rows(w, k, x, m, r0, r1, out_ptr, stride, p.col),
             }
         }
@@ -257,22 +305,15 @@ pub fn matmul(
     }
 }
 
+/// What [`quant_rows`] multiplies: the ISA, the weight's bytes and bytes per row, the
+/// quantized activations, the weight rows `r0..r1`, and where the outputs go (base
+/// pointer, row stride, first column).
+type QuantRows<'a, 'b> = (Isa, &'a [u8], usize, &'b QActs, usize, usize, OutPtr, usize, usize);
+
 /// Rows `r0..r1` of a block-quantized weight (`row_bytes` per row) times every activation
 /// row: tiles of 2 weight rows × 4 activation rows, and of 4 weight rows × 1 activation
 /// row for the rest (decode).
-#[expect(clippy::too_many_arguments, reason = "one argument per operand of the kernel")]
-fn quant_rows<F: BlockFormat>(
-    isa: Isa,
-    w: &[u8],
-    row_bytes: usize,
-    xq: &QActs,
-    r0: usize,
-    r1: usize,
-    out: OutPtr,
-    stride: usize,
-    col: usize,
-    warm: &mut Warm<'_>,
-) {
+fn quant_rows<F: BlockFormat>((isa, w, row_bytes, xq, r0, r1, out, stride, col): QuantRows<'_, '_>, warm: &mut Warm<'_>) {
     let m = xq.rows;
     let wrow = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     // Writes below: row i < m, column col + r < stride; cells are disjoint across threads

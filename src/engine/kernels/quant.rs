@@ -114,9 +114,13 @@ pub(super) fn quantize_blocks_portable(x: &[f32], out: &mut [ActBlock]) {
 }
 
 
-/// A weight block format the tile kernels read: its bytes per block and its dot kernels.
+/// A weight block format the tile kernels read: its bytes and values per block and its dot
+/// kernels.
 pub(crate) trait BlockFormat {
     const BYTES: usize;
+    /// Values per block: 32, or 256 for the K-quants' super-blocks (a row's length is a
+    /// multiple of it).
+    const VALUES: usize = QK;
     /// One weight row against `N` activation rows, as plain loops (what every vector
     /// variant must equal).
     fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N];
@@ -174,6 +178,277 @@ impl BlockFormat for Q4_1 {
     }
 }
 
+/// The scales of a one-sub-block format's block: `d`, and `mn`, which multiplies the
+/// activation block's sum `s` (a minimum, or the offset the unsigned values carry times `d`).
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct Uniform {
+    pub d: f32,
+    pub mn: f32,
+}
+
+/// The scales of a K-quant super-block: sub-block `j`'s first 16 values scale by
+/// `sc[2j]`, its last 16 by `sc[2j + 1]` (they differ only in Q6_K), and `mn[j]` multiplies
+/// the activation block's sum (0 for Q6_K's signed values).
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct KHead {
+    pub sc: [f32; 16],
+    pub mn: [f32; 8],
+}
+
+/// A GGML format read as sub-blocks of 32 small integers, one per activation block:
+/// Q4_0, Q5_0 and Q5_1 (one per block) and the K-quants Q4_K, Q5_K and Q6_K (eight per
+/// 256-value super-block, whose 6- or 8-bit sub-block scales [`KHead`] holds decoded). One
+/// portable loop and one vector kernel per instruction set serve them all; a format only
+/// says how its bytes unpack.
+pub(crate) trait SubBlocks: BlockFormat {
+    /// The integers are signed (`-32..32`, Q6_K); else unsigned (`0..32`).
+    const SIGNED: bool;
+    /// A block's decoded scales.
+    type Head: Copy + Default;
+    /// The scales of block `b` (`BYTES` bytes).
+    fn head(b: &[u8]) -> Self::Head;
+    /// The scale of 16-value half `i` of the block (sub-block `i / 2`).
+    fn scale(h: &Self::Head, i: usize) -> f32;
+    /// What sub-block `j`'s activation sum multiplies.
+    fn min(h: &Self::Head, j: usize) -> f32;
+    /// Sub-block `j`'s 32 integers, in the activations' order.
+    fn ints(b: &[u8], j: usize) -> [i8; QK];
+}
+
+/// GGML Q4_0: an f16 scale and 32 4-bit values (value = (q − 8)·d), 18 bytes.
+pub(crate) struct Q4_0;
+/// GGML Q5_0: an f16 scale, 32 high bits and 32 4-bit values (value = (q − 16)·d), 22 bytes.
+pub(crate) struct Q5_0;
+/// GGML Q5_1: an f16 scale and minimum, 32 high bits, 32 4-bit values (q·d + m), 24 bytes.
+pub(crate) struct Q5_1;
+/// GGML Q4_K: per 256 values an f16 scale and minimum, eight 6-bit sub-block scales and
+/// minimums, 4-bit values (value = d·sc·q − dmin·m), 144 bytes.
+pub(crate) struct Q4K;
+/// GGML Q5_K: Q4_K's scales with 5-bit values (a bit plane of high bits), 176 bytes.
+pub(crate) struct Q5K;
+/// GGML Q6_K: per 256 values 6-bit values (low nibbles, then 2-bit high parts), sixteen
+/// `i8` scales of 16 values each, an f16 scale (value = d·sc·(q − 32)), 210 bytes.
+pub(crate) struct Q6K;
+
+/// A 32-value block's nibbles in value order: low nibble of byte `j` is value `j`, high
+/// nibble value `j + 16`.
+fn nibbles16(qs: &[u8]) -> [i8; QK] {
+    let mut q = [0i8; QK];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0x0F) as i8;
+        q[j + 16] = (qs[j] >> 4) as i8;
+    }
+    q
+}
+
+/// Q5_0 / Q5_1: bit `i` of the little-endian `qh` is value `i`'s fifth bit.
+fn with_high_bits(mut q: [i8; QK], qh: &[u8]) -> [i8; QK] {
+    let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    for (i, v) in q.iter_mut().enumerate() {
+        *v |= (((bits >> i) & 1) << 4) as i8;
+    }
+    q
+}
+
+/// Q4_K / Q5_K: the sub-block scales and minimums, 6 bits each packed in 12 bytes
+/// (sub-blocks 0–3 in the low 6 bits of bytes 0–7; 4–7 in bytes 8–11's nibbles with their
+/// top two bits in the high bits of bytes 0–7).
+fn k4_head(b: &[u8]) -> KHead {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let s = &b[4..16];
+    let mut h = KHead::default();
+    for j in 0..8 {
+        let (sc, m) = if j < 4 {
+            (s[j] & 63, s[j + 4] & 63)
+        } else {
+            ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        };
+        h.sc[2 * j] = d * f32::from(sc);
+        h.sc[2 * j + 1] = h.sc[2 * j];
+        h.mn[j] = -dmin * f32::from(m);
+    }
+    h
+}
+
+/// Q4_K / Q5_K's 4-bit parts of sub-block `j`: 32 bytes per pair of sub-blocks, the even
+/// one in the low nibbles.
+fn k4_nibbles(qs: &[u8], j: usize) -> [i8; QK] {
+    let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+    let shift = 4 * (j % 2);
+    std::array::from_fn(|l| ((bytes[l] >> shift) & 0x0F) as i8)
+}
+
+/// The scale and minimum accessors of the one-sub-block formats.
+macro_rules! uniform_scales {
+    () => {
+        type Head = Uniform;
+        #[inline(always)]
+        fn scale(h: &Uniform, _: usize) -> f32 {
+            h.d
+        }
+        #[inline(always)]
+        fn min(h: &Uniform, _: usize) -> f32 {
+            h.mn
+        }
+    };
+}
+
+/// The scale and minimum accessors of the K-quants.
+macro_rules! k_scales {
+    () => {
+        type Head = KHead;
+        #[inline(always)]
+        fn scale(h: &KHead, i: usize) -> f32 {
+            h.sc[i]
+        }
+        #[inline(always)]
+        fn min(h: &KHead, j: usize) -> f32 {
+            h.mn[j]
+        }
+    };
+}
+
+impl SubBlocks for Q4_0 {
+    const SIGNED: bool = false;
+    uniform_scales!();
+    fn head(b: &[u8]) -> Uniform {
+        let d = f16_at(b, 0);
+        Uniform { d, mn: -8.0 * d }
+    }
+    fn ints(b: &[u8], _: usize) -> [i8; QK] {
+        nibbles16(&b[2..18])
+    }
+}
+
+impl SubBlocks for Q5_0 {
+    const SIGNED: bool = false;
+    uniform_scales!();
+    fn head(b: &[u8]) -> Uniform {
+        let d = f16_at(b, 0);
+        Uniform { d, mn: -16.0 * d }
+    }
+    fn ints(b: &[u8], _: usize) -> [i8; QK] {
+        with_high_bits(nibbles16(&b[6..22]), &b[2..6])
+    }
+}
+
+impl SubBlocks for Q5_1 {
+    const SIGNED: bool = false;
+    uniform_scales!();
+    fn head(b: &[u8]) -> Uniform {
+        Uniform { d: f16_at(b, 0), mn: f16_at(b, 2) }
+    }
+    fn ints(b: &[u8], _: usize) -> [i8; QK] {
+        with_high_bits(nibbles16(&b[8..24]), &b[4..8])
+    }
+}
+
+impl SubBlocks for Q4K {
+    const SIGNED: bool = false;
+    k_scales!();
+    fn head(b: &[u8]) -> KHead {
+        k4_head(b)
+    }
+    fn ints(b: &[u8], j: usize) -> [i8; QK] {
+        k4_nibbles(&b[16..144], j)
+    }
+}
+
+impl SubBlocks for Q5K {
+    const SIGNED: bool = false;
+    k_scales!();
+    fn head(b: &[u8]) -> KHead {
+        k4_head(b)
+    }
+    fn ints(b: &[u8], j: usize) -> [i8; QK] {
+        let (qh, qs) = (&b[16..48], &b[48..176]);
+        let mut q = k4_nibbles(qs, j);
+        for (v, h) in q.iter_mut().zip(qh) {
+            *v |= (((h >> j) & 1) << 4) as i8;
+        }
+        q
+    }
+}
+
+impl SubBlocks for Q6K {
+    const SIGNED: bool = true;
+    k_scales!();
+    fn head(b: &[u8]) -> KHead {
+        let d = f16_at(b, 208);
+        let mut h = KHead::default();
+        for (sc, &s) in h.sc.iter_mut().zip(&b[192..208]) {
+            *sc = d * f32::from(s as i8);
+        }
+        h
+    }
+    fn ints(b: &[u8], j: usize) -> [i8; QK] {
+        // Each half of 128 values: 64 bytes of nibbles (sub-blocks 0, 1 low; 2, 3 high) and
+        // 32 bytes of 2-bit high parts (sub-block s at bits 2s).
+        let (half, s) = (j / 4, j % 4);
+        let ql = &b[64 * half + 32 * (s % 2)..][..32];
+        let qh = &b[128 + 32 * half..][..32];
+        std::array::from_fn(|l| {
+            let low = (ql[l] >> (4 * (s / 2))) & 0x0F;
+            let high = (qh[l] >> (2 * s)) & 3;
+            (low | (high << 4)) as i8 - 32
+        })
+    }
+}
+
+/// The portable loop of every [`SubBlocks`] format: per sub-block and activation block,
+/// the integer dot product of each 16-value half, scaled, plus the minimum's term.
+pub(super) fn sub_blocks_portable<F: SubBlocks, const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+    let nb = w.len() / F::BYTES;
+    let subs = F::VALUES / QK;
+    let mut out = [0f32; N];
+    for b in 0..nb {
+        let blk = &w[b * F::BYTES..(b + 1) * F::BYTES];
+        let h = F::head(blk);
+        for j in 0..subs {
+            let q = F::ints(blk, j);
+            for (acc, x) in out.iter_mut().zip(&xs) {
+                let xb = &x[b * subs + j];
+                let half = |r: std::ops::Range<usize>| r.map(|i| i32::from(q[i]) * i32::from(xb.qs[i])).sum::<i32>() as f32;
+                *acc += xb.d * (F::scale(&h, 2 * j) * half(0..16) + F::scale(&h, 2 * j + 1) * half(16..32)) + F::min(&h, j) * xb.s;
+            }
+        }
+    }
+    out
+}
+
+/// [`BlockFormat`] for a [`SubBlocks`] format: the shared portable loop and vector kernels.
+macro_rules! sub_block_format {
+    ($t:ty, $bytes:expr, $values:expr) => {
+        impl BlockFormat for $t {
+            const BYTES: usize = $bytes;
+            const VALUES: usize = $values;
+            fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
+                sub_blocks_portable::<Self, N>(w, xs)
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn x86<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> Option<[[f32; N]; R]> {
+                use super::x86::*;
+                // SAFETY: the caller's contract (see the trait).
+                unsafe {
+                    match isa {
+                        Isa::Avx512Vnni => Some(sub_blocks_vnni512_pairs::<Self, R, N>(ws, xs)),
+                        Isa::AvxVnni => Some(sub_blocks_vnni256::<Self, R, N>(ws, xs)),
+                        Isa::Avx2 => Some(sub_blocks_avx2::<Self, R, N>(ws, xs)),
+                        Isa::Portable => None,
+                    }
+                }
+            }
+        }
+    };
+}
+
+sub_block_format!(Q4_0, 18, QK);
+sub_block_format!(Q5_0, 22, QK);
+sub_block_format!(Q5_1, 24, QK);
+sub_block_format!(Q4K, 144, 256);
+sub_block_format!(Q5K, 176, 256);
+sub_block_format!(Q6K, 210, 256);
+
 /// Dot products of `R` weight rows of format `F` (raw bytes, the same number of blocks
 /// each) with `N` activation rows: `R × N` independent accumulators, so neither decode (one
 /// activation row; several weight rows) nor prefill (one weight row; several activation
@@ -190,7 +465,7 @@ pub(crate) fn tile<F: BlockFormat, const R: usize, const N: usize>(isa: Isa, ws:
     ws.map(|w| F::portable::<N>(w, xs))
 }
 
-fn f16_at(w: &[u8], o: usize) -> f32 {
+pub(super) fn f16_at(w: &[u8], o: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
 }
 

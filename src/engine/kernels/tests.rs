@@ -17,6 +17,24 @@ fn q8_0_bytes(w: &[f32]) -> Vec<u8> {
     out
 }
 
+/// The portable kernels and every vector variant this CPU runs.
+fn isas() -> Vec<Isa> {
+    let mut isas = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512bw") {
+                isas.push(Isa::Avx512Vnni);
+            }
+            if is_x86_feature_detected!("avxvnni") {
+                isas.push(Isa::AvxVnni);
+            }
+        }
+    }
+    isas
+}
+
 #[test]
 fn vector_quantization_equals_the_scalar_loop() {
     // Values at and near the rounding halves, zeros, a zero block, sign changes.
@@ -117,19 +135,7 @@ fn every_isa_gives_the_exact_integer_dot_product() {
     let mut xq = QActs::default();
     xq.quantize(&xs, k);
     let want = q8_0_portable::<4>(&wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
-    let mut isas = vec![Isa::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512bw") {
-                isas.push(Isa::Avx512Vnni);
-            }
-            if is_x86_feature_detected!("avxvnni") {
-                isas.push(Isa::AvxVnni);
-            }
-        }
-    }
+    let isas = isas();
     for isa in isas {
         let [got4] = tile::<Q8_0, 1, 4>(isa, [&wb], [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
         for t in 0..4 {
@@ -166,19 +172,7 @@ fn q4_1_rows_match_at(k: usize) -> candle_core::Result<()> {
     let mut xq = QActs::default();
     xq.quantize(&xs, k);
     let row = k / QK * Q4_1_BYTES;
-    let mut isas = vec![Isa::Portable];
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") && is_x86_feature_detected!("fma") {
-            isas.push(Isa::Avx2);
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512bw") {
-                isas.push(Isa::Avx512Vnni);
-            }
-            if is_x86_feature_detected!("avxvnni") {
-                isas.push(Isa::AvxVnni);
-            }
-        }
-    }
+    let isas = isas();
     for r in 0..n {
         let wr = &bytes[r * row..(r + 1) * row];
         let want = q4_1_portable::<4>(wr, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
@@ -206,6 +200,75 @@ fn q4_1_rows_match_at(k: usize) -> candle_core::Result<()> {
         for t in 0..4 {
             let exact = dot(&deq[r], &xs[t * k..(t + 1) * k]);
             assert!((want[t] - exact).abs() < 0.02 * exact.abs().max(1.0), "({r},{t}): {} vs {exact}", want[t]);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sub_block_formats_match_candles_dequantized_weights() -> candle_core::Result<()> {
+    use candle_core::quantized::GgmlDType;
+    // Two super-blocks for the K-quants; 16 blocks and 17 (the 512-bit kernel's tail) for
+    // the 32-value formats.
+    for k in [512, 544] {
+        sub_blocks_match::<Q4_0>(GgmlDType::Q4_0, k)?;
+        sub_blocks_match::<Q5_0>(GgmlDType::Q5_0, k)?;
+        sub_blocks_match::<Q5_1>(GgmlDType::Q5_1, k)?;
+    }
+    sub_blocks_match::<Q4K>(GgmlDType::Q4K, 512)?;
+    sub_blocks_match::<Q5K>(GgmlDType::Q5K, 512)?;
+    sub_blocks_match::<Q6K>(GgmlDType::Q6K, 512)?;
+    Ok(())
+}
+
+/// Format `F` against candle's own quantizer and dequantizer (an independent reading of
+/// the GGML layout): the portable loop equals the f32 product of candle's dequantized
+/// rows up to the activations' rounding, and every ISA's tiles equal the portable loop.
+fn sub_blocks_match<F: BlockFormat>(dtype: candle_core::quantized::GgmlDType, k: usize) -> candle_core::Result<()> {
+    use candle_core::quantized::QTensor;
+    let n = 5;
+    // Rows of different ranges and signs, so sub-block scales and minimums differ.
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| {
+            let (r, c) = (i / k, i % k);
+            ((c * 29 + r * 7) % 97) as f32 / 40.0 * (1.0 + (c / 32 % 5) as f32) - 1.1 * r as f32 / 2.0
+        })
+        .collect();
+    let t = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu)?;
+    let q = QTensor::quantize(&t, dtype)?;
+    assert_eq!(q.dtype(), dtype);
+    let bytes = q.data()?.to_vec();
+    let row = k / F::VALUES * F::BYTES;
+    assert_eq!(bytes.len(), n * row, "{dtype:?}");
+    let deq = q.dequantize(&candle_core::Device::Cpu)?.to_vec2::<f32>()?;
+    let xs: Vec<f32> = (0..4 * k).map(|i| ((i * 13 % 31) as f32 / 9.0) - 1.5).collect();
+    let mut xq = QActs::default();
+    xq.quantize(&xs, k);
+    let x4 = [xq.row(0), xq.row(1), xq.row(2), xq.row(3)];
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs().max(1.0);
+    for r in 0..n {
+        let wr = &bytes[r * row..(r + 1) * row];
+        let want = F::portable::<4>(wr, x4);
+        for t in 0..4 {
+            let x = &xs[t * k..(t + 1) * k];
+            let exact = dot(&deq[r], x);
+            let scale: f32 = deq[r].iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+            assert!((want[t] - exact).abs() < 0.01 * scale, "{dtype:?} ({r},{t}): {} vs {exact}", want[t]);
+        }
+        let r2 = (r + 1) % n;
+        let w2 = &bytes[r2 * row..(r2 + 1) * row];
+        let want2 = F::portable::<4>(w2, x4);
+        for isa in isas() {
+            let [g1, g2] = tile::<F, 2, 4>(isa, [wr, w2], x4);
+            let [[h1], [h2], [h3], [h4]] = tile::<F, 4, 1>(isa, [wr, w2, wr, w2], [xq.row(1)]);
+            for t in 0..4 {
+                let [[one]] = tile::<F, 1, 1>(isa, [wr], [xq.row(t)]);
+                assert!(close(g1[t], want[t]) && close(one, want[t]), "{dtype:?} {isa:?} ({r},{t}): {} {one} vs {}", g1[t], want[t]);
+                assert!(close(g2[t], want2[t]), "{dtype:?} {isa:?} ({r2},{t})");
+            }
+            for (h, w) in [(h1, want[1]), (h2, want2[1]), (h3, want[1]), (h4, want2[1])] {
+                assert!(close(h, w), "{dtype:?} {isa:?} 4x1 ({r}): {h} vs {w}");
+            }
         }
     }
     Ok(())
@@ -291,8 +354,8 @@ fn fused_parts_land_in_their_columns() -> candle_core::Result<()> {
         let mut out = vec![0f32; m * stride];
         let parts = [
             MatmulPart { weight: WeightRef::F32(&w1), n: 3, col: 0 },
-            MatmulPart { weight: WeightRef::Q8_0(&w2q), n: 41, col: 3 },
-            MatmulPart { weight: WeightRef::Q4_1(&w3q), n: 13, col: 44 },
+            MatmulPart { weight: WeightRef::Blocks(BlockType::Q8_0, &w2q), n: 41, col: 3 },
+            MatmulPart { weight: WeightRef::Blocks(BlockType::Q4_1, &w3q), n: 13, col: 44 },
         ];
         matmul(&pool, &x, &xq, k, &parts, &mut out, stride, &Prefetch::default());
         for i in 0..m {
