@@ -29,6 +29,10 @@ pub struct TinySpec {
     pub vocab: usize,
     pub max_pos: usize,
     pub qwen2: bool,
+    /// A Gemma 3 model with this sliding window: per-head q/k norms, norms after attention
+    /// and MLP, GELU gating, embeddings scaled by √hidden, tied head; every sixth layer
+    /// global (RoPE base `rope_theta`), the others local (window, RoPE base 10,000).
+    pub gemma_window: Option<usize>,
     pub rope_theta: f32,
     pub eps: f32,
     pub tie_embeddings: bool,
@@ -45,19 +49,34 @@ impl TinySpec {
             vocab,
             max_pos: 1024,
             qwen2: false,
+            gemma_window: None,
             rope_theta: 10_000.0,
             eps: 1e-5,
             tie_embeddings: false,
         }
     }
 
+    /// A tiny Gemma 3: seven layers (the sixth global, the rest local with a window of 5
+    /// positions), global RoPE base 1,000,000 as Gemma 3 has it.
+    pub fn gemma(vocab: usize) -> Self {
+        Self { layers: 7, gemma_window: Some(5), rope_theta: 1_000_000.0, eps: 1e-6, tie_embeddings: true, ..Self::llama(vocab) }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
 
+    fn architecture(&self) -> &'static str {
+        match (self.qwen2, self.gemma_window) {
+            (true, _) => "qwen2",
+            (false, Some(_)) => "gemma3",
+            _ => "llama",
+        }
+    }
+
     pub fn shape(&self) -> ModelShape {
         ModelShape {
-            architecture: if self.qwen2 { "qwen2" } else { "llama" }.into(),
+            architecture: self.architecture().into(),
             base_name: "tiny".into(),
             vocab_size: self.vocab,
             hidden_size: self.hidden,
@@ -108,6 +127,13 @@ impl TinyWeights {
                 let s = if proj == Proj::Down { 1.0 / (i as f32).sqrt() } else { std };
                 put(format!("{p}.{}.weight", proj.module_path()), vec![o, inp], randn(&mut rng, o * inp, s));
             }
+            if spec.gemma_window.is_some() {
+                put(format!("{p}.post_attention_norm.weight"), vec![h], norm(&mut rng));
+                put(format!("{p}.post_feedforward_layernorm.weight"), vec![h], norm(&mut rng));
+                let head_norm = |rng: &mut StdRng| (0..hd).map(|_| 1.0 + 0.5 * (rng.random::<f32>() - 0.5)).collect();
+                put(format!("{p}.self_attn.q_norm.weight"), vec![hd], head_norm(&mut rng));
+                put(format!("{p}.self_attn.k_norm.weight"), vec![hd], head_norm(&mut rng));
+            }
             if spec.qwen2 {
                 for (proj, n) in [(Proj::Q, spec.heads * hd), (Proj::K, spec.kv_heads * hd), (Proj::V, spec.kv_heads * hd)] {
                     put(format!("{p}.{}.bias", proj.module_path()), vec![n], randn(&mut rng, n, 0.1));
@@ -134,13 +160,13 @@ impl TinyWeights {
     /// Llama), 2-D weights in `dtype`, norms and biases in f32, and the tiny tokenizer.
     pub fn write_gguf(&self, path: &Path, dtype: GgmlDType, vocab: Option<&TinyVocab>) -> anyhow::Result<()> {
         let spec = &self.spec;
-        let arch = if spec.qwen2 { "qwen2" } else { "llama" };
+        let arch = spec.architecture();
         let mut qt: Vec<(String, QTensor)> = Vec::new();
         let mut names: Vec<&String> = self.tensors.keys().collect();
         names.sort();
         for name in names {
             let mut t = self.tensor(name)?;
-            if !spec.qwen2 {
+            if arch == "llama" {
                 if name.ends_with("q_proj.weight") {
                     t = crate::engine::model::permute_qk_rows(&t, spec.heads, false)?;
                 } else if name.ends_with("k_proj.weight") {
@@ -165,6 +191,9 @@ impl TinyWeights {
             (k("rope.freq_base"), V::F32(spec.rope_theta)),
             (k("vocab_size"), V::U32(spec.vocab as u32)),
         ];
+        if let Some(window) = spec.gemma_window {
+            md.push((k("attention.sliding_window"), V::U32(window as u32)));
+        }
         if let Some(v) = vocab {
             anyhow::ensure!(v.tokens.len() == spec.vocab, "vocab size mismatch");
             md.extend([
@@ -304,8 +333,13 @@ pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<V
     let s = &w.spec;
     let (h, hd, nh, nkv) = (s.hidden, s.head_dim(), s.heads, s.kv_heads);
     let t = tokens.len();
+    let gemma = s.gemma_window;
     let emb = &w.get("model.embed_tokens.weight")?.1;
-    let mut x: Vec<Vec<f32>> = tokens.iter().map(|&id| emb[id as usize * h..(id as usize + 1) * h].to_vec()).collect();
+    let emb_scale = if gemma.is_some() { (h as f32).sqrt() } else { 1.0 };
+    let mut x: Vec<Vec<f32>> =
+        tokens.iter().map(|&id| emb[id as usize * h..(id as usize + 1) * h].iter().map(|v| v * emb_scale).collect()).collect();
+    // Gemma 3: layers 6, 12, … (1-based) global, the others local.
+    let window = |l: usize| gemma.filter(|_| (l + 1) % 6 != 0);
     let matvec = |m: &[f32], v: &[f32], out: usize| -> Vec<f32> {
         let inp = v.len();
         (0..out).map(|r| (0..inp).map(|c| m[r * inp + c] * v[c]).sum()).collect()
@@ -315,10 +349,10 @@ pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<V
         let inv = 1.0 / (ms + s.eps).sqrt();
         v.iter().zip(g).map(|(a, g)| a * inv * g).collect()
     };
-    let rope = |v: &mut [f32], pos: usize| {
+    let rope = |v: &mut [f32], pos: usize, theta: f32| {
         for head in v.chunks_mut(hd) {
             for i in 0..hd / 2 {
-                let freq = 1.0 / s.rope_theta.powf(2.0 * i as f32 / hd as f32);
+                let freq = 1.0 / theta.powf(2.0 * i as f32 / hd as f32);
                 let (c, sn) = ((pos as f32 * freq).cos(), (pos as f32 * freq).sin());
                 let (a, b) = (head[i], head[i + hd / 2]);
                 head[i] = a * c - b * sn;
@@ -343,8 +377,15 @@ pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<V
                     vec.iter_mut().zip(b).for_each(|(a, b)| *a += b);
                 }
             }
-            rope(&mut q, pos);
-            rope(&mut k, pos);
+            if gemma.is_some() {
+                for (vec, name) in [(&mut q, "self_attn.q_norm.weight"), (&mut k, "self_attn.k_norm.weight")] {
+                    let g = wt(name)?;
+                    *vec = vec.chunks(hd).flat_map(|head| rms(head, g)).collect();
+                }
+            }
+            let theta = if window(l).is_some() { 10_000.0 } else { s.rope_theta };
+            rope(&mut q, pos, theta);
+            rope(&mut k, pos, theta);
             qs.push(q);
             ks.push(k);
             vs.push(v);
@@ -354,7 +395,9 @@ pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<V
             for head in 0..nh {
                 let kvh = head / (nh / nkv);
                 let q = &qs[i][head * hd..(head + 1) * hd];
-                let scores: Vec<f32> = (0..=i)
+                // A local layer's query sees positions i - window + 1 ..= i.
+                let first = window(l).map_or(0, |n| (i + 1).saturating_sub(n));
+                let scores: Vec<f32> = (first..=i)
                     .map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
                     .collect();
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -362,17 +405,28 @@ pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<V
                 let z: f32 = e.iter().sum();
                 for (j, ej) in e.iter().enumerate() {
                     for d in 0..hd {
-                        attn[head * hd + d] += ej / z * vs[j][kvh * hd + d];
+                        attn[head * hd + d] += ej / z * vs[first + j][kvh * hd + d];
                     }
                 }
             }
-            let o = matvec(wt("self_attn.o_proj.weight")?, &attn, h);
+            let mut o = matvec(wt("self_attn.o_proj.weight")?, &attn, h);
+            if gemma.is_some() {
+                o = rms(&o, wt("post_attention_norm.weight")?);
+            }
             x[i].iter_mut().zip(o).for_each(|(a, b)| *a += b);
             let hn = rms(&x[i], wt("post_attention_layernorm.weight")?);
             let g = matvec(wt("mlp.gate_proj.weight")?, &hn, s.intermediate);
             let u = matvec(wt("mlp.up_proj.weight")?, &hn, s.intermediate);
-            let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let d = matvec(wt("mlp.down_proj.weight")?, &act, h);
+            let act: Vec<f32> = if gemma.is_some() {
+                // GELU, tanh approximation: 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))).
+                g.iter().zip(&u).map(|(g, u)| 0.5 * g * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()) * u).collect()
+            } else {
+                g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+            };
+            let mut d = matvec(wt("mlp.down_proj.weight")?, &act, h);
+            if gemma.is_some() {
+                d = rms(&d, wt("post_feedforward_layernorm.weight")?);
+            }
             x[i].iter_mut().zip(d).for_each(|(a, b)| *a += b);
         }
     }

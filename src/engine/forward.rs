@@ -138,6 +138,20 @@ pub(super) fn room(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// `x += norm(y)` (Gemma 3's norms of a block's output) or `x += y`; `scratch` is reused.
+fn add_normed(norm: &Option<crate::engine::model::RmsNorm>, y: &[f32], scratch: &mut Vec<f32>, x: &mut [f32]) -> Result<()> {
+    match norm {
+        Some(norm) => {
+            let w = F32View::new(&norm.weight)?;
+            let normed = sized(scratch, y.len());
+            kernels::rms_norm(y, w.slice()?, norm.eps, normed);
+            kernels::axpy(1.0, normed, x);
+        }
+        None => kernels::axpy(1.0, y, x),
+    }
+    Ok(())
+}
+
 /// What a forward pass returns.
 #[derive(Clone, Copy)]
 enum Output {
@@ -224,6 +238,11 @@ impl Model {
         let m = row;
         let ids: Vec<u32> = seqs.iter().flat_map(|q| q.tokens.iter().copied()).collect();
         b.x = self.embed_tokens_rows(&ids)?;
+        let embed_scale = self.cfg.embed_scale();
+        if embed_scale != 1.0 {
+            b.x.iter_mut().for_each(|v| *v *= embed_scale);
+        }
+        let gate = if self.cfg.is_gemma() { kernels::Gate::GeluTanh } else { kernels::Gate::Silu };
         let pool = pool::global();
         let qkv_w = q_dim + 2 * kv_dim;
         for (li, layer) in self.layers.iter().enumerate() {
@@ -252,11 +271,24 @@ impl Model {
                 }
             }
             lr.apply(pool, &b.h, qkv, qkv_w)?;
+            // Per-head q/k norms where the model has them (Gemma 3), before RoPE.
+            let qk_norms = [(&layer.q_norm, 0, q_dim), (&layer.k_norm, q_dim, kv_dim)];
+            for (norm, col, n) in qk_norms {
+                if let Some(norm) = norm {
+                    let w = F32View::new(&norm.weight)?;
+                    let w = w.slice()?;
+                    for r in qkv.chunks_exact_mut(qkv_w) {
+                        b.act.clear();
+                        b.act.extend_from_slice(&r[col..col + n]);
+                        kernels::rms_norm(&b.act, w, norm.eps, &mut r[col..col + n]);
+                    }
+                }
+            }
             // RoPE on q and k, then k and v into the caches.
             for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
                 for i in 0..sp.len {
                     let r = &mut qkv[(sp.row + i) * qkv_w..(sp.row + i + 1) * qkv_w];
-                    let (cos, sin) = self.rope_rows(sp.pos + i);
+                    let (cos, sin) = self.rope_rows(li, sp.pos + i);
                     let (qp, rest) = r.split_at_mut(q_dim);
                     kernels::rope(qp, hd, cos, sin, self.rope_interleaved());
                     kernels::rope(&mut rest[..kv_dim], hd, cos, sin, self.rope_interleaved());
@@ -273,7 +305,7 @@ impl Model {
             let lr = lora.region(pool.threads(), li, &[(Proj::O, 0)], q_dim)?;
             kernels::matmul(pool, attn, &b.xq, q_dim, &[MatmulPart { weight: wo.weight()?, n: hidden, col: 0 }], proj, hidden, &lr.prefetch());
             lr.apply(pool, attn, proj, hidden)?;
-            kernels::axpy(1.0, proj, &mut b.x);
+            add_normed(&layer.attn_out_norm, proj, &mut b.h, &mut b.x)?;
 
             let mlp = &layer.mlp;
             let ln2 = F32View::new(&layer.post_attention_layernorm.weight)?;
@@ -291,7 +323,7 @@ impl Model {
             kernels::matmul(pool, &b.h, &b.xq, hidden, &parts, gu, 2 * inter, &lr.prefetch());
             lr.apply(pool, &b.h, gu, 2 * inter)?;
             let act = sized(&mut b.act, m * inter);
-            kernels::silu_mul_par(pool, gu, inter, act);
+            kernels::gate_mul_par(pool, gate, gu, inter, act);
             let wd = ProjWeight::new(&mlp.down_proj)?;
             if wd.is_quantized() {
                 b.xq.quantize_par(pool, act, inter);
@@ -300,7 +332,7 @@ impl Model {
             let lr = lora.region(pool.threads(), li, &[(Proj::Down, 0)], inter)?;
             kernels::matmul(pool, act, &b.xq, inter, &[MatmulPart { weight: wd.weight()?, n: hidden, col: 0 }], proj, hidden, &lr.prefetch());
             lr.apply(pool, act, proj, hidden)?;
-            kernels::axpy(1.0, proj, &mut b.x);
+            add_normed(&layer.mlp_out_norm, proj, &mut b.h, &mut b.x)?;
         }
         for (sp, q) in spans.iter().zip(seqs.iter_mut()) {
             q.cache.commit(sp.len);
@@ -368,14 +400,24 @@ impl Model {
     /// sequence's kv head (all the query heads that share it) over one range of its cached
     /// positions; long contexts are cut into ranges whose partial softmax sums are combined
     /// afterwards (flash-decoding). Writes `attn` rows `[sequences, heads * head_dim]`.
-    fn decode_attention(&self, pool: &Pool, spans: &[Span], caches: &[(KvRows<'_>, KvRows<'_>)], qkv: &[f32], qkv_w: usize, attn: &mut [f32]) {
+    #[expect(clippy::too_many_arguments, reason = "one argument per operand of the region")]
+    fn decode_attention(
+        &self,
+        pool: &Pool,
+        spans: &[Span],
+        caches: &[(KvRows<'_>, KvRows<'_>)],
+        qkv: &[f32],
+        qkv_w: usize,
+        window: Option<usize>,
+        attn: &mut [f32],
+    ) {
         /// Fewest cached positions worth a task of their own.
         const MIN_RANGE: usize = 256;
         let s = &self.shape;
         let (nh, hd, kv_heads) = (s.num_heads, s.head_dim, s.num_kv_heads);
         let group = nh / kv_heads;
         let (kv_dim, q_dim) = (kv_heads * hd, nh * hd);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = self.cfg.attn_scale();
         let threads = pool.threads();
         let want = (2 * threads).div_ceil(spans.len() * kv_heads);
         // (sequence, kv head, positions); units of `parts` consecutive tasks per (sequence, kv head).
@@ -383,11 +425,13 @@ impl Model {
         let mut units: Vec<(usize, usize, usize, usize)> = Vec::new();
         for (si, sp) in spans.iter().enumerate() {
             let visible = sp.pos + 1;
-            let parts = want.min(visible.div_ceil(MIN_RANGE)).max(1);
+            let start = window.map_or(0, |w| visible.saturating_sub(w));
+            let n = visible - start;
+            let parts = want.min(n.div_ceil(MIN_RANGE)).max(1);
             for kvh in 0..kv_heads {
                 units.push((si, kvh, tasks.len(), parts));
                 for p in 0..parts {
-                    tasks.push((si, kvh, visible * p / parts..visible * (p + 1) / parts));
+                    tasks.push((si, kvh, start + n * p / parts..start + n * (p + 1) / parts));
                 }
             }
         }
@@ -457,10 +501,13 @@ impl Model {
         let group = nh / s.num_kv_heads;
         let kv_dim = s.num_kv_heads * hd;
         let q_dim = nh * hd;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = self.cfg.attn_scale();
+        // A local layer's query sees the last `window` positions, itself included.
+        let window = self.cfg.layer_window(li);
+        let first_visible = |visible: usize| window.map_or(0, |w| visible.saturating_sub(w));
         let caches: Vec<(KvRows<'_>, KvRows<'_>)> = seqs.iter().map(|q| q.cache.layer(li)).collect();
         if spans.iter().all(|sp| sp.len == 1) {
-            self.decode_attention(pool, spans, &caches, qkv, qkv_w, attn);
+            self.decode_attention(pool, spans, &caches, qkv, qkv_w, window, attn);
             return Ok(());
         }
         let out = OutPtr(attn.as_mut_ptr());
@@ -523,7 +570,9 @@ impl Model {
                         }
                         for (i, row) in scores.chunks_exact_mut(total).enumerate() {
                             let visible = sp.pos + i + 1;
-                            kernels::softmax(&mut row[..visible]);
+                            let start = first_visible(visible);
+                            kernels::softmax(&mut row[start..visible]);
+                            row[..start].fill(0.0);
                             row[visible..].fill(0.0);
                         }
                         // SAFETY: `scores` holds `sp.len × total` values; `vc` holds `total`
@@ -557,9 +606,11 @@ impl Model {
                         // SAFETY: this task's heads of this row of `attn`: written by it alone.
                         let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + h * hd), per * hd) };
                         let (q, visible) = (&qkv[q0..q0 + per * hd], sp.pos + i + 1);
+                        // The visible rows from the window's start (rows are positions).
+                        let (from, n) = (first_visible(visible) * kv_dim, visible - first_visible(visible));
                         match (kc, vc) {
-                            (KvRows::F32(k), KvRows::F32(v)) => kernels::attend_group(q, per, hd, k, v, kv_dim, kvh * hd, visible, scale, &mut sc, o),
-                            (KvRows::F16(k), KvRows::F16(v)) => kernels::attend_group(q, per, hd, k, v, kv_dim, kvh * hd, visible, scale, &mut sc, o),
+                            (KvRows::F32(k), KvRows::F32(v)) => kernels::attend_group(q, per, hd, &k[from..], &v[from..], kv_dim, kvh * hd, n, scale, &mut sc, o),
+                            (KvRows::F16(k), KvRows::F16(v)) => kernels::attend_group(q, per, hd, &k[from..], &v[from..], kv_dim, kvh * hd, n, scale, &mut sc, o),
                             _ => unreachable!("a cache's keys and values share one type"),
                         }
                     }

@@ -14,7 +14,7 @@ use super::model::{Config, Embedding, WeightSource};
 use super::{EngineError, Result};
 
 /// Architectures this engine runs, as GGUF names them.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "gemma3"];
 
 pub struct GgufFile {
     pub content: gguf_file::Content,
@@ -63,6 +63,7 @@ impl GgufFile {
             self.md_u(k).ok_or_else(|| EngineError::Load(format!("GGUF metadata lacks {}.{k}", self.architecture)))
         };
         let hidden = need("embedding_length")?;
+        let gemma = self.architecture == "gemma3";
         let heads = need("attention.head_count")?;
         let vocab = match self.md_u("vocab_size") {
             Some(v) => v,
@@ -85,12 +86,18 @@ impl GgufFile {
             max_position_embeddings: self.md_u("context_length").unwrap_or(4096),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: self.architecture == "qwen2",
+            sliding_window: self.md_u("attention.sliding_window"),
+            // What llama.cpp fixes for Gemma 3 (its GGUF files do not record them): every
+            // sixth layer global, local layers on RoPE base 10,000.
+            sliding_window_pattern: gemma.then_some(6),
+            rope_local_base_freq: gemma.then_some(10_000.0),
+            query_pre_attn_scalar: None,
         })
     }
 
-    /// llama.cpp permutes Llama q/k rows for interleaved RoPE; Qwen2 keeps HF order.
+    /// llama.cpp permutes Llama q/k rows for interleaved RoPE; Qwen2 and Gemma keep HF order.
     pub fn rope_interleaved(&self) -> bool {
-        self.architecture != "qwen2"
+        !matches!(self.architecture.as_str(), "qwen2" | "gemma3")
     }
 
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
@@ -124,6 +131,10 @@ pub fn gguf_name(hf: &str) -> String {
                 "mlp.gate_proj.weight" => "ffn_gate.weight",
                 "mlp.up_proj.weight" => "ffn_up.weight",
                 "mlp.down_proj.weight" => "ffn_down.weight",
+                "self_attn.q_norm.weight" => "attn_q_norm.weight",
+                "self_attn.k_norm.weight" => "attn_k_norm.weight",
+                "post_attention_norm.weight" => "post_attention_norm.weight",
+                "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
                 other => other,
             };
             return format!("blk.{n}.{mapped}");

@@ -292,11 +292,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> CResul
 }
 
 /// Softmax of `scale · x` over the last dimension with a causal mask: in each block of
-/// `t` rows, row `i` sees columns `0..=i` (masked entries are exactly zero, as `exp(-inf)`
-/// gives in serving). Backward: `∂x = scale · y ∘ (g − Σ g∘y)`.
+/// `t` rows, row `i` sees columns `0..=i`, or only the last `window` of them (masked
+/// entries are exactly zero, as `exp(-inf)` gives in serving). Backward:
+/// `∂x = scale · y ∘ (g − Σ g∘y)`.
 struct CausalSoftmax {
     t: usize,
     scale: f32,
+    window: Option<usize>,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -311,7 +313,8 @@ impl CustomOp1 for CausalSoftmax {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (y, x))| {
             let seen = (r % t + 1).min(n);
-            let (y, x) = (&mut y[..seen], &x[..seen]);
+            let start = self.window.map_or(0, |w| seen.saturating_sub(w));
+            let (y, x) = (&mut y[start..seen], &x[start..seen]);
             let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for (y, x) in y.iter_mut().zip(x) {
@@ -356,9 +359,10 @@ impl CustomOp2 for SoftmaxGrad {
 }
 
 /// Causal softmax of `scale · scores`, scores `[.., rows, keys]` whose rows come in blocks
-/// of `t` queries at positions `0..t` (keys at `0..keys`).
-pub fn causal_softmax(scores: &Tensor, t: usize, scale: f32) -> CResult<Tensor> {
-    scores.contiguous()?.apply_op1(CausalSoftmax { t, scale })
+/// of `t` queries at positions `0..t` (keys at `0..keys`); with a `window`, a query sees
+/// only that many positions, its own included (sliding-window layers).
+pub fn causal_softmax(scores: &Tensor, t: usize, scale: f32, window: Option<usize>) -> CResult<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax { t, scale, window })
 }
 
 /// Per-row cross-entropy `logsumexp(x) − x[target]` of logits `[rows, vocab]` against
@@ -468,6 +472,11 @@ mod tests {
         let mask: Vec<f32> =
             (0..5).flat_map(|i| (0..5).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
         let mask = Tensor::from_vec(mask, (5, 5), &dev)?;
+        // A sliding window of 2: row i sees columns i - 1 and i.
+        let window: Vec<f32> = (0..5)
+            .flat_map(|i| (0..5).map(move |j| if j > i || j + 2 <= i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let window = Tensor::from_vec(window, (5, 5), &dev)?;
         let lin_w = Tensor::randn(0f32, 1.0, (6, 8), &dev)?;
         type Op<'a> = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + 'a>;
         let cases: Vec<(&str, (Op, Op))> = vec![
@@ -477,9 +486,18 @@ mod tests {
             (
                 "softmax",
                 (
-                    Box::new(|x| super::causal_softmax(&x.narrow(3, 0, 5)?, 5, 0.5)),
+                    Box::new(|x| super::causal_softmax(&x.narrow(3, 0, 5)?, 5, 0.5, None)),
                     Box::new(|x| {
                         candle_nn::ops::softmax(&(x.narrow(3, 0, 5)? * 0.5)?.broadcast_add(&mask)?, candle_core::D::Minus1)
+                    }),
+                ),
+            ),
+            (
+                "softmax_window",
+                (
+                    Box::new(|x| super::causal_softmax(&x.narrow(3, 0, 5)?, 5, 0.5, Some(2))),
+                    Box::new(|x| {
+                        candle_nn::ops::softmax(&(x.narrow(3, 0, 5)? * 0.5)?.broadcast_add(&window)?, candle_core::D::Minus1)
                     }),
                 ),
             ),

@@ -79,6 +79,30 @@ fn llama_gguf_f32_matches_reference() -> R {
     check_against_reference(&m, &w, &[5, 17, 250, 3, 99, 42, 7, 8, 9], 1e-3)
 }
 
+/// Gemma 3 (q/k norms, sandwich norms, GELU gating, scaled embeddings, local layers with a
+/// sliding window and their own RoPE base beside a global one) against the reference: a
+/// prompt shorter than the window, one longer (per-row attention over a window's tail), one
+/// through the blocked prefill products, then decode steps past the window; f32 and f16
+/// caches.
+#[test]
+fn gemma3_gguf_matches_reference() -> R {
+    let dir = tempfile::tempdir()?;
+    let spec = TinySpec::gemma(300);
+    let w = TinyWeights::random(&spec, 3);
+    let p = dir.path().join("g.gguf");
+    w.write_gguf(&p, GgmlDType::F32, None)?;
+    let mut m = load_gguf(&p)?;
+    assert!(!m.rope_interleaved());
+    assert_eq!(m.shape.architecture, "gemma3");
+    assert_eq!((m.cfg.layer_window(0), m.cfg.layer_window(5)), (Some(5), None));
+    let long: Vec<u32> = (0..40).map(|i| (i * 37 % 290) as u32 + 5).collect();
+    for prompt in [&[5u32, 17, 250][..], &[5, 17, 250, 3, 99, 42, 7, 8, 9], &long] {
+        check_against_reference(&m, &w, prompt, 1e-3)?;
+    }
+    m.kv_type = super::model::KvType::F16;
+    check_against_reference(&m, &w, &long, 1e-2)
+}
+
 /// The f16 KV cache (serving's default) against the f32 reference: logits within 1e-2 (f32
 /// cache: 1e-3) and the same greedy tokens, after a short prompt (per-row attention) and after
 /// a long one (the blocked prefill products, which widen the cached halves).

@@ -21,15 +21,28 @@ use crate::engine::{ChatMessage, Engine, EngineConfig, GenerateRequest, Prompt, 
 type R = anyhow::Result<()>;
 
 fn tiny_model(dir: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, Model)> {
+    tiny_model_of(dir, TinySpec::llama(tiny_gguf_vocab().tokens.len()))
+}
+
+/// The tiny model of `spec` (the tiny vocabulary's size), written and loaded.
+fn tiny_model_of(dir: &std::path::Path, spec: TinySpec) -> anyhow::Result<(std::path::PathBuf, Model)> {
     let vocab = tiny_gguf_vocab();
-    let w = TinyWeights::random(&TinySpec::llama(vocab.tokens.len()), 7);
+    let w = TinyWeights::random(&spec, 7);
     let p = dir.join("tiny.gguf");
     w.write_gguf(&p, GgmlDType::F32, Some(&vocab))?;
     let mut f = GgufFile::open(&p)?;
     let cfg = f.config()?;
     let interleaved = f.rope_interleaved();
-    let m = Model::new(cfg, &mut f, "llama", "tiny", interleaved)?;
+    let arch = f.architecture.clone();
+    let m = Model::new(cfg, &mut f, &arch, "tiny", interleaved)?;
     Ok((p, m))
+}
+
+/// The tiny Llama and the tiny Gemma 3 (whose local layers' window is shorter than the
+/// test sequences).
+fn both_families() -> [TinySpec; 2] {
+    let n = tiny_gguf_vocab().tokens.len();
+    [TinySpec::llama(n), TinySpec::gemma(n)]
 }
 
 /// Gives every B a random value (a fresh adapter's B is zero) and rounds A and B to f16
@@ -58,20 +71,22 @@ fn small_cfg() -> TrainConfig {
 
 #[test]
 fn train_and_serve_paths_give_the_same_logits() -> R {
-    let dir = tempfile::tempdir()?;
-    let (_, m) = tiny_model(dir.path())?;
-    let dense = m.to_dense()?;
-    let params = LoraParams::init(&m.shape, &small_cfg())?;
-    randomize_b_f16_exact(&params)?;
-    let weights = params.weights(m.shape.num_layers)?;
-    let toks: Vec<u32> = vec![1, 50, 60, 70, 80, 90, 2, 100];
-    let lora = BatchLora::new(&[(toks.len(), Some(&weights))])?;
-    let train = dense.forward_train(&[&toks], &lora, None)?.to_vec2::<f32>()?;
-    let mut cache = KvCache::new(m.shape.num_layers);
-    let serve = m.forward(&mut [SeqBatch { tokens: &toks, cache: &mut cache }], &lora)?.to_vec2::<f32>()?;
-    let last = &train[toks.len() - 1];
-    let d = last.iter().zip(&serve[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    anyhow::ensure!(d < 1e-4, "train and serve logits differ by {d}");
+    for spec in both_families() {
+        let dir = tempfile::tempdir()?;
+        let (_, m) = tiny_model_of(dir.path(), spec)?;
+        let dense = m.to_dense()?;
+        let params = LoraParams::init(&m.shape, &small_cfg())?;
+        randomize_b_f16_exact(&params)?;
+        let weights = params.weights(m.shape.num_layers)?;
+        let toks: Vec<u32> = vec![1, 50, 60, 70, 80, 90, 2, 100];
+        let lora = BatchLora::new(&[(toks.len(), Some(&weights))])?;
+        let train = dense.forward_train(&[&toks], &lora, None)?.to_vec2::<f32>()?;
+        let mut cache = KvCache::new(m.shape.num_layers);
+        let serve = m.forward(&mut [SeqBatch { tokens: &toks, cache: &mut cache }], &lora)?.to_vec2::<f32>()?;
+        let last = &train[toks.len() - 1];
+        let d = last.iter().zip(&serve[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        anyhow::ensure!(d < 1e-4, "{}: train and serve logits differ by {d}", m.shape.architecture);
+    }
     Ok(())
 }
 
@@ -100,15 +115,26 @@ fn ragged_training_batch_matches_sequences_alone() -> R {
 
 #[test]
 fn lora_gradients_match_finite_differences() -> R {
-    let dir = tempfile::tempdir()?;
-    let (_, m) = tiny_model(dir.path())?;
+    for spec in both_families() {
+        let dir = tempfile::tempdir()?;
+        let (_, m) = tiny_model_of(dir.path(), spec)?;
+        gradients_match_finite_differences(&m)?;
+    }
+    Ok(())
+}
+
+fn gradients_match_finite_differences(m: &Model) -> R {
     let dense = m.to_dense()?;
     let cfg = TrainConfig { target_modules: vec!["q_proj".into(), "down_proj".into()], ..small_cfg() };
     let params = LoraParams::init(&m.shape, &cfg)?;
     for (_, b) in params.pairs.values() {
         b.set(&Tensor::randn(0f32, 0.2, b.shape(), b.device())?)?;
     }
-    let seq = dataset::Sequence { tokens: vec![1, 20, 30, 40, 50, 60, 70], loss_mask: vec![false, false, false, true, true, true, true], prompt_len: 3 };
+    let seq = dataset::Sequence {
+        tokens: vec![1, 20, 30, 40, 50, 60, 70, 80],
+        loss_mask: vec![false, false, false, true, true, true, true, true],
+        prompt_len: 3,
+    };
     let loss_of = |p: &LoraParams| -> anyhow::Result<(Tensor, f64)> {
         let w = p.weights(m.shape.num_layers)?;
         let lora = BatchLora::new(&[(seq.tokens.len(), Some(&w))])?;
@@ -138,7 +164,7 @@ fn lora_gradients_match_finite_differences() -> R {
             let ad = g[i] as f64;
             anyhow::ensure!(ad.abs() > 1e-5, "layer {layer} {proj:?} {name}: zero gradient");
             let rel = (fd - ad).abs() / ad.abs().max(1e-6);
-            anyhow::ensure!(rel < 0.05, "layer {layer} {proj:?} {name}: autograd {ad} vs finite difference {fd}");
+            anyhow::ensure!(rel < 0.05, "{} layer {layer} {proj:?} {name}: autograd {ad} vs finite difference {fd}", m.shape.architecture);
             checked += 1;
         }
     }

@@ -1,4 +1,4 @@
-//! Element-wise kernels of the forward pass: RMS norm, rotary embeddings, SiLU gating,
+//! Element-wise kernels of the forward pass: RMS norm, rotary embeddings, SiLU and GELU gating,
 //! dot products, `axpy` and softmax.
 
 use super::OutPtr;
@@ -30,20 +30,56 @@ pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleave
     }
 }
 
-/// [`silu_mul`] with the rows shared over `pool`'s threads when there are several.
-pub fn silu_mul_par(pool: &crate::engine::pool::Pool, gu: &[f32], n: usize, out: &mut [f32]) {
+/// The gating function of a model's MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// `silu(gate) * up` (Llama, Qwen2).
+    Silu,
+    /// `gelu_tanh(gate) * up` (Gemma).
+    GeluTanh,
+}
+
+/// [`silu_mul`] or [`gelu_mul`] with the rows shared over `pool`'s threads when there are
+/// several.
+pub fn gate_mul_par(pool: &crate::engine::pool::Pool, gate: Gate, gu: &[f32], n: usize, out: &mut [f32]) {
+    let run = |gu: &[f32], o: &mut [f32]| match gate {
+        Gate::Silu => silu_mul(gu, n, o),
+        Gate::GeluTanh => gelu_mul(gu, n, o),
+    };
     let m = out.len() / n.max(1);
     let threads = pool.threads().min(m);
     if threads < 2 {
-        return silu_mul(gu, n, out);
+        return run(gu, out);
     }
     let dst = OutPtr(out.as_mut_ptr());
     pool.run(&|tid| {
         let (r0, r1) = crate::engine::pool::share(m, threads, tid);
         // SAFETY: shares are disjoint row ranges inside `out` (m rows of n).
         let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r0 * n), (r1 - r0) * n) };
-        silu_mul(&gu[r0 * 2 * n..r1 * 2 * n], n, o);
+        run(&gu[r0 * 2 * n..r1 * 2 * n], o);
     });
+}
+
+/// [`silu_mul`] with the rows shared over `pool`'s threads.
+pub fn silu_mul_par(pool: &crate::engine::pool::Pool, gu: &[f32], n: usize, out: &mut [f32]) {
+    gate_mul_par(pool, Gate::Silu, gu, n, out);
+}
+
+/// GELU's tanh approximation, as Gemma (`gelu_pytorch_tanh`) and candle's `gelu` compute it.
+#[inline]
+pub fn gelu_tanh(v: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + 0.044_715 * v * v)).tanh())
+}
+
+/// `gelu_tanh(gate) * up`, laid out as [`silu_mul`].
+pub fn gelu_mul(gu: &[f32], n: usize, out: &mut [f32]) {
+    for (r, o) in gu.chunks_exact(2 * n).zip(out.chunks_exact_mut(n)) {
+        let (g, u) = r.split_at(n);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = gelu_tanh(g) * u;
+        }
+    }
 }
 
 /// `silu(gate) * up`, `gu` holding rows of `[gate | up]` (`2 * n` wide); writes `n` per row.

@@ -1,5 +1,8 @@
-//! Decoder-only transformer of the Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral
-//! without sliding window) and Qwen2 (bias on q/k/v), one code path for both.
+//! Decoder-only transformers of the Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral
+//! without sliding window), Qwen2 (bias on q/k/v) and Gemma 3 (per-head q/k norms, norms
+//! after attention and MLP as well as before, GELU-gated MLP, embeddings scaled by
+//! √hidden, local sliding-window layers with their own RoPE base between global ones),
+//! one code path for all: what differs is optional weights and [`Config`] fields.
 //!
 //! Weights are shared by every sequence; each sequence brings its own [`KvCache`] and,
 //! optionally, its own LoRA adapter. One [`Model::forward`] call runs a *ragged batch*:
@@ -11,8 +14,8 @@
 //! fenced off from serving, the training forward ([`Model::forward_train`]), which runs the
 //! same arithmetic through candle's autograd.
 //!
-//! Base projections stay quantized (Q4_1 or Q8_0 blocks as the file has them; other block
-//! types are re-quantized to Q8_0 at load) or dense f32; activations are f32.
+//! Base projections stay quantized (the GGML blocks the kernels read, as the file has them;
+//! other block types are re-quantized to Q8_0 at load) or dense f32; activations are f32.
 //! Tensor names follow the Hugging Face state dict; GGUF names are mapped in `gguf.rs`.
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -50,6 +53,18 @@ pub struct Config {
     /// Qwen2 has biases on q/k/v; some Llama variants set `attention_bias`.
     #[serde(default)]
     pub attention_bias: bool,
+    /// Local layers' attention span in positions, the query's own included (Gemma 3).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Every `n`-th layer is global, the others local (Gemma 3: 6).
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// RoPE base of the local layers (Gemma 3: 10,000; global layers use `rope_theta`).
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    /// Attention scores are scaled by `1/√query_pre_attn_scalar` (default the head size).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -69,6 +84,34 @@ impl Config {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
+    /// Gemma 3's family traits: embeddings scaled by √hidden, GELU (tanh) gating.
+    pub fn is_gemma(&self) -> bool {
+        self.model_type.as_deref() == Some("gemma3")
+    }
+
+    /// The attention span of layer `li` when it is a local (sliding-window) layer.
+    pub fn layer_window(&self, li: usize) -> Option<usize> {
+        let window = self.sliding_window?;
+        match self.sliding_window_pattern {
+            Some(n) if n > 0 && (li + 1).is_multiple_of(n) => None,
+            _ => Some(window),
+        }
+    }
+
+    /// What the token embeddings are multiplied by (√hidden for Gemma, else 1).
+    pub fn embed_scale(&self) -> f32 {
+        if self.is_gemma() {
+            (self.hidden_size as f32).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    /// What attention scores are multiplied by.
+    pub fn attn_scale(&self) -> f32 {
+        (1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt()) as f32
+    }
+
     fn validate(&self) -> Result<()> {
         let ok = self.num_attention_heads > 0
             && self.num_kv_heads() > 0
@@ -194,8 +237,15 @@ pub struct Mlp {
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// The norm before the MLP (Hugging Face's Llama name; Gemma's `pre_feedforward_layernorm`).
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    /// Gemma 3: RMS norms over each head's query and key (before RoPE).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    /// Gemma 3: RMS norms of the attention's and the MLP's outputs (before the residual).
+    pub attn_out_norm: Option<RmsNorm>,
+    pub mlp_out_norm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
@@ -224,6 +274,10 @@ impl DecoderLayer {
                 up_proj: lin(src, "mlp.up_proj", false)?,
                 down_proj: lin(src, "mlp.down_proj", false)?,
             },
+            q_norm: optional_norm(src, &format!("{p}.self_attn.q_norm.weight"), eps)?,
+            k_norm: optional_norm(src, &format!("{p}.self_attn.k_norm.weight"), eps)?,
+            attn_out_norm: optional_norm(src, &format!("{p}.post_attention_norm.weight"), eps)?,
+            mlp_out_norm: optional_norm(src, &format!("{p}.post_feedforward_layernorm.weight"), eps)?,
         })
     }
 
@@ -237,6 +291,29 @@ impl DecoderLayer {
             Proj::Up => &self.mlp.up_proj,
             Proj::Down => &self.mlp.down_proj,
         }
+    }
+}
+
+/// A norm the file may not have.
+fn optional_norm(src: &mut dyn WeightSource, name: &str, eps: f32) -> Result<Option<RmsNorm>> {
+    Ok(if src.contains(name) { Some(RmsNorm { weight: src.tensor(name)?, eps }) } else { None })
+}
+
+/// RoPE tables for one base: `[positions, head_dim / 2]` as tensors (training) and rows
+/// (serving).
+#[derive(Debug, Clone)]
+pub(crate) struct RopeTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    cos_rows: Vec<f32>,
+    sin_rows: Vec<f32>,
+}
+
+impl RopeTables {
+    fn new(cfg: &Config, theta: f64) -> Result<Self> {
+        let (cos, sin) = rope_tables(cfg, theta)?;
+        let (cos_rows, sin_rows) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+        Ok(Self { cos, sin, cos_rows, sin_rows })
     }
 }
 
@@ -254,11 +331,10 @@ pub struct Model {
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
-    /// The same tables as plain rows (`[positions, head_dim / 2]`) for the serving kernels.
-    cos_rows: Vec<f32>,
-    sin_rows: Vec<f32>,
+    /// RoPE tables of the global layers (every layer but Gemma's local ones).
+    rope: RopeTables,
+    /// RoPE tables of the local (sliding-window) layers, where their base differs.
+    rope_local: Option<RopeTables>,
     /// Interleaved (GGUF Llama) or half-split (Hugging Face) RoPE.
     rope_interleaved: bool,
     /// How sequences' caches store keys and values (f32 unless the engine asks for f16).
@@ -290,8 +366,11 @@ impl Model {
         } else {
             Linear { weight: tied_head, bias: None }
         };
-        let (cos, sin) = rope_tables(&cfg)?;
-        let (cos_rows, sin_rows) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+        let rope = RopeTables::new(&cfg, cfg.rope_theta)?;
+        let rope_local = match cfg.rope_local_base_freq {
+            Some(theta) if cfg.sliding_window.is_some() => Some(RopeTables::new(&cfg, theta)?),
+            _ => None,
+        };
         let shape = ModelShape {
             architecture: architecture.to_string(),
             base_name: base_name.to_string(),
@@ -304,17 +383,26 @@ impl Model {
             head_dim: cfg.head_dim(),
             qk_interleaved: rope_interleaved,
         };
-        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, cos, sin, cos_rows, sin_rows, rope_interleaved, kv_type: KvType::F32 })
+        Ok(Self { cfg, shape, embed_tokens, layers, norm, lm_head, rope, rope_local, rope_interleaved, kv_type: KvType::F32 })
+    }
+
+    /// Layer `li`'s RoPE tables.
+    pub(crate) fn rope_of(&self, li: usize) -> &RopeTables {
+        match (&self.rope_local, self.cfg.layer_window(li)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
     }
 
     pub fn rope_interleaved(&self) -> bool {
         self.rope_interleaved
     }
 
-    /// RoPE cos and sin rows for one position (`head_dim / 2` each).
-    pub(crate) fn rope_rows(&self, pos: usize) -> (&[f32], &[f32]) {
+    /// Layer `li`'s RoPE cos and sin rows for one position (`head_dim / 2` each).
+    pub(crate) fn rope_rows(&self, li: usize, pos: usize) -> (&[f32], &[f32]) {
         let h = self.shape.head_dim / 2;
-        (&self.cos_rows[pos * h..(pos + 1) * h], &self.sin_rows[pos * h..(pos + 1) * h])
+        let r = self.rope_of(li);
+        (&r.cos_rows[pos * h..(pos + 1) * h], &r.sin_rows[pos * h..(pos + 1) * h])
     }
 
     /// Bytes of the weights as held in memory.
@@ -334,11 +422,10 @@ impl Model {
     }
 }
 
-fn rope_tables(cfg: &Config) -> Result<(Tensor, Tensor)> {
+fn rope_tables(cfg: &Config, theta: f64) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let n = cfg.max_position_embeddings;
-    let inv: Vec<f32> =
-        (0..hd / 2).map(|i| 1.0 / (cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / (theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
     let inv = Tensor::from_vec(inv, (1, hd / 2), &Device::Cpu)?;
     let t = Tensor::arange(0u32, n as u32, &Device::Cpu)?.to_dtype(DType::F32)?.reshape((n, 1))?;
     let freqs = t.broadcast_mul(&inv)?;

@@ -33,6 +33,14 @@ impl RmsNorm {
     }
 }
 
+/// `norm(y)` where the model normalises a block's output (Gemma 3), else `y`.
+fn normed(norm: &Option<RmsNorm>, y: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward_train(&y),
+        None => Ok(y),
+    }
+}
+
 impl Model {
     /// Training forward: whole sequences from position 0, no cache, differentiable ops
     /// only. Returns the logits of the positions in `rows` (indices into the concatenated
@@ -56,13 +64,17 @@ impl Model {
         }
         let ids = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
         let mut x = self.embed_tokens.forward(&ids)?;
+        let embed_scale = self.cfg.embed_scale();
+        if embed_scale != 1.0 {
+            x = x.affine(f64::from(embed_scale), 0.0)?;
+        }
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward_train(&x)?;
             let attn = self.attention(li, layer, &h, lens, lora)?;
-            x = (x + attn)?;
+            x = (x + normed(&layer.attn_out_norm, attn)?)?;
             let h = layer.post_attention_layernorm.forward_train(&x)?;
             let mlp = self.mlp(li, layer, &h, lora)?;
-            x = (x + mlp)?;
+            x = (x + normed(&layer.mlp_out_norm, mlp)?)?;
         }
         Ok(x)
     }
@@ -90,6 +102,10 @@ impl Model {
                         up_proj: dense(&l.mlp.up_proj)?,
                         down_proj: dense(&l.mlp.down_proj)?,
                     },
+                    q_norm: l.q_norm.clone(),
+                    k_norm: l.k_norm.clone(),
+                    attn_out_norm: l.attn_out_norm.clone(),
+                    mlp_out_norm: l.mlp_out_norm.clone(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -109,10 +125,8 @@ impl Model {
             layers,
             norm: self.norm.clone(),
             lm_head,
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            cos_rows: self.cos_rows.clone(),
-            sin_rows: self.sin_rows.clone(),
+            rope: self.rope.clone(),
+            rope_local: self.rope_local.clone(),
             rope_interleaved: self.rope_interleaved,
             kv_type: self.kv_type,
         })
@@ -124,10 +138,21 @@ impl Model {
     }
 
     fn attention(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lens: &[usize], lora: &BatchLora) -> Result<Tensor> {
-        let q = self.proj(li, layer, Proj::Q, h, lora)?;
-        let k = self.proj(li, layer, Proj::K, h, lora)?;
+        let (hd, rows) = (self.shape.head_dim, h.dim(0)?);
+        // Per-head q/k norms (Gemma 3): rows of one head each.
+        let head_norm = |norm: &Option<RmsNorm>, x: Tensor| -> Result<Tensor> {
+            Ok(match norm {
+                Some(n) => {
+                    let width = x.dim(1)?;
+                    n.forward_train(&x.reshape((rows * width / hd, hd))?)?.reshape((rows, width))?
+                }
+                None => x,
+            })
+        };
+        let q = head_norm(&layer.q_norm, self.proj(li, layer, Proj::Q, h, lora)?)?;
+        let k = head_norm(&layer.k_norm, self.proj(li, layer, Proj::K, h, lora)?)?;
         let v = self.proj(li, layer, Proj::V, h, lora)?;
-        let attn = self.attention_train(&q, &k, &v, lens)?;
+        let attn = self.attention_train(li, &q, &k, &v, lens)?;
         self.proj(li, layer, Proj::O, &attn, lora)
     }
 
@@ -136,12 +161,13 @@ impl Model {
     /// product serves every sequence; padding follows each sequence's last token, where
     /// the causal mask already hides it from real queries, and its rows are dropped on
     /// the way out (so they get no gradient either).
-    fn attention_train(&self, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
+    fn attention_train(&self, li: usize, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
         let b = lens.len();
         let t = lens.iter().copied().max().unwrap_or(0);
-        if t > self.cos.dim(0)? {
-            return Err(EngineError::Internal(format!("position {t} beyond the RoPE table ({})", self.cos.dim(0)?)));
+        let rope = self.rope_of(li);
+        if t > rope.cos.dim(0)? {
+            return Err(EngineError::Internal(format!("position {t} beyond the RoPE table ({})", rope.cos.dim(0)?)));
         }
         let ragged = lens.iter().any(|&n| n != t);
         let (mut to_grid, mut from_grid) = (Vec::with_capacity(b * t), Vec::new());
@@ -156,14 +182,14 @@ impl Model {
             let x = if ragged { x.index_select(&to_grid, 0)? } else { x.clone() };
             Ok(x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
         let q = grad_ops::rope(&grid(q, nh)?, &cos, &sin, self.rope_interleaved)?;
         let k = grad_ops::rope(&grid(k, nkv)?, &cos, &sin, self.rope_interleaved)?;
         let v = grid(v, nkv)?;
         // Query heads grouped onto their kv head, as in `attend`.
         let q = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
         let scores = q.matmul(&k.t()?)?;
-        let probs = grad_ops::causal_softmax(&scores, t, 1.0 / (hd as f32).sqrt())?;
+        let probs = grad_ops::causal_softmax(&scores, t, self.cfg.attn_scale(), self.cfg.layer_window(li))?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         Ok(if ragged {
             let n = from_grid.len();
@@ -176,7 +202,7 @@ impl Model {
     fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora) -> Result<Tensor> {
         let gate = self.proj(li, layer, Proj::Gate, h, lora)?;
         let up = self.proj(li, layer, Proj::Up, h, lora)?;
-        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        let act = if self.cfg.is_gemma() { (gate.gelu()? * up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
         self.proj(li, layer, Proj::Down, &act, lora)
     }
 }
