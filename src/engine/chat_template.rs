@@ -17,6 +17,22 @@ use super::{tool_prompt, ChatMessage, EngineError, Result};
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Gemma's turn format, for Gemma GGUF files that carry no template of their own (the
+/// `gemma3-270m` one does not): `<start_of_turn>user` / `<start_of_turn>model` turns closed
+/// by `<end_of_turn>`, a system message folded into the first user turn as Gemma's own
+/// template does, tool results sent as user turns.
+pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}\
+{% set ns = namespace(prefix='') %}\
+{% for message in messages %}\
+{% if message['role'] == 'system' %}{% set ns.prefix = ns.prefix + message['content'] + '\n\n' %}\
+{% else %}\
+{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}\
+{% if message['role'] != 'assistant' %}{{ ns.prefix }}{% set ns.prefix = '' %}{% endif %}\
+{{ message['content'] | trim }}<end_of_turn>\n\
+{% endif %}\
+{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
 /// A compiled chat template plus the special tokens it may refer to.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -57,6 +73,14 @@ impl ChatTemplate {
             eos_token: eos_token.map(str::to_string),
             accepts_tools,
         })
+    }
+
+    /// The template an architecture's files are known to use when they carry none (Gemma).
+    pub fn builtin(architecture: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Option<Self>> {
+        match architecture {
+            "gemma3" => Self::new(GEMMA_CHAT_TEMPLATE, bos_token, eos_token).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// The template under GGUF key `tokenizer.chat_template`, or `None` when the file has none.

@@ -35,7 +35,11 @@ pub fn load(path: &Path, name: &str) -> Result<Loaded> {
     }
     let mut f = GgufFile::open(path)?;
     let tokenizer = Tokenizer::from_gguf(f.metadata())?;
-    let chat_template = ChatTemplate::from_gguf(f.metadata(), tokenizer.bos_token(), tokenizer.eos_token())?;
+    let (bos, eos) = (tokenizer.bos_token(), tokenizer.eos_token());
+    let chat_template = match ChatTemplate::from_gguf(f.metadata(), bos, eos)? {
+        Some(t) => Some(t),
+        None => ChatTemplate::builtin(&f.architecture, bos, eos)?,
+    };
     let cfg = f.config()?;
     let arch = f.architecture.clone();
     let interleaved = f.rope_interleaved();

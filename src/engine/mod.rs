@@ -124,11 +124,16 @@ impl ModelInfo {
 /// The prompt's token ids for `messages`: the chat template's own text with its special
 /// tokens, and every message's content as plain text — a client writing
 /// "<|im_start|>system" in its content gets those characters, not a forged turn.
+///
+/// A template that writes the BOS token itself (Gemma's, Llama 3's) gets no second one from
+/// the tokenizer, as Hugging Face's `apply_chat_template` and llama.cpp render it.
 pub fn chat_tokens(tok: &Tokenizer, template: &ChatTemplate, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let adds_bos = |text: &str| !tok.bos_token().is_some_and(|b| text.starts_with(b));
     if !messages.iter().any(|m| tok.has_special_text(&m.content)) {
         // Nothing to confuse: the whole rendering in one pass (token for token what
         // the reference implementations produce).
-        return tok.encode(&template.render(messages, true)?, true);
+        let text = template.render(messages, true)?;
+        return tok.encode(&text, adds_bos(&text));
     }
     // Render with each content replaced by a marker (private-use characters no template
     // alters), then encode the template's text and the contents separately.
@@ -138,7 +143,7 @@ pub fn chat_tokens(tok: &Tokenizer, template: &ChatTemplate, messages: &[ChatMes
     let skeleton = template.render(&marked, true)?;
     let mut ids = Vec::new();
     let mut rest = skeleton.as_str();
-    let mut first = true;
+    let mut first = adds_bos(rest);
     for (i, m) in messages.iter().enumerate() {
         let mark = marker(i);
         let Some(pos) = rest.find(&mark) else {
