@@ -348,6 +348,11 @@ fn quant_rows<F: BlockFormat>((isa, w, row_bytes, xq, r0, r1, out, stride, col):
         let x = [xq.row(i)];
         let mut r = r0;
         while r + 4 <= r1 {
+            // One activation row (decode) streams the weight once: ask for the next tile's
+            // rows while this one computes (the stalls sat on each block's first load).
+            if m - full == 1 && r + 8 <= r1 {
+                prefetch_l1(&w[(r + 4) * row_bytes..(r + 8) * row_bytes]);
+            }
             let v = tile::<F, 4, 1>(isa, [wrow(r), wrow(r + 1), wrow(r + 2), wrow(r + 3)], x);
             warm.tile();
             for (rr, [val]) in v.into_iter().enumerate() {
@@ -362,6 +367,23 @@ fn quant_rows<F: BlockFormat>((isa, w, row_bytes, xq, r0, r1, out, stride, col):
             r += 1;
         }
     }
+}
+
+/// Prefetches every cache line of `bytes` (a hint: no effect on program state).
+#[inline]
+fn prefetch_l1(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut off = 0;
+        while off < bytes.len() {
+            // SAFETY: a prefetch of an address inside a live slice has no effect on program
+            // state.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(bytes.as_ptr().add(off).cast()) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 #[expect(clippy::too_many_arguments, reason = "one argument per operand of the kernel")]

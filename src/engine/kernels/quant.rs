@@ -149,7 +149,7 @@ impl BlockFormat for Q8_0 {
         // SAFETY: the caller's contract (see the trait).
         unsafe {
             match isa {
-                Isa::Avx512Vnni => Some(q8_0_vnni512::<R, N>(ws, xs)),
+                Isa::Avx512Vnni => Some(q8_0_vnni512_pairs::<R, N>(ws, xs)),
                 Isa::AvxVnni => Some(q8_0_vnni256::<R, N>(ws, xs)),
                 Isa::Avx2 => Some(q8_0_avx2::<R, N>(ws, xs)),
                 Isa::Portable => None,

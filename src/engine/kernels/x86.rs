@@ -99,6 +99,69 @@ macro_rules! q4_1_impl {
     };
 }
 
+/// Q8_0 rows two blocks per 512-bit register (AVX-512 VNNI): per block pair and row
+/// pair, one `vpdpbusd` of 64 values (|x| as u8 times sign(x)·w), a convert and two
+/// multiply-adds. Decode's output head (a vocabulary of Q8_0 rows) is most of a step's
+/// bytes for large vocabularies; halving its instructions keeps the loads streaming. A row
+/// with an odd block count ends with the 256-bit kernel on its last block.
+///
+/// # Safety
+/// The CPU has the features enabled below; the slices are as for the Q8_0 kernels.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub unsafe fn q8_0_vnni512_pairs<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
+    let nb = ws[0].len() / Q8_0_BYTES;
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    let halves = |a: f32, b: f32| {
+        _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)), _mm256_castps_pd(_mm256_set1_ps(b)), 1))
+    };
+    let mut b = 0;
+    while b + 2 <= nb {
+        let mut q = [_mm512_setzero_si512(); R];
+        let mut wd = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            let w0 = ws[r].as_ptr().add(b * Q8_0_BYTES);
+            let w1 = w0.add(Q8_0_BYTES);
+            wd[r] = halves(f16_x86(w0), f16_x86(w1));
+            q[r] = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256(w0.add(2) as *const __m256i)),
+                _mm256_loadu_si256(w1.add(2) as *const __m256i),
+                1,
+            );
+        }
+        for t in 0..N {
+            let (x0, x1) = (xs[t].get_unchecked(b), xs[t].get_unchecked(b + 1));
+            let xq = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i)),
+                _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i),
+                1,
+            );
+            let xd = halves(x0.d, x1.d);
+            let (ax, neg, nonzero) = (_mm512_abs_epi8(xq), _mm512_movepi8_mask(xq), _mm512_test_epi8_mask(xq, xq));
+            for r in 0..R {
+                let w = _mm512_maskz_mov_epi8(nonzero, _mm512_mask_sub_epi8(q[r], neg, _mm512_setzero_si512(), q[r]));
+                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, w);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(wd[r], xd), _mm512_cvtepi32_ps(s), acc[r][t]);
+            }
+        }
+        b += 2;
+    }
+    let mut out = [[0f32; N]; R];
+    for r in 0..R {
+        for t in 0..N {
+            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    if b < nb {
+        let tail = q8_0_vnni512::<R, N>(ws.map(|w| &w[b * Q8_0_BYTES..]), xs.map(|x| &x[b..]));
+        for r in 0..R {
+            for t in 0..N {
+                out[r][t] += tail[r][t];
+            }
+        }
+    }
+    out
+}
+
 /// Q4_1 rows two blocks per 512-bit register (AVX-512 VNNI): per block pair and row
 /// pair, one `vpdpbusd` of 64 values, a convert and two multiply-adds, against a
 /// convert, a scalar product, a broadcast and a multiply-add per block with 256 bits. A
