@@ -324,6 +324,12 @@ fn quant_rows<F: BlockFormat>((isa, w, row_bytes, xq, r0, r1, out, stride, col):
     let mut r = r0;
     while r + 2 <= r1 {
         let ws = [wrow(r), wrow(r + 1)];
+        // Prefill: the next row pair arrives while this one multiplies every activation
+        // row. (Not for a few rows, as a batch of decode steps has: there the LoRA pairs
+        // are being warmed into L2 meanwhile, and the two compete.)
+        if full >= 16 && r + 4 <= r1 {
+            prefetch_l1(&w[(r + 2) * row_bytes..(r + 4) * row_bytes]);
+        }
         for i in (0..full).step_by(4) {
             let v = tile::<F, 2, 4>(isa, ws, [xq.row(i), xq.row(i + 1), xq.row(i + 2), xq.row(i + 3)]);
             warm.tile();
