@@ -311,7 +311,7 @@ impl Results<'_> {
         };
         let _ = writeln!(md, "| target | measured | met |");
         let _ = writeln!(md, "|---|---:|:---:|");
-        let target = |md: &mut String, name: &str, value: Option<f64>, ok: fn(f64) -> bool| {
+        let target = |md: &mut String, name: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool| {
             let (v, met) = match value {
                 Some(x) => (format!("{x:.2}×"), verdict(ok(x))),
                 None => ("n/a".into(), "n/a"),
@@ -319,12 +319,12 @@ impl Results<'_> {
             let _ = writeln!(md, "| {name} | {v} | {met} |");
         };
         let pair = |key: &str| get(key).and_then(|r| ratio(r.tunegate, r.peer));
-        target(&mut md, "single-stream decode ≥ 0.8× llama.cpp", pair("decode_128_tps"), |x| x >= 0.8);
-        target(&mut md, "prefill, 128-token prompt ≥ 0.8× llama.cpp", pair("prefill_128_tps"), |x| x >= 0.8);
-        target(&mut md, "first token, 1,000-token prompt ≤ 1.25× llama.cpp's prefill time", pair("ttft_1000_seconds"), |x| x <= 1.25);
+        target(&mut md, "single-stream decode ≥ 0.8× llama.cpp", pair("decode_128_tps"), &|x| x >= 0.8);
+        target(&mut md, "prefill, 128-token prompt ≥ 0.8× llama.cpp", pair("prefill_128_tps"), &|x| x >= 0.8);
+        target(&mut md, "first token, 1,000-token prompt ≤ 1.25× llama.cpp's prefill time", pair("ttft_1000_seconds"), &|x| x <= 1.25);
         let own = |a: &str, b: &str| ratio(get(a).and_then(|r| r.tunegate), get(b).and_then(|r| r.tunegate));
-        target(&mut md, "8 streams, aggregate decode ≥ 2× single-stream decode", own("batch8_base_decode_tps", "decode_128_tps"), |x| x >= 2.0);
-        target(&mut md, "8 streams on 8 adapters ≥ 0.8× 8 base streams", own("batch8_lora_decode_tps", "batch8_base_decode_tps"), |x| x >= 0.8);
+        target(&mut md, "8 streams, aggregate decode ≥ 2× single-stream decode", own("batch8_base_decode_tps", "decode_128_tps"), &|x| x >= 2.0);
+        target(&mut md, "8 streams on 8 adapters ≥ 0.8× 8 base streams", own("batch8_lora_decode_tps", "batch8_base_decode_tps"), &|x| x >= 0.8);
         let load = get("adapter_load_seconds").and_then(|r| r.tunegate);
         let _ = writeln!(
             md,
@@ -383,15 +383,19 @@ impl Results<'_> {
                 let _ = writeln!(md, "| no allocation growth over a 10-minute run | not run (`TUNEGATE_BENCH_SOAK_S=600`) | n/a |");
             }
         }
+        // The issue's decode target is 1.1× on the default model, 1.0× on another file (the
+        // Gemma 3 Q4_K_M one); its prefill targets are the default model's.
+        let default_model = s.model.file_name().is_some_and(|n| n == tunegate::config::DEFAULT_MODEL_FILE);
+        let (d, of) = if default_model { (1.1, "") } else { (1.0, " (the default model's target)") };
         let _ = writeln!(md, "\n## Targets (issue 19: decode at depth, f16 KV cache)\n");
         let _ = writeln!(md, "| target | measured | met |");
         let _ = writeln!(md, "|---|---:|:---:|");
-        target(&mut md, "decode ≥ 1.1× llama.cpp from an empty context", pair("decode_128_tps"), |x| x >= 1.1);
-        target(&mut md, &format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[0]), pair("decode_d512_tps"), |x| x >= 1.1);
-        target(&mut md, &format!("decode ≥ 1.1× llama.cpp behind {} tokens", crate::DEPTHS[1]), pair("decode_d2048_tps"), |x| x >= 1.1);
-        target(&mut md, "prefill, 128-token prompt ≥ 1.5× llama.cpp", pair("prefill_128_tps"), |x| x >= 1.5);
+        target(&mut md, &format!("decode ≥ {d:.1}× llama.cpp from an empty context"), pair("decode_128_tps"), &|x| x >= d);
+        target(&mut md, &format!("decode ≥ {d:.1}× llama.cpp behind {} tokens", crate::DEPTHS[0]), pair("decode_d512_tps"), &|x| x >= d);
+        target(&mut md, &format!("decode ≥ {d:.1}× llama.cpp behind {} tokens", crate::DEPTHS[1]), pair("decode_d2048_tps"), &|x| x >= d);
+        target(&mut md, &format!("prefill, 128-token prompt ≥ 1.5× llama.cpp{of}"), pair("prefill_128_tps"), &|x| x >= 1.5);
         // A shorter time is better: llama.cpp's time over ours is the speed ratio.
-        target(&mut md, "prefill, 1,000-token prompt ≥ 1.2× llama.cpp (speed)", pair("ttft_1000_seconds").map(|x| 1.0 / x), |x| x >= 1.2);
+        target(&mut md, &format!("prefill, 1,000-token prompt ≥ 1.2× llama.cpp (speed){of}"), pair("ttft_1000_seconds").map(|x| 1.0 / x), &|x| x >= 1.2);
         let same_kv = self.settings.kv_type == tunegate::engine::model::KvType::F16;
         match (&self.long, self.peer_long_peak_rss) {
             (Some(l), Some(peer)) if same_kv => {
