@@ -299,21 +299,36 @@ fn optional_norm(src: &mut dyn WeightSource, name: &str, eps: f32) -> Result<Opt
     Ok(if src.contains(name) { Some(RmsNorm { weight: src.tensor(name)?, eps }) } else { None })
 }
 
-/// RoPE tables for one base: `[positions, head_dim / 2]` as tensors (training) and rows
-/// (serving).
+/// RoPE tables for one base: `[positions, head_dim / 2]` rows of cos and sin. Serving reads
+/// them as rows; training takes tensors of the positions it needs ([`RopeTables::tensors`]),
+/// so the tables are held once (Gemma 3's 32,768 positions × 128 × 2 bases are 64 MiB).
 #[derive(Debug, Clone)]
 pub(crate) struct RopeTables {
-    pub cos: Tensor,
-    pub sin: Tensor,
     cos_rows: Vec<f32>,
     sin_rows: Vec<f32>,
+    half: usize,
 }
 
 impl RopeTables {
     fn new(cfg: &Config, theta: f64) -> Result<Self> {
         let (cos, sin) = rope_tables(cfg, theta)?;
         let (cos_rows, sin_rows) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
-        Ok(Self { cos, sin, cos_rows, sin_rows })
+        Ok(Self { cos_rows, sin_rows, half: cfg.head_dim() / 2 })
+    }
+
+    /// Positions the tables cover.
+    pub fn positions(&self) -> usize {
+        self.cos_rows.len() / self.half.max(1)
+    }
+
+    /// The cos and sin tables of positions `0..t` as `[t, head_dim / 2]` tensors.
+    pub fn tensors(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let n = t * self.half;
+        if n > self.cos_rows.len() {
+            return Err(EngineError::Internal(format!("position {t} beyond the RoPE table ({})", self.positions())));
+        }
+        let dev = &Device::Cpu;
+        Ok((Tensor::from_slice(&self.cos_rows[..n], (t, self.half), dev)?, Tensor::from_slice(&self.sin_rows[..n], (t, self.half), dev)?))
     }
 }
 

@@ -165,10 +165,7 @@ impl Model {
         let (nh, nkv, hd) = (self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim);
         let b = lens.len();
         let t = lens.iter().copied().max().unwrap_or(0);
-        let rope = self.rope_of(li);
-        if t > rope.cos.dim(0)? {
-            return Err(EngineError::Internal(format!("position {t} beyond the RoPE table ({})", rope.cos.dim(0)?)));
-        }
+        let (cos, sin) = self.rope_of(li).tensors(t)?;
         let ragged = lens.iter().any(|&n| n != t);
         let (mut to_grid, mut from_grid) = (Vec::with_capacity(b * t), Vec::new());
         let mut off = 0u32;
@@ -182,7 +179,6 @@ impl Model {
             let x = if ragged { x.index_select(&to_grid, 0)? } else { x.clone() };
             Ok(x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let (cos, sin) = (rope.cos.narrow(0, 0, t)?, rope.sin.narrow(0, 0, t)?);
         let q = grad_ops::rope(&grid(q, nh)?, &cos, &sin, self.rope_interleaved)?;
         let k = grad_ops::rope(&grid(k, nkv)?, &cos, &sin, self.rope_interleaved)?;
         let v = grid(v, nkv)?;
