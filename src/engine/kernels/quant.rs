@@ -138,26 +138,6 @@ pub(crate) struct Q8_0;
 /// GGML Q4_1: an f16 scale, an f16 minimum and 32 4-bit values per block.
 pub(crate) struct Q4_1;
 
-impl BlockFormat for Q8_0 {
-    const BYTES: usize = Q8_0_BYTES;
-    fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
-        q8_0_portable(w, xs)
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn x86<const R: usize, const N: usize>(isa: Isa, ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> Option<[[f32; N]; R]> {
-        use super::x86::*;
-        // SAFETY: the caller's contract (see the trait).
-        unsafe {
-            match isa {
-                Isa::Avx512Vnni => Some(q8_0_vnni512_pairs::<R, N>(ws, xs)),
-                Isa::AvxVnni => Some(q8_0_vnni256::<R, N>(ws, xs)),
-                Isa::Avx2 => Some(q8_0_avx2::<R, N>(ws, xs)),
-                Isa::Portable => None,
-            }
-        }
-    }
-}
-
 impl BlockFormat for Q4_1 {
     const BYTES: usize = Q4_1_BYTES;
     fn portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
@@ -196,7 +176,7 @@ pub(crate) struct KHead {
 }
 
 /// A GGML format read as sub-blocks of 32 small integers, one per activation block:
-/// Q4_0, Q5_0 and Q5_1 (one per block) and the K-quants Q4_K, Q5_K and Q6_K (eight per
+/// Q8_0 (signed), Q4_0, Q5_0 and Q5_1 (one per block) and the K-quants Q4_K, Q5_K and Q6_K (eight per
 /// 256-value super-block, whose 6- or 8-bit sub-block scales [`KHead`] holds decoded). One
 /// portable loop and one vector kernel per instruction set serve them all; a format only
 /// says how its bytes unpack.
@@ -306,6 +286,17 @@ macro_rules! k_scales {
             h.mn[j]
         }
     };
+}
+
+impl SubBlocks for Q8_0 {
+    const SIGNED: bool = true;
+    uniform_scales!();
+    fn head(b: &[u8]) -> Uniform {
+        Uniform { d: f16_at(b, 0), mn: 0.0 }
+    }
+    fn ints(b: &[u8], _: usize) -> [i8; QK] {
+        std::array::from_fn(|i| b[2 + i] as i8)
+    }
 }
 
 impl SubBlocks for Q4_0 {
@@ -442,6 +433,7 @@ macro_rules! sub_block_format {
     };
 }
 
+sub_block_format!(Q8_0, Q8_0_BYTES, QK);
 sub_block_format!(Q4_0, 18, QK);
 sub_block_format!(Q5_0, 22, QK);
 sub_block_format!(Q5_1, 24, QK);
@@ -488,20 +480,6 @@ pub(super) fn q4_1_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [
     out
 }
 
-pub(super) fn q8_0_portable<const N: usize>(w: &[u8], xs: [&[ActBlock]; N]) -> [f32; N] {
-    let nb = w.len() / Q8_0_BYTES;
-    let mut out = [0f32; N];
-    for b in 0..nb {
-        let dw = f16_at(w, b * Q8_0_BYTES);
-        let wq = &w[b * Q8_0_BYTES + 2..(b + 1) * Q8_0_BYTES];
-        for (o, x) in out.iter_mut().zip(&xs) {
-            let xb = &x[b];
-            let s: i32 = wq.iter().zip(&xb.qs).map(|(&a, &c)| i32::from(a as i8) * i32::from(c)).sum();
-            *o += dw * xb.d * s as f32;
-        }
-    }
-    out
-}
 
 
 #[cfg(target_arch = "x86_64")]

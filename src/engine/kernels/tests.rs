@@ -134,7 +134,7 @@ fn every_isa_gives_the_exact_integer_dot_product() {
     let wb = q8_0_bytes(&w);
     let mut xq = QActs::default();
     xq.quantize(&xs, k);
-    let want = q8_0_portable::<4>(&wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
+    let want = Q8_0::portable::<4>(&wb, [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);
     let isas = isas();
     for isa in isas {
         let [got4] = tile::<Q8_0, 1, 4>(isa, [&wb], [xq.row(0), xq.row(1), xq.row(2), xq.row(3)]);

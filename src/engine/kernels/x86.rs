@@ -2,54 +2,11 @@
 //! AVX2 (`vpmaddubsw`). With AVX-512, Q4_1 rows take two blocks per register (a block
 //! pair's scales fill the two halves of one vector). Each must equal the format's portable
 //! loop (`quant.rs`), which the tests check on every variant this CPU has. The formats read
-//! as 32-value sub-blocks (Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) share one kernel per
+//! as 32-value sub-blocks (Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) share one kernel per
 //! instruction set, [`SubBlocksX86`] saying how each unpacks.
 
-use super::quant::{ActBlock, SubBlocks, Uniform, Q4K, Q4_0, Q4_1_BYTES, Q5K, Q5_0, Q5_1, Q6K, Q8_0_BYTES, QK};
+use super::quant::{ActBlock, SubBlocks, Uniform, Q4K, Q4_0, Q4_1_BYTES, Q5K, Q5_0, Q5_1, Q6K, Q8_0, QK};
 use std::arch::x86_64::*;
-
-macro_rules! q8_0_impl {
-    ($name:ident, $features:literal, $dot:ident) => {
-        /// `R` Q8_0 weight rows against `N` activation rows: the dot products.
-        ///
-        /// # Safety
-        /// The CPU has `$features`; every `ws[r]` holds at least `ws[0].len()` bytes, a
-        /// whole number of Q8_0 blocks; every `xs[t]` holds at least that many blocks.
-        #[target_feature(enable = $features)]
-        pub unsafe fn $name<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
-            let nb = ws[0].len() / Q8_0_BYTES;
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
-            for b in 0..nb {
-                let mut wq = [_mm256_setzero_si256(); R];
-                let mut dw = [0f32; R];
-                for r in 0..R {
-                    let wb = ws[r].as_ptr().add(b * Q8_0_BYTES);
-                    let bits = u16::from_le_bytes([*wb, *wb.add(1)]);
-                    dw[r] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
-                    wq[r] = _mm256_loadu_si256(wb.add(2) as *const __m256i);
-                }
-                for t in 0..N {
-                    let xb = xs[t].get_unchecked(b);
-                    let xq = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                    // |x| as u8 times sign(x)·w as i8: the unsigned × signed product the
-                    // instructions offer, equal to x·w.
-                    let ax = _mm256_sign_epi8(xq, xq);
-                    for r in 0..R {
-                        let s = $dot(ax, _mm256_sign_epi8(wq[r], xq));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), _mm256_cvtepi32_ps(s), acc[r][t]);
-                    }
-                }
-            }
-            let mut out = [[0f32; N]; R];
-            for r in 0..R {
-                for t in 0..N {
-                    out[r][t] = hsum(acc[r][t]);
-                }
-            }
-            out
-        }
-    };
-}
 
 macro_rules! q4_1_impl {
     ($name:ident, $features:literal, $dot:ident) => {
@@ -97,69 +54,6 @@ macro_rules! q4_1_impl {
             out
         }
     };
-}
-
-/// Q8_0 rows two blocks per 512-bit register (AVX-512 VNNI): per block pair and row
-/// pair, one `vpdpbusd` of 64 values (|x| as u8 times sign(x)·w), a convert and two
-/// multiply-adds. Decode's output head (a vocabulary of Q8_0 rows) is most of a step's
-/// bytes for large vocabularies; halving its instructions keeps the loads streaming. A row
-/// with an odd block count ends with the 256-bit kernel on its last block.
-///
-/// # Safety
-/// The CPU has the features enabled below; the slices are as for the Q8_0 kernels.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
-pub unsafe fn q8_0_vnni512_pairs<const R: usize, const N: usize>(ws: [&[u8]; R], xs: [&[ActBlock]; N]) -> [[f32; N]; R] {
-    let nb = ws[0].len() / Q8_0_BYTES;
-    let mut acc = [[_mm512_setzero_ps(); N]; R];
-    let halves = |a: f32, b: f32| {
-        _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)), _mm256_castps_pd(_mm256_set1_ps(b)), 1))
-    };
-    let mut b = 0;
-    while b + 2 <= nb {
-        let mut q = [_mm512_setzero_si512(); R];
-        let mut wd = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            let w0 = ws[r].as_ptr().add(b * Q8_0_BYTES);
-            let w1 = w0.add(Q8_0_BYTES);
-            wd[r] = halves(f16_x86(w0), f16_x86(w1));
-            q[r] = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256(w0.add(2) as *const __m256i)),
-                _mm256_loadu_si256(w1.add(2) as *const __m256i),
-                1,
-            );
-        }
-        for t in 0..N {
-            let (x0, x1) = (xs[t].get_unchecked(b), xs[t].get_unchecked(b + 1));
-            let xq = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256(x0.qs.as_ptr() as *const __m256i)),
-                _mm256_loadu_si256(x1.qs.as_ptr() as *const __m256i),
-                1,
-            );
-            let xd = halves(x0.d, x1.d);
-            let (ax, neg, nonzero) = (_mm512_abs_epi8(xq), _mm512_movepi8_mask(xq), _mm512_test_epi8_mask(xq, xq));
-            for r in 0..R {
-                let w = _mm512_maskz_mov_epi8(nonzero, _mm512_mask_sub_epi8(q[r], neg, _mm512_setzero_si512(), q[r]));
-                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, w);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(wd[r], xd), _mm512_cvtepi32_ps(s), acc[r][t]);
-            }
-        }
-        b += 2;
-    }
-    let mut out = [[0f32; N]; R];
-    for r in 0..R {
-        for t in 0..N {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    if b < nb {
-        let tail = q8_0_vnni512::<R, N>(ws.map(|w| &w[b * Q8_0_BYTES..]), xs.map(|x| &x[b..]));
-        for r in 0..R {
-            for t in 0..N {
-                out[r][t] += tail[r][t];
-            }
-        }
-    }
-    out
 }
 
 /// Q4_1 rows two blocks per 512-bit register (AVX-512 VNNI): per block pair and row
@@ -284,6 +178,17 @@ unsafe fn high_bits_x86(p: *const u8) -> __m256i {
 #[inline(always)]
 unsafe fn bits_x86(v: __m256i, shift: usize, mask: i8) -> __m256i {
     _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi8(mask))
+}
+
+impl SubBlocksX86 for Q8_0 {
+    #[inline(always)]
+    unsafe fn head_x86(b: *const u8) -> Uniform {
+        Uniform { d: f16_x86(b), mn: 0.0 }
+    }
+    #[inline(always)]
+    unsafe fn ints_x86(b: *const u8, _: usize) -> __m256i {
+        _mm256_loadu_si256(b.add(2) as *const __m256i)
+    }
 }
 
 impl SubBlocksX86 for Q4_0 {
@@ -537,9 +442,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-q8_0_impl!(q8_0_avx2, "avx2,fma,f16c", dot_maddubs);
-q8_0_impl!(q8_0_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
-q8_0_impl!(q8_0_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
 q4_1_impl!(q4_1_avx2, "avx2,fma,f16c", dot_maddubs);
 q4_1_impl!(q4_1_vnni512, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", dot_vnni512);
 q4_1_impl!(q4_1_vnni256, "avx2,fma,f16c,avxvnni", dot_vnni256);
