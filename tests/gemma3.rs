@@ -67,7 +67,7 @@ fn cases<'a>(fx: &'a serde_json::Value, key: &str) -> anyhow::Result<Vec<(&'a st
 }
 
 fn load(path: &Path) -> anyhow::Result<(Model, Tokenizer)> {
-    let l = tunegate::engine::loader::load(path, "gemma3-270m")?;
+    let l = tunegate::engine::loader::load(path, "gemma3-270m", None)?;
     Ok((l.model, l.tokenizer))
 }
 
@@ -78,7 +78,7 @@ fn load(path: &Path) -> anyhow::Result<(Model, Tokenizer)> {
 fn gemma3_chat_prompt_is_gemmas_turn_format() -> R {
     use tunegate::engine::ChatMessage;
     let fx = fixture()?;
-    let l = tunegate::engine::loader::load(&model_path(&fx)?, "gemma3-270m")?;
+    let l = tunegate::engine::loader::load(&model_path(&fx)?, "gemma3-270m", None)?;
     let template = l.chat_template.ok_or_else(|| anyhow::anyhow!("no chat template for gemma3"))?;
     let messages = [ChatMessage::new("system", "Answer briefly."), ChatMessage::new("user", "Hi")];
     let text = template.render(&messages, true)?;

@@ -63,7 +63,7 @@ fn promote(config: &Config, task: &str, version: &str) -> anyhow::Result<()> {
     );
     // Refuse what would not load: the base model's shape decides.
     let dir = root.join(task).join(version);
-    let shape = crate::engine::loader::load(&config.model.path, &config.model.name)
+    let shape = crate::engine::loader::load(&config.model.path, &config.model.name, None)
         .map_err(|e| anyhow::anyhow!("loading the base model {}: {e}", config.model.path.display()))?
         .model
         .shape;

@@ -97,7 +97,7 @@ fn fail_load(ctx: &Context, e: EngineError) {
 
 fn run(ctx: Context) {
     let started = Instant::now();
-    let loaded = match loader::load(&ctx.config.model_path, &ctx.config.model_name) {
+    let loaded = match loader::load(&ctx.config.model_path, &ctx.config.model_name, Some(ctx.config.context_length)) {
         Ok(l) => l,
         Err(e) => return fail_load(&ctx, e),
     };
@@ -246,8 +246,9 @@ impl Loop<'_> {
                 continue;
             }
             if let Some(hit) = self.prefix_cache.lookup(seq.cache_key(), &seq.tokens) {
-                self.prefix_cache.fill(&hit, &mut seq.cache);
-                seq.cached_tokens = hit.tokens;
+                if self.prefix_cache.fill(&hit, &mut seq.cache) {
+                    seq.cached_tokens = hit.tokens;
+                }
             }
             self.share_prefill(&mut seq);
             self.running.push(seq);
@@ -271,8 +272,9 @@ impl Loop<'_> {
         });
         let Some(twin) = twin else { return };
         if twin.cache.len() >= shared {
-            seq.cache.copy_prefix(&twin.cache, shared);
-            seq.cached_tokens = shared;
+            if seq.cache.copy_prefix(&twin.cache, shared) {
+                seq.cached_tokens = shared;
+            }
         } else {
             seq.follows = Some(twin.id);
         }
@@ -293,8 +295,9 @@ impl Loop<'_> {
                         let (a, b) = self.running.split_at_mut(i);
                         (&mut b[0], &a[j])
                     };
-                    seq.cache.copy_prefix(&twin.cache, shared);
-                    seq.cached_tokens = shared;
+                    if seq.cache.copy_prefix(&twin.cache, shared) {
+                        seq.cached_tokens = shared;
+                    }
                     seq.follows = None;
                 }
                 Some(_) => {}
@@ -316,6 +319,22 @@ impl Loop<'_> {
             if s.reusable {
                 let key = s.cache_key();
                 self.prefix_cache.insert(key, &s.tokens, s.cache);
+            }
+        }
+    }
+
+    /// With sliding-window layers a sequence drops its prompt's early rows as it decodes, so
+    /// the cache it retires with serves only prefixes near its end. Prompts whose prefill
+    /// just ended go to the prefix cache whole, for later requests that share only them (a
+    /// long system prompt).
+    fn keep_prompts(&mut self, plan: &[(usize, usize)]) {
+        if !self.prefix_cache.enabled() || self.model.cfg.sliding_window.is_none() {
+            return;
+        }
+        for &(i, _) in plan {
+            let s = &self.running[i];
+            if !s.finished && s.cache.len() == s.prompt_len && s.cache.min_prefix() == 0 {
+                self.prefix_cache.insert(s.cache_key(), &s.tokens[..s.prompt_len], s.cache.clone());
             }
         }
     }
@@ -353,6 +372,7 @@ impl Loop<'_> {
             Ok(Err(e)) => return self.fail(&plan, e),
             Err(_) => return self.fail(&plan, EngineError::Internal("the forward pass panicked".into())),
         };
+        self.keep_prompts(&plan);
         for (row, &(i, _)) in plan.iter().enumerate() {
             let s = &mut self.running[i];
             if s.finished || s.cache.len() < s.tokens.len() {
@@ -485,6 +505,8 @@ struct Sequence {
 impl Sequence {
     fn new(p: Pending, num_layers: usize, id: u64) -> Self {
         let prompt_len = p.tokens.len();
+        let mut cache = KvCache::new(num_layers);
+        cache.hold(prompt_len);
         Self {
             id,
             follows: None,
@@ -492,7 +514,7 @@ impl Sequence {
             text: TextState::new(&p.params.stop),
             tokens: p.tokens,
             prompt_len,
-            cache: KvCache::new(num_layers),
+            cache,
             params: p.params,
             adapter: p.adapter,
             cache_scope: p.cache_scope,

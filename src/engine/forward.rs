@@ -221,6 +221,7 @@ impl Model {
             return Err(EngineError::Internal("empty sequence in batch".into()));
         }
         let mut spans = Vec::with_capacity(seqs.len());
+        let windows: Vec<Option<usize>> = (0..s.num_layers).map(|li| self.cfg.layer_window(li)).collect();
         let mut row = 0;
         for q in seqs.iter_mut() {
             let pos = q.cache.len();
@@ -231,7 +232,7 @@ impl Model {
                     self.max_positions()
                 )));
             }
-            q.cache.prepare(s.num_layers, kv_dim, pos + q.tokens.len(), self.kv_type);
+            q.cache.prepare(&windows, kv_dim, pos + q.tokens.len(), self.kv_type);
             spans.push(Span { row, len: q.tokens.len(), pos });
             row += q.tokens.len();
         }
@@ -405,7 +406,7 @@ impl Model {
         &self,
         pool: &Pool,
         spans: &[Span],
-        caches: &[(KvRows<'_>, KvRows<'_>)],
+        caches: &[(KvRows<'_>, KvRows<'_>, usize)],
         qkv: &[f32],
         qkv_w: usize,
         window: Option<usize>,
@@ -424,9 +425,10 @@ impl Model {
         let mut tasks: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
         let mut units: Vec<(usize, usize, usize, usize)> = Vec::new();
         for (si, sp) in spans.iter().enumerate() {
-            let visible = sp.pos + 1;
-            let start = window.map_or(0, |w| visible.saturating_sub(w));
-            let n = visible - start;
+            // Rows, not positions: the cache's rows start at position `first`.
+            let (visible, first) = (sp.pos + 1, caches[si].2);
+            let start = window.map_or(0, |w| visible.saturating_sub(w)) - first;
+            let n = visible - first - start;
             let parts = want.min(n.div_ceil(MIN_RANGE)).max(1);
             for kvh in 0..kv_heads {
                 units.push((si, kvh, tasks.len(), parts));
@@ -454,10 +456,10 @@ impl Model {
                         )
                     };
                     match caches[si] {
-                        (KvRows::F32(k), KvRows::F32(v)) => {
+                        (KvRows::F32(k), KvRows::F32(v), _) => {
                             kernels::attend_group_part(q, group, hd, k, v, kv_dim, kvh * hd, range.clone(), scale, &mut sc, a, st)
                         }
-                        (KvRows::F16(k), KvRows::F16(v)) => {
+                        (KvRows::F16(k), KvRows::F16(v), _) => {
                             kernels::attend_group_part(q, group, hd, k, v, kv_dim, kvh * hd, range.clone(), scale, &mut sc, a, st)
                         }
                         _ => unreachable!("a cache's keys and values share one type"),
@@ -505,7 +507,13 @@ impl Model {
         // A local layer's query sees the last `window` positions, itself included.
         let window = self.cfg.layer_window(li);
         let first_visible = |visible: usize| window.map_or(0, |w| visible.saturating_sub(w));
-        let caches: Vec<(KvRows<'_>, KvRows<'_>)> = seqs.iter().map(|q| q.cache.layer(li)).collect();
+        let caches: Vec<(KvRows<'_>, KvRows<'_>, usize)> = seqs
+            .iter()
+            .map(|q| {
+                let (k, v) = q.cache.layer(li);
+                (k, v, q.cache.first(li))
+            })
+            .collect();
         if spans.iter().all(|sp| sp.len == 1) {
             self.decode_attention(pool, spans, &caches, qkv, qkv_w, window, attn);
             return Ok(());
@@ -526,11 +534,12 @@ impl Model {
                 for task in (tid..tasks).step_by(threads) {
                     let (si, h) = (task / per_seq, (task % per_seq) * per);
                     let sp = spans[si];
-                    let (kc, vc) = caches[si];
+                    // Cached rows start at position `first` (a window layer drops older ones).
+                    let (kc, vc, first) = caches[si];
                     let kvh = h / group;
                     if sp.len >= GEMM_ATTENTION_ROWS {
                         // Prefill (`per` is 1 here): blocked products over the whole cache.
-                        let total = sp.pos + sp.len;
+                        let total = sp.pos + sp.len - first;
                         let mut wide = WIDE.with(|w| w.take());
                         // This head's keys and values as f32 rows (`row` apart), f16 widened.
                         let (kh, vh, row): (*const f32, *const f32, usize) = match (kc, vc) {
@@ -570,7 +579,7 @@ impl Model {
                         }
                         for (i, row) in scores.chunks_exact_mut(total).enumerate() {
                             let visible = sp.pos + i + 1;
-                            let start = first_visible(visible);
+                            let (start, visible) = (first_visible(visible) - first, visible - first);
                             kernels::softmax(&mut row[start..visible]);
                             row[..start].fill(0.0);
                             row[visible..].fill(0.0);
@@ -607,7 +616,7 @@ impl Model {
                         let o = unsafe { std::slice::from_raw_parts_mut(out.at(row * q_dim + h * hd), per * hd) };
                         let (q, visible) = (&qkv[q0..q0 + per * hd], sp.pos + i + 1);
                         // The visible rows from the window's start (rows are positions).
-                        let (from, n) = (first_visible(visible) * kv_dim, visible - first_visible(visible));
+                        let (from, n) = ((first_visible(visible) - first) * kv_dim, visible - first_visible(visible));
                         match (kc, vc) {
                             (KvRows::F32(k), KvRows::F32(v)) => kernels::attend_group(q, per, hd, &k[from..], &v[from..], kv_dim, kvh * hd, n, scale, &mut sc, o),
                             (KvRows::F16(k), KvRows::F16(v)) => kernels::attend_group(q, per, hd, &k[from..], &v[from..], kv_dim, kvh * hd, n, scale, &mut sc, o),

@@ -14,7 +14,9 @@ pub struct Loaded {
     pub file_bytes: u64,
 }
 
-pub fn load(path: &Path, name: &str) -> Result<Loaded> {
+/// Loads the model at `path`. `positions`: the most positions it will run (the engine's
+/// context length), which sizes the RoPE tables; `None`: the model's own limit.
+pub fn load(path: &Path, name: &str, positions: Option<usize>) -> Result<Loaded> {
     if !path.exists() {
         return Err(EngineError::Load(format!(
             "{} does not exist (run `tunegate model fetch` for the default model)",
@@ -27,7 +29,7 @@ pub fn load(path: &Path, name: &str) -> Result<Loaded> {
         let chat_template = template_src
             .map(|t| ChatTemplate::new(&t, tokenizer.bos_token(), tokenizer.eos_token()))
             .transpose()?;
-        let cfg = src.config.clone();
+        let cfg = limited(src.config.clone(), positions);
         let arch = src.architecture.clone();
         let model = Model::new(cfg, &mut src, &arch, name, false)?;
         let file_bytes = dir_bytes(path);
@@ -40,12 +42,21 @@ pub fn load(path: &Path, name: &str) -> Result<Loaded> {
         Some(t) => Some(t),
         None => ChatTemplate::builtin(&f.architecture, bos, eos)?,
     };
-    let cfg = f.config()?;
+    let cfg = limited(f.config()?, positions);
     let arch = f.architecture.clone();
     let interleaved = f.rope_interleaved();
     let model = Model::new(cfg, &mut f, &arch, name, interleaved)?;
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok(Loaded { model, tokenizer, chat_template, file_bytes })
+}
+
+/// The model's position limit cut to `positions` (a 32,768-position model served with an
+/// 8,192 context holds RoPE tables for 8,192).
+fn limited(mut cfg: super::model::Config, positions: Option<usize>) -> super::model::Config {
+    if let Some(p) = positions {
+        cfg.max_position_embeddings = cfg.max_position_embeddings.min(p.max(2));
+    }
+    cfg
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -42,6 +42,10 @@ impl PrefixCache {
         Self { capacity, entries: Vec::new(), bytes: 0, clock: 0 }
     }
 
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -56,6 +60,8 @@ impl PrefixCache {
             .enumerate()
             .filter(|(_, e)| e.adapter == adapter)
             .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
+            // A cache whose window layers dropped the rows this prefix needs cannot serve it.
+            .filter(|&(i, n)| self.entries[i].cache.holds_prefix(n))
             .max_by_key(|&(i, n)| (n, self.entries[i].last_used))?;
         if tokens < MIN_TOKENS {
             return None;
@@ -65,11 +71,9 @@ impl PrefixCache {
         Some(Hit { entry, tokens })
     }
 
-    /// Copies a hit's rows into `cache` (which must be empty).
-    pub fn fill(&self, hit: &Hit, cache: &mut KvCache) {
-        if let Some(e) = self.entries.get(hit.entry) {
-            cache.copy_prefix(&e.cache, hit.tokens);
-        }
+    /// Copies a hit's rows into `cache` (which must be empty); false if nothing was copied.
+    pub fn fill(&self, hit: &Hit, cache: &mut KvCache) -> bool {
+        self.entries.get(hit.entry).is_some_and(|e| cache.copy_prefix(&e.cache, hit.tokens))
     }
 
     /// Keeps a finished sequence's cache; `tokens` are the sequence's tokens (only the first
@@ -80,9 +84,12 @@ impl PrefixCache {
             return;
         }
         let tokens = &tokens[..n];
-        // Already covered by an entry that extends it: just mark that entry used.
+        // Already covered by an entry that extends it (and can be cut back as far): just mark
+        // that entry used.
         self.clock += 1;
-        if let Some(e) = self.entries.iter_mut().find(|e| e.adapter == adapter && e.tokens.starts_with(tokens)) {
+        let min = cache.min_prefix();
+        let covers = |e: &Entry| e.adapter == adapter && e.tokens.starts_with(tokens) && e.cache.min_prefix() <= min;
+        if let Some(e) = self.entries.iter_mut().find(|e| covers(e)) {
             e.last_used = self.clock;
             return;
         }
@@ -95,7 +102,7 @@ impl PrefixCache {
         let mut i = 0;
         while i < self.entries.len() {
             let e = &self.entries[i];
-            if e.adapter == adapter && tokens.starts_with(&e.tokens) {
+            if e.adapter == adapter && tokens.starts_with(&e.tokens) && min <= e.cache.min_prefix() {
                 self.bytes -= e.bytes;
                 self.entries.swap_remove(i);
             } else {
@@ -131,7 +138,7 @@ mod tests {
     /// A cache of `n` positions whose values encode (layer, position), one value per row.
     fn filled(n: usize, layers: usize, tag: f32) -> KvCache {
         let mut c = KvCache::new(layers);
-        c.prepare(layers, 1, n, crate::engine::model::KvType::F32);
+        c.prepare(&vec![None; layers], 1, n, crate::engine::model::KvType::F32);
         for p in 0..n {
             for l in 0..layers {
                 let x = tag + (l * 1000 + p) as f32;
@@ -171,6 +178,52 @@ mod tests {
         assert!(pc.lookup((3, 0), &a).is_none());
         // Same tokens and adapter, another scope (API key): nothing.
         assert!(pc.lookup((0, 9), &a).is_none());
+        Ok(())
+    }
+
+    /// `n` positions run one step at a time through layer 0 with a window of 4 and a global
+    /// layer 1, so layer 0 drops rows once its room is used up.
+    fn windowed(n: usize) -> KvCache {
+        let mut c = KvCache::new(2);
+        for p in 0..n {
+            c.prepare(&[Some(4), None], 1, p + 1, crate::engine::model::KvType::F32);
+            c.push(0, &[p as f32], &[p as f32]);
+            c.push(1, &[p as f32], &[p as f32]);
+            c.commit(1);
+        }
+        c
+    }
+
+    /// With sliding-window layers, a finished sequence's cache serves only prefixes near its
+    /// end; the whole prompt (kept when its prefill ended) still serves requests that share
+    /// just the prompt, and the windowed entry that extends it does not replace it.
+    #[test]
+    fn entries_whose_window_rows_are_gone_serve_only_long_prefixes() -> Result<(), String> {
+        let mut pc = PrefixCache::new(1 << 20);
+        let seq: Vec<u32> = (0..300).collect();
+        let done = windowed(300);
+        assert!(done.min_prefix() > 200, "rows were dropped");
+        pc.insert((0, 0), &seq[..40], windowed(40));
+        pc.insert((0, 0), &seq, done);
+        assert_eq!(pc.len(), 2, "the windowed entry does not replace the whole prompt");
+
+        // Shares 100 tokens: the long entry cannot be cut back to 100, the prompt serves 40.
+        let mut other: Vec<u32> = (0..100).collect();
+        other.push(999);
+        assert_eq!(pc.lookup((0, 0), &other).ok_or("no hit")?.tokens, 40);
+        // A continuation of the whole sequence (the next turn of a chat): the long entry.
+        let mut next = seq.clone();
+        next.extend([7, 8, 9]);
+        let hit = pc.lookup((0, 0), &next).ok_or("no hit")?;
+        assert_eq!(hit.tokens, 300);
+        let mut c = KvCache::new(2);
+        assert!(pc.fill(&hit, &mut c));
+        assert_eq!((c.len(), c.first(1)), (300, 0));
+        let (KvRows::F32(k), _) = c.layer(0) else { return Err("not f32".into()) };
+        assert_eq!(k, &[297.0, 298.0, 299.0][..], "a window layer's copy holds what position 300 sees");
+        // Inserting the prompt again changes nothing.
+        pc.insert((0, 0), &seq[..40], windowed(40));
+        assert_eq!(pc.len(), 2);
         Ok(())
     }
 

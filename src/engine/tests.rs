@@ -103,6 +103,71 @@ fn gemma3_gguf_matches_reference() -> R {
     check_against_reference(&m, &w, &long, 1e-2)
 }
 
+/// Sliding-window layers keep a window and a chunk of rows, not the whole sequence: a long
+/// decode drops rows several times (moving the rest to the front) and every step's logits
+/// still match the reference; the global layer keeps everything; the cache cannot be cut back
+/// to a prefix whose window rows are gone (rewind says so), and a copy at its end continues
+/// exactly.
+#[test]
+fn window_layers_drop_old_rows_and_still_match_reference() -> R {
+    let dir = tempfile::tempdir()?;
+    let spec = TinySpec::gemma(300);
+    let w = TinyWeights::random(&spec, 5);
+    let p = dir.path().join("g.gguf");
+    w.write_gguf(&p, GgmlDType::F32, None)?;
+    let m = load_gguf(&p)?;
+    let window = m.cfg.layer_window(0).ok_or_else(|| anyhow::anyhow!("no window"))?;
+    let global = (0..m.shape.num_layers).find(|&li| m.cfg.layer_window(li).is_none()).ok_or_else(|| anyhow::anyhow!("no global layer"))?;
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 37 % 290) as u32 + 5).collect();
+    let mut cache = KvCache::new(m.shape.num_layers);
+    let mut toks = prompt.clone();
+    let mut feed = prompt.clone();
+    let mut most_rows = 0;
+    for step in 0..330 {
+        let bl = BatchLora::new(&[(feed.len(), None)])?;
+        let row = m.forward(&mut [SeqBatch { tokens: &feed, cache: &mut cache }], &bl)?.to_vec2::<f32>()?.remove(0);
+        most_rows = most_rows.max(cache.len() - cache.first(0));
+        if step % 47 == 0 || step == 329 {
+            let r = reference_logits(&w, &toks)?;
+            let d = max_diff(&row, r.last().ok_or_else(|| anyhow::anyhow!("no logits"))?);
+            anyhow::ensure!(d < 1e-3, "logits differ by {d} at length {}", toks.len());
+        }
+        // Greedy, but never stuck on one token (varied keys make a dropped or misplaced row
+        // show).
+        let id = (sampling::argmax(&row) as u32 + step as u32 % 7) % 300;
+        toks.push(id);
+        feed = vec![id];
+    }
+    let len = cache.len();
+    assert_eq!(len, 20 + 329);
+    assert!(cache.first(0) + window <= len + 1, "rows the next step needs are gone");
+    assert!(cache.first(0) > 200, "the local layer dropped old rows (first row at {})", cache.first(0));
+    assert_eq!(cache.first(global), 0, "a global layer keeps every row");
+    assert!(most_rows <= window + 128 + 1, "a local layer held {most_rows} rows");
+    assert!(!cache.holds_prefix(20) && cache.holds_prefix(len) && cache.holds_prefix(len - 3));
+    assert_eq!(cache.min_prefix(), cache.first(0) + window - 1);
+
+    // A copy at the end continues like the original.
+    let mut copy = KvCache::new(m.shape.num_layers);
+    assert!(copy.copy_prefix(&cache, len));
+    assert!(!KvCache::new(m.shape.num_layers).copy_prefix(&cache, 20), "a prefix whose rows are gone is not copied");
+    let next = [7u32];
+    let a = m.forward(&mut [SeqBatch { tokens: &next, cache: &mut cache }], &BatchLora::new(&[(1, None)])?)?.to_vec2::<f32>()?.remove(0);
+    let b = m.forward(&mut [SeqBatch { tokens: &next, cache: &mut copy }], &BatchLora::new(&[(1, None)])?)?.to_vec2::<f32>()?.remove(0);
+    assert_eq!(a, b);
+    assert!(copy.bytes() < cache.bytes(), "the copy takes only the window's rows");
+
+    // Cut back within the window: kept; to a prefix whose rows are gone: nothing kept, and
+    // the prompt runs again from position 0 to the reference's logits.
+    assert_eq!(cache.rewind(len - 2), len - 2);
+    assert_eq!(cache.rewind(20), 0);
+    let bl = BatchLora::new(&[(prompt.len(), None)])?;
+    let row = m.forward(&mut [SeqBatch { tokens: &prompt, cache: &mut cache }], &bl)?.to_vec2::<f32>()?.remove(0);
+    let r = reference_logits(&w, &prompt)?;
+    anyhow::ensure!(max_diff(&row, r.last().ok_or_else(|| anyhow::anyhow!("no logits"))?) < 1e-3);
+    Ok(())
+}
+
 /// The f16 KV cache (serving's default) against the f32 reference: logits within 1e-2 (f32
 /// cache: 1e-3) and the same greedy tokens, after a short prompt (per-row attention) and after
 /// a long one (the blocked prefill products, which widen the cached halves).

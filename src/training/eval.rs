@@ -159,7 +159,7 @@ pub fn score(model: &Model, info: &ModelInfo, eval: &[Example], v: &Variant<'_>)
         // Reuse the previous prompt's positions this prompt starts with (at least one
         // prompt token is run so its logits exist).
         let keep = cached.iter().zip(&seq.tokens[..prompt_len]).take_while(|(a, b)| a == b).count().min(prompt_len - 1);
-        cache.rewind(keep);
+        let keep = cache.rewind(keep);
         // Prompt rest + answer in one pass; logits from the prompt's last token on.
         let feed = &seq.tokens[keep..];
         let from = prompt_len - 1 - keep;
@@ -172,12 +172,17 @@ pub fn score(model: &Model, info: &ModelInfo, eval: &[Example], v: &Variant<'_>)
                 loss_tokens += 1;
             }
         }
-        cache.rewind(prompt_len);
+        // The pass dropped no row the prompt's end needs (a window layer drops only rows out
+        // of the window of the pass's first position).
+        if cache.rewind(prompt_len) != prompt_len {
+            return Err(crate::engine::EngineError::Internal("the eval cache lost the prompt".into()));
+        }
         let first = logits.get(..vocab).unwrap_or_default();
         let out = continue_greedy(model, info, &mut cache, first, v.lora, max_new)?;
-        cache.rewind(prompt_len);
+        // A long answer may have moved a window layer past the prompt: then nothing is reused.
+        let kept = cache.rewind(prompt_len);
         cached.clear();
-        cached.extend_from_slice(&seq.tokens[..prompt_len]);
+        cached.extend_from_slice(&seq.tokens[..kept]);
         let pred = info.tokenizer.decode(&out, true)?;
         let pred = pred.trim();
         s.exact_match += f64::from(u8::from(pred == gold));

@@ -93,7 +93,7 @@ pub struct JobResult {
 /// Loads model, tokenizer and template with the engine's own loader (one model code for
 /// serving and training), for a job that runs outside the serving engine.
 pub fn load_model(path: &Path, name: &str) -> Result<(Model, ModelInfo), JobError> {
-    Ok(crate::engine::loader::load(path, name)?.into_model_info(name, None))
+    Ok(crate::engine::loader::load(path, name, None)?.into_model_info(name, None))
 }
 
 /// The next free `vN` under `root/task`.

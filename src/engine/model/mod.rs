@@ -301,7 +301,9 @@ fn optional_norm(src: &mut dyn WeightSource, name: &str, eps: f32) -> Result<Opt
 
 /// RoPE tables for one base: `[positions, head_dim / 2]` rows of cos and sin. Serving reads
 /// them as rows; training takes tensors of the positions it needs ([`RopeTables::tensors`]),
-/// so the tables are held once (Gemma 3's 32,768 positions × 128 × 2 bases are 64 MiB).
+/// so the tables are held once, for the positions the model will run (the loader cuts the
+/// model's limit to the engine's context length: Gemma 3's 32,768 positions × 128 × 2 bases
+/// are 64 MiB, 8,192 are 16).
 #[derive(Debug, Clone)]
 pub(crate) struct RopeTables {
     cos_rows: Vec<f32>,
