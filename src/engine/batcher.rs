@@ -102,6 +102,7 @@ fn run(ctx: Context) {
         Err(e) => return fail_load(&ctx, e),
     };
     let (mut model, info) = loaded.into_model_info(&ctx.config.model_name, Some(ctx.config.context_length));
+    loader::release_freed_memory();
     model.kv_type = ctx.config.kv_type;
     let context_length = info.context_length;
     let info = Arc::new(info);

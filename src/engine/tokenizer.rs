@@ -41,8 +41,10 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    /// The same tokenizer with special tokens' text treated as text, for untrusted content.
-    plain: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens' text treated as text, for untrusted content
+    /// that spells one; built the first time such text comes (a second copy of a 262k-token
+    /// vocabulary is ~40 MiB, and text without special tokens encodes the same either way).
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
     /// The text of every special token (`<|im_start|>`, …).
     special_texts: Vec<String>,
     eos_ids: Vec<u32>,
@@ -146,12 +148,10 @@ impl Tokenizer {
         eos: Option<String>,
         vocab_size: usize,
     ) -> Self {
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
         let mut special_texts: Vec<String> =
             inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
         special_texts.sort();
-        Self { inner, plain, special_texts, eos_ids, bos, eos, vocab_size }
+        Self { inner, plain: std::sync::OnceLock::new(), special_texts, eos_ids, bos, eos, vocab_size }
     }
 
     /// Whether `text` spells any special token (which [`Tokenizer::encode`] would turn into
@@ -163,7 +163,16 @@ impl Tokenizer {
     /// Encodes untrusted text: special tokens written in it stay text ("<|im_start|>" is
     /// several ordinary tokens), and nothing is added.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.plain.encode_fast(text, false).map_err(|e| tok_err(format!("cannot encode text: {e}")))?;
+        let tokenizer = if self.has_special_text(text) {
+            self.plain.get_or_init(|| {
+                let mut plain = self.inner.clone();
+                plain.set_encode_special_tokens(true);
+                plain
+            })
+        } else {
+            &self.inner
+        };
+        let enc = tokenizer.encode_fast(text, false).map_err(|e| tok_err(format!("cannot encode text: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
