@@ -20,7 +20,7 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Top-level sections that `TUNEGATE_<SECTION>_<KEY>` variables may address.
 const SECTIONS: &[&str] =
-    &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs", "metrics", "scheduler"];
+    &["server", "auth", "model", "engine", "adapters", "limits", "training", "logs", "metrics", "scheduler", "routes"];
 
 /// Short environment forms and the key each one sets.
 const SHORT_FORMS: &[(&str, &str, &str)] = &[
@@ -59,6 +59,77 @@ pub struct Config {
     pub logs: LogsSection,
     pub metrics: MetricsSection,
     pub scheduler: SchedulerSection,
+    /// `[[upstreams]]`: OpenAI-compatible engines the gateway forwards to.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[routes]`: a model name clients call → `<upstream>/<model>`.
+    pub routes: BTreeMap<String, String>,
+}
+
+/// One `[[upstreams]]` entry: an OpenAI-compatible server (vLLM, llama.cpp's server, OpenAI,
+/// another tunegate) whose models clients reach as `<name>/<model>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Letters, digits, '-', '_' and '.'; the prefix of its models' names.
+    pub name: String,
+    /// The API root, e.g. `http://127.0.0.1:8000/v1` (requests go to `<base_url>/chat/completions`).
+    pub base_url: String,
+    /// The environment variable holding its API key (sent as a bearer token; never logged).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The models it serves; empty: asked from its `/v1/models` at start-up.
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_seconds: f64,
+    /// Until the response's status and headers arrive (a streamed answer's first bytes).
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout_seconds: f64,
+    /// The whole exchange, streamed body included.
+    #[serde(default = "default_total_timeout")]
+    pub total_timeout_seconds: f64,
+    /// Requests in flight at once; more are refused with 429.
+    #[serde(default = "default_upstream_concurrency")]
+    pub max_concurrency: usize,
+    /// Retries before the first byte (connect errors, 429, 502-504), with jittered back-off
+    /// and the upstream's `Retry-After`.
+    #[serde(default = "default_upstream_retries")]
+    pub max_retries: u32,
+    /// Consecutive failed requests (unreachable, timed out, 5xx after the retries) that open
+    /// the circuit breaker: requests then fail at once with 503 until the cool-down ends and
+    /// one trial request succeeds.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    #[serde(default = "default_breaker_cooldown")]
+    pub breaker_cooldown_seconds: f64,
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+
+fn default_breaker_cooldown() -> f64 {
+    30.0
+}
+
+fn default_connect_timeout() -> f64 {
+    5.0
+}
+
+fn default_first_byte_timeout() -> f64 {
+    120.0
+}
+
+fn default_total_timeout() -> f64 {
+    600.0
+}
+
+fn default_upstream_concurrency() -> usize {
+    64
+}
+
+fn default_upstream_retries() -> u32 {
+    2
 }
 
 /// `[scheduler]`: when a task's approved examples are enough to fine-tune automatically.
@@ -417,6 +488,8 @@ struct RawConfig {
     logs: LogsSection,
     metrics: MetricsSection,
     scheduler: SchedulerSection,
+    upstreams: Vec<UpstreamConfig>,
+    routes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -722,6 +795,7 @@ impl RawConfig {
         if l.store == LogBackend::Redis && !l.redis_url.starts_with("redis://") && !l.redis_url.starts_with("rediss://") {
             return Err(invalid("logs.redis_url", format!("'{}' is not a redis:// URL", l.redis_url)));
         }
+        validate_upstreams(&self.upstreams, &self.routes, &self.model.name).map_err(|(p, m)| invalid(&p, m))?;
         if auth.is_open() && self.server.cors_allowed_origins.iter().any(|o| o == "*") {
             return Err(invalid(
                 "server.cors_allowed_origins",
@@ -761,8 +835,64 @@ impl RawConfig {
             logs: self.logs,
             metrics: self.metrics,
             scheduler: self.scheduler,
+            upstreams: self.upstreams,
+            routes: self.routes,
         })
     }
+}
+
+/// Upstream names are unique and plain, URLs http(s), limits positive, and every route names
+/// a configured upstream. Errors are (path, message).
+fn validate_upstreams(
+    upstreams: &[UpstreamConfig],
+    routes: &BTreeMap<String, String>,
+    base: &str,
+) -> Result<(), (String, String)> {
+    let plain = |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    for (i, u) in upstreams.iter().enumerate() {
+        let path = |f: &str| format!("upstreams[{i}].{f}");
+        if !plain(&u.name) {
+            return Err((path("name"), format!("'{}' must be 1-64 letters, digits, '-', '_' or '.'", u.name)));
+        }
+        if upstreams[..i].iter().any(|o| o.name == u.name) || u.name == base {
+            return Err((path("name"), format!("'{}' is used twice (or is the base model's name)", u.name)));
+        }
+        let url = u.base_url.trim_end_matches('/');
+        let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+        if !host.is_some_and(|h| !h.is_empty() && !h.contains([' ', '?', '#'])) {
+            return Err((path("base_url"), format!("'{}' is not an http:// or https:// URL such as http://127.0.0.1:8000/v1", u.base_url)));
+        }
+        for (f, v) in [
+            ("connect_timeout_seconds", u.connect_timeout_seconds),
+            ("first_byte_timeout_seconds", u.first_byte_timeout_seconds),
+            ("total_timeout_seconds", u.total_timeout_seconds),
+            ("breaker_cooldown_seconds", u.breaker_cooldown_seconds),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v < 1e6) {
+                return Err((path(f), "must be a positive number of seconds".into()));
+            }
+        }
+        if u.max_concurrency == 0 || u.breaker_failures == 0 {
+            let f = if u.max_concurrency == 0 { "max_concurrency" } else { "breaker_failures" };
+            return Err((path(f), "must be at least 1".into()));
+        }
+        if u.max_retries > 10 {
+            return Err((path("max_retries"), "must be at most 10".into()));
+        }
+        if let Some(m) = u.models.iter().find(|m| m.trim().is_empty()) {
+            return Err((path("models"), format!("'{m}' is not a model name")));
+        }
+    }
+    for (name, target) in routes {
+        let known = target.split_once('/').is_some_and(|(u, m)| !m.is_empty() && upstreams.iter().any(|x| x.name == u));
+        if !known {
+            return Err((format!("routes.{name}"), format!("'{target}' is not <upstream>/<model> of a configured upstream")));
+        }
+        if name == base || name.contains(':') {
+            return Err((format!("routes.{name}"), "a route's name must differ from the base model's and hold no ':'".into()));
+        }
+    }
+    Ok(())
 }
 
 /// `scheme://host[:port]`: what a browser sends as `Origin`.
@@ -864,8 +994,41 @@ mod tests {
         assert_eq!(
             err("[srever]\nbind = \"127.0.0.1:1\"\n"),
             "test.toml: srever: unknown field `srever`, expected one of `server`, `auth`, `model`, `engine`, \
-             `adapters`, `limits`, `training`, `logs`, `metrics`, `scheduler`"
+             `adapters`, `limits`, `training`, `logs`, `metrics`, `scheduler`, `upstreams`, `routes`"
         );
+    }
+
+    #[test]
+    fn upstreams_and_routes_are_validated() -> Result<(), ConfigError> {
+        let ok = "[[upstreams]]\nname = \"vllm\"\nbase_url = \"http://10.0.0.5:8000/v1\"\napi_key_env = \"VLLM_KEY\"\n\
+                  [[upstreams]]\nname = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\nmodels = [\"gpt-4o-mini\"]\n\
+                  [routes]\nbig = \"vllm/llama-70b\"\n";
+        let c = parse(ok)?;
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!((c.upstreams[0].max_retries, c.upstreams[0].max_concurrency, c.upstreams[0].first_byte_timeout_seconds), (2, 64, 120.0));
+        assert_eq!(c.routes.get("big").map(String::as_str), Some("vllm/llama-70b"));
+        let cases = [
+            ("name = \"a/b\"", "upstreams[0].name"),
+            ("base_url = \"ftp://x\"", "upstreams[0].base_url"),
+            ("total_timeout_seconds = 0", "upstreams[0].total_timeout_seconds"),
+            ("max_concurrency = 0", "upstreams[0].max_concurrency"),
+        ];
+        for (line, path) in cases {
+            let mut text = String::from("[[upstreams]]\n");
+            for (k, v) in [("name", "\"u\""), ("base_url", "\"http://127.0.0.1:1/v1\"")] {
+                if !line.starts_with(k) {
+                    text.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            text.push_str(line);
+            let e = err(&text);
+            assert!(e.starts_with(&format!("test.toml: {path}: ")), "{line}: {e}");
+        }
+        let twice = "[[upstreams]]\nname = \"u\"\nbase_url = \"http://a:1\"\n[[upstreams]]\nname = \"u\"\nbase_url = \"http://b:1\"\n";
+        assert!(err(twice).starts_with("test.toml: upstreams[1].name: "));
+        let route = "[[upstreams]]\nname = \"u\"\nbase_url = \"http://a:1\"\n[routes]\nbig = \"other/m\"\n";
+        assert!(err(route).starts_with("test.toml: routes.big: "), "{}", err(route));
+        Ok(())
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! port 0.
 //!
 //! Start order: metrics → engine (loading on its own thread) → adapter registry (learns the
-//! model's shape when it has loaded) → router → watcher → log store and writer → files and
-//! job worker (reading approved examples from the log store) → HTTP server → scheduler →
-//! overview refresh.
+//! model's shape when it has loaded) → router → upstream clients (model discovery in the
+//! background) → watcher → log store and writer → files and job worker (reading approved
+//! examples from the log store) → HTTP server → scheduler → overview refresh.
 //!
 //! Stop order: stop accepting and drain in-flight requests (actix's graceful stop, on
 //! SIGTERM/SIGINT when signals are handled), then the engine, the overview refresh, the
@@ -35,6 +35,7 @@ use crate::logs::Logs;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::scheduler::Scheduler;
+use crate::upstream::Upstreams;
 use crate::training::auto::AutoRule;
 use crate::training::files::FileStore;
 use crate::training::jobs::{JobManager, JobsConfig, TaskLogs};
@@ -57,6 +58,8 @@ pub struct Gateway {
     scheduler: Option<Scheduler>,
     /// Refreshes the per-task overview gauges (with request logging on).
     overview: Option<tokio::task::JoinHandle<()>>,
+    /// Asks upstreams without a configured model list for theirs, now and then.
+    discovery: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The engine's settings from the config.
@@ -127,6 +130,18 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Gateway
         }
     }));
     let router = Router::new(config.model.name.clone(), registry.clone());
+    let upstreams = Arc::new(
+        Upstreams::new(&config.upstreams, &config.routes, |var| std::env::var(var).ok()).context("configuring the upstreams")?,
+    );
+    let discovery = (!upstreams.is_empty()).then(|| {
+        let u = upstreams.clone();
+        tokio::spawn(async move {
+            loop {
+                u.discover().await;
+                tokio::time::sleep(crate::upstream::DISCOVERY_INTERVAL).await;
+            }
+        })
+    });
     let auth = auth::Auth::new(&config.auth);
     if auth.is_open() {
         tracing::warn!(
@@ -175,6 +190,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Gateway
         config: config.clone(),
         engine: engine.clone(),
         router,
+        upstreams,
         auth,
         limiter: limits::ConcurrencyLimiter::new(config.limits.max_concurrent_requests_per_key),
         overview_lock: tokio::sync::Mutex::new(()),
@@ -201,7 +217,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Gateway
         _ => None,
     };
     let overview = state.logs.is_some().then(|| crate::api::admin::overview::spawn_refresh(state.clone()));
-    Ok(Gateway { addr: http.addr, engine, registry, state, http, watcher, scheduler, overview })
+    Ok(Gateway { addr: http.addr, engine, registry, state, http, watcher, scheduler, overview, discovery })
 }
 
 impl Gateway {
@@ -243,8 +259,8 @@ impl Gateway {
         let served = self.http.task.await;
         tracing::info!("HTTP server stopped; shutting the engine down");
         self.engine.shutdown();
-        if let Some(o) = &self.overview {
-            o.abort();
+        for task in [&self.overview, &self.discovery].into_iter().flatten() {
+            task.abort();
         }
         if let Some(s) = self.scheduler {
             s.stop().await;

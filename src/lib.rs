@@ -18,3 +18,4 @@ pub mod scheduler;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod training;
+pub mod upstream;

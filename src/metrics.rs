@@ -65,6 +65,12 @@ pub mod names {
     pub const PROMOTIONS: &str = "tunegate_adapter_promotions_total";
     pub const BUILD_INFO: &str = "tunegate_build_info";
     pub const UPTIME: &str = "tunegate_uptime_seconds";
+    pub const UPSTREAM_REQUESTS: &str = "tunegate_upstream_requests_total";
+    pub const UPSTREAM_RETRIES: &str = "tunegate_upstream_retries_total";
+    pub const UPSTREAM_TIME_TO_FIRST_TOKEN: &str = "tunegate_upstream_time_to_first_token_seconds";
+    pub const UPSTREAM_DURATION: &str = "tunegate_upstream_request_duration_seconds";
+    pub const UPSTREAM_TOKENS: &str = "tunegate_upstream_tokens_total";
+    pub const UPSTREAM_BREAKER_OPEN: &str = "tunegate_upstream_breaker_open";
 }
 
 /// Histogram buckets.
@@ -198,7 +204,28 @@ pub struct Metrics {
     eval_score: GaugeVec,
     promotions: IntCounterVec,
 
+    upstream_requests: IntCounterVec,
+    upstream_retries: IntCounterVec,
+    upstream_ttft: HistogramVec,
+    upstream_duration: HistogramVec,
+    upstream_tokens: IntCounterVec,
+    upstream_breaker: IntGaugeVec,
+
     uptime: Gauge,
+}
+
+/// One exchange with an upstream, as the metrics count it. `outcome` is one of a fixed set
+/// (`ok`, `connect`, `timeout`, `busy`, `breaker_open`, `status_4xx`, `status_5xx`,
+/// `stream_error`, `cancelled`); `upstream` a configured name.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamObservation<'a> {
+    pub upstream: &'a str,
+    pub outcome: &'static str,
+    pub retries: u32,
+    pub time_to_first_token: Option<Duration>,
+    pub duration: Duration,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -319,6 +346,12 @@ impl Metrics {
             training_loss: float_gauge_vec(&r, TRAINING_LOSS, "Training loss of the task's running or last job.", &["task"])?,
             eval_score: float_gauge_vec(&r, EVAL_SCORE, "Quality-gate scores of the last evaluation.", &["task", "adapter", "metric"])?,
             promotions: counter_vec(&r, PROMOTIONS, "Trained adapters promoted to serve their task, or not.", &["task", "result"])?,
+            upstream_requests: counter_vec(&r, UPSTREAM_REQUESTS, "Requests forwarded to an upstream, by outcome (ok, connect, timeout, busy, status_4xx, status_5xx, stream_error, cancelled).", &["upstream", "outcome"])?,
+            upstream_retries: counter_vec(&r, UPSTREAM_RETRIES, "Retries before an upstream's first byte (connect errors, 429, 502-504).", &["upstream"])?,
+            upstream_ttft: histogram_vec(&r, UPSTREAM_TIME_TO_FIRST_TOKEN, "Request start to an upstream's first generated text.", buckets::TIME_TO_FIRST_TOKEN_SECONDS, &["upstream"])?,
+            upstream_duration: histogram_vec(&r, UPSTREAM_DURATION, "Whole exchanges with an upstream, streams included.", buckets::REQUEST_SECONDS, &["upstream"])?,
+            upstream_tokens: counter_vec(&r, UPSTREAM_TOKENS, "Tokens upstreams reported, by kind (prompt, completion).", &["upstream", "kind"])?,
+            upstream_breaker: gauge_vec(&r, UPSTREAM_BREAKER_OPEN, "1 while an upstream's circuit breaker is open (or trying one request), else 0.", &["upstream"])?,
             uptime: register(&r, Gauge::new(UPTIME, "Seconds since the gateway started.")?)?,
             registry: r,
             known: Known { base: base.to_string(), registry, extra: RwLock::new(HashSet::new()) },
@@ -379,6 +412,28 @@ impl Metrics {
 
     /// One generation request's tokens and timings (the request record calls this when it
     /// is dropped: at the end of the response or when the client went away).
+    /// An upstream's circuit breaker state, as of its last request.
+    pub fn set_upstream_breaker(&self, upstream: &str, open: bool) {
+        self.upstream_breaker.with_label_values(&[upstream]).set(i64::from(open));
+    }
+
+    /// Counts one exchange with an upstream.
+    pub fn observe_upstream(&self, o: &UpstreamObservation<'_>) {
+        self.upstream_requests.with_label_values(&[o.upstream, o.outcome]).inc();
+        if o.retries > 0 {
+            self.upstream_retries.with_label_values(&[o.upstream]).inc_by(u64::from(o.retries));
+        }
+        if let Some(t) = o.time_to_first_token {
+            self.upstream_ttft.with_label_values(&[o.upstream]).observe(t.as_secs_f64());
+        }
+        self.upstream_duration.with_label_values(&[o.upstream]).observe(o.duration.as_secs_f64());
+        for (kind, n) in [("prompt", o.prompt_tokens), ("completion", o.completion_tokens)] {
+            if n > 0 {
+                self.upstream_tokens.with_label_values(&[o.upstream, kind]).inc_by(n as u64);
+            }
+        }
+    }
+
     pub fn observe_request(&self, o: &RequestObservation<'_>) {
         let task = self.label(o.task);
         let adapter = o.adapter.map_or(BASE_ADAPTER, |a| self.label(a));

@@ -75,6 +75,14 @@ pub enum ErrorKind {
     TooManyUploads,
     /// The log store cannot take more records (disk full): failing fast instead of waiting.
     LogStoreFull,
+    /// An upstream engine is at its `max_concurrency`.
+    UpstreamBusy,
+    /// An upstream engine could not be reached, or failed (5xx) after the retries.
+    UpstreamError,
+    /// An upstream engine did not answer in time.
+    UpstreamTimeout,
+    /// An upstream engine's circuit breaker is open (it failed repeatedly just now).
+    UpstreamUnavailable,
     Internal,
 }
 
@@ -111,8 +119,11 @@ impl ErrorKind {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GenerationMismatch | JobFinished | IllegalReviewTransition => StatusCode::CONFLICT,
             RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            TooManyConcurrentRequests | AdapterBusy => StatusCode::TOO_MANY_REQUESTS,
-            ModelNotReady | EngineOverloaded | ShuttingDown | TrainingDisabled | LogsDisabled | LogStoreUnavailable => {
+            TooManyConcurrentRequests | AdapterBusy | UpstreamBusy => StatusCode::TOO_MANY_REQUESTS,
+            UpstreamError => StatusCode::BAD_GATEWAY,
+            UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ModelNotReady | EngineOverloaded | ShuttingDown | TrainingDisabled | LogsDisabled | LogStoreUnavailable
+            | UpstreamUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -170,6 +181,10 @@ impl ErrorKind {
             TooManyJobs => "too_many_fine_tuning_jobs",
             TooManyUploads => "too_many_uploads",
             LogStoreFull => "log_store_full",
+            UpstreamBusy => "upstream_busy",
+            UpstreamError => "upstream_error",
+            UpstreamTimeout => "upstream_timeout",
+            UpstreamUnavailable => "upstream_unavailable",
             Internal => "internal_error",
         }
     }
@@ -191,8 +206,9 @@ impl ErrorKind {
             ErrorKind::TooManyConcurrentRequests
             | ErrorKind::AdapterBusy
             | ErrorKind::EngineOverloaded
-            | ErrorKind::TooManyUploads => Some(1),
-            ErrorKind::ModelNotReady | ErrorKind::LogStoreUnavailable => Some(5),
+            | ErrorKind::TooManyUploads
+            | ErrorKind::UpstreamBusy => Some(1),
+            ErrorKind::ModelNotReady | ErrorKind::LogStoreUnavailable | ErrorKind::UpstreamUnavailable => Some(5),
             _ => None,
         }
     }

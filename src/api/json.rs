@@ -31,44 +31,62 @@ pub fn is_json_content_type(value: &str) -> bool {
 
 pub struct Json<T>(pub T);
 
+/// [`Json`] that also keeps the body's bytes (to forward a request as the client wrote it).
+pub struct JsonBody<T>(pub T, pub web::Bytes);
+
 impl<T: DeserializeOwned + 'static> FromRequest for Json<T> {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let limit = req.app_data::<BodyLimit>().map(|l| l.0);
-        let timeout = req.app_data::<BodyTimeout>().map_or(std::time::Duration::from_secs(30), |t| t.0);
-        let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        let json = content_type.is_some_and(is_json_content_type);
-        let shown = content_type.unwrap_or("none").chars().take(100).collect::<String>();
-        let body = web::Bytes::from_request(req, payload);
+        let body = read(req, payload);
+        Box::pin(async move { parse(&body.await?).map(Json) })
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = read(req, payload);
         Box::pin(async move {
-            if !json {
-                return Err(ApiError::new(
-                    ErrorKind::UnsupportedMediaType,
-                    format!("The request body must be JSON with 'Content-Type: application/json' (got {shown})."),
-                ));
-            }
-            let body = tokio::time::timeout(timeout, body).await.map_err(|_| {
-                ApiError::new(
-                    ErrorKind::RequestTimeout,
-                    format!("The request body did not arrive within {} s (limits.body_timeout_seconds).", timeout.as_secs_f64()),
-                )
-            })?;
-            let body = body.map_err(|e| {
-                if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    let limit = limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
-                    ApiError::new(
-                        ErrorKind::RequestTooLarge,
-                        format!("The request body is larger than the limit{limit}."),
-                    )
-                } else {
-                    ApiError::new(ErrorKind::InvalidJson, format!("Could not read the request body: {e}"))
-                }
-            })?;
-            parse(&body).map(Json)
+            let body = body.await?;
+            parse(&body).map(|v| JsonBody(v, body))
         })
     }
+}
+
+/// The body, once it is known to be declared JSON, within the size limit and on time.
+fn read(req: &HttpRequest, payload: &mut Payload) -> LocalBoxFuture<'static, Result<web::Bytes, ApiError>> {
+    let limit = req.app_data::<BodyLimit>().map(|l| l.0);
+    let timeout = req.app_data::<BodyTimeout>().map_or(std::time::Duration::from_secs(30), |t| t.0);
+    let content_type = req.headers().get(actix_web::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let json = content_type.is_some_and(is_json_content_type);
+    let shown = content_type.unwrap_or("none").chars().take(100).collect::<String>();
+    let body = web::Bytes::from_request(req, payload);
+    Box::pin(async move {
+        if !json {
+            return Err(ApiError::new(
+                ErrorKind::UnsupportedMediaType,
+                format!("The request body must be JSON with 'Content-Type: application/json' (got {shown})."),
+            ));
+        }
+        let body = tokio::time::timeout(timeout, body).await.map_err(|_| {
+            ApiError::new(
+                ErrorKind::RequestTimeout,
+                format!("The request body did not arrive within {} s (limits.body_timeout_seconds).", timeout.as_secs_f64()),
+            )
+        })?;
+        body.map_err(|e| {
+            if e.as_response_error().status_code() == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE {
+                let limit = limit.map(|l| format!(" of {l} bytes")).unwrap_or_default();
+                ApiError::new(ErrorKind::RequestTooLarge, format!("The request body is larger than the limit{limit}."))
+            } else {
+                ApiError::new(ErrorKind::InvalidJson, format!("Could not read the request body: {e}"))
+            }
+        })
+    })
 }
 
 /// Parses a JSON body, mapping serde's errors to OpenAI's codes.

@@ -32,6 +32,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub engine: Engine,
     pub router: Router,
+    /// Upstream engines: models named `<upstream>/<model>` or by a route.
+    pub upstreams: Arc<crate::upstream::Upstreams>,
     pub auth: auth::Auth,
     pub limiter: Arc<limits::ConcurrencyLimiter>,
     /// Held while the task overview is computed (one at a time).

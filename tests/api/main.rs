@@ -17,3 +17,4 @@ mod responses;
 mod security;
 mod structured;
 mod ui;
+mod upstream;

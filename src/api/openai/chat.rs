@@ -7,6 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_lab::sse;
 
 use super::convert::{self, ChatPlan};
+use super::proxy;
 use super::generation::{
     self, cache_scope, chat_prompt, collect_all, compile_grammar, failed, logged_params, submit_all, token_logprob,
     total_usage, LogDraft, Meta, RequestRecord, SharedParams,
@@ -19,7 +20,7 @@ use super::types::{
 };
 use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
-use crate::api::json::Json;
+use crate::api::json::JsonBody;
 use crate::api::limits::Permit;
 use crate::api::AppState;
 use crate::engine::{FinishReason, GenerationStream, ModelInfo};
@@ -31,8 +32,15 @@ pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
     http: HttpRequest,
-    Json(req): Json<ChatCompletionRequest>,
+    JsonBody(req, raw): JsonBody<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
+    if let Some(target) = state.upstreams.resolve(&req.model) {
+        let served_by = format!("{}/{}", target.upstream.name, target.model);
+        let task = req.metadata.as_ref().and_then(|m| m.get("task")).cloned();
+        let draft = |meta: &Meta, routed: &Routed, request_id| log_draft(meta, &req, routed, &served_by, &caller, request_id);
+        return proxy::forward(&state, &caller, &http, proxy::Endpoint::Chat, target, &req.model, task.as_deref(), &raw, draft)
+            .await;
+    }
     let meta = Meta::new("chatcmpl", &req.model, state.fingerprint.clone());
     let base = state.config.model.name.clone();
     let started = start(&state, &caller, &http, &req, meta, "chat.completions", |meta, routed, request_id| {

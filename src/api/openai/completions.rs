@@ -17,10 +17,12 @@ use super::generation::{
     Meta, RequestRecord, SharedParams,
 };
 use super::stream::{self, data, finish_reason, ChunkFormat, StreamResources};
-use super::types::{Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, UsageOut};
+use super::types::{
+    Completion as CompletionOut, CompletionChoice, CompletionLogprobs, CompletionRequest, PromptSpec, UsageOut,
+};
 use crate::api::auth::Caller;
 use crate::api::error::ApiResult;
-use crate::api::json::Json;
+use crate::api::json::JsonBody;
 use crate::api::AppState;
 use crate::engine::{Completion, FinishReason, ModelInfo, Prompt, Timings, Usage};
 use crate::logs::LogRecord;
@@ -33,8 +35,21 @@ pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
     http: HttpRequest,
-    Json(req): Json<CompletionRequest>,
+    JsonBody(req, raw): JsonBody<CompletionRequest>,
 ) -> ApiResult<HttpResponse> {
+    if let Some(target) = state.upstreams.resolve(&req.model) {
+        let served_by = format!("{}/{}", target.upstream.name, target.model);
+        let task = req.metadata.as_ref().and_then(|m| m.get("task")).cloned();
+        // The log keeps text prompts; token-id prompts are the upstream's tokens, not ours.
+        let texts: Vec<String> = match &req.prompt {
+            Some(Some(PromptSpec::Text(t))) => vec![t.clone()],
+            Some(Some(PromptSpec::Texts(t))) => t.clone(),
+            _ => Vec::new(),
+        };
+        let draft = |meta: &Meta, routed: &Routed, request_id| log_draft(meta, &req, &texts, routed, &served_by, &caller, request_id);
+        let endpoint = super::proxy::Endpoint::Completions;
+        return super::proxy::forward(&state, &caller, &http, endpoint, target, &req.model, task.as_deref(), &raw, draft).await;
+    }
     let mut plan = convert::completion(&req, &state.config.limits)?;
     plan.common.cache_scope = cache_scope(&caller.key_id);
     let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;

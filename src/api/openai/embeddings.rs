@@ -5,7 +5,8 @@
 //! little-endian f32s. The engine runs a request's inputs between generation steps, a
 //! prefill-sized batch at a time, so embedding traffic does not stall streams.
 //!
-//! Not logged: there is no answer to review or train on.
+//! Not logged: there is no answer to review or train on. A `model` of an upstream engine is
+//! forwarded to it (`proxy::embeddings`).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine as _;
@@ -16,7 +17,7 @@ use super::types::{EmbeddingRequest, PromptSpec};
 use crate::adapters::lora_handle;
 use crate::api::auth::Caller;
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
-use crate::api::json::Json;
+use crate::api::json::JsonBody;
 use crate::api::AppState;
 use crate::engine::{EngineError, Prompt};
 
@@ -30,8 +31,11 @@ pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
     http: HttpRequest,
-    Json(req): Json<EmbeddingRequest>,
+    JsonBody(req, raw): JsonBody<EmbeddingRequest>,
 ) -> ApiResult<HttpResponse> {
+    if let Some(target) = state.upstreams.resolve(&req.model) {
+        return super::proxy::embeddings(&state, &caller, &http, target, &req.model, &raw).await;
+    }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible endpoints: wire types (`types`), wire → engine conversion
 //! (`convert`), one handler module per resource, and what the handlers share (`generation`,
-//! `stream`). Handlers stay thin: extract, convert, call, map.
+//! `stream`), and `proxy`, which forwards requests for upstream engines' models. Handlers stay
+//! thin: extract, convert, call, map.
 
 pub mod chat;
 pub mod completions;
@@ -11,6 +12,7 @@ pub mod files;
 pub mod fine_tuning;
 pub mod generation;
 pub mod models;
+pub mod proxy;
 pub mod responses;
 pub mod stored;
 pub mod stream;

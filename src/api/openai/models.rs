@@ -1,5 +1,6 @@
-//! `GET /v1/models` and `GET /v1/models/{id}`: the base model and every loaded adapter alias
-//! (with `parent` = the base model, as vLLM lists LoRA modules).
+//! `GET /v1/models` and `GET /v1/models/{id}`: the base model, every loaded adapter alias
+//! (with `parent` = the base model, as vLLM lists LoRA modules), and the upstreams' models
+//! (`<upstream>/<model>` and route names, owned by the upstream).
 
 use actix_web::{web, HttpResponse};
 
@@ -27,12 +28,19 @@ pub async fn list(state: web::Data<AppState>, caller: Caller) -> HttpResponse {
     data.extend(
         state.router.registry().list().iter().filter(|a| visible(&caller, &a.alias, Some(a))).map(|a| adapter(&state, &a.alias, a)),
     );
+    data.extend(state.upstreams.names().into_iter().filter(|(id, _)| caller.may_call(id)).map(|(id, up)| upstream(&state, id, up)));
     HttpResponse::Ok().json(ModelList { object: "list", data })
 }
 
 pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
     let hidden = || crate::router::RouteError::ModelNotFound(id.clone());
+    if let Some(t) = state.upstreams.resolve(&id) {
+        if !caller.may_call(&id) {
+            return Err(hidden().into());
+        }
+        return Ok(HttpResponse::Ok().json(upstream(&state, id.clone(), t.upstream.name.clone())));
+    }
     let resolved = state.router.resolve(&id)?;
     let info = match &resolved {
         ModelRef::Adapter(alias) => state.router.registry().list().into_iter().find(|a| &a.alias == alias),
@@ -52,12 +60,17 @@ pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<
     Ok(HttpResponse::Ok().json(model))
 }
 
+/// A model an upstream serves, owned by that upstream.
+fn upstream(state: &AppState, id: String, upstream: String) -> Model {
+    Model { id, object: "model", created: state.started_at, owned_by: upstream.into(), parent: None, max_model_len: None }
+}
+
 fn base(state: &AppState, id: &str) -> Model {
     Model {
         id: id.to_string(),
         object: "model",
         created: state.started_at,
-        owned_by: OWNER,
+        owned_by: OWNER.into(),
         parent: None,
         max_model_len: state.engine.info().ok().map(|i| i.context_length),
     }
@@ -68,7 +81,7 @@ fn adapter(state: &AppState, id: &str, a: &AdapterInfo) -> Model {
         id: id.to_string(),
         object: "model",
         created: a.loaded_at,
-        owned_by: OWNER,
+        owned_by: OWNER.into(),
         parent: Some(state.router.base_name().to_string()),
         max_model_len: state.engine.info().ok().map(|i| i.context_length),
     }

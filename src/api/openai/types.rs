@@ -427,7 +427,7 @@ pub struct Model {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
-    pub owned_by: &'static str,
+    pub owned_by: std::borrow::Cow<'static, str>,
     /// For adapters, the base model they apply to (as vLLM lists LoRA modules).
     pub parent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,244 @@
+//! Upstream engines over real HTTP: a second gateway (the tiny model, on its own port) is the
+//! upstream of a front gateway. Requests for `up/<model>` and for a route name are forwarded
+//! (JSON and SSE, chat and legacy completions) with the upstream's answer, the front's ids,
+//! the front's log records and metrics; a dead upstream costs its retries and a 502; an
+//! upstream stopped mid-stream ends the client's stream with an error event; a key limited
+//! to other models cannot reach an upstream's.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tunegate::config::{KeyEntry, UpstreamConfig};
+
+use crate::common::{self, assert_error, Gateway, SseReader, MODEL};
+
+fn upstream(name: &str, base_url: &str, extra: Value) -> anyhow::Result<UpstreamConfig> {
+    let mut c = json!({"name": name, "base_url": base_url});
+    if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    Ok(serde_json::from_value(c)?)
+}
+
+async fn front_of(up: &Gateway) -> anyhow::Result<Gateway> {
+    let cfg = upstream("up", &up.url("/v1"), json!({}))?;
+    let front = common::start_with(move |c, _| {
+        c.upstreams = vec![cfg];
+        c.routes.insert("big".into(), format!("up/{MODEL}"));
+    })
+    .await?;
+    // Discovery (the upstream's /v1/models) runs at start.
+    let listed = format!("up/{MODEL}");
+    for _ in 0..200 {
+        let (_, models) = front.get("/v1/models").await?;
+        let ids: Vec<&str> = models["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str()).collect();
+        if ids.contains(&listed.as_str()) {
+            assert!(ids.contains(&"big") && ids.contains(&MODEL), "{ids:?}");
+            return Ok(front);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("the front never listed {listed}")
+}
+
+fn chat(model: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say something about upstreams"}],
+        "temperature": 0,
+        "max_tokens": 8,
+        "metadata": {"task": "relay"},
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    body
+}
+
+async fn metrics_text(gw: &Gateway) -> anyhow::Result<String> {
+    Ok(gw.http.get(gw.url("/metrics")).send().await?.text().await?)
+}
+
+/// The value of the metric line that starts with `prefix` (labels in the registry's order).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_requests_are_forwarded_streamed_logged_and_counted() -> anyhow::Result<()> {
+    let up = common::start().await?;
+    let front = front_of(&up).await?;
+
+    // JSON: the upstream's greedy answer, under the front's id and the client's model name.
+    let (status, direct) = up.post("/v1/chat/completions", chat(MODEL, json!({}))).await?;
+    assert_eq!(status, StatusCode::OK, "{direct}");
+    let text = direct["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+    assert!(!text.is_empty());
+    for name in [format!("up/{MODEL}"), "big".to_string()] {
+        let (status, via) = front.post("/v1/chat/completions", chat(&name, json!({}))).await?;
+        assert_eq!(status, StatusCode::OK, "{via}");
+        assert_eq!(via["choices"][0]["message"]["content"], text.as_str());
+        assert_eq!(via["model"], name.as_str());
+        assert_ne!(via["id"], direct["id"]);
+        // The upstream's usage (its prefix-cache details may differ from run to run).
+        for k in ["prompt_tokens", "completion_tokens"] {
+            assert_eq!(via["usage"][k], direct["usage"][k]);
+        }
+        // Logged by the front (durably, before the answer), saying which upstream served it.
+        let (status, r) = front.get(&format!("/admin/logs/{}", via["id"].as_str().unwrap_or_default())).await?;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!((r["base_model"].as_str(), r["model"].as_str()), (Some("up/tiny"), Some(name.as_str())));
+        assert_eq!((r["task"].as_str(), r["status"].as_str()), (Some("relay"), Some("ok")));
+        assert_eq!(r["response"], text.as_str());
+        assert_eq!(r["prompt_tokens"], direct["usage"]["prompt_tokens"]);
+        assert_eq!(r["request"]["messages"][0]["content"], "Say something about upstreams");
+    }
+
+    // SSE: the same text chunk by chunk, then [DONE]; the usage chunk only when asked for
+    // (the front always asks the upstream for it, to count the tokens).
+    for include_usage in [false, true] {
+        let events = front
+            .sse("/v1/chat/completions", chat("big", json!({"stream": true, "stream_options": {"include_usage": include_usage}})))
+            .await?;
+        assert_eq!(events.last(), Some(&Value::String("[DONE]".into())));
+        let chunks = &events[..events.len() - 1];
+        let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(streamed, text);
+        let id = chunks[0]["id"].as_str().unwrap_or_default().to_string();
+        assert!(id.starts_with("chatcmpl-") && chunks.iter().all(|c| c["id"] == id.as_str() && c["model"] == "big"));
+        let usage: Vec<&Value> = chunks.iter().filter(|c| c["usage"].is_object()).collect();
+        if include_usage {
+            assert_eq!(usage.len(), 1, "{chunks:?}");
+            assert_eq!(usage[0]["usage"]["completion_tokens"], direct["usage"]["completion_tokens"]);
+        } else {
+            assert!(usage.is_empty(), "{chunks:?}");
+        }
+        let (_, r) = front.get(&format!("/admin/logs/{id}")).await?;
+        assert_eq!((r["response"].as_str(), r["status"].as_str()), (Some(text.as_str()), Some("ok")));
+        assert_eq!(r["completion_tokens"], direct["usage"]["completion_tokens"]);
+    }
+
+    // Legacy completions.
+    let prompt = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0});
+    let (_, direct) = up.post("/v1/completions", prompt.clone()).await?;
+    let mut via_body = prompt;
+    via_body["model"] = json!(format!("up/{MODEL}"));
+    let (status, via) = front.post("/v1/completions", via_body).await?;
+    assert_eq!(status, StatusCode::OK, "{via}");
+    assert_eq!(via["choices"][0]["text"], direct["choices"][0]["text"]);
+    assert!(via["id"].as_str().is_some_and(|i| i.starts_with("cmpl-")));
+
+    // Embeddings: the upstream's vectors, under the client's model name.
+    let input = json!({"model": MODEL, "input": ["a cat", "a dog"]});
+    let (_, direct_emb) = up.post("/v1/embeddings", input.clone()).await?;
+    let (status, via) = front.post("/v1/embeddings", json!({"model": "big", "input": ["a cat", "a dog"]})).await?;
+    assert_eq!(status, StatusCode::OK, "{via}");
+    assert_eq!((&via["data"], via["model"].as_str()), (&direct_emb["data"], Some("big")));
+
+    // An upstream's own 4xx comes through as it sent it.
+    let (status, body) = front.post("/v1/chat/completions", chat("big", json!({"max_tokens": 100000}))).await?;
+    let (ustatus, ubody) = up.post("/v1/chat/completions", chat(MODEL, json!({"max_tokens": 100000}))).await?;
+    assert_eq!((status, &body["error"]["code"]), (ustatus, &ubody["error"]["code"]), "{body}");
+
+    let m = metrics_text(&front).await?;
+    let ok = metric(&m, "tunegate_upstream_requests_total{outcome=\"ok\",upstream=\"up\"}");
+    assert_eq!(ok, Some(6.0), "{m}");
+    assert_eq!(metric(&m, "tunegate_upstream_requests_total{outcome=\"status_4xx\",upstream=\"up\"}"), Some(1.0));
+    let prompt_tokens = direct["usage"]["prompt_tokens"].as_f64().unwrap_or_default();
+    assert!(metric(&m, "tunegate_upstream_tokens_total{kind=\"prompt\",upstream=\"up\"}").is_some_and(|t| t > prompt_tokens));
+    assert!(metric(&m, "tunegate_upstream_time_to_first_token_seconds_count{upstream=\"up\"}").is_some_and(|c| c >= 5.0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_costs_its_retries_then_502_and_the_failure_is_logged() -> anyhow::Result<()> {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let extra = json!({"models": ["m"], "max_retries": 2, "breaker_failures": 2, "breaker_cooldown_seconds": 60});
+    let cfg = upstream("dead", &format!("http://127.0.0.1:{port}/v1"), extra)?;
+    let front = common::start_with(move |c, _| c.upstreams = vec![cfg]).await?;
+    let started = std::time::Instant::now();
+    let (status, body) = front.post("/v1/chat/completions", chat("dead/m", json!({}))).await?;
+    assert_error(status, &body, 502, "upstream_error");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("dead")), "{body}");
+    // Two back-offs of 50-150 ms and 100-300 ms.
+    assert!(started.elapsed() >= Duration::from_millis(150), "{:?}", started.elapsed());
+    let m = metrics_text(&front).await?;
+    assert_eq!(metric(&m, "tunegate_upstream_retries_total{upstream=\"dead\"}"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "tunegate_upstream_requests_total{outcome=\"connect\",upstream=\"dead\"}"), Some(1.0));
+    let (_, logs) = front.get("/admin/logs?task=relay").await?;
+    let r = &logs["data"][0];
+    assert_eq!((r["status"].as_str(), r["base_model"].as_str()), (Some("upstream_error"), Some("dead/m")), "{logs}");
+    // A second failure opens the breaker: the third request fails at once, without retries.
+    let (status, body) = front.post("/v1/chat/completions", chat("dead/m", json!({}))).await?;
+    assert_error(status, &body, 502, "upstream_error");
+    let started = std::time::Instant::now();
+    let (status, body) = front.post("/v1/chat/completions", chat("dead/m", json!({}))).await?;
+    assert_error(status, &body, 503, "upstream_unavailable");
+    assert!(started.elapsed() < Duration::from_millis(100), "{:?}", started.elapsed());
+    let m = metrics_text(&front).await?;
+    assert_eq!(metric(&m, "tunegate_upstream_breaker_open{upstream=\"dead\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "tunegate_upstream_retries_total{upstream=\"dead\"}"), Some(4.0), "{m}");
+    // A model the upstream does not list is not found, as any unknown name.
+    let (status, body) = front.post("/v1/chat/completions", chat("dead/other", json!({}))).await?;
+    assert_error(status, &body, 404, "model_not_found");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_stopped_mid_stream_ends_the_stream_with_an_error_event() -> anyhow::Result<()> {
+    let up = common::start().await?;
+    let front = front_of(&up).await?;
+    let body = chat("big", json!({"stream": true, "max_tokens": 250, "ignore_eos": true}));
+    let res = front.post_raw("/v1/chat/completions", body).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut events = SseReader::new(res);
+    let first = events.next().await?.ok_or_else(|| anyhow::anyhow!("no first event"))?;
+    let id = first["id"].as_str().unwrap_or_default().to_string();
+    up.handle.stop(false).await;
+    let mut last = first;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await?? {
+        last = e;
+    }
+    assert_eq!(last["error"]["code"], "upstream_error", "the stream ended with {last}");
+    let (_, r) = front.get(&format!("/admin/logs/{id}")).await?;
+    assert_eq!(r["status"], "upstream_error", "{r}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_limited_to_other_models_cannot_reach_upstream_ones() -> anyhow::Result<()> {
+    let up = common::start().await?;
+    let cfg = upstream("up", &up.url("/v1"), json!({"models": [MODEL]}))?;
+    let front = common::start_with(move |c, _| {
+        common::with_keys(c);
+        c.auth.keys.push(KeyEntry {
+            hash: Sha256::digest(b"sk-local-only").into(),
+            tenant: "t1".into(),
+            admin: false,
+            models: Some(vec![MODEL.into()]),
+            train_tasks: Vec::new(),
+        });
+        c.upstreams = vec![cfg];
+    })
+    .await?;
+    let res = front
+        .http
+        .post(front.url("/v1/chat/completions"))
+        .bearer_auth("sk-local-only")
+        .json(&chat(&format!("up/{MODEL}"), json!({})))
+        .send()
+        .await?;
+    let status = res.status();
+    assert_error(status, &res.json().await?, 404, "model_not_found");
+    let (_, models) = {
+        let r = front.http.get(front.url("/v1/models")).bearer_auth("sk-local-only").send().await?;
+        (r.status(), r.json::<Value>().await?)
+    };
+    assert_eq!(models["data"].as_array().map(Vec::len), Some(1), "{models}");
+    // The admin key reaches it.
+    assert!(!front.greedy(&format!("up/{MODEL}"), "hi", 3).await?.is_empty());
+    Ok(())
+}
