@@ -61,8 +61,9 @@ pub struct Config {
     pub scheduler: SchedulerSection,
     /// `[[upstreams]]`: OpenAI-compatible engines the gateway forwards to.
     pub upstreams: Vec<UpstreamConfig>,
-    /// `[routes]`: a model name clients call → `<upstream>/<model>`.
-    pub routes: BTreeMap<String, String>,
+    /// `[routes]`: a model name clients call → what serves it: `<upstream>/<model>` or a local
+    /// model name, or a fallback chain of them tried in order.
+    pub routes: BTreeMap<String, Vec<String>>,
 }
 
 /// One `[[upstreams]]` entry: an OpenAI-compatible server (vLLM, llama.cpp's server, OpenAI,
@@ -489,7 +490,24 @@ struct RawConfig {
     metrics: MetricsSection,
     scheduler: SchedulerSection,
     upstreams: Vec<UpstreamConfig>,
-    routes: BTreeMap<String, String>,
+    routes: BTreeMap<String, RawRoute>,
+}
+
+/// A route: one target or a fallback chain.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a model name or a list of them")]
+enum RawRoute {
+    One(String),
+    Chain(Vec<String>),
+}
+
+impl RawRoute {
+    fn hops(self) -> Vec<String> {
+        match self {
+            RawRoute::One(t) => vec![t],
+            RawRoute::Chain(c) => c,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -795,7 +813,8 @@ impl RawConfig {
         if l.store == LogBackend::Redis && !l.redis_url.starts_with("redis://") && !l.redis_url.starts_with("rediss://") {
             return Err(invalid("logs.redis_url", format!("'{}' is not a redis:// URL", l.redis_url)));
         }
-        validate_upstreams(&self.upstreams, &self.routes, &self.model.name).map_err(|(p, m)| invalid(&p, m))?;
+        let routes: BTreeMap<String, Vec<String>> = self.routes.into_iter().map(|(k, v)| (k, v.hops())).collect();
+        validate_upstreams(&self.upstreams, &routes, &self.model.name).map_err(|(p, m)| invalid(&p, m))?;
         if auth.is_open() && self.server.cors_allowed_origins.iter().any(|o| o == "*") {
             return Err(invalid(
                 "server.cors_allowed_origins",
@@ -836,7 +855,7 @@ impl RawConfig {
             metrics: self.metrics,
             scheduler: self.scheduler,
             upstreams: self.upstreams,
-            routes: self.routes,
+            routes,
         })
     }
 }
@@ -845,7 +864,7 @@ impl RawConfig {
 /// a configured upstream. Errors are (path, message).
 fn validate_upstreams(
     upstreams: &[UpstreamConfig],
-    routes: &BTreeMap<String, String>,
+    routes: &BTreeMap<String, Vec<String>>,
     base: &str,
 ) -> Result<(), (String, String)> {
     let plain = |s: &str| !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
@@ -883,10 +902,22 @@ fn validate_upstreams(
             return Err((path("models"), format!("'{m}' is not a model name")));
         }
     }
-    for (name, target) in routes {
-        let known = target.split_once('/').is_some_and(|(u, m)| !m.is_empty() && upstreams.iter().any(|x| x.name == u));
-        if !known {
-            return Err((format!("routes.{name}"), format!("'{target}' is not <upstream>/<model> of a configured upstream")));
+    for (name, hops) in routes {
+        if hops.is_empty() || hops.len() > 8 {
+            return Err((format!("routes.{name}"), "must name 1 to 8 models".into()));
+        }
+        for target in hops {
+            // `<upstream>/<model>`, or a local name (the base model, an alias, `base:alias`).
+            let known = match target.split_once('/') {
+                Some((u, m)) => !m.is_empty() && upstreams.iter().any(|x| x.name == u),
+                None => !target.trim().is_empty() && target != name,
+            };
+            if !known {
+                return Err((
+                    format!("routes.{name}"),
+                    format!("'{target}' is neither <upstream>/<model> of a configured upstream nor a local model name"),
+                ));
+            }
         }
         if name == base || name.contains(':') {
             return Err((format!("routes.{name}"), "a route's name must differ from the base model's and hold no ':'".into()));
@@ -1006,7 +1037,10 @@ mod tests {
         let c = parse(ok)?;
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!((c.upstreams[0].max_retries, c.upstreams[0].max_concurrency, c.upstreams[0].first_byte_timeout_seconds), (2, 64, 120.0));
-        assert_eq!(c.routes.get("big").map(String::as_str), Some("vllm/llama-70b"));
+        assert_eq!(c.routes.get("big"), Some(&vec!["vllm/llama-70b".to_string()]));
+        let chain = format!("{ok}support = [\"smollm2-135m-instruct:support\", \"vllm/llama-70b\"]\n");
+        assert_eq!(parse(&chain)?.routes.get("support").map(Vec::len), Some(2));
+        assert!(err(&format!("{ok}empty = []\n")).starts_with("test.toml: routes.empty: "));
         let cases = [
             ("name = \"a/b\"", "upstreams[0].name"),
             ("base_url = \"ftp://x\"", "upstreams[0].base_url"),

@@ -3,7 +3,9 @@
 //! of their models as `<upstream>/<model>`, or by a route name (`[routes]`). This module owns
 //! the client side of that exchange: which names reach which upstream, model discovery from
 //! the upstream's `/v1/models`, its concurrency limit, timeouts, and retries before the first
-//! byte. The API turns the answers into responses, log records and metrics
+//! byte. A route may be a fallback chain (`big = ["vllm/llama-70b", "smollm2-135m-instruct"]`):
+//! the API tries its hops in order while they fail before answering (upstream unreachable,
+//! timed out, 5xx, busy, breaker open; the local engine overloaded or not ready). The API turns the answers into responses, log records and metrics
 //! (`api::openai::proxy`), so upstream traffic is logged and reviewable like local traffic.
 //!
 //! A circuit breaker per upstream: after `breaker_failures` failed requests in a row
@@ -35,8 +37,16 @@ pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct Upstreams {
     list: Vec<Arc<Upstream>>,
-    /// Route name → (upstream index, model).
-    routes: BTreeMap<String, (usize, String)>,
+    /// Route name → its hops, in order.
+    routes: BTreeMap<String, Vec<Hop>>,
+}
+
+/// One step of a route.
+#[derive(Debug, Clone)]
+pub enum Hop {
+    Upstream(Target),
+    /// A name the local router resolves (the base model, an alias, `base:alias`).
+    Local(String),
 }
 
 #[derive(Debug)]
@@ -117,7 +127,7 @@ impl Upstreams {
     /// must be set.
     pub fn new(
         configs: &[UpstreamConfig],
-        routes: &BTreeMap<String, String>,
+        routes: &BTreeMap<String, Vec<String>>,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Self> {
         let mut list = Vec::with_capacity(configs.len());
@@ -151,11 +161,19 @@ impl Upstreams {
             }));
         }
         let mut by_name = BTreeMap::new();
-        for (name, target) in routes {
-            let Some((up, model)) = target.split_once('/') else { continue };
-            if let Some(i) = list.iter().position(|u| u.name == up) {
-                by_name.insert(name.clone(), (i, model.to_string()));
-            }
+        for (name, targets) in routes {
+            let hops = targets
+                .iter()
+                .map(|t| {
+                    let upstream = t.split_once('/').and_then(|(up, m)| Some((list.iter().find(|u| u.name == up)?, m)));
+                    match upstream {
+                        Some((u, m)) => Ok(Hop::Upstream(Target { upstream: u.clone(), model: m.to_string() })),
+                        None if !t.contains('/') => Ok(Hop::Local(t.clone())),
+                        None => Err(anyhow::anyhow!("route '{name}': '{t}' names no configured upstream")),
+                    }
+                })
+                .collect::<anyhow::Result<Vec<Hop>>>()?;
+            by_name.insert(name.clone(), hops);
         }
         Ok(Self { list, routes: by_name })
     }
@@ -164,13 +182,29 @@ impl Upstreams {
         self.list.is_empty()
     }
 
-    /// The upstream a model name reaches: a route name, or `<upstream>/<model>` where the
-    /// model is one the upstream serves (any model while its list is unknown: the upstream
-    /// then answers for it).
-    pub fn resolve(&self, name: &str) -> Option<Target> {
-        if let Some((i, model)) = self.routes.get(name) {
-            return Some(Target { upstream: self.list[*i].clone(), model: model.clone() });
+    /// What a model name reaches, when it is not (only) a local name: a route's hops, or the
+    /// one upstream of `<upstream>/<model>` (see [`Upstreams::resolve`]).
+    pub fn chain(&self, name: &str) -> Option<Vec<Hop>> {
+        match self.routes.get(name) {
+            Some(hops) => Some(hops.clone()),
+            None => self.upstream_model(name).map(|t| vec![Hop::Upstream(t)]),
         }
+    }
+
+    /// The upstream a model name reaches first: a route's first upstream hop, or
+    /// `<upstream>/<model>` where the model is one the upstream serves (any model while its
+    /// list is unknown: the upstream then answers for it).
+    pub fn resolve(&self, name: &str) -> Option<Target> {
+        match self.routes.get(name) {
+            Some(hops) => hops.iter().find_map(|h| match h {
+                Hop::Upstream(t) => Some(t.clone()),
+                Hop::Local(_) => None,
+            }),
+            None => self.upstream_model(name),
+        }
+    }
+
+    fn upstream_model(&self, name: &str) -> Option<Target> {
         let (up, model) = name.split_once('/')?;
         let u = self.list.iter().find(|u| u.name == up)?;
         let models = u.models.read();
@@ -185,7 +219,13 @@ impl Upstreams {
         for u in &self.list {
             out.extend(u.models.read().iter().map(|m| (format!("{}/{m}", u.name), u.name.clone())));
         }
-        out.extend(self.routes.iter().map(|(name, (i, _))| (name.clone(), self.list[*i].name.clone())));
+        for (name, hops) in &self.routes {
+            let owner = match hops.first() {
+                Some(Hop::Upstream(t)) => t.upstream.name.clone(),
+                _ => "tunegate".to_string(),
+            };
+            out.push((name.clone(), owner));
+        }
         out
     }
 
@@ -368,7 +408,10 @@ mod tests {
 
     #[test]
     fn names_resolve_to_listed_models_and_routes() -> anyhow::Result<()> {
-        let routes = BTreeMap::from([("big".to_string(), "vllm/llama-70b".to_string())]);
+        let routes = BTreeMap::from([
+            ("big".to_string(), vec!["vllm/llama-70b".to_string()]),
+            ("support".to_string(), vec!["base:support".to_string(), "vllm/llama-70b".to_string()]),
+        ]);
         let ups = Upstreams::new(&[config("vllm", &["llama-70b"]), config("any", &[])], &routes, |_| None)?;
         let t = ups.resolve("vllm/llama-70b").ok_or_else(|| anyhow::anyhow!("not resolved"))?;
         assert_eq!((t.upstream.name.as_str(), t.model.as_str(), t.upstream.base_url.as_str()), ("vllm", "llama-70b", "http://127.0.0.1:9/v1"));
@@ -379,7 +422,12 @@ mod tests {
         // Models not known yet: any name is forwarded.
         assert_eq!(ups.resolve("any/whatever").map(|t| t.model), Some("whatever".to_string()));
         let names: Vec<String> = ups.names().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["vllm/llama-70b", "big"]);
+        assert_eq!(names, ["vllm/llama-70b", "big", "support"]);
+        // A chain: local first, then the upstream; `resolve` gives its first upstream.
+        let hops = ups.chain("support").ok_or_else(|| anyhow::anyhow!("no chain"))?;
+        assert!(matches!(&hops[..], [Hop::Local(l), Hop::Upstream(t)] if l == "base:support" && t.model == "llama-70b"));
+        assert_eq!(ups.resolve("support").map(|t| t.model), Some("llama-70b".to_string()));
+        assert!(ups.chain("base:support").is_none() && ups.chain("tiny").is_none());
         Ok(())
     }
 

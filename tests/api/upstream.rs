@@ -26,7 +26,7 @@ async fn front_of(up: &Gateway) -> anyhow::Result<Gateway> {
     let cfg = upstream("up", &up.url("/v1"), json!({}))?;
     let front = common::start_with(move |c, _| {
         c.upstreams = vec![cfg];
-        c.routes.insert("big".into(), format!("up/{MODEL}"));
+        c.routes.insert("big".into(), vec![format!("up/{MODEL}")]);
     })
     .await?;
     // Discovery (the upstream's /v1/models) runs at start.
@@ -184,6 +184,39 @@ async fn a_dead_upstream_costs_its_retries_then_502_and_the_failure_is_logged() 
     // A model the upstream does not list is not found, as any unknown name.
     let (status, body) = front.post("/v1/chat/completions", chat("dead/other", json!({}))).await?;
     assert_error(status, &body, 404, "model_not_found");
+    Ok(())
+}
+
+/// Routes as fallback chains: past a dead upstream to a live one, and to the local model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_falls_back_past_a_dead_upstream() -> anyhow::Result<()> {
+    let up = common::start().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dead = upstream("dead", &format!("http://127.0.0.1:{port}/v1"), json!({"models": ["m"], "max_retries": 0}))?;
+    let live = upstream("up", &up.url("/v1"), json!({"models": [MODEL]}))?;
+    let front = common::start_with(move |c, _| {
+        c.upstreams = vec![dead, live];
+        c.routes.insert("safe".into(), vec!["dead/m".into(), format!("up/{MODEL}")]);
+        c.routes.insert("home".into(), vec!["dead/m".into(), MODEL.into()]);
+    })
+    .await?;
+    let (_, direct) = up.post("/v1/chat/completions", chat(MODEL, json!({}))).await?;
+    let (status, via) = front.post("/v1/chat/completions", chat("safe", json!({}))).await?;
+    assert_eq!(status, StatusCode::OK, "{via}");
+    assert_eq!(via["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"]);
+    assert_eq!(via["model"], "safe");
+    let (status, home) = front.post("/v1/chat/completions", chat("home", json!({}))).await?;
+    assert_eq!(status, StatusCode::OK, "{home}");
+    assert_eq!(home["model"], MODEL, "answered by the local model");
+    let (_, local) = front.post("/v1/chat/completions", chat(MODEL, json!({}))).await?;
+    assert_eq!(home["choices"][0]["message"]["content"], local["choices"][0]["message"]["content"]);
+    // Legacy completions take the same chain.
+    let (status, c) = front.post("/v1/completions", json!({"model": "home", "prompt": "Hi", "max_tokens": 3})).await?;
+    assert_eq!((status, c["model"].as_str()), (StatusCode::OK, Some(MODEL)), "{c}");
+    // Each failed hop is on record, as the client would have seen it alone.
+    let (_, logs) = front.get("/admin/logs?task=relay").await?;
+    let failed = logs["data"].as_array().into_iter().flatten().filter(|r| r["status"] == "upstream_error").count();
+    assert_eq!(failed, 2, "{logs}");
     Ok(())
 }
 

@@ -19,32 +19,55 @@ use super::types::{
     FunctionCall, ResponseMessage, ToolCall, ToolCallDelta, UsageOut,
 };
 use crate::api::auth::Caller;
-use crate::api::error::ApiResult;
+use crate::api::error::{ApiError, ApiResult};
 use crate::api::json::JsonBody;
 use crate::api::limits::Permit;
 use crate::api::AppState;
 use crate::engine::{FinishReason, GenerationStream, ModelInfo};
 use crate::logs::LogRecord;
 use crate::router::Routed;
+use crate::upstream::Hop;
 use serde_json::Value;
 
 pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
     http: HttpRequest,
-    JsonBody(req, raw): JsonBody<ChatCompletionRequest>,
+    JsonBody(mut req, raw): JsonBody<ChatCompletionRequest>,
 ) -> ApiResult<HttpResponse> {
-    if let Some(target) = state.upstreams.resolve(&req.model) {
-        let served_by = format!("{}/{}", target.upstream.name, target.model);
-        let task = req.metadata.as_ref().and_then(|m| m.get("task")).cloned();
-        let draft = |meta: &Meta, routed: &Routed, request_id| log_draft(meta, &req, routed, &served_by, &caller, request_id);
-        return proxy::forward(&state, &caller, &http, proxy::Endpoint::Chat, target, &req.model, task.as_deref(), &raw, draft)
-            .await;
+    let Some(hops) = state.upstreams.chain(&req.model) else {
+        return local(&state, &caller, &http, &req).await;
+    };
+    // An upstream model, or a route: its hops in order while they fail before answering.
+    let asked = req.model.clone();
+    let task = req.metadata.as_ref().and_then(|m| m.get("task")).cloned();
+    let last = hops.len() - 1;
+    for (i, hop) in hops.into_iter().enumerate() {
+        let answer = match hop {
+            Hop::Upstream(target) => {
+                let served_by = format!("{}/{}", target.upstream.name, target.model);
+                let draft = |meta: &Meta, routed: &Routed, request_id| log_draft(meta, &req, routed, &served_by, &caller, request_id);
+                proxy::forward(&state, &caller, &http, proxy::Endpoint::Chat, target, &asked, task.as_deref(), &raw, draft).await
+            }
+            Hop::Local(name) => {
+                req.model = name;
+                local(&state, &caller, &http, &req).await
+            }
+        };
+        match answer {
+            Err(e) if i < last && proxy::falls_back(&e) => tracing::info!(route = %asked, hop = i, "falling back: {e}"),
+            answer => return answer,
+        }
     }
+    Err(ApiError::internal("a route without hops"))
+}
+
+/// A chat completion on the local engine (`req.model` names the base model or an adapter).
+async fn local(state: &AppState, caller: &Caller, http: &HttpRequest, req: &ChatCompletionRequest) -> ApiResult<HttpResponse> {
     let meta = Meta::new("chatcmpl", &req.model, state.fingerprint.clone());
     let base = state.config.model.name.clone();
-    let started = start(&state, &caller, &http, &req, meta, "chat.completions", |meta, routed, request_id| {
-        log_draft(meta, &req, routed, &base, &caller, request_id)
+    let started = start(state, caller, http, req, meta, "chat.completions", |meta, routed, request_id| {
+        log_draft(meta, req, routed, &base, caller, request_id)
     })
     .await?;
     let Started { plan, permit, mut record, meta, request_id, saved, info, streams } = started;

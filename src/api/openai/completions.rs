@@ -27,6 +27,7 @@ use crate::api::AppState;
 use crate::engine::{Completion, FinishReason, ModelInfo, Prompt, Timings, Usage};
 use crate::logs::LogRecord;
 use crate::router::Routed;
+use crate::upstream::Hop;
 use serde_json::Value;
 
 /// `POST /v1/completions`; the response carries `x-request-id` (the client's, else the
@@ -35,21 +36,46 @@ pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
     http: HttpRequest,
-    JsonBody(req, raw): JsonBody<CompletionRequest>,
+    JsonBody(mut req, raw): JsonBody<CompletionRequest>,
 ) -> ApiResult<HttpResponse> {
-    if let Some(target) = state.upstreams.resolve(&req.model) {
-        let served_by = format!("{}/{}", target.upstream.name, target.model);
-        let task = req.metadata.as_ref().and_then(|m| m.get("task")).cloned();
-        // The log keeps text prompts; token-id prompts are the upstream's tokens, not ours.
-        let texts: Vec<String> = match &req.prompt {
-            Some(Some(PromptSpec::Text(t))) => vec![t.clone()],
-            Some(Some(PromptSpec::Texts(t))) => t.clone(),
-            _ => Vec::new(),
+    let Some(hops) = state.upstreams.chain(&req.model) else {
+        return local(&state, &caller, &http, &req).await;
+    };
+    // An upstream model, or a route: its hops in order while they fail before answering.
+    let asked = req.model.clone();
+    let task = req.metadata.as_ref().and_then(|m| m.get("task")).cloned();
+    // The log keeps text prompts; token-id prompts are the upstream's tokens, not ours.
+    let texts: Vec<String> = match &req.prompt {
+        Some(Some(PromptSpec::Text(t))) => vec![t.clone()],
+        Some(Some(PromptSpec::Texts(t))) => t.clone(),
+        _ => Vec::new(),
+    };
+    let last = hops.len() - 1;
+    for (i, hop) in hops.into_iter().enumerate() {
+        let answer = match hop {
+            Hop::Upstream(target) => {
+                let served_by = format!("{}/{}", target.upstream.name, target.model);
+                let draft = |meta: &Meta, routed: &Routed, request_id| {
+                    log_draft(meta, &req, &texts, routed, &served_by, &caller, request_id)
+                };
+                let endpoint = super::proxy::Endpoint::Completions;
+                super::proxy::forward(&state, &caller, &http, endpoint, target, &asked, task.as_deref(), &raw, draft).await
+            }
+            Hop::Local(name) => {
+                req.model = name;
+                local(&state, &caller, &http, &req).await
+            }
         };
-        let draft = |meta: &Meta, routed: &Routed, request_id| log_draft(meta, &req, &texts, routed, &served_by, &caller, request_id);
-        let endpoint = super::proxy::Endpoint::Completions;
-        return super::proxy::forward(&state, &caller, &http, endpoint, target, &req.model, task.as_deref(), &raw, draft).await;
+        match answer {
+            Err(e) if i < last && super::proxy::falls_back(&e) => tracing::info!(route = %asked, hop = i, "falling back: {e}"),
+            answer => return answer,
+        }
     }
+    Err(crate::api::error::ApiError::internal("a route without hops"))
+}
+
+/// Legacy completions on the local engine (`req.model` names the base model or an adapter).
+async fn local(state: &AppState, caller: &Caller, http: &HttpRequest, req: &CompletionRequest) -> ApiResult<HttpResponse> {
     let mut plan = convert::completion(&req, &state.config.limits)?;
     plan.common.cache_scope = cache_scope(&caller.key_id);
     let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;

@@ -18,6 +18,7 @@ use crate::adapters::lora_handle;
 use crate::api::auth::Caller;
 use crate::api::error::{ApiError, ApiResult, ErrorKind};
 use crate::api::json::JsonBody;
+use crate::upstream::Hop;
 use crate::api::AppState;
 use crate::engine::{EngineError, Prompt};
 
@@ -31,10 +32,16 @@ pub async fn create(
     state: web::Data<AppState>,
     caller: Caller,
     http: HttpRequest,
-    JsonBody(req, raw): JsonBody<EmbeddingRequest>,
+    JsonBody(mut req, raw): JsonBody<EmbeddingRequest>,
 ) -> ApiResult<HttpResponse> {
-    if let Some(target) = state.upstreams.resolve(&req.model) {
-        return super::proxy::embeddings(&state, &caller, &http, target, &req.model, &raw).await;
+    // An upstream's model, or a route: its first hop serves (embeddings do not fall back: a
+    // vector from another model would not compare with the ones stored before).
+    match state.upstreams.chain(&req.model).and_then(|hops| hops.into_iter().next()) {
+        Some(Hop::Upstream(target)) => {
+            return super::proxy::embeddings(&state, &caller, &http, target, &req.model, &raw).await;
+        }
+        Some(Hop::Local(name)) => req.model = name,
+        None => {}
     }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,

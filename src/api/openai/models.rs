@@ -35,11 +35,14 @@ pub async fn list(state: web::Data<AppState>, caller: Caller) -> HttpResponse {
 pub async fn retrieve(state: web::Data<AppState>, caller: Caller, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = id.into_inner();
     let hidden = || crate::router::RouteError::ModelNotFound(id.clone());
-    if let Some(t) = state.upstreams.resolve(&id) {
+    // A listed upstream model or route, or `<upstream>/<model>` of an upstream whose models
+    // are not known yet.
+    let owner = state.upstreams.names().into_iter().find(|(n, _)| *n == id).map(|(_, owner)| owner);
+    if let Some(owner) = owner.or_else(|| state.upstreams.resolve(&id).map(|t| t.upstream.name.clone())) {
         if !caller.may_call(&id) {
             return Err(hidden().into());
         }
-        return Ok(HttpResponse::Ok().json(upstream(&state, id.clone(), t.upstream.name.clone())));
+        return Ok(HttpResponse::Ok().json(upstream(&state, id.clone(), owner)));
     }
     let resolved = state.router.resolve(&id)?;
     let info = match &resolved {

@@ -198,6 +198,21 @@ pub async fn forward(
     Ok(with_id(resp))
 }
 
+/// Whether a route's next hop should be tried after this error: the hop failed before
+/// answering (an upstream unreachable, timed out, failing, busy or behind an open breaker;
+/// the local engine overloaded or not loaded). A client's own mistakes and limits do not.
+pub fn falls_back(e: &ApiError) -> bool {
+    matches!(
+        e.kind,
+        ErrorKind::UpstreamError
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::UpstreamBusy
+            | ErrorKind::UpstreamUnavailable
+            | ErrorKind::EngineOverloaded
+            | ErrorKind::ModelNotReady
+    )
+}
+
 /// Forwards `/v1/embeddings` to `target`: not logged (as local embeddings), limited and
 /// counted; the answer with the client's model name.
 pub async fn embeddings(
