@@ -97,7 +97,7 @@ pub enum UpstreamError {
     Open { upstream: String, failures: u32, seconds: f64 },
     /// The upstream answered with an error status; `body` is its JSON error, if any.
     #[error("upstream '{upstream}' answered {status}: {message}")]
-    Status { upstream: String, status: u16, message: String, body: Option<Value>, retry_after: Option<Duration> },
+    Status { upstream: String, status: u16, message: String, body: Option<Box<Value>>, retry_after: Option<Duration> },
 }
 
 impl UpstreamError {
@@ -320,7 +320,7 @@ impl Upstream {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<f64>().ok())
                         .and_then(|s| Duration::try_from_secs_f64(s).ok());
-                    let body = r.json::<Value>().await.ok();
+                    let body = r.json::<Value>().await.ok().map(Box::new);
                     let message = body
                         .as_ref()
                         .and_then(|b| b.pointer("/error/message").or_else(|| b.get("message")))
@@ -398,12 +398,12 @@ fn backoff(n: u32) -> Duration {
 mod tests {
     use super::*;
 
-    fn config(name: &str, models: &[&str]) -> UpstreamConfig {
+    fn config(name: &str, models: &[&str]) -> anyhow::Result<UpstreamConfig> {
         let text = format!(
             "name = \"{name}\"\nbase_url = \"http://127.0.0.1:9/v1/\"\nmodels = [{}]",
             models.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(",")
         );
-        toml::from_str(&text).unwrap_or_else(|e| panic!("{e}"))
+        Ok(toml::from_str(&text)?)
     }
 
     #[test]
@@ -412,7 +412,7 @@ mod tests {
             ("big".to_string(), vec!["vllm/llama-70b".to_string()]),
             ("support".to_string(), vec!["base:support".to_string(), "vllm/llama-70b".to_string()]),
         ]);
-        let ups = Upstreams::new(&[config("vllm", &["llama-70b"]), config("any", &[])], &routes, |_| None)?;
+        let ups = Upstreams::new(&[config("vllm", &["llama-70b"])?, config("any", &[])?], &routes, |_| None)?;
         let t = ups.resolve("vllm/llama-70b").ok_or_else(|| anyhow::anyhow!("not resolved"))?;
         assert_eq!((t.upstream.name.as_str(), t.model.as_str(), t.upstream.base_url.as_str()), ("vllm", "llama-70b", "http://127.0.0.1:9/v1"));
         let t = ups.resolve("big").ok_or_else(|| anyhow::anyhow!("route not resolved"))?;
@@ -436,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn the_breaker_opens_after_failures_in_a_row_and_tries_again_after_the_cooldown() -> anyhow::Result<()> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut c = config("down", &["m"]);
+        let mut c = config("down", &["m"])?;
         c.base_url = format!("http://127.0.0.1:{port}/v1");
         (c.max_retries, c.breaker_failures, c.breaker_cooldown_seconds) = (0, 2, 0.3);
         let ups = Upstreams::new(&[c], &BTreeMap::new(), |_| None)?;
@@ -454,8 +454,8 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_key_variable_is_an_error_and_backoff_grows_with_jitter() {
-        let mut c = config("x", &["m"]);
+    fn a_missing_key_variable_is_an_error_and_backoff_grows_with_jitter() -> anyhow::Result<()> {
+        let mut c = config("x", &["m"])?;
         c.api_key_env = Some("TUNEGATE_TEST_NO_SUCH_KEY".into());
         let e = Upstreams::new(&[c.clone()], &BTreeMap::new(), |_| None).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("TUNEGATE_TEST_NO_SUCH_KEY"), "{e}");
@@ -465,5 +465,6 @@ mod tests {
             let base = BACKOFF * (1 << n);
             assert!(d >= base / 2 && d < base * 3 / 2, "{d:?} for retry {n}");
         }
+        Ok(())
     }
 }

@@ -76,10 +76,10 @@ pub async fn create(
 
 /// Legacy completions on the local engine (`req.model` names the base model or an adapter).
 async fn local(state: &AppState, caller: &Caller, http: &HttpRequest, req: &CompletionRequest) -> ApiResult<HttpResponse> {
-    let mut plan = convert::completion(&req, &state.config.limits)?;
+    let mut plan = convert::completion(req, &state.config.limits)?;
     plan.common.cache_scope = cache_scope(&caller.key_id);
-    let routed = state.route_for(&caller, &req.model, plan.common.task.as_deref())?;
-    crate::api::metrics::served(&http, &routed);
+    let routed = state.route_for(caller, &req.model, plan.common.task.as_deref())?;
+    crate::api::metrics::served(http, &routed);
     let permit = state.limiter.acquire_n(&caller.limit_key, plan.prompts.len() * plan.common.n)?;
     let info = state.engine.info()?;
     let texts = prompt_texts(&info, &plan.prompts)?;
@@ -88,9 +88,9 @@ async fn local(state: &AppState, caller: &Caller, http: &HttpRequest, req: &Comp
     let mut record = RequestRecord::new("completions", &routed, &caller.key_id);
     record.measure(&state.metrics);
     let meta = Meta::new("cmpl", &routed.model, state.fingerprint.clone());
-    let request_id = crate::api::request_id::client_id(&http).unwrap_or_else(|| meta.id.clone());
+    let request_id = crate::api::request_id::client_id(http).unwrap_or_else(|| meta.id.clone());
     record.log_to(state.logs.as_ref(), || {
-        log_draft(&meta, &req, &texts, &routed, &state.config.model.name, &caller, request_id.clone())
+        log_draft(&meta, req, &texts, &routed, &state.config.model.name, caller, request_id.clone())
     });
     let with_id = |mut r: HttpResponse| {
         if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&request_id) {
