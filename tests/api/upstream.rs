@@ -189,6 +189,36 @@ async fn a_dead_upstream_costs_its_retries_then_502_and_the_failure_is_logged() 
     Ok(())
 }
 
+/// A hung upstream (it accepts the connection and never answers): 504 once the first-byte
+/// timeout passes, not retried (the request may be running there), counted as a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_upstream_times_out_with_504_and_is_not_retried() -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            if let Ok(mut v) = held.lock() {
+                v.push(conn);
+            }
+        }
+    });
+    let extra = json!({"models": ["m"], "first_byte_timeout_seconds": 0.3, "max_retries": 2});
+    let cfg = upstream("hung", &format!("http://127.0.0.1:{port}/v1"), extra)?;
+    let front = common::start_with(move |c, _| c.upstreams = vec![cfg]).await?;
+    let started = std::time::Instant::now();
+    let (status, body) = front.post("/v1/chat/completions", chat("hung/m", json!({"stream": true}))).await?;
+    assert_error(status, &body, 504, "upstream_timeout");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(5), "{waited:?}");
+    assert_eq!(accepted.lock().map(|v| v.len()).unwrap_or_default(), 1, "no retry after a timeout");
+    let m = metrics_text(&front).await?;
+    assert_eq!(metric(&m, "tunegate_upstream_requests_total{outcome=\"timeout\",upstream=\"hung\"}"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "tunegate_upstream_retries_total{upstream=\"hung\"}"), None, "{m}");
+    Ok(())
+}
+
 /// Routes as fallback chains: past a dead upstream to a live one, and to the local model.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_falls_back_past_a_dead_upstream() -> anyhow::Result<()> {
