@@ -425,3 +425,45 @@ async fn llama_cpp_server_is_an_upstream() -> anyhow::Result<()> {
     assert_error(status, &e, 502, "upstream_error");
     Ok(())
 }
+
+/// A stored completion answered by an upstream belongs to the caller's tenant: another
+/// client key can neither read nor delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_upstream_completion_is_its_tenants_own() -> anyhow::Result<()> {
+    let up = common::start().await?;
+    let cfg = upstream("up", &up.url("/v1"), json!({"models": [MODEL]}))?;
+    let front = common::start_with(move |c, _| {
+        common::with_keys(c);
+        for (key, tenant) in [("sk-tenant-a", "a"), ("sk-tenant-b", "b")] {
+            c.auth.keys.push(KeyEntry {
+                hash: Sha256::digest(key.as_bytes()).into(),
+                tenant: tenant.into(),
+                admin: false,
+                models: None,
+                train_tasks: Vec::new(),
+            });
+        }
+        c.upstreams = vec![cfg];
+    })
+    .await?;
+    let call = |key: &'static str, method: reqwest::Method, path: String, body: Option<Value>| {
+        let mut rb = front.http.request(method, front.url(&path)).bearer_auth(key);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        async move {
+            let r = rb.send().await?;
+            let status = r.status();
+            anyhow::Ok((status, r.json::<Value>().await.unwrap_or(Value::Null)))
+        }
+    };
+    let (status, out) =
+        call("sk-tenant-a", reqwest::Method::POST, "/v1/chat/completions".into(), Some(chat(&format!("up/{MODEL}"), json!({"store": true})))).await?;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let path = format!("/v1/chat/completions/{}", out["id"].as_str().unwrap_or_default());
+    assert_eq!(call("sk-tenant-a", reqwest::Method::GET, path.clone(), None).await?.0, StatusCode::OK);
+    assert_eq!(call("sk-tenant-b", reqwest::Method::GET, path.clone(), None).await?.0, StatusCode::NOT_FOUND);
+    assert_eq!(call("sk-tenant-b", reqwest::Method::DELETE, path.clone(), None).await?.0, StatusCode::NOT_FOUND);
+    assert_eq!(call("sk-tenant-a", reqwest::Method::GET, path, None).await?.0, StatusCode::OK, "still there");
+    Ok(())
+}
