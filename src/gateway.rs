@@ -138,7 +138,9 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Gateway
         tokio::spawn(async move {
             loop {
                 u.discover().await;
-                tokio::time::sleep(crate::upstream::DISCOVERY_INTERVAL).await;
+                let unknown = u.models_unknown();
+                let wait = if unknown { crate::upstream::DISCOVERY_RETRY } else { crate::upstream::DISCOVERY_INTERVAL };
+                tokio::time::sleep(wait).await;
             }
         })
     });

@@ -30,8 +30,10 @@ use crate::config::UpstreamConfig;
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 /// First back-off; doubled per retry, with ±50 % jitter.
 const BACKOFF: Duration = Duration::from_millis(100);
-/// How often upstreams without a configured model list are asked for theirs.
+/// How often upstreams without a configured model list are asked for theirs; sooner while
+/// one has not answered yet (it may still be starting).
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(60);
+pub const DISCOVERY_RETRY: Duration = Duration::from_secs(2);
 
 /// Every configured upstream and route.
 #[derive(Debug, Default)]
@@ -227,6 +229,11 @@ impl Upstreams {
             out.push((name.clone(), owner));
         }
         out
+    }
+
+    /// Whether an upstream's model list is still unknown (discovery has not succeeded yet).
+    pub fn models_unknown(&self) -> bool {
+        self.list.iter().any(|u| u.discover && u.models.read().is_empty())
     }
 
     /// Asks each upstream without a configured model list for its `/v1/models`; one that
