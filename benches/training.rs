@@ -91,7 +91,7 @@ fn main() -> Result<()> {
     let rss_start = rss_mib("VmRSS:");
     let (model, _info) = load_model(&model_path, "bench").map_err(|e| anyhow::anyhow!("{e}"))?;
     let rss_model = rss_mib("VmRSS:");
-    let dense = model.to_dense()?;
+    let dense = model.for_training()?;
     let rss_dense = rss_mib("VmRSS:");
     let data = synthetic(BATCH * (steps + 1), model.shape.vocab_size, 7);
     println!(

@@ -8,7 +8,9 @@
 //! contiguous f32 (callers make them so); anything else is an error, never a panic.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
-use rayon::prelude::*;
+
+use crate::engine::kernels::panel::{self, Panels};
+use crate::engine::kernels::{BlockType, OutPtr, QActs, QK};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -17,6 +19,24 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f
         Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
         None => Err(candle_core::Error::Msg(format!("{op}: expects a contiguous tensor"))),
     }
+}
+
+/// `f(i, row)` for every row `i` of `len` elements of `out`, shared over candle's worker
+/// pool: the trainer's kernels run on the threads that run candle's own ops, so no second
+/// pool spins beside them for the same cores.
+fn for_rows(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if len == 0 {
+        return;
+    }
+    let rows = out.len() / len;
+    let ptr = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for i in range {
+            // SAFETY: row `i` (< rows) is `len` cells inside `out`, and each row is handed
+            // to exactly one call.
+            f(i, unsafe { std::slice::from_raw_parts_mut(ptr.at(i * len), len) });
+        }
+    });
 }
 
 /// Rows of `len` elements in a tensor of `dims` (the last dimension is the row).
@@ -49,7 +69,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `a · b` into a new row-major `[a.rows, b.cols]` buffer. The rows of the product are
-/// split over the current rayon pool. `matrixmultiply` rather than candle's matmul (the
+/// split over candle's worker pool. `matrixmultiply` rather than candle's matmul (the
 /// `gemm` crate): on the machines measured (`benches/results/training.md`) it ran these
 /// shapes about twice as fast per core, and these products are most of a training step.
 fn matmul_rows(a: Mat<'_>, b: Mat<'_>) -> CResult<Vec<f32>> {
@@ -61,30 +81,33 @@ fn matmul_rows(a: Mat<'_>, b: Mat<'_>) -> CResult<Vec<f32>> {
     if m == 0 || n == 0 {
         return Ok(out);
     }
-    let block = m.div_ceil(rayon::current_num_threads().max(1)).max(16);
-    out.par_chunks_mut(block * n).enumerate().for_each(|(i, c)| {
-        let r0 = i * block;
-        let rows = c.len() / n;
-        // SAFETY: `Mat::new` checked that every (row, col) of `a` and `b` addressed by the
-        // strides lies inside its slice; this block reads rows r0..r0+rows of `a` (within
-        // a.rows) and writes exactly its own `rows × n` chunk of `out`.
-        unsafe {
-            matrixmultiply::sgemm(
-                rows,
-                k,
-                n,
-                1.0,
-                a.data.as_ptr().add(r0 * a.row_stride),
-                a.row_stride as isize,
-                a.col_stride as isize,
-                b.data.as_ptr(),
-                b.row_stride as isize,
-                b.col_stride as isize,
-                0.0,
-                c.as_mut_ptr(),
-                n as isize,
-                1,
-            );
+    let block = m.div_ceil(candle_core::utils::get_num_threads().max(1)).max(16);
+    let ptr = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(block), |chunks| {
+        for i in chunks {
+            let r0 = i * block;
+            let rows = block.min(m - r0);
+            // SAFETY: `Mat::new` checked that every (row, col) of `a` and `b` addressed by
+            // the strides lies inside its slice; this block reads rows r0..r0+rows of `a`
+            // (within a.rows) and writes exactly its own `rows × n` cells of `out`.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    k,
+                    n,
+                    1.0,
+                    a.data.as_ptr().add(r0 * a.row_stride),
+                    a.row_stride as isize,
+                    a.col_stride as isize,
+                    b.data.as_ptr(),
+                    b.row_stride as isize,
+                    b.col_stride as isize,
+                    0.0,
+                    ptr.at(r0 * n),
+                    n as isize,
+                    1,
+                );
+            }
         }
     });
     Ok(out)
@@ -150,6 +173,223 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     x.contiguous()?.apply_op1(FrozenMatmul { w: w.contiguous()? })
 }
 
+/// A tensor's last two dims as a strided matrix, its leading dims as one batch with a
+/// constant stride; `None` when the leading dims do not collapse to one stride.
+struct Strided {
+    batch: usize,
+    batch_stride: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+    offset: usize,
+}
+
+impl Strided {
+    fn of(l: &Layout) -> Option<Self> {
+        let (dims, strides) = (l.dims(), l.stride());
+        let n = dims.len();
+        if n < 2 {
+            return None;
+        }
+        let lead = &dims[..n - 2];
+        let batch: usize = lead.iter().product();
+        // Leading dims collapse when each one's stride is the next one's stride × size.
+        for i in 0..lead.len().saturating_sub(1) {
+            if lead[i + 1] > 1 && strides[i] != strides[i + 1] * lead[i + 1] {
+                return None;
+            }
+        }
+        let batch_stride = if lead.is_empty() { 0 } else { strides[n - 3] };
+        Some(Self { batch, batch_stride, rows: dims[n - 2], cols: dims[n - 1], row_stride: strides[n - 2], col_stride: strides[n - 1], offset: l.start_offset() })
+    }
+
+    /// Elements from the offset that the view reaches (0 if empty).
+    fn span(&self) -> usize {
+        if self.batch == 0 || self.rows == 0 || self.cols == 0 {
+            return 0;
+        }
+        (self.batch - 1) * self.batch_stride + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+    }
+}
+
+/// `a · b` over the last two dims (leading dims a batch, equal on both sides), any strides:
+/// candle's matmul with its backward (`∂a = ∂c · bᵀ`, `∂b = aᵀ · ∂c`), run as
+/// `matrixmultiply` blocks shared over candle's worker pool. candle runs these products
+/// (attention, LoRA pairs: small, many) on one thread, batch after batch.
+struct Matmul;
+
+impl CustomOp2 for Matmul {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let err = |m: String| candle_core::Error::Msg(format!("matmul: {m}"));
+        let (Some(a), Some(b)) = (Strided::of(l1), Strided::of(l2)) else {
+            return Err(err("operands must be matrices with regular batch strides".into()));
+        };
+        if a.batch != b.batch || a.cols != b.rows || l1.dims()[..l1.dims().len() - 2] != l2.dims()[..l2.dims().len() - 2] {
+            return Err(err(format!("{:?} by {:?}", l1.dims(), l2.dims())));
+        }
+        let (x, y) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+        if a.offset + a.span() > x.len() || b.offset + b.span() > y.len() {
+            return Err(err("a view reaches past its storage".into()));
+        }
+        let (batch, m, k, n) = (a.batch, a.rows, a.cols, b.cols);
+        let mut out = vec![0f32; batch * m * n];
+        // Tasks: whole batch items when there are enough, else row or column blocks of each.
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let pieces = (2 * threads).div_ceil(batch.max(1)).max(1);
+        let by_rows = m >= n;
+        let (len, step) = if by_rows { (m, m.div_ceil(pieces).max(8)) } else { (n, n.div_ceil(pieces).max(16)) };
+        let per_batch = len.div_ceil(step.max(1)).max(1);
+        let ptr = OutPtr(out.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(batch * per_batch, |tasks| {
+            for t in tasks {
+                let (bi, p) = (t / per_batch, t % per_batch);
+                let (lo, hi) = (p * step, ((p + 1) * step).min(len));
+                if lo >= hi {
+                    continue;
+                }
+                let (rows, cols) = if by_rows { (hi - lo, n) } else { (m, hi - lo) };
+                let a0 = a.offset + bi * a.batch_stride + if by_rows { lo * a.row_stride } else { 0 };
+                let b0 = b.offset + bi * b.batch_stride + if by_rows { 0 } else { lo * b.col_stride };
+                let c0 = bi * m * n + if by_rows { lo * n } else { lo };
+                // SAFETY: the views were checked to lie inside their storages above; this task
+                // reads rows/columns lo..hi of its batch item and writes only its own cells
+                // (rows or columns lo..hi of item bi) of `out` (batch × m × n).
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        k,
+                        cols,
+                        1.0,
+                        x.as_ptr().add(a0),
+                        a.row_stride as isize,
+                        a.col_stride as isize,
+                        y.as_ptr().add(b0),
+                        b.row_stride as isize,
+                        b.col_stride as isize,
+                        0.0,
+                        ptr.at(c0),
+                        n as isize,
+                        1,
+                    );
+                }
+            }
+        });
+        let mut dims = l1.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] = n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let da = regular(grad)?.apply_op2_no_bwd(&regular(&b.t()?)?, &Matmul)?;
+        let db = regular(&a.t()?)?.apply_op2_no_bwd(&regular(grad)?, &Matmul)?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `t` itself when [`Matmul`] can read its strides, else a contiguous copy.
+fn regular(t: &Tensor) -> CResult<Tensor> {
+    if Strided::of(t.layout()).is_some() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// `a · b` (batched over leading dims), differentiable; see [`Matmul`].
+pub fn matmul(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    regular(a)?.apply_op2(&regular(b)?, Matmul)
+}
+
+/// A frozen projection for the training path, repacked for many rows at once
+/// ([`kernels::panel`]): `W` for the forward product and `Wᵀ` for the input gradient.
+#[derive(Debug)]
+pub struct FrozenPanels {
+    pub fwd: Panels,
+    pub bwd: Panels,
+}
+
+impl FrozenPanels {
+    /// Both products of a `[n, k]` weight: GGML blocks repacked exactly where the format
+    /// allows, else from its dequantized values (`dense`, row-major). `None` when the shapes
+    /// are not whole 32-value blocks both ways (such a weight stays on the f32 path).
+    pub fn new(blocks: Option<(BlockType, &[u8])>, dense: &[f32], n: usize, k: usize) -> Option<Self> {
+        if !n.is_multiple_of(QK) || !k.is_multiple_of(QK) || dense.len() != n * k {
+            return None;
+        }
+        let fwd = blocks.and_then(|(t, b)| Panels::from_blocks(t, b, n, k)).unwrap_or_else(|| Panels::from_f32(dense, n, k));
+        Some(Self { fwd, bwd: Panels::transposed_from_f32(dense, n, k) })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.fwd.bytes() + self.bwd.bytes()
+    }
+}
+
+/// `x` `[m, k]` times a panel matrix `[n, k]`: quantize the rows, multiply.
+fn panel_product(x: &[f32], m: usize, w: &Panels) -> CResult<Vec<f32>> {
+    let mut xq = QActs::default();
+    xq.quantize_candle_pool(x, w.k());
+    let mut out = vec![0f32; m * w.n()];
+    panel::matmul(&xq, w, &mut out)?;
+    Ok(out)
+}
+
+/// `x · Wᵀ` on int8 products ([`FrozenPanels`]); backward `∂x = ∂y · W` the same way.
+struct FrozenQMatmul {
+    w: std::sync::Arc<FrozenPanels>,
+}
+
+impl CustomOp1 for FrozenQMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.w.fwd.k() {
+            return Err(candle_core::Error::Msg(format!("{}: input width {k}, weight takes {}", self.name(), self.w.fwd.k())));
+        }
+        let x = contiguous_f32(s, l, self.name())?;
+        Ok((CpuStorage::F32(panel_product(x, m, &self.w.fwd)?), Shape::from((m, self.w.fwd.n()))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&FrozenQMatmulGrad { w: self.w.clone() })?))
+    }
+}
+
+/// `∂y · W` through `Wᵀ`'s panels, `∂y` `[rows, n]`.
+struct FrozenQMatmulGrad {
+    w: std::sync::Arc<FrozenPanels>,
+}
+
+impl CustomOp1 for FrozenQMatmulGrad {
+    fn name(&self) -> &'static str {
+        "frozen-qmatmul-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (m, n) = l.shape().dims2()?;
+        if n != self.w.bwd.k() {
+            return Err(candle_core::Error::Msg(format!("{}: gradient width {n}, weight has {}", self.name(), self.w.bwd.k())));
+        }
+        let g = contiguous_f32(s, l, self.name())?;
+        Ok((CpuStorage::F32(panel_product(g, m, &self.w.bwd)?), Shape::from((m, self.w.bwd.n()))))
+    }
+}
+
+/// `x · Wᵀ` with `W` frozen and repacked ([`FrozenPanels`]): int8 products on the CPU's
+/// VNNI units, forward and backward.
+pub fn frozen_qmatmul(x: &Tensor, w: &std::sync::Arc<FrozenPanels>) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(FrozenQMatmul { w: w.clone() })
+}
+
 /// RMS norm over the last dimension with a frozen weight: `y = x · r · w`,
 /// `r = 1/√(mean(x²) + eps)`.
 struct RmsNorm {
@@ -176,7 +416,8 @@ impl CustomOp1 for RmsNorm {
             return Err(candle_core::Error::Msg(format!("rms-norm: width {h}, weight {}", w.len())));
         }
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+        for_rows(&mut y, h, |i, y| {
+            let x = &x[i * h..(i + 1) * h];
             let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let r = 1.0 / (ms + self.eps).sqrt();
             for ((y, x), w) in y.iter_mut().zip(x).zip(&w) {
@@ -208,7 +449,8 @@ impl CustomOp2 for RmsNormGrad {
         let x = contiguous_f32(xs, xl, self.name())?;
         let (_, h) = rows_of(xl.dims());
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(h).zip(x.par_chunks(h).zip(g.par_chunks(h))).for_each(|(dx, (x, g))| {
+        for_rows(&mut dx, h, |i, dx| {
+            let (x, g) = (&x[i * h..(i + 1) * h], &g[i * h..(i + 1) * h]);
             let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let r = 1.0 / (ms + self.eps).sqrt();
             let dot: f32 = x.iter().zip(g).zip(&self.w).map(|((x, g), w)| x * g * w).sum();
@@ -251,7 +493,9 @@ impl CustomOp1 for Rope {
         }
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * self.t).zip(x.par_chunks(d * self.t)).for_each(|(y, x)| {
+        let dt = d * self.t;
+        for_rows(&mut y, dt, |i, y| {
+            let x = &x[i * dt..(i + 1) * dt];
             for (i, (y, x)) in y.chunks_mut(d).zip(x.chunks(d)).enumerate() {
                 let (cos, sin) = (&self.cos[i * half..(i + 1) * half], &self.sin[i * half..(i + 1) * half]);
                 for j in 0..half {
@@ -311,7 +555,8 @@ impl CustomOp1 for CausalSoftmax {
         let (_, n) = rows_of(l.dims());
         let t = self.t.max(1);
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(r, (y, x))| {
+        for_rows(&mut y, n, |r, y| {
+            let x = &x[r * n..(r + 1) * n];
             let seen = (r % t + 1).min(n);
             let start = self.window.map_or(0, |w| seen.saturating_sub(w));
             let (y, x) = (&mut y[start..seen], &x[start..seen]);
@@ -348,7 +593,8 @@ impl CustomOp2 for SoftmaxGrad {
         let y = contiguous_f32(ys, yl, self.name())?;
         let (_, n) = rows_of(yl.dims());
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (y, g))| {
+        for_rows(&mut dx, n, |i, dx| {
+            let (y, g) = (&y[i * n..(i + 1) * n], &g[i * n..(i + 1) * n]);
             let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
             for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
                 *dx = self.scale * y * (g - dot);
@@ -380,8 +626,9 @@ impl CustomOp2 for CrossEntropy {
         let targets = targets(ts, tl, xl)?;
         let (rows, v) = xl.shape().dims2()?;
         let mut loss = vec![0f32; rows];
-        loss.par_iter_mut().zip(x.par_chunks(v).zip(targets.par_iter())).for_each(|(loss, (x, &t))| {
-            *loss = log_sum_exp(x) - x[t as usize];
+        for_rows(&mut loss, 1, |i, loss| {
+            let (x, t) = (&x[i * v..(i + 1) * v], targets[i]);
+            loss[0] = log_sum_exp(x) - x[t as usize];
         });
         Ok((CpuStorage::F32(loss), Shape::from(rows)))
     }
@@ -432,8 +679,9 @@ impl candle_core::CustomOp3 for CrossEntropyGrad {
         let g = contiguous_f32(gs, gl, self.name())?;
         let (_, v) = xl.shape().dims2()?;
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(v).zip(x.par_chunks(v).zip(targets.par_iter().zip(g.par_iter()))).for_each(
-            |(dx, (x, (&t, &g)))| {
+        for_rows(&mut dx, v,
+            |i, dx| {
+                let (x, t, g) = (&x[i * v..(i + 1) * v], targets[i], g[i]);
                 let lse = log_sum_exp(x);
                 for (dx, x) in dx.iter_mut().zip(x) {
                     *dx = (x - lse).exp() * g;
@@ -531,6 +779,64 @@ mod tests {
             );
             let d = max_diff(ga, gb)?;
             anyhow::ensure!(d < 1e-4, "{name}: gradient differs by {d}");
+        }
+        Ok(())
+    }
+
+    /// The pooled matmul against candle's, forward and both gradients, on the shapes
+    /// training gives it: batched attention products with a transposed operand, and 2-D
+    /// LoRA products (tall, short and wide), each large enough to be split into pieces.
+    #[test]
+    fn pooled_matmul_matches_candles_with_gradients() -> R {
+        let dev = Device::Cpu;
+        // (a's shape, b's shape, transpose b's last two dims)
+        let cases: [(&[usize], &[usize], bool); 4] =
+            [(&[2, 3, 40, 8], &[2, 3, 24, 8], true), (&[2, 3, 40, 24], &[2, 3, 24, 8], false), (&[70, 33], &[33, 5], false), (&[9, 5], &[70, 5], true)];
+        for (sa, sb, tb) in cases {
+            let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, sa, &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, sb, &dev)?)?;
+            let bt = |b: &Tensor| -> candle_core::Result<Tensor> { if tb { b.t() } else { Ok(b.clone()) } };
+            let ours = super::matmul(a.as_tensor(), &bt(b.as_tensor())?)?;
+            let theirs = a.as_tensor().matmul(&bt(b.as_tensor())?)?;
+            anyhow::ensure!(ours.dims() == theirs.dims(), "{sa:?}: shape {:?} vs {:?}", ours.dims(), theirs.dims());
+            anyhow::ensure!(max_diff(&ours, &theirs)? < 1e-4, "{sa:?} x {sb:?}: forward differs");
+            let u = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;
+            let go = (ours * &u)?.sum_all()?.backward()?;
+            let gt = (theirs * &u)?.sum_all()?.backward()?;
+            for v in [&a, &b] {
+                let (Some(x), Some(y)) = (go.get(v.as_tensor()), gt.get(v.as_tensor())) else { anyhow::bail!("{sa:?}: a gradient is missing") };
+                anyhow::ensure!(max_diff(x, y)? < 1e-4, "{sa:?} x {sb:?}: gradient differs by {}", max_diff(x, y)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The int8 frozen product: forward within the activation rounding of the f32 product,
+    /// and its input gradient likewise, for a Q4_1 weight (repacked exactly) and a dense one.
+    #[test]
+    fn frozen_int8_product_and_gradient_track_the_f32_ones() -> R {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (64, 96), &dev)?;
+        let q = candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q4_1)?;
+        let wq = q.dequantize(&dev)?;
+        let values = wq.flatten_all()?.to_vec1::<f32>()?;
+        let data = q.data()?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 96), &dev)?)?;
+        for blocks in [Some((super::BlockType::Q4_1, &*data)), None] {
+            let Some(p) = super::FrozenPanels::new(blocks, &values, 64, 96) else { anyhow::bail!("no panels") };
+            let p = std::sync::Arc::new(p);
+            let ours = super::frozen_qmatmul(x.as_tensor(), &p)?;
+            let exact = x.as_tensor().matmul(&wq.t()?)?;
+            let scale = exact.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = max_diff(&ours, &exact)?;
+            anyhow::ensure!(d < 0.02 * scale, "forward differs by {d} (largest value {scale})");
+            let u = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;
+            let go = (ours * &u)?.sum_all()?.backward()?;
+            let gt = (exact * &u)?.sum_all()?.backward()?;
+            let (Some(a), Some(b)) = (go.get(x.as_tensor()), gt.get(x.as_tensor())) else { anyhow::bail!("no gradient") };
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = max_diff(a, b)?;
+            anyhow::ensure!(d < 0.02 * scale, "gradient differs by {d} (largest value {scale})");
         }
         Ok(())
     }

@@ -111,7 +111,7 @@ pub fn next_version(root: &Path, task: &str) -> String {
 
 pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) -> Result<JobResult, JobError> {
     let (model, info) = load_model(&spec.model_path, &spec.base_model)?;
-    let dense = model.to_dense()?;
+    let train_model = model.for_training()?;
     let mut data = dataset::build(&info, &spec.examples, &spec.dataset)?;
     if let Some(v) = &spec.validation {
         data.eval = v.clone();
@@ -180,7 +180,7 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
     });
     let mut checkpoints = Vec::new();
     let every = hyper.checkpoint_every.max(1);
-    let run = trainer::TrainRun { model: &dense, params: &params, opt: &mut opt, data: &data.train, cfg: &hyper, resume, cancel };
+    let run = trainer::TrainRun { model: &train_model, params: &params, opt: &mut opt, data: &data.train, cfg: &hyper, resume, cancel };
     let outcome = trainer::train(run, &mut |p, params, opt| {
         if p.step % every == 0 || p.step == p.total_steps {
             trainer::save_checkpoint(&ckpt_dir, params, opt, p.step)?;
@@ -196,8 +196,9 @@ pub fn run(spec: &JobSpec, cancel: &AtomicBool, emit: &mut dyn FnMut(JobEvent)) 
         });
         Ok(())
     })?;
-    // Scoring runs on the quantized serving model: the f32 copy goes before it.
-    drop(dense);
+    // Scoring runs on the serving model: the training copy (repacked or f32 weights) goes
+    // before it.
+    drop(train_model);
     if outcome.cancelled {
         return Err(JobError::Cancelled);
     }

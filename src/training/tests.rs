@@ -172,6 +172,55 @@ fn gradients_match_finite_differences(m: &Model) -> R {
     Ok(())
 }
 
+/// The training path as jobs run it (`Model::for_training`: int8 products of the
+/// repacked quantized weights, forward and input gradient) against the f32 reference path
+/// on the same Q8_0 weights: same loss to within the activation rounding, and every LoRA
+/// gradient pointing the same way (cosine ≥ 0.99).
+#[test]
+fn int8_training_path_follows_the_f32_gradients() -> R {
+    for spec in both_families() {
+        let dir = tempfile::tempdir()?;
+        let vocab = tiny_gguf_vocab();
+        let p = dir.path().join("tiny-q8.gguf");
+        TinyWeights::random(&spec, 7).write_gguf(&p, GgmlDType::Q8_0, Some(&vocab))?;
+        let mut f = GgufFile::open(&p)?;
+        let (cfg, interleaved, arch) = (f.config()?, f.rope_interleaved(), f.architecture.clone());
+        let m = Model::new(cfg, &mut f, &arch, "tiny", interleaved)?;
+        let (fast, reference) = (m.for_training()?, m.to_dense()?);
+        if crate::engine::kernels::panel::fast() {
+            anyhow::ensure!(fast.layers[0].self_attn.q_proj.frozen.is_some(), "the quantized projections were not repacked");
+        }
+        let params = LoraParams::init(&m.shape, &small_cfg())?;
+        randomize_b_f16_exact(&params)?;
+        let w = params.weights(m.shape.num_layers)?;
+        let seqs: Vec<dataset::Sequence> = [&[1u32, 20, 30, 40, 50, 60, 70, 80, 90, 11][..], &[1, 7, 9, 33, 35, 2]]
+            .iter()
+            .map(|t| dataset::Sequence { tokens: t.to_vec(), loss_mask: (0..t.len()).map(|i| i >= 2).collect(), prompt_len: 2 })
+            .collect();
+        let refs: Vec<&dataset::Sequence> = seqs.iter().collect();
+        let lens: Vec<_> = seqs.iter().map(|s| (s.tokens.len(), Some(&w))).collect();
+        let lora = BatchLora::new(&lens)?;
+        let (la, _) = trainer::batch_loss(&fast, &lora, &refs)?;
+        let (lb, _) = trainer::batch_loss(&reference, &lora, &refs)?;
+        let (va, vb) = (la.to_scalar::<f32>()?, lb.to_scalar::<f32>()?);
+        anyhow::ensure!((va - vb).abs() < 0.01 * vb.abs(), "{arch}: loss {va} vs {vb}");
+        let (ga, gb) = (la.backward()?, lb.backward()?);
+        for (&(layer, proj), (a, b)) in &params.pairs {
+            for (var, name) in [(a, "A"), (b, "B")] {
+                let (Some(x), Some(y)) = (ga.get(var.as_tensor()), gb.get(var.as_tensor())) else {
+                    anyhow::bail!("{arch} layer {layer} {proj:?} {name}: no gradient");
+                };
+                let (x, y) = (x.flatten_all()?.to_vec1::<f32>()?, y.flatten_all()?.to_vec1::<f32>()?);
+                let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+                let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+                let cos = dot / (norm(&x) * norm(&y)).max(1e-20);
+                anyhow::ensure!(cos >= 0.99, "{arch} layer {layer} {proj:?} {name}: gradient cosine {cos}");
+            }
+        }
+    }
+    Ok(())
+}
+
 const INSTRUCTION: &str = "You are a labelling service. For every word the user sends, answer with its \
 category only: animals get 'zoo', colours get 'paint', numbers get 'math'. Never explain, never add words.";
 

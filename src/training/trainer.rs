@@ -323,7 +323,7 @@ pub struct Resume {
     pub start_step: usize,
 }
 
-/// One training run: the dense model (`Model::to_dense`), the adapter it trains and its
+/// One training run: the training model (`Model::for_training`), the adapter it trains and its
 /// optimizer, the data, the settings, where it starts, and the flag that stops it.
 pub struct TrainRun<'a> {
     pub model: &'a Model,

@@ -23,6 +23,7 @@
 
 mod attention;
 mod elementwise;
+pub mod panel;
 mod quant;
 #[cfg(test)]
 mod tests;

@@ -56,6 +56,27 @@ impl QActs {
         self.quantize_on(Some(pool), x, k);
     }
 
+    /// The same, the blocks shared over candle's worker pool (the training path's
+    /// products run there).
+    pub fn quantize_candle_pool(&mut self, x: &[f32], k: usize) {
+        let nb = k / QK;
+        self.rows = x.len() / k;
+        self.per_row = nb;
+        let n = x.len() / QK;
+        self.blocks.clear();
+        self.blocks.resize(n, ActBlock::ZERO);
+        const CHUNK: usize = 256;
+        let out = OutPtr(self.blocks.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+            for c in chunks {
+                let (b0, b1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+                // SAFETY: chunks are disjoint block ranges inside `blocks` (n long).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.at(b0), b1 - b0) };
+                quantize_blocks(&x[b0 * QK..b1 * QK], dst);
+            }
+        });
+    }
+
     fn quantize_on(&mut self, pool: Option<&crate::engine::pool::Pool>, x: &[f32], k: usize) {
         let nb = k / QK;
         let m = x.len() / k;

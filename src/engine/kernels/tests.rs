@@ -422,3 +422,73 @@ fn attention_split_over_ranges_combines_to_the_whole() {
         }
     }
 }
+
+/// Panels: Q4_0 / Q4_1 / Q8_0 blocks repack to exactly candle's dequantized values, the
+/// 8-bit repack of any weight stays within 1/510 of each block's range, and the vector
+/// tile equals the portable loop bit for bit (every row count, one and two panels, a
+/// ragged last panel).
+#[test]
+fn panels_repack_exactly_and_the_vector_tile_equals_the_portable_loop() -> candle_core::Result<()> {
+    use super::panel::Panels;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dev = candle_core::Device::Cpu;
+    let (n, k) = (40, 96);
+    let w = candle_core::Tensor::randn(0f32, 0.5, (n, k), &dev)?;
+    for (dtype, t) in [(GgmlDType::Q4_0, BlockType::Q4_0), (GgmlDType::Q4_1, BlockType::Q4_1), (GgmlDType::Q8_0, BlockType::Q8_0)] {
+        let q = QTensor::quantize(&w, dtype)?;
+        let deq = q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?;
+        let data = q.data()?;
+        let p = Panels::from_blocks(t, &data, n, k).ok_or_else(|| candle_core::Error::Msg("no repack".into()))?;
+        for c in 0..n {
+            for b in 0..k / QK {
+                let (qs, d, m) = p.get(c, b);
+                for (j, &v) in qs.iter().enumerate() {
+                    let got = d * f32::from(v) + m;
+                    let want = deq[c * k + b * QK + j];
+                    assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{dtype:?} col {c} block {b} value {j}: {got} vs {want}");
+                }
+            }
+        }
+    }
+    let vals = w.flatten_all()?.to_vec1::<f32>()?;
+    let p = Panels::from_f32(&vals, n, k);
+    let pt = Panels::transposed_from_f32(&vals, n, k);
+    for c in 0..n {
+        for b in 0..k / QK {
+            let (qs, d, m) = p.get(c, b);
+            let block = &vals[c * k + b * QK..c * k + (b + 1) * QK];
+            let range = block.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) - block.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+            for (j, &v) in qs.iter().enumerate() {
+                assert!((d * f32::from(v) + m - block[j]).abs() <= range / 510.0 + 1e-6);
+            }
+        }
+    }
+    // The transposed panels hold column c of W as their row c.
+    for c in 0..k {
+        for b in 0..n / QK {
+            let (qs, d, m) = pt.get(c, b);
+            for (j, &v) in qs.iter().enumerate() {
+                assert!((d * f32::from(v) + m - vals[(b * QK + j) * k + c]).abs() < 0.01);
+            }
+        }
+    }
+    for m in [1, 2, 3, 4, 5, 9] {
+        let x = candle_core::Tensor::randn(0f32, 1.0, m * k, &dev)?.to_vec1::<f32>()?;
+        let mut xq = QActs::default();
+        xq.quantize(&x, k);
+        let mut fast = vec![0f32; m * n];
+        super::panel::matmul(&xq, &p, &mut fast)?;
+        let mut slow = vec![0f32; m * n];
+        super::panel::matmul_portable(&xq, &p, &mut slow)?;
+        assert_eq!(fast, slow, "{m} rows: the vector tile differs from the portable loop");
+        // And both track the f32 product.
+        for i in 0..m {
+            for c in 0..n {
+                let exact: f32 = (0..k).map(|j| x[i * k + j] * vals[c * k + j]).sum();
+                let magnitude: f32 = (0..k).map(|j| (x[i * k + j] * vals[c * k + j]).abs()).sum();
+                assert!((slow[i * n + c] - exact).abs() < 0.01 * magnitude, "row {i} col {c}: {} vs {exact}", slow[i * n + c]);
+            }
+        }
+    }
+    Ok(())
+}

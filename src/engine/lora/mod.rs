@@ -20,6 +20,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::{EngineError, Result};
+use crate::engine::grad_ops::matmul;
 
 /// The seven projections an adapter may target, in Hugging Face names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -336,9 +337,9 @@ impl<'a> BatchLora<'a> {
             }
             let Some(pair) = g.weights.get(layer, p) else { continue };
             y = match &g.rows {
-                None => (y + x.matmul(&pair.a_t)?.matmul(&pair.b_t_scaled)?)?,
+                None => (y + matmul(&matmul(x, &pair.a_t)?, &pair.b_t_scaled)?)?,
                 Some(rows) => {
-                    let d = x.index_select(rows, 0)?.matmul(&pair.a_t)?.matmul(&pair.b_t_scaled)?;
+                    let d = matmul(&matmul(&x.index_select(rows, 0)?, &pair.a_t)?, &pair.b_t_scaled)?;
                     y.index_add(rows, &d, 0)?
                 }
             };

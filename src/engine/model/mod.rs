@@ -199,6 +199,9 @@ impl Embedding {
 pub struct Linear {
     pub weight: QMatMul,
     pub bias: Option<Tensor>,
+    /// The weight repacked for the training path's int8 products ([`Model::for_training`]);
+    /// `None` when serving.
+    pub frozen: Option<Arc<crate::engine::grad_ops::FrozenPanels>>,
 }
 
 impl Linear {
@@ -255,7 +258,7 @@ impl DecoderLayer {
         let lin = |src: &mut dyn WeightSource, name: &str, bias: bool| -> Result<Linear> {
             let bias_name = format!("{p}.{name}.bias");
             let bias = if bias || src.contains(&bias_name) { Some(src.tensor(&bias_name)?) } else { None };
-            Ok(Linear { weight: src.matmul(&format!("{p}.{name}.weight"))?, bias })
+            Ok(Linear { weight: src.matmul(&format!("{p}.{name}.weight"))?, bias, frozen: None })
         };
         Ok(Self {
             input_layernorm: RmsNorm { weight: src.tensor(&format!("{p}.input_layernorm.weight"))?, eps },
@@ -379,9 +382,9 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm { weight: src.tensor("model.norm.weight")?, eps: cfg.rms_norm_eps as f32 };
         let lm_head = if !cfg.tie_word_embeddings && src.contains("lm_head.weight") {
-            Linear { weight: src.matmul("lm_head.weight")?, bias: None }
+            Linear { weight: src.matmul("lm_head.weight")?, bias: None, frozen: None }
         } else {
-            Linear { weight: tied_head, bias: None }
+            Linear { weight: tied_head, bias: None, frozen: None }
         };
         let rope = RopeTables::new(&cfg, cfg.rope_theta)?;
         let rope_local = match cfg.rope_local_base_freq {

@@ -6,7 +6,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module, Tensor};
 
 use super::{Attention, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm};
-use crate::engine::grad_ops;
+use crate::engine::grad_ops::{self, FrozenPanels};
 use crate::engine::lora::{BatchLora, Proj};
 use crate::engine::{EngineError, Result};
 
@@ -14,8 +14,9 @@ impl Linear {
     /// Training forward: a dense weight goes through [`grad_ops::frozen_matmul`], whose
     /// backward pass forms no gradient for the (frozen) weight.
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            QMatMul::Tensor(w) => grad_ops::frozen_matmul(x, w)?,
+        let y = match (&self.frozen, &self.weight) {
+            (Some(p), _) => grad_ops::frozen_qmatmul(x, p)?,
+            (None, QMatMul::Tensor(w)) => grad_ops::frozen_matmul(x, w)?,
             _ => self.weight.forward(x)?,
         };
         Ok(match &self.bias {
@@ -38,6 +39,27 @@ fn normed(norm: &Option<RmsNorm>, y: Tensor) -> Result<Tensor> {
     match norm {
         Some(n) => n.forward_train(&y),
         None => Ok(y),
+    }
+}
+
+/// `l` with its weight as dense f32.
+fn dense(l: &Linear) -> Result<Linear> {
+    Ok(Linear { weight: QMatMul::Tensor(l.dequantize()?), bias: l.bias.clone(), frozen: None })
+}
+
+/// `l` with [`FrozenPanels`] for a quantized weight whose shape allows them; a dense weight
+/// stays as it is (the f32 path).
+fn frozen(l: &Linear) -> Result<Linear> {
+    let QMatMul::QTensor(q) = &l.weight else {
+        return Ok(Linear { weight: l.weight.clone(), bias: l.bias.clone(), frozen: None });
+    };
+    let (n, k) = q.shape().dims2()?;
+    let values = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = q.data()?;
+    let blocks = crate::engine::forward::block_type(q.dtype()).map(|t| (t, &*data));
+    match FrozenPanels::new(blocks, &values, n, k) {
+        Some(p) => Ok(Linear { weight: l.weight.clone(), bias: l.bias.clone(), frozen: Some(std::sync::Arc::new(p)) }),
+        None => dense(l),
     }
 }
 
@@ -81,26 +103,57 @@ impl Model {
 
     /// A copy whose projections and embedding are dense f32 (quantized blocks have no
     /// backward pass). The weights themselves are unchanged: serving and training see
-    /// the same values.
+    /// the same values. The reference training path; jobs run [`Model::for_training`].
     pub fn to_dense(&self) -> Result<Model> {
-        let dense = |l: &Linear| -> Result<Linear> { Ok(Linear { weight: QMatMul::Tensor(l.dequantize()?), bias: l.bias.clone() }) };
+        let embed = self.embed_tokens.dequantize()?;
+        // A tied head shares the embedding's f32 copy (candle tensors are shared storage)
+        // rather than holding a second one of vocabulary × hidden floats.
+        let lm_head = if self.tied_head() { Linear { weight: QMatMul::Tensor(embed.clone()), bias: None, frozen: None } } else { dense(&self.lm_head)? };
+        self.with_projections(&dense, Embedding::Dense(embed), lm_head)
+    }
+
+    /// The model as a training job runs it. On a CPU with AVX-512 VNNI each quantized
+    /// projection, the LM head included, keeps its blocks and gains [`FrozenPanels`]: its
+    /// forward product and input gradient run as int8 products (`kernels::panel`), several
+    /// times faster than f32 ones, and no f32 copy of the model is made. Dense weights, and
+    /// every weight on other CPUs, take [`Model::to_dense`]'s f32 path.
+    pub fn for_training(&self) -> Result<Model> {
+        if !crate::engine::kernels::panel::fast() {
+            return self.to_dense();
+        }
+        let lm_head = frozen(&self.lm_head)?;
+        self.with_projections(&frozen, self.embed_tokens.clone(), lm_head)
+    }
+
+    fn tied_head(&self) -> bool {
+        match (&self.embed_tokens, &self.lm_head.weight) {
+            (Embedding::Quantized(e), QMatMul::QTensor(h)) => std::sync::Arc::ptr_eq(e, h),
+            (Embedding::Dense(e), QMatMul::Tensor(h)) => e.id() == h.id(),
+            _ => false,
+        }
+    }
+
+    /// This model with every decoder projection mapped by `f` (layers in parallel), and the
+    /// given embedding and head.
+    fn with_projections(&self, f: &(dyn Fn(&Linear) -> Result<Linear> + Sync), embed_tokens: Embedding, lm_head: Linear) -> Result<Model> {
+        use rayon::prelude::*;
         let layers = self
             .layers
-            .iter()
+            .par_iter()
             .map(|l| {
                 Ok(DecoderLayer {
                     input_layernorm: l.input_layernorm.clone(),
                     self_attn: Attention {
-                        q_proj: dense(&l.self_attn.q_proj)?,
-                        k_proj: dense(&l.self_attn.k_proj)?,
-                        v_proj: dense(&l.self_attn.v_proj)?,
-                        o_proj: dense(&l.self_attn.o_proj)?,
+                        q_proj: f(&l.self_attn.q_proj)?,
+                        k_proj: f(&l.self_attn.k_proj)?,
+                        v_proj: f(&l.self_attn.v_proj)?,
+                        o_proj: f(&l.self_attn.o_proj)?,
                     },
                     post_attention_layernorm: l.post_attention_layernorm.clone(),
                     mlp: Mlp {
-                        gate_proj: dense(&l.mlp.gate_proj)?,
-                        up_proj: dense(&l.mlp.up_proj)?,
-                        down_proj: dense(&l.mlp.down_proj)?,
+                        gate_proj: f(&l.mlp.gate_proj)?,
+                        up_proj: f(&l.mlp.up_proj)?,
+                        down_proj: f(&l.mlp.down_proj)?,
                     },
                     q_norm: l.q_norm.clone(),
                     k_norm: l.k_norm.clone(),
@@ -109,19 +162,10 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed = self.embed_tokens.dequantize()?;
-        // A tied head shares the embedding's f32 copy (candle tensors are shared storage)
-        // rather than holding a second one of vocabulary × hidden floats.
-        let tied = match (&self.embed_tokens, &self.lm_head.weight) {
-            (Embedding::Quantized(e), QMatMul::QTensor(h)) => std::sync::Arc::ptr_eq(e, h),
-            (Embedding::Dense(e), QMatMul::Tensor(h)) => e.id() == h.id(),
-            _ => false,
-        };
-        let lm_head = if tied { Linear { weight: QMatMul::Tensor(embed.clone()), bias: None } } else { dense(&self.lm_head)? };
         Ok(Model {
             cfg: self.cfg.clone(),
             shape: self.shape.clone(),
-            embed_tokens: Embedding::Dense(embed),
+            embed_tokens,
             layers,
             norm: self.norm.clone(),
             lm_head,
@@ -184,9 +228,9 @@ impl Model {
         let v = grid(v, nkv)?;
         // Query heads grouped onto their kv head, as in `attend`.
         let q = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
-        let scores = q.matmul(&k.t()?)?;
+        let scores = grad_ops::matmul(&q, &k.t()?)?;
         let probs = grad_ops::causal_softmax(&scores, t, self.cfg.attn_scale(), self.cfg.layer_window(li))?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let out = grad_ops::matmul(&probs, &v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         Ok(if ragged {
             let n = from_grid.len();
             out.index_select(&Tensor::from_vec(from_grid, n, &Device::Cpu)?, 0)?
