@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
 use crate::engine::kernels::panel::{self, Panels};
-use crate::engine::kernels::{BlockType, OutPtr, QActs, QK};
+use crate::engine::kernels::{exp_in_place, exp_shifted, BlockType, OutPtr, QActs, QK};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -21,22 +21,32 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> CResult<&'a [f
     }
 }
 
-/// `f(i, row)` for every row `i` of `len` elements of `out`, shared over candle's worker
-/// pool: the trainer's kernels run on the threads that run candle's own ops, so no second
-/// pool spins beside them for the same cores.
-fn for_rows(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if len == 0 {
-        return;
+/// A new buffer of `cells` values (rows of `len`) filled by `f(i, row)` for every row `i`,
+/// shared over candle's worker pool: the trainer's kernels run on the threads that run
+/// candle's own ops, so no second pool spins beside them for the same cores. Each task
+/// zeroes its own rows just before `f` fills them (in parallel, and while they are in cache)
+/// rather than the caller zeroing the whole buffer first.
+fn rows_by(cells: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    if len == 0 || cells == 0 {
+        return vec![0f32; cells];
     }
-    let rows = out.len() / len;
+    let rows = cells / len;
+    let mut out = Vec::<f32>::with_capacity(rows * len);
     let ptr = OutPtr(out.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
         for i in range {
-            // SAFETY: row `i` (< rows) is `len` cells inside `out`, and each row is handed
-            // to exactly one call.
-            f(i, unsafe { std::slice::from_raw_parts_mut(ptr.at(i * len), len) });
+            // SAFETY: row `i` (< rows) is `len` cells inside the allocation, handed to
+            // exactly one call; it is zeroed before a slice over it is formed.
+            let row = unsafe {
+                std::ptr::write_bytes(ptr.at(i * len), 0, len);
+                std::slice::from_raw_parts_mut(ptr.at(i * len), len)
+            };
+            f(i, row);
         }
     });
+    // SAFETY: every row was zeroed (and then filled) above.
+    unsafe { out.set_len(rows * len) };
+    out
 }
 
 /// Rows of `len` elements in a tensor of `dims` (the last dimension is the row).
@@ -237,7 +247,14 @@ impl CustomOp2 for Matmul {
             return Err(err("a view reaches past its storage".into()));
         }
         let (batch, m, k, n) = (a.batch, a.rows, a.cols, b.cols);
-        let mut out = vec![0f32; batch * m * n];
+        if k == 0 {
+            let mut dims = l1.dims().to_vec();
+            let last = dims.len() - 1;
+            dims[last] = n;
+            return Ok((CpuStorage::F32(vec![0f32; batch * m * n]), Shape::from(dims)));
+        }
+        // Every cell is written by one task below (sgemm with β = 0 never reads C).
+        let mut out = Vec::<f32>::with_capacity(batch * m * n);
         // Tasks: whole batch items when there are enough, else row or column blocks of each.
         let threads = candle_core::utils::get_num_threads().max(1);
         let pieces = (2 * threads).div_ceil(batch.max(1)).max(1);
@@ -279,6 +296,9 @@ impl CustomOp2 for Matmul {
                 }
             }
         });
+        // SAFETY: the tasks cover every (batch item, row or column block), k > 0, and sgemm
+        // with β = 0 writes each cell of its block: all batch × m × n cells are set.
+        unsafe { out.set_len(batch * m * n) };
         let mut dims = l1.dims().to_vec();
         let last = dims.len() - 1;
         dims[last] = n;
@@ -304,6 +324,127 @@ fn regular(t: &Tensor) -> CResult<Tensor> {
 /// `a · b` (batched over leading dims), differentiable; see [`Matmul`].
 pub fn matmul(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
     regular(a)?.apply_op2(&regular(b)?, Matmul)
+}
+
+/// The MLP's gated activation, `act(gate) · up` (SiLU for Llama, tanh-GELU for Gemma),
+/// with its backward pass in two plain passes: candle's `silu`/`gelu` and the product would
+/// be about ten passes over the widest tensors of a step, forward and backward.
+#[derive(Clone, Copy)]
+struct GluMul {
+    gelu: bool,
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+impl GluMul {
+    /// `act(g)` and `act'(g)`.
+    #[inline]
+    fn act(self, g: f32) -> (f32, f32) {
+        if self.gelu {
+            let inner = SQRT_2_OVER_PI * g * (1.0 + 0.044_715 * g * g);
+            let t = inner.tanh();
+            let dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * g * g);
+            (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * dinner)
+        } else {
+            let sig = 1.0 / (1.0 + (-g).exp());
+            (g * sig, sig * (1.0 + g * (1.0 - sig)))
+        }
+    }
+}
+
+/// `out_j = σ(g_j) = 1 / (1 + exp(−g_j))`, the exponentials vectorized.
+fn sigmoid_into(g: &[f32], out: &mut [f32]) {
+    for (o, &g) in out.iter_mut().zip(g) {
+        *o = -g;
+    }
+    exp_in_place(out);
+    for o in out.iter_mut() {
+        *o = 1.0 / (1.0 + *o);
+    }
+}
+
+fn same_shape(a: &Layout, b: &Layout, op: &str) -> CResult<()> {
+    if a.dims() != b.dims() {
+        return Err(candle_core::Error::Msg(format!("{op}: shapes {:?} and {:?}", a.dims(), b.dims())));
+    }
+    Ok(())
+}
+
+impl CustomOp2 for GluMul {
+    fn name(&self) -> &'static str {
+        "glu-mul"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> CResult<(CpuStorage, Shape)> {
+        same_shape(gl, ul, self.name())?;
+        let (g, u) = (contiguous_f32(gs, gl, self.name())?, contiguous_f32(us, ul, self.name())?);
+        let (_, w) = rows_of(gl.dims());
+        let y = rows_by(g.len(), w, |i, y| {
+            let (g, u) = (&g[i * w..(i + 1) * w], &u[i * w..(i + 1) * w]);
+            if self.gelu {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = self.act(g).0 * u;
+                }
+            } else {
+                // y holds σ(g) first (a vectorized exp), then the product.
+                sigmoid_into(g, y);
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y *= g * u;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (grad, g, u) = (grad.contiguous()?, g.contiguous()?, u.contiguous()?);
+        let dg = grad.apply_op3_no_bwd(&g, &u, &GluMulGrad { glu: *self, wrt_gate: true })?;
+        let du = grad.apply_op3_no_bwd(&g, &u, &GluMulGrad { glu: *self, wrt_gate: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// One operand's gradient of [`GluMul`], applied as (grad, gate, up): `∂gate = ∂y · up ·
+/// act'(gate)`, `∂up = ∂y · act(gate)`.
+struct GluMulGrad {
+    glu: GluMul,
+    wrt_gate: bool,
+}
+
+impl candle_core::CustomOp3 for GluMulGrad {
+    fn name(&self) -> &'static str {
+        "glu-mul-grad"
+    }
+
+    fn cpu_fwd(&self, ds: &CpuStorage, dl: &Layout, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> CResult<(CpuStorage, Shape)> {
+        same_shape(dl, gl, self.name())?;
+        same_shape(gl, ul, self.name())?;
+        let (d, g, u) = (contiguous_f32(ds, dl, self.name())?, contiguous_f32(gs, gl, self.name())?, contiguous_f32(us, ul, self.name())?);
+        let (_, w) = rows_of(gl.dims());
+        let out = rows_by(g.len(), w, |i, o| {
+            let r = i * w..(i + 1) * w;
+            let (d, g, u) = (&d[r.clone()], &g[r.clone()], &u[r]);
+            if self.glu.gelu {
+                for (((o, &d), &g), &u) in o.iter_mut().zip(d).zip(g).zip(u) {
+                    let (a, da) = self.glu.act(g);
+                    *o = if self.wrt_gate { d * u * da } else { d * a };
+                }
+            } else {
+                // o holds σ(g) first; silu = g·σ, silu' = σ·(1 + g·(1 − σ)).
+                sigmoid_into(g, o);
+                for (((o, &d), &g), &u) in o.iter_mut().zip(d).zip(g).zip(u) {
+                    let sig = *o;
+                    *o = if self.wrt_gate { d * u * sig * (1.0 + g * (1.0 - sig)) } else { d * g * sig };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// `silu(gate) · up`, or `gelu_tanh(gate) · up` with `gelu`; differentiable in both.
+pub fn glu_mul(gate: &Tensor, up: &Tensor, gelu: bool) -> CResult<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, GluMul { gelu })
 }
 
 /// A frozen projection for the training path, repacked for many rows at once
@@ -335,9 +476,8 @@ impl FrozenPanels {
 fn panel_product(x: &[f32], m: usize, w: &Panels) -> CResult<Vec<f32>> {
     let mut xq = QActs::default();
     xq.quantize_candle_pool(x, w.k());
-    let mut out = vec![0f32; m * w.n()];
-    panel::matmul(&xq, w, &mut out)?;
-    Ok(out)
+    debug_assert_eq!(xq.rows, m);
+    panel::matmul(&xq, w)
 }
 
 /// `x · Wᵀ` on int8 products ([`FrozenPanels`]); backward `∂x = ∂y · W` the same way.
@@ -415,8 +555,7 @@ impl CustomOp1 for RmsNorm {
         if w.len() != h {
             return Err(candle_core::Error::Msg(format!("rms-norm: width {h}, weight {}", w.len())));
         }
-        let mut y = vec![0f32; x.len()];
-        for_rows(&mut y, h, |i, y| {
+        let y = rows_by(x.len(), h, |i, y| {
             let x = &x[i * h..(i + 1) * h];
             let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let r = 1.0 / (ms + self.eps).sqrt();
@@ -448,8 +587,7 @@ impl CustomOp2 for RmsNormGrad {
         let g = contiguous_f32(gs, gl, self.name())?;
         let x = contiguous_f32(xs, xl, self.name())?;
         let (_, h) = rows_of(xl.dims());
-        let mut dx = vec![0f32; x.len()];
-        for_rows(&mut dx, h, |i, dx| {
+        let dx = rows_by(x.len(), h, |i, dx| {
             let (x, g) = (&x[i * h..(i + 1) * h], &g[i * h..(i + 1) * h]);
             let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
             let r = 1.0 / (ms + self.eps).sqrt();
@@ -492,9 +630,8 @@ impl CustomOp1 for Rope {
             return Err(candle_core::Error::Msg("rope: table does not match the input".into()));
         }
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
         let dt = d * self.t;
-        for_rows(&mut y, dt, |i, y| {
+        let y = rows_by(x.len(), dt, |i, y| {
             let x = &x[i * dt..(i + 1) * dt];
             for (i, (y, x)) in y.chunks_mut(d).zip(x.chunks(d)).enumerate() {
                 let (cos, sin) = (&self.cos[i * half..(i + 1) * half], &self.sin[i * half..(i + 1) * half]);
@@ -554,20 +691,19 @@ impl CustomOp1 for CausalSoftmax {
         let x = contiguous_f32(s, l, self.name())?;
         let (_, n) = rows_of(l.dims());
         let t = self.t.max(1);
-        let mut y = vec![0f32; x.len()];
-        for_rows(&mut y, n, |r, y| {
+        let y = rows_by(x.len(), n, |r, y| {
             let x = &x[r * n..(r + 1) * n];
             let seen = (r % t + 1).min(n);
             let start = self.window.map_or(0, |w| seen.saturating_sub(w));
             let (y, x) = (&mut y[start..seen], &x[start..seen]);
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
+            // exp((x − max)·scale) = exp(x·scale − max·scale), scale > 0.
             for (y, x) in y.iter_mut().zip(x) {
-                *y = ((x - max) * self.scale).exp();
-                sum += *y;
+                *y = x * self.scale;
             }
+            let (_, sum) = exp_shifted(y);
+            let inv = 1.0 / sum;
             for y in y.iter_mut() {
-                *y /= sum;
+                *y *= inv;
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -592,8 +728,7 @@ impl CustomOp2 for SoftmaxGrad {
         let g = contiguous_f32(gs, gl, self.name())?;
         let y = contiguous_f32(ys, yl, self.name())?;
         let (_, n) = rows_of(yl.dims());
-        let mut dx = vec![0f32; y.len()];
-        for_rows(&mut dx, n, |i, dx| {
+        let dx = rows_by(y.len(), n, |i, dx| {
             let (y, g) = (&y[i * n..(i + 1) * n], &g[i * n..(i + 1) * n]);
             let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
             for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
@@ -625,8 +760,7 @@ impl CustomOp2 for CrossEntropy {
         let x = contiguous_f32(xs, xl, self.name())?;
         let targets = targets(ts, tl, xl)?;
         let (rows, v) = xl.shape().dims2()?;
-        let mut loss = vec![0f32; rows];
-        for_rows(&mut loss, 1, |i, loss| {
+        let loss = rows_by(rows, 1, |i, loss| {
             let (x, t) = (&x[i * v..(i + 1) * v], targets[i]);
             loss[0] = log_sum_exp(x) - x[t as usize];
         });
@@ -640,8 +774,15 @@ impl CustomOp2 for CrossEntropy {
 }
 
 fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(x);
+        let (max, sum) = exp_shifted(buf);
+        max + sum.ln()
+    })
 }
 
 /// The target ids, checked against the logits' rows and vocabulary.
@@ -678,13 +819,15 @@ impl candle_core::CustomOp3 for CrossEntropyGrad {
         let targets = targets(ts, tl, xl)?;
         let g = contiguous_f32(gs, gl, self.name())?;
         let (_, v) = xl.shape().dims2()?;
-        let mut dx = vec![0f32; x.len()];
-        for_rows(&mut dx, v,
+        let dx = rows_by(x.len(), v,
             |i, dx| {
                 let (x, t, g) = (&x[i * v..(i + 1) * v], targets[i], g[i]);
-                let lse = log_sum_exp(x);
-                for (dx, x) in dx.iter_mut().zip(x) {
-                    *dx = (x - lse).exp() * g;
+                // softmax(x)·g − g at the target: exp(x − max) / Σ exp(x − max) · g.
+                dx.copy_from_slice(x);
+                let (_, sum) = exp_shifted(dx);
+                let k = g / sum;
+                for dx in dx.iter_mut() {
+                    *dx *= k;
                 }
                 dx[t as usize] -= g;
             },
@@ -749,6 +892,8 @@ mod tests {
                     }),
                 ),
             ),
+            ("silu_mul", (Box::new(|x| super::glu_mul(x, &up, false)), Box::new(|x| candle_nn::ops::silu(x)? * &up))),
+            ("gelu_mul", (Box::new(|x| super::glu_mul(x, &up, true)), Box::new(|x| x.gelu()? * &up))),
             (
                 "linear",
                 (

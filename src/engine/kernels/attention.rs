@@ -141,6 +141,21 @@ pub fn exp_shifted(x: &mut [f32]) -> (f32, f32) {
     (max, sum)
 }
 
+/// `x_j ← exp(x_j)` (below −87 it underflows to 0, above 88 it is infinite).
+pub fn exp_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512f() {
+            // SAFETY: the CPU has AVX-512F.
+            unsafe { x86_attend::exp_avx512(x) };
+            return;
+        }
+    }
+    for v in x.iter_mut() {
+        *v = v.exp();
+    }
+}
+
 /// Folds parts of one head's attention into the first: `acc`/`stats` as
 /// [`attend_group_part`] writes them, for `parts` consecutive parts of `hd` values (and 2
 /// stats) each; leaves the normalized result in the first `hd` values of `acc`.
@@ -298,7 +313,26 @@ mod x86_attend {
         (max, sum)
     }
 
-    /// `exp(x)` for x ≤ 0 lane-wise (below −87 it underflows to 0).
+    /// [`super::exp_in_place`] on AVX-512F, [`exp512`] per 16 values.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_avx512(x: &mut [f32]) {
+        let full = x.len() / 16 * 16;
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        while i < full {
+            _mm512_storeu_ps(p.add(i), exp512(_mm512_loadu_ps(p.add(i))));
+            i += 16;
+        }
+        for v in &mut x[full..] {
+            *v = v.exp();
+        }
+    }
+
+    /// `exp(x)` lane-wise: below −87 it underflows to 0; accurate to about 2e-7 relative
+    /// where the result is finite (`2^n` by `vscalefps`, so large x gives infinity).
     #[target_feature(enable = "avx512f")]
     unsafe fn exp512(x: __m512) -> __m512 {
         let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));

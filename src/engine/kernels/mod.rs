@@ -30,7 +30,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::{attend_group, attend_group_part, combine_parts, exp_shifted, KvElem};
+pub use attention::{attend_group, attend_group_part, combine_parts, exp_in_place, exp_shifted, KvElem};
 pub use elementwise::{axpy, dot, gate_mul_par, gelu_mul, gelu_tanh, rms_norm, rope, silu_mul, silu_mul_par, softmax, Gate};
 pub use quant::{ActBlock, QActs, Q4_1_BYTES, Q8_0_BYTES, QK};
 use quant::{tile, BlockFormat, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};

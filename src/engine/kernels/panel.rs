@@ -202,29 +202,26 @@ fn quantize_u8(v: &[f32]) -> ([u8; QK], f32, f32) {
 const ROWS: usize = 4;
 
 /// `out[i, j] = Σ x[i, :] · W[j, :]` for the `m` quantized activation rows of `xq` (their
-/// `k` equal to the panels'), into a row-major `[m, w.n()]` buffer. Pairs of panels are
+/// `k` equal to the panels'): a new row-major `[m, w.n()]` buffer. Pairs of panels are
 /// shared over candle's worker pool; each runs every activation row in tiles of four.
-pub fn matmul(xq: &QActs, w: &Panels, out: &mut [f32]) -> candle_core::Result<()> {
-    matmul_on(vnni(), xq, w, out)
+pub fn matmul(xq: &QActs, w: &Panels) -> candle_core::Result<Vec<f32>> {
+    matmul_on(vnni(), xq, w)
 }
 
 /// [`matmul`] on the portable loop (tests compare the two).
 #[cfg(test)]
-pub(crate) fn matmul_portable(xq: &QActs, w: &Panels, out: &mut [f32]) -> candle_core::Result<()> {
-    matmul_on(false, xq, w, out)
+pub(crate) fn matmul_portable(xq: &QActs, w: &Panels) -> candle_core::Result<Vec<f32>> {
+    matmul_on(false, xq, w)
 }
 
-fn matmul_on(vnni: bool, xq: &QActs, w: &Panels, out: &mut [f32]) -> candle_core::Result<()> {
+fn matmul_on(vnni: bool, xq: &QActs, w: &Panels) -> candle_core::Result<Vec<f32>> {
     let (m, n) = (xq.rows, w.n);
-    if xq.per_row != w.blocks() || xq.blocks.len() < m * w.blocks() || out.len() < m * n {
-        return Err(candle_core::Error::Msg(format!(
-            "panel matmul: {m} rows of {} blocks into {} cells for {n} columns of {} blocks",
-            xq.per_row,
-            out.len(),
-            w.blocks()
-        )));
+    if xq.per_row != w.blocks() || xq.blocks.len() < m * w.blocks() {
+        return Err(candle_core::Error::Msg(format!("panel matmul: {m} rows of {} blocks for {n} columns of {} blocks", xq.per_row, w.blocks())));
     }
-    let out = OutPtr(out.as_mut_ptr());
+    // Every cell is written below (each pair of panels, every row): no zeroing pass.
+    let mut cells = Vec::<f32>::with_capacity(m * n);
+    let out = OutPtr(cells.as_mut_ptr());
     let run_pair = |pair: usize| {
         let p0 = pair * 2;
         let mut i = 0;
@@ -246,7 +243,10 @@ fn matmul_on(vnni: bool, xq: &QActs, w: &Panels, out: &mut [f32]) -> candle_core
     // On candle's worker pool, where the rest of a training step's ops run: a second pool
     // would spin beside it for cores the step needs.
     candle_core::utils::barrier_pool().execute_chunked(w.panels().div_ceil(2), |pairs| pairs.for_each(run_pair));
-    Ok(())
+    // SAFETY: the pairs cover every panel and each tile writes its rows' cells of the
+    // columns below n, so all m × n cells are initialized.
+    unsafe { cells.set_len(m * n) };
+    Ok(cells)
 }
 
 fn vnni() -> bool {

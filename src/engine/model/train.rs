@@ -242,7 +242,7 @@ impl Model {
     fn mlp(&self, li: usize, layer: &DecoderLayer, h: &Tensor, lora: &BatchLora) -> Result<Tensor> {
         let gate = self.proj(li, layer, Proj::Gate, h, lora)?;
         let up = self.proj(li, layer, Proj::Up, h, lora)?;
-        let act = if self.cfg.is_gemma() { (gate.gelu()? * up)? } else { (candle_nn::ops::silu(&gate)? * up)? };
+        let act = grad_ops::glu_mul(&gate, &up, self.cfg.is_gemma())?;
         self.proj(li, layer, Proj::Down, &act, lora)
     }
 }
