@@ -103,7 +103,7 @@ fn main() -> Result<()> {
         MEAN_LEN + SPREAD
     );
     println!(
-        "resident memory: {rss_start:.0} MiB at start, {rss_model:.0} MiB with the serving model loaded, {rss_dense:.0} MiB with its f32 training copy"
+        "resident memory: {rss_start:.0} MiB at start, {rss_model:.0} MiB with the serving model loaded, {rss_dense:.0} MiB with its training copy (repacked int8 panels, or f32 without AVX-512 VNNI)"
     );
     println!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     for setting in settings.split(',') {

@@ -298,8 +298,9 @@ pub struct TrainingSection {
     pub checkpoint_every: usize,
     /// A job that trains from a task's approved logs uses at most this many, the newest.
     pub max_examples: usize,
-    /// Threads for the training kernels (0 = one per core). 1 on a 2-core machine leaves a
-    /// core to serving for most of a step.
+    /// Threads for the training kernels. 1: a job's own kernels (most of a step) run on its
+    /// thread, which on a 2-core machine leaves a core to serving; more (0 = one per core):
+    /// they run on candle's worker pool (`model.threads` wide), as candle's own ops do.
     pub threads: usize,
 }
 

@@ -33,7 +33,7 @@ fn rows_by(cells: usize, len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Ve
     let rows = cells / len;
     let mut out = Vec::<f32>::with_capacity(rows * len);
     let ptr = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+    crate::engine::pool::training_chunks(rows, |range| {
         for i in range {
             // SAFETY: row `i` (< rows) is `len` cells inside the allocation, handed to
             // exactly one call; it is zeroed before a slice over it is formed.
@@ -93,7 +93,7 @@ fn matmul_rows(a: Mat<'_>, b: Mat<'_>) -> CResult<Vec<f32>> {
     }
     let block = m.div_ceil(candle_core::utils::get_num_threads().max(1)).max(16);
     let ptr = OutPtr(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(block), |chunks| {
+    crate::engine::pool::training_chunks(m.div_ceil(block), |chunks| {
         for i in chunks {
             let r0 = i * block;
             let rows = block.min(m - r0);
@@ -262,7 +262,7 @@ impl CustomOp2 for Matmul {
         let (len, step) = if by_rows { (m, m.div_ceil(pieces).max(8)) } else { (n, n.div_ceil(pieces).max(16)) };
         let per_batch = len.div_ceil(step.max(1)).max(1);
         let ptr = OutPtr(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(batch * per_batch, |tasks| {
+        crate::engine::pool::training_chunks(batch * per_batch, |tasks| {
             for t in tasks {
                 let (bi, p) = (t / per_batch, t % per_batch);
                 let (lo, hi) = (p * step, ((p + 1) * step).min(len));

@@ -170,6 +170,21 @@ pub fn global() -> &'static Pool {
     POOL.get_or_init(|| Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get())))
 }
 
+/// Runs `f` over `0..n` for the training path's kernels: on candle's worker pool, where the
+/// rest of a training step's ops run (a second pool would spin beside it for the same
+/// cores), or all on the calling thread when the current rayon pool has one thread (a job
+/// run with `[training] threads = 1`, which leaves the other cores to serving).
+pub fn training_chunks(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if n == 0 {
+        return;
+    }
+    if rayon::current_num_threads() <= 1 {
+        f(0..n);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n, f);
+    }
+}
+
 /// `[start, end)` of `tid`'s share when `n` items are split over `parts`.
 pub fn share(n: usize, parts: usize, tid: usize) -> (usize, usize) {
     let parts = parts.max(1);

@@ -248,9 +248,10 @@ pub struct JobsConfig {
     pub min_examples_for_holdout: usize,
     /// A scheduled job promotes only on a gate over at least this many held-out examples.
     pub scheduler_min_eval: usize,
-    /// Threads of the training kernels' own pool (the fused ops and the frozen-weight
-    /// matmuls, most of a step); 0 = rayon's default. Candle's remaining CPU ops use the
-    /// process-wide pool sized by `[model] threads`.
+    /// Threads of the job's rayon pool: 1 runs the trainer's own kernels (the fused ops and
+    /// the frozen-weight products, most of a step) on the job's thread; more (0 = rayon's
+    /// default) runs them on candle's worker pool, sized by `[model] threads`, where
+    /// candle's remaining CPU ops run too (`engine::pool::training_chunks`).
     pub threads: usize,
 }
 

@@ -242,7 +242,7 @@ fn matmul_on(vnni: bool, xq: &QActs, w: &Panels) -> candle_core::Result<Vec<f32>
     };
     // On candle's worker pool, where the rest of a training step's ops run: a second pool
     // would spin beside it for cores the step needs.
-    candle_core::utils::barrier_pool().execute_chunked(w.panels().div_ceil(2), |pairs| pairs.for_each(run_pair));
+    crate::engine::pool::training_chunks(w.panels().div_ceil(2), |pairs| pairs.for_each(run_pair));
     // SAFETY: the pairs cover every panel and each tile writes its rows' cells of the
     // columns below n, so all m × n cells are initialized.
     unsafe { cells.set_len(m * n) };

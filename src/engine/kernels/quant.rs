@@ -67,7 +67,7 @@ impl QActs {
         self.blocks.resize(n, ActBlock::ZERO);
         const CHUNK: usize = 256;
         let out = OutPtr(self.blocks.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(CHUNK), |chunks| {
+        crate::engine::pool::training_chunks(n.div_ceil(CHUNK), |chunks| {
             for c in chunks {
                 let (b0, b1) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
                 // SAFETY: chunks are disjoint block ranges inside `blocks` (n long).
