@@ -190,3 +190,35 @@ fn training_messages_flatten_content_parts() -> TestResult {
     assert_eq!(r.training_messages().last().map(|m| m.content.as_str()), Some("fixed"));
     Ok(())
 }
+
+/// Commits never checkpoint (the WAL takes every commit; the database file keeps its size),
+/// and the store's checkpoint thread copies the WAL into the database within seconds.
+#[tokio::test]
+async fn sqlite_checkpoints_off_the_commit_path() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("logs.db");
+    let store = SqliteStore::open(&path, &SqliteOptions::default())?;
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let empty = size(&path);
+    // Well past SQLite's automatic checkpoint (1,000 pages of 4 KiB).
+    let big = "x".repeat(4096);
+    for batch in 0..60 {
+        let records: Vec<LogRecord> = (0..20)
+            .map(|i| {
+                let mut r = rec(&format!("r{batch}-{i}"), "t", i64::from(batch) * 100 + i64::from(i));
+                r.response = big.clone();
+                r
+            })
+            .collect();
+        store.insert_batch(&records).await?;
+    }
+    let wal = dir.path().join("logs.db-wal");
+    assert!(size(&wal) > 4 << 20, "the WAL holds the commits ({} bytes)", size(&wal));
+    assert!(size(&path) <= empty + (1 << 20), "a commit checkpointed: the database grew to {} bytes", size(&path));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size(&path) < 4 << 20 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 10 s (database {} bytes)", size(&path));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
