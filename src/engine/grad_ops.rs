@@ -202,15 +202,14 @@ impl Strided {
         if n < 2 {
             return None;
         }
-        let lead = &dims[..n - 2];
-        let batch: usize = lead.iter().product();
-        // Leading dims collapse when each one's stride is the next one's stride × size.
-        for i in 0..lead.len().saturating_sub(1) {
-            if lead[i + 1] > 1 && strides[i] != strides[i + 1] * lead[i + 1] {
-                return None;
-            }
+        // Leading dims of size 1 say nothing (their stride is arbitrary); the others collapse
+        // when each one's stride is the next one's stride × size.
+        let lead: Vec<(usize, usize)> = (0..n - 2).filter(|&i| dims[i] > 1).map(|i| (dims[i], strides[i])).collect();
+        let batch: usize = lead.iter().map(|&(d, _)| d).product();
+        if lead.windows(2).any(|w| w[0].1 != w[1].1 * w[1].0) {
+            return None;
         }
-        let batch_stride = if lead.is_empty() { 0 } else { strides[n - 3] };
+        let batch_stride = lead.last().map_or(0, |&(_, s)| s);
         Some(Self { batch, batch_stride, rows: dims[n - 2], cols: dims[n - 1], row_stride: strides[n - 2], col_stride: strides[n - 1], offset: l.start_offset() })
     }
 
@@ -935,8 +934,14 @@ mod tests {
     fn pooled_matmul_matches_candles_with_gradients() -> R {
         let dev = Device::Cpu;
         // (a's shape, b's shape, transpose b's last two dims)
-        let cases: [(&[usize], &[usize], bool); 4] =
-            [(&[2, 3, 40, 8], &[2, 3, 24, 8], true), (&[2, 3, 40, 24], &[2, 3, 24, 8], false), (&[70, 33], &[33, 5], false), (&[9, 5], &[70, 5], true)];
+        let cases: [(&[usize], &[usize], bool); 6] = [
+            (&[2, 3, 40, 8], &[2, 3, 24, 8], true),
+            (&[2, 3, 40, 24], &[2, 3, 24, 8], false),
+            (&[1, 3, 40, 8], &[1, 3, 24, 8], true),
+            (&[3, 1, 40, 8], &[3, 1, 24, 8], true),
+            (&[70, 33], &[33, 5], false),
+            (&[9, 5], &[70, 5], true),
+        ];
         for (sa, sb, tb) in cases {
             let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, sa, &dev)?)?;
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, sb, &dev)?)?;
