@@ -11,8 +11,9 @@ use crate::engine::lora::{BatchLora, Proj};
 use crate::engine::{EngineError, Result};
 
 impl Linear {
-    /// Training forward: a dense weight goes through [`grad_ops::frozen_matmul`], whose
-    /// backward pass forms no gradient for the (frozen) weight.
+    /// Training forward: repacked weights ([`FrozenPanels`]) go through
+    /// [`grad_ops::frozen_qmatmul`], a dense weight through [`grad_ops::frozen_matmul`];
+    /// neither backward pass forms a gradient for the (frozen) weight.
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.frozen, &self.weight) {
             (Some(p), _) => grad_ops::frozen_qmatmul(x, p)?,
