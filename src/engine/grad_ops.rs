@@ -465,10 +465,6 @@ impl FrozenPanels {
         let fwd = blocks.and_then(|(t, b)| Panels::from_blocks(t, b, n, k)).unwrap_or_else(|| Panels::from_f32(dense, n, k));
         Some(Self { fwd, bwd: Panels::transposed_from_f32(dense, n, k) })
     }
-
-    pub fn bytes(&self) -> usize {
-        self.fwd.bytes() + self.bwd.bytes()
-    }
 }
 
 /// `x` `[m, k]` times a panel matrix `[n, k]`: quantize the rows, multiply.
@@ -479,54 +475,54 @@ fn panel_product(x: &[f32], m: usize, w: &Panels) -> CResult<Vec<f32>> {
     panel::matmul(&xq, w)
 }
 
-/// `x · Wᵀ` on int8 products ([`FrozenPanels`]); backward `∂x = ∂y · W` the same way.
+/// A product with a [`FrozenPanels`] weight: `x · Wᵀ` (forward), or `∂y · W` through `Wᵀ`'s
+/// panels (`grad`, the forward's backward pass, which has none of its own).
 struct FrozenQMatmul {
     w: std::sync::Arc<FrozenPanels>,
+    grad: bool,
+}
+
+impl FrozenQMatmul {
+    fn panels(&self) -> &Panels {
+        if self.grad {
+            &self.w.bwd
+        } else {
+            &self.w.fwd
+        }
+    }
 }
 
 impl CustomOp1 for FrozenQMatmul {
     fn name(&self) -> &'static str {
-        "frozen-qmatmul"
+        if self.grad {
+            "frozen-qmatmul-grad"
+        } else {
+            "frozen-qmatmul"
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
-        if k != self.w.fwd.k() {
-            return Err(candle_core::Error::Msg(format!("{}: input width {k}, weight takes {}", self.name(), self.w.fwd.k())));
+        let w = self.panels();
+        if k != w.k() {
+            return Err(candle_core::Error::Msg(format!("{}: input width {k}, weight takes {}", self.name(), w.k())));
         }
         let x = contiguous_f32(s, l, self.name())?;
-        Ok((CpuStorage::F32(panel_product(x, m, &self.w.fwd)?), Shape::from((m, self.w.fwd.n()))))
+        Ok((CpuStorage::F32(panel_product(x, m, w)?), Shape::from((m, w.n()))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&FrozenQMatmulGrad { w: self.w.clone() })?))
-    }
-}
-
-/// `∂y · W` through `Wᵀ`'s panels, `∂y` `[rows, n]`.
-struct FrozenQMatmulGrad {
-    w: std::sync::Arc<FrozenPanels>,
-}
-
-impl CustomOp1 for FrozenQMatmulGrad {
-    fn name(&self) -> &'static str {
-        "frozen-qmatmul-grad"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (m, n) = l.shape().dims2()?;
-        if n != self.w.bwd.k() {
-            return Err(candle_core::Error::Msg(format!("{}: gradient width {n}, weight has {}", self.name(), self.w.bwd.k())));
+        if self.grad {
+            return Err(candle_core::Error::Msg("frozen-qmatmul-grad: no backward pass".into()));
         }
-        let g = contiguous_f32(s, l, self.name())?;
-        Ok((CpuStorage::F32(panel_product(g, m, &self.w.bwd)?), Shape::from((m, self.w.bwd.n()))))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&FrozenQMatmul { w: self.w.clone(), grad: true })?))
     }
 }
 
 /// `x · Wᵀ` with `W` frozen and repacked ([`FrozenPanels`]): int8 products on the CPU's
 /// VNNI units, forward and backward.
 pub fn frozen_qmatmul(x: &Tensor, w: &std::sync::Arc<FrozenPanels>) -> CResult<Tensor> {
-    x.contiguous()?.apply_op1(FrozenQMatmul { w: w.clone() })
+    x.contiguous()?.apply_op1(FrozenQMatmul { w: w.clone(), grad: false })
 }
 
 /// RMS norm over the last dimension with a frozen weight: `y = x · r · w`,

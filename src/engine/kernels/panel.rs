@@ -17,9 +17,7 @@
 //! after dequantizing, a transposed weight for the input gradient) is quantized to 8 bits
 //! per value with the block's range (error at most 1/510 of the block's range).
 
-use half::f16;
-
-use super::quant::{ActBlock, QActs, Q4_1_BYTES, Q8_0_BYTES, QK};
+use super::quant::{f16_at, ActBlock, QActs, Q4_1_BYTES, Q8_0_BYTES, QK};
 use super::{BlockType, OutPtr};
 
 /// Output columns per panel.
@@ -53,11 +51,6 @@ impl Panels {
     /// Inputs per column.
     pub fn k(&self) -> usize {
         self.k
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * (self.d.len() + self.m.len())
     }
 
     fn blocks(&self) -> usize {
@@ -149,10 +142,6 @@ impl Panels {
         }
         Some(p)
     }
-}
-
-fn f16_at(w: &[u8], o: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([w[o], w[o + 1]])).to_f32()
 }
 
 /// Q4_1: `d`, `m`, then nibbles (low nibble of byte `j` is value `j`, high value `j + 16`).
